@@ -1,0 +1,23 @@
+"""mlx_spec: exact speculative decoding for Gemma 4 on MLX.
+
+    from mlx_spec import load, load_drafter, generate, stream_generate
+    model, tokenizer = load("path/or/repo")
+    drafter = load_drafter("path/to/assistant", model)
+    text = generate(model, tokenizer, "Hello", drafter=drafter, max_tokens=64)
+"""
+
+import warnings
+
+# `python -m mlx_spec.generate` runs a module this package also imports (for the API names, as mlx-lm
+# does); runpy warns about that, harmlessly.
+warnings.filterwarnings("ignore", message=r".*'mlx_spec\.\w+' found in sys.modules", category=RuntimeWarning)
+
+from .api import GenerationResponse, load  # noqa: E402
+from .drafting import load_drafter  # noqa: E402
+from .engine import GenerationStats, SamplingParams  # noqa: E402
+from .errors import MlxSpecError  # noqa: E402
+from .generate import generate, stream_generate  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["load", "load_drafter", "generate", "stream_generate", "GenerationResponse", "GenerationStats",
+           "SamplingParams", "MlxSpecError"]

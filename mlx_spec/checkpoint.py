@@ -1,0 +1,97 @@
+"""Reading checkpoints from disk, as untrusted input: config.json, safetensors (single, sharded, indexed).
+
+Both Hugging Face checkpoints and mlx-lm's MLX layout are read here; the layouts share file names and
+differ only in tensor names and quantization, which the model's `sanitize` and `quantization` handle.
+Every failure becomes a `ModelLoadError` that names the file and says what to do.
+"""
+
+import json
+from pathlib import Path
+from typing import Dict
+
+import mlx.core as mx
+
+from .errors import ModelLoadError, WeightMismatchError
+
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_json(path: Path, what: str = "config") -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path} is missing: a model directory needs its {what} file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from None
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def read_config(model_dir: Path) -> dict:
+    """config.json, with generation_config.json's eos_token_id merged in (as mlx-lm does)."""
+    config = read_json(model_dir / CONFIG_FILE)
+    if "model_type" not in config:
+        raise ModelLoadError(f"{model_dir / CONFIG_FILE} has no 'model_type'; is this a model directory?")
+    gen_path = model_dir / "generation_config.json"
+    if gen_path.exists():
+        try:
+            eos = json.loads(gen_path.read_text()).get("eos_token_id")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            eos = None
+        if eos is not None:
+            config["eos_token_id"] = eos
+    return config
+
+
+def weight_files(model_dir: Path) -> list:
+    index = model_dir / INDEX_FILE
+    if index.exists():
+        weight_map = read_json(index, "safetensors index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no 'weight_map'; re-download the checkpoint")
+        files = sorted({model_dir / name for name in weight_map.values()})
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise ModelLoadError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"no *.safetensors weight files in {model_dir}")
+    return files
+
+
+def read_weights(model_dir: Path) -> Dict[str, mx.array]:
+    """All tensors of a checkpoint; a truncated or corrupt file raises naming that file."""
+    weights = {}
+    for path in weight_files(model_dir):
+        try:
+            weights.update(mx.load(str(path)))
+        except (RuntimeError, ValueError, OSError) as e:
+            raise ModelLoadError(
+                f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt, re-download it"
+            ) from None
+    return weights
+
+
+def check_weights(expected: Dict[str, tuple], weights: Dict[str, mx.array], source: Path) -> None:
+    """Compare tensor names and shapes with what the model expects; raise on the first mismatch."""
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise WeightMismatchError(f"tensor {missing[0]!r}{more} is missing from {source}; the checkpoint is incomplete")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise WeightMismatchError(
+            f"{source} has tensor {unexpected[0]!r}{more} that this model's config does not use; "
+            "config.json and the weights do not match"
+        )
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != tuple(shape):
+            raise WeightMismatchError(
+                f"tensor {name!r} in {source} has shape {tuple(weights[name].shape)}, expected {tuple(shape)} "
+                "from config.json; the config and the weights do not match"
+            )

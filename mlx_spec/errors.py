@@ -1,0 +1,36 @@
+"""Typed errors for user-facing mistakes.
+
+Every message says what is wrong (which file, flag or tensor) and what to do about it. The CLIs print
+`error: <message>` and exit non-zero for these; anything else is a bug and keeps its traceback.
+"""
+
+
+class MlxSpecError(Exception):
+    """Base class for errors caused by user input (bad file, bad flag, bad pairing)."""
+
+
+class ModelLoadError(MlxSpecError):
+    """A model directory, config, tokenizer or weight file cannot be used."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The checkpoint's model_type (or a feature of its config) is not supported."""
+
+
+class WeightMismatchError(ModelLoadError):
+    """A tensor is missing, unexpected, or has the wrong shape."""
+
+
+class ConversionError(MlxSpecError):
+    """Conversion could not finish; nothing was written to the output path."""
+
+
+class PairingError(MlxSpecError):
+    """A drafter does not fit the base model it was paired with."""
+
+
+class CacheRollbackError(RuntimeError):
+    """A KV cache was asked to give back more tokens than it still holds.
+
+    Not a user error: it means the engine would silently diverge from plain decoding, so it stops instead.
+    """

@@ -1,0 +1,120 @@
+"""Turning a path or hub id into a ready model: resolve, read, sanitize, quantize, check, load.
+
+An MLX-layout directory (from our converter, mlx-lm's, or mlx-community) and an unconverted Hugging Face
+directory go through the same steps; an HF checkpoint is simply sanitized and cast in memory.
+"""
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from .checkpoint import check_weights, read_config, read_weights
+from .errors import ModelLoadError
+from .models import get_model_classes
+
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+# Never cast: an index table (cast to float it would silently corrupt the drafter's vocabulary order).
+INTEGER_TENSORS = ("token_ordering",)
+
+
+def resolve_model_path(path_or_repo: str) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id, downloaded into the hub cache."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelLoadError(f"{path} is a file; pass the model directory that holds config.json")
+    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+        raise ModelLoadError(f"model directory {path_or_repo} does not exist (and it is not a hub repo id 'org/name')")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"{path_or_repo} is not in the local hub cache and cannot be downloaded"
+            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else " (no network?)")
+        ) from None
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot download {path_or_repo} from the Hugging Face hub: {e}") from None
+
+
+def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
+    """Swap in quantized layers wherever the checkpoint stores scales (mlx-lm's rule)."""
+    from mlx_lm.utils import infer_quant_config
+
+    quantization = config["quantization"]
+
+    def predicate(path, module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(model, group_size=quantization["group_size"], bits=quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def cast_weights(weights: dict, dtype) -> dict:
+    """Cast floating tensors to dtype; keep integer tables (token_ordering) and packed weights as they are."""
+    out = {}
+    for name, w in weights.items():
+        if name.endswith(INTEGER_TENSORS):
+            out[name] = w.astype(mx.int32)
+        elif dtype is not None and mx.issubdtype(w.dtype, mx.floating):
+            out[name] = w.astype(dtype)
+        else:
+            out[name] = w
+    return out
+
+
+def build_model(config: dict, weights: dict, source: Path, dtype=None) -> nn.Module:
+    """Instantiate the model for config, sanitize and check the weights, and load them."""
+    model_class, args_class = get_model_classes(config)
+    try:
+        args = args_class.from_dict(config)
+        model = model_class(args)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ModelLoadError(f"{source / 'config.json'} cannot configure a {config.get('model_type')} model: {e}") from e
+    weights = cast_weights(model.sanitize(weights) if hasattr(model, "sanitize") else weights, dtype)
+    if config.get("quantization"):
+        _quantize_like_checkpoint(model, config, weights)
+    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
+    check_weights(expected, weights, source)
+    model.eval()
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return model
+
+
+def load_model(path_or_repo: str, dtype: Optional[str] = None) -> Tuple[nn.Module, dict, Path]:
+    """(model, config, resolved directory). `dtype` casts an unquantized model's float weights."""
+    model_dir = resolve_model_path(path_or_repo)
+    config = read_config(model_dir)
+    weights = read_weights(model_dir)
+    model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else None)
+    return model, config, model_dir
+
+
+def load_tokenizer(model_dir: Path, config: dict):
+    """mlx-lm's TokenizerWrapper (streaming detokenizer, chat template, eos ids); remote code stays off."""
+    if not any((model_dir / f).exists() for f in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"no tokenizer in {model_dir} (expected tokenizer.json or tokenizer.model); copy the tokenizer "
+            "files from the original checkpoint into it"
+        )
+    from mlx_lm.tokenizer_utils import load as load_tokenizer_wrapper
+
+    eos = config.get("eos_token_id")
+    eos_ids = [eos] if isinstance(eos, int) else eos
+    try:
+        return load_tokenizer_wrapper(model_dir, eos_token_ids=eos_ids)
+    except Exception as e:  # transformers raises many types for a broken tokenizer
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {e}") from e

@@ -1,0 +1,190 @@
+"""Gemma 4 text backbone (`model_type: gemma4_text`): all four variants (E2B/E4B, 26B-A4B MoE, 31B).
+
+mlx-lm's decoder block is reused as is (it matches transformers on plain decoding: PLE, KV sharing,
+double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
+- `ModelArgs.from_dict` reads HF configs the way transformers does: HF defaults for missing keys and both
+  head-geometry forms (`global_head_dim`/`num_global_key_value_heads`, or `per_layer_config`).
+- `forward()` returns the final-normed hidden state next to the logits, which the MTP drafter consumes,
+  and `producer_layers` names the last non-shared layer of each type, whose K/V the drafter reads.
+- `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly.
+"""
+
+from dataclasses import dataclass, fields
+from typing import Dict, List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models import gemma4_text as mlx_gemma4
+
+from ..cache import DEFAULT_MAX_ROLLBACK, FullKVCache, SlidingKVCache
+from ..errors import UnsupportedModelError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclass
+class ModelArgs(mlx_gemma4.ModelArgs):
+    """mlx-lm's field set with transformers' defaults (a key missing from config.json means HF's default)."""
+
+    model_type: str = "gemma4_text"
+    hidden_size: int = 2304
+    num_hidden_layers: int = 30
+    intermediate_size: int = 9216
+    num_key_value_heads: int = 4
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
+    final_logit_softcapping: Optional[float] = None
+    sliding_window_pattern: int = 6
+    eos_token_id: Optional[object] = 1
+
+    @classmethod
+    def from_dict(cls, params: dict) -> "ModelArgs":
+        params = normalize_text_config(params)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+
+def _layer_types(config: dict) -> List[str]:
+    n = config.get("num_hidden_layers", 30)
+    types = list(config.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
+    if types:
+        types[-1] = FULL  # transformers forces the last layer to full attention
+    return types
+
+
+def normalize_text_config(config: dict) -> dict:
+    """Resolve the head geometry of full-attention layers from either config form, as transformers does.
+
+    Returns a copy with explicit `layer_types`, `global_head_dim` and `num_global_key_value_heads`,
+    which is also the form mlx-lm reads, so a converted config loads there unchanged.
+    """
+    config = dict(config)
+    if config.get("use_bidirectional_attention") == "all":
+        raise UnsupportedModelError("use_bidirectional_attention='all' (an encoder config) cannot generate text")
+    if config.get("attention_bias"):
+        raise UnsupportedModelError("attention_bias=true is not used by any Gemma 4 checkpoint and is not supported")
+    types = _layer_types(config)
+    config["layer_types"] = types
+    sliding_hd = config.get("head_dim", 256)
+    sliding_kv = config.get("num_key_value_heads", 4)
+    k_eq_v = config.get("attention_k_eq_v", False)
+
+    per_layer = config.get("per_layer_config")
+    if per_layer:
+        overrides = {int(i): dict(v or {}) for i, v in per_layer.items()}
+    else:  # the older form: two scalars that transformers expands into per_layer_config
+        o = {"head_dim": config.get("global_head_dim", 512)}
+        if config.get("num_global_key_value_heads") is not None and k_eq_v:
+            o["num_key_value_heads"] = config["num_global_key_value_heads"]
+        overrides = {i: o for i, t in enumerate(types) if t == FULL}
+
+    geometry = {}
+    for i, t in enumerate(types):
+        o = overrides.get(i, {})
+        unknown = set(o) - {"head_dim", "num_key_value_heads"}
+        if unknown:
+            raise UnsupportedModelError(f"per_layer_config[{i}] overrides {sorted(unknown)}, which is not supported")
+        geometry.setdefault(t, set()).add((o.get("head_dim", sliding_hd), o.get("num_key_value_heads", sliding_kv)))
+    for t, g in geometry.items():
+        if len(g) > 1:
+            raise UnsupportedModelError(f"{t} layers have different head geometries {sorted(g)}; not supported")
+    if SLIDING in geometry and geometry[SLIDING] != {(sliding_hd, sliding_kv)}:
+        raise UnsupportedModelError("per_layer_config overrides on sliding layers are not supported")
+    if FULL in geometry:
+        full_hd, full_kv = next(iter(geometry[FULL]))
+        if full_kv != sliding_kv and not k_eq_v:
+            raise UnsupportedModelError(
+                "per_layer_config gives full-attention layers their own num_key_value_heads without "
+                "attention_k_eq_v; mlx-lm's Gemma 4 block cannot represent that"
+            )
+        config["global_head_dim"] = full_hd
+        config["num_global_key_value_heads"] = full_kv if k_eq_v else None
+    for key, default in (("hidden_size_per_layer_input", 256), ("vocab_size_per_layer_input", 262144)):
+        config.setdefault(key, default)
+    return config
+
+
+class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
+    """mlx-lm's trunk; `__call__` is rewritten only to build masks from our caches per layer type."""
+
+    def __call__(self, inputs: mx.array, cache=None, per_layer_inputs: Optional[mx.array] = None):
+        h = self.embed_tokens(inputs) * self.embed_scale  # (B, L, H); the scalar is cast to h.dtype, as HF does
+        if self.hidden_size_per_layer_input:
+            if per_layer_inputs is None:
+                per_layer_inputs = self._get_per_layer_inputs(inputs)
+            per_layer_inputs = self._project_per_layer_inputs(h, per_layer_inputs)  # (B, L, n_layers, P)
+        cache = list(cache or []) + [None] * (len(self.layers) - len(cache or []))
+        masks = self._make_masks(h, cache)
+        intermediates = [(None, None)] * len(self.layers)
+        for i, (layer, c, mask, prev) in enumerate(zip(self.layers, cache, masks, self.previous_kvs)):
+            kvs, offset = intermediates[prev]  # KV-shared layers reuse their producer's K/V and offset
+            pli = per_layer_inputs[:, :, i, :] if per_layer_inputs is not None else None
+            h, kvs, offset = layer(h, mask, c, per_layer_input=pli, shared_kv=kvs, offset=offset)
+            intermediates[i] = (kvs, offset)
+        return self.norm(h)
+
+
+class Model(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        self.model = Gemma4TextModel(args)
+        if not args.tie_word_embeddings:
+            self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def forward(self, inputs: mx.array, cache=None):
+        """Return (logits (B, L, V) softcapped, hidden (B, L, H) after the final norm)."""
+        hidden = self.model(inputs, cache=cache)
+        if self.args.tie_word_embeddings:
+            logits = self.model.embed_tokens.as_linear(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        if self.args.final_logit_softcapping:
+            logits = mlx_gemma4.logit_softcap(self.args.final_logit_softcapping, logits)
+        return logits, hidden
+
+    def __call__(self, inputs: mx.array, cache=None):
+        return self.forward(inputs, cache)[0]
+
+    @property
+    def text_args(self) -> ModelArgs:
+        return self.args
+
+    def embed_scaled(self, tokens: mx.array) -> mx.array:
+        """The base's scaled input embedding (what the MTP drafter concatenates with the hidden)."""
+        return self.model.embed_tokens(tokens) * self.model.embed_scale
+
+    @property
+    def first_kv_shared(self) -> int:
+        return self.args.num_hidden_layers - self.args.num_kv_shared_layers
+
+    @property
+    def producer_layers(self) -> Dict[str, int]:
+        """Layer type -> index of the last non-KV-shared layer of that type (its K/V feed the drafter)."""
+        out = {}
+        for i, t in enumerate(self.args.layer_types[: self.first_kv_shared]):
+            out[t] = i
+        return out
+
+    def attention_geometry(self, layer_type: str):
+        """(head_dim, n_kv_heads) of the K/V that layers of this type cache."""
+        attn = self.layers[self.producer_layers[layer_type]].self_attn
+        return attn.head_dim, attn.n_kv_heads
+
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK):
+        return [
+            FullKVCache() if t == FULL else SlidingKVCache(self.args.sliding_window, max_rollback)
+            for t in self.args.layer_types[: self.first_kv_shared]
+        ]
+
+    def sanitize(self, weights: dict) -> dict:
+        return mlx_gemma4.Model.sanitize(self, weights)
+
+    @property
+    def quant_predicate(self):
+        return mlx_gemma4.Model.quant_predicate.fget(self)
+
+    @property
+    def layers(self):
+        return self.model.layers

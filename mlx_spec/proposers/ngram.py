@@ -1,0 +1,44 @@
+"""Prompt-lookup drafts: find the latest earlier occurrence of the last n tokens, propose what followed.
+
+Needs no weights and works with any model; it pays off when the output copies from the context
+(editing a document, quoting code, repeated structure).
+"""
+
+from typing import List
+
+import mlx.core as mx
+
+from .base import Draft, RoundContext
+
+DEFAULT_NGRAM = 3
+
+
+def lookup(history: List[int], n: int, k: int, min_n: int = 1) -> List[int]:
+    """Up to k tokens that followed the most recent earlier match of the longest suffix (n down to min_n)."""
+    for size in range(min(n, len(history) - 1), min_n - 1, -1):
+        suffix = history[-size:]
+        # scan right to left: the most recent match best predicts local repetition
+        for start in range(len(history) - size - 1, -1, -1):
+            if history[start : start + size] == suffix:
+                follow = history[start + size : start + size + k]
+                if follow:
+                    return follow
+    return []
+
+
+class NgramProposer:
+    name = "ngram"
+
+    def __init__(self, n: int = DEFAULT_NGRAM):
+        if n < 1:
+            raise ValueError(f"--ngram N must be >= 1, got {n}")
+        self.n = n
+
+    def start(self, prompt: List[int]) -> None:
+        pass
+
+    def propose(self, ctx: RoundContext, k: int) -> Draft:
+        return Draft(mx.array(lookup(ctx.history, self.n, k), mx.int32))
+
+    def observe(self, n_accepted: int, draft_k: int) -> None:
+        pass
