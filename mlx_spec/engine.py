@@ -136,6 +136,8 @@ class Engine:
                  num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), seed: Optional[int] = None,
                  cache: Optional[list] = None, draft_policy=None, prefill_step: int = 2048):
+        """`cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
+        rest is prefilled. After `run()` it holds exactly the history minus its last token."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
@@ -173,7 +175,11 @@ class Engine:
         tokens = mx.array(self.history)[None]  # (1, T)
         start = time.perf_counter()
         T = tokens.shape[1]
-        for s in range(0, T - 1, self.prefill_step):  # chunks bound the attention matrix size
+        cached = self.cache[0].offset if self.cache else 0  # a reused prompt cache holds history[:cached]
+        if cached >= T:
+            rollback_all(self.cache, cached - T + 1)  # the last prompt token must run to give logits
+            cached = T - 1
+        for s in range(cached, T - 1, self.prefill_step):  # chunks bound the attention matrix size
             e = min(s + self.prefill_step, T - 1)
             base_forward(self.model, tokens[:, s:e], self.cache)
             mx.eval([(c.keys, c.values) for c in self.cache])
