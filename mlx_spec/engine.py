@@ -123,9 +123,13 @@ def make_base_cache(model, max_rollback: int) -> list:
 
 
 def _process(logits: mx.array, history: mx.array, processors: Sequence[LogitsProcessor]) -> mx.array:
+    """Apply mlx-lm style processors to one row of logits (V,); they take and return (1, V)."""
+    if not processors:
+        return logits
+    logits = logits[None]
     for p in processors:
         logits = p(history, logits)
-    return logits
+    return logits[0]
 
 
 class Engine:
