@@ -31,7 +31,8 @@ def format_prompt(tokenizer, prompt: str, system: str = None, use_template: bool
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def print_stats(stats, file=sys.stderr) -> None:
+def print_stats(stats, file=None) -> None:
+    file = file or sys.stderr
     print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens-per-sec", file=file)
     print(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens-per-sec", file=file)
     if stats.rounds:

@@ -1,0 +1,66 @@
+"""`mlx_spec.generate`: text on stdout only, stats on stderr, one-line errors for user mistakes."""
+
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, TINY_CODE
+
+from mlx_spec import generate, load
+from mlx_spec.generate import main
+
+BASE, ASSISTANT = str(TINY_CODE / "base"), str(TINY_CODE / "assistant")
+PROMPT = "def add(a, b):\n    return"
+
+
+def cli(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def plain_text():
+    model, tok = load(BASE)
+    return generate(model, tok, PROMPT, max_tokens=40)
+
+
+def test_stdout_is_exactly_the_generated_text(capsys, plain_text):
+    rc, out, err = cli(capsys, "--model", BASE, "--prompt", PROMPT, "--max-tokens", "40", "--no-draft",
+                       "--ignore-chat-template")
+    assert rc == 0 and out == plain_text + "\n", "stdout must carry the generated text and nothing else"
+    assert "Generation: 40 tokens" in err and "Peak memory" in err
+
+
+@pytest.mark.parametrize("flags", [["--drafter", ASSISTANT, "--num-draft-tokens", "3"],
+                                   ["--drafter", ASSISTANT, "--num-draft-tokens", "8"], ["--ngram", "2"]])
+def test_speculative_cli_prints_the_same_text(capsys, plain_text, flags):
+    rc, out, err = cli(capsys, "--model", BASE, "--prompt", PROMPT, "--max-tokens", "40", "--temp", "0",
+                       "--ignore-chat-template", *flags)
+    assert rc == 0 and out == plain_text + "\n", f"{flags}: speculative output must equal plain output"
+    assert "Speculation:" in err and "tau" in err
+
+
+def test_python_dash_m_subprocess():
+    r = subprocess.run([sys.executable, "-m", "mlx_spec.generate", "--model", BASE, "--drafter", ASSISTANT,
+                        "--prompt", PROMPT, "--max-tokens", "10", "--ignore-chat-template"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() and "Warning" not in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--model", "/nonexistent/model", "--prompt", "x"], "does not exist"),
+    (["--model", BASE, "--drafter", BASE, "--prompt", "x"], "not a gemma4_assistant drafter"),
+    (["--model", BASE, "--prompt", "x", "--temp", "-1"], "--temp"),
+    (["--model", BASE, "--prompt", "x", "--top-p", "0"], "--top-p"),
+])
+def test_user_errors_are_one_line(capsys, argv, needle):
+    rc, out, err = cli(capsys, *argv)
+    assert rc == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_num_draft_tokens_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", BASE, "--prompt", "x", "--num-draft-tokens", "many"])
+    assert e.value.code == 2 and "integer or 'auto'" in capsys.readouterr().err
