@@ -10,6 +10,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 from . import engine as engine_mod
 from .engine import Engine, GenerationStats, SamplingParams
 from .loading import load_model, load_tokenizer
+from .memory import resident
 
 Prompt = Union[str, List[int]]
 
@@ -89,14 +90,15 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, drafter=None, draft_mod
                  seed=seed, cache=prompt_cache, draft_policy=policy)
     detok = tokenizer.detokenizer
     detok.reset()
-    for ev in eng.run():
-        if ev.finish_reason == "stop":  # EOS is not text
-            detok.finalize()
-        else:
-            detok.add_token(ev.token)
-            if ev.finish_reason:
+    with resident(model, drafter if drafter is not None and not hasattr(drafter, "propose") else None, draft_model):
+        for ev in eng.run():
+            if ev.finish_reason == "stop":  # EOS is not text
                 detok.finalize()
-        yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason)
+            else:
+                detok.add_token(ev.token)
+                if ev.finish_reason:
+                    detok.finalize()
+            yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason)
 
 
 def generate(model, tokenizer, prompt: Prompt, **kwargs) -> str:

@@ -12,8 +12,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from .checkpoint import check_weights, read_config, read_weights
+from .checkpoint import check_weights, read_config, read_weights, weight_files
 from .errors import ModelLoadError
+from .memory import warn_if_too_big
 from .models import get_model_classes
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -98,6 +99,7 @@ def load_model(path_or_repo: str, dtype: Optional[str] = None) -> Tuple[nn.Modul
     """(model, config, resolved directory). `dtype` casts an unquantized model's float weights."""
     model_dir = resolve_model_path(path_or_repo)
     config = read_config(model_dir)
+    warn_if_too_big(sum(f.stat().st_size for f in weight_files(model_dir)), f"loading {model_dir}")
     weights = read_weights(model_dir)
     model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else None)
     return model, config, model_dir
