@@ -4,7 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ModelLoadError, PairingError
-from .loading import load_model
+from .loading import load_model, resolve_model_path
 
 
 def base_text_args(base):
@@ -42,12 +42,45 @@ def validate_pairing(drafter, base) -> None:
             mismatch(f"num_attention_heads ({d.num_attention_heads}) for GQA over kv heads", d.num_attention_heads, want[1])
 
 
+QUANT_SUFFIXES = ("-4bit", "-8bit", "-bf16", "-fp16", "-mlx", "-qat", "-q4_0", "-6bit", "-3bit", "-5bit", "-mxfp4")
+
+
+def auto_drafter_candidates(base_path: str) -> list:
+    """Where Google's drafter for a base is likely to be, most specific first.
+
+    A local directory `X` -> sibling `X-assistant`; a hub id `org/name` -> `org/name-assistant`, then
+    Google's `google/<name without quantization suffixes>-assistant` (mlx-community bases are quantized
+    copies of Google's repos, whose assistants Google publishes as `<base>-assistant`).
+    """
+    base_path = base_path.rstrip("/")
+    out = [base_path + "-assistant"]
+    name = base_path.split("/")[-1]
+    stripped = name
+    while stripped.lower().endswith(QUANT_SUFFIXES):
+        stripped = stripped[: stripped.lower().rfind("-")]
+    google = f"google/{stripped}-assistant"
+    if google not in out and "/" in base_path and not Path(base_path).exists():
+        out.append(google)
+    return out
+
+
 def find_auto_drafter(base_path: Optional[str]) -> str:
-    """--drafter auto: Google publishes each base's drafter as `<base repo>-assistant`."""
+    """--drafter auto: the first candidate that exists locally or on the hub."""
     if not base_path:
-        raise ModelLoadError("--drafter auto needs --model to be a hub repo id or a directory named after one")
-    candidate = base_path.rstrip("/") + "-assistant"
-    return candidate
+        raise ModelLoadError("--drafter auto needs --model to be a hub repo id or a local directory")
+    candidates = auto_drafter_candidates(base_path)
+    for c in candidates:
+        if Path(c).is_dir():
+            return c
+    for c in candidates:
+        if not Path(c).exists() and c.count("/") == 1 and not c.startswith((".", "/", "~")):
+            try:
+                resolve_model_path(c)
+                return c
+            except ModelLoadError:
+                continue
+    raise ModelLoadError(f"--drafter auto found no drafter for {base_path} (tried {', '.join(candidates)}); "
+                         "pass --drafter PATH")
 
 
 def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
