@@ -25,6 +25,8 @@ def read_json(path: Path, what: str = "config") -> dict:
         raise ModelLoadError(f"{path} is missing: a model directory needs its {what} file") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelLoadError(f"{path} is not valid JSON ({e}); re-download or re-convert the model") from None
+    except OSError as e:  # a directory in its place, no permission, ...
+        raise ModelLoadError(f"cannot read {path}: {e.strerror or e}") from None
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path} must hold a JSON object, found {type(data).__name__}")
     return data

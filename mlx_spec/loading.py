@@ -10,15 +10,15 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_map
+from mlx.utils import tree_flatten
 
 from .checkpoint import check_weights, read_config, read_weights, weight_files
-from .errors import ModelLoadError
+from .errors import ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Never cast: an index table (cast to float it would silently corrupt the drafter's vocabulary order).
 INTEGER_TENSORS = ("token_ordering",)
 
@@ -76,22 +76,29 @@ def cast_weights(weights: dict, dtype) -> dict:
     return out
 
 
-def build_model(config: dict, weights: dict, source: Path, dtype=None) -> nn.Module:
-    """Instantiate the model for config, sanitize and check the weights, and load them."""
+def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: bool = False) -> nn.Module:
+    """Instantiate the model for config, sanitize and check the weights, and load them.
+
+    lazy=True leaves the weights unevaluated (memory-mapped), so a converter can stream a large model."""
     model_class, args_class = get_model_classes(config)
     try:
         args = args_class.from_dict(config)
         model = model_class(args)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ModelLoadError(f"{source / 'config.json'} cannot configure a {config.get('model_type')} model: {e}") from e
-    weights = cast_weights(model.sanitize(weights) if hasattr(model, "sanitize") else weights, dtype)
+    try:
+        weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
+    except (ValueError, IndexError) as e:
+        raise WeightMismatchError(f"the weights in {source} do not fit a {config.get('model_type')} model: {e}") from e
+    weights = cast_weights(weights, dtype)
     if config.get("quantization"):
         _quantize_like_checkpoint(model, config, weights)
     expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
     check_weights(expected, weights, source)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
+    if not lazy:
+        mx.eval(model.parameters())
     return model
 
 
@@ -119,4 +126,5 @@ def load_tokenizer(model_dir: Path, config: dict):
     try:
         return load_tokenizer_wrapper(model_dir, eos_token_ids=eos_ids)
     except Exception as e:  # transformers raises many types for a broken tokenizer
-        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {e}") from e
+        reason = " ".join(str(e).split())  # its messages span several lines; ours is one
+        raise ModelLoadError(f"cannot load the tokenizer in {model_dir}: {reason}") from e

@@ -5,7 +5,6 @@ match transformers' and its greedy continuation, which crosses the 16-token slid
 be identical token for token.
 """
 
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np

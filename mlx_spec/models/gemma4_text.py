@@ -179,6 +179,8 @@ class Model(nn.Module):
         ]
 
     def sanitize(self, weights: dict) -> dict:
+        if self.args.tie_word_embeddings:  # some exports store the tied head too; it is embed_tokens
+            weights = {k: v for k, v in weights.items() if not k.endswith("lm_head.weight")}
         return mlx_gemma4.Model.sanitize(self, weights)
 
     @property
