@@ -9,6 +9,7 @@ from transformers' (`use_double_wide_mlp`, `num_kv_shared_layers`, `final_logit_
 """
 
 import dataclasses
+import sys
 import shutil
 from pathlib import Path
 from typing import Optional
@@ -35,7 +36,7 @@ DTYPE_KEYS = ("dtype", "torch_dtype")
 
 
 def info(msg: str) -> None:
-    print(f"[INFO] {msg}", flush=True)
+    print(f"[INFO] {msg}", file=sys.stderr, flush=True)  # stdout may carry generated text (load from hub)
 
 
 def _check_options(quantize: bool, q_bits: int, q_group_size: int, dtype: Optional[str], recipe: Optional[str]) -> None:

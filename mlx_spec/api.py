@@ -48,14 +48,16 @@ class GenerationResponse:
         return self.stats.peak_memory_bytes / 1e9
 
 
-def load(path_or_repo: str, dtype: Optional[str] = None):
+def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] = None):
     """Load (model, tokenizer) from a local directory or a hub repo id.
 
     MLX-layout directories (ours, mlx-lm's, mlx-community's) load as they are; an unconverted Hugging Face
-    checkpoint is sanitized and cast in memory. `dtype` ("float16", "bfloat16", "float32") casts an
-    unquantized model.
+    directory is sanitized and cast in memory. A hub repo id is downloaded through huggingface_hub (its
+    cache; HF_HUB_OFFLINE is honoured); an unconverted one is converted once into ~/.cache/mlx_spec, and
+    quantized to `q_bits` if given, so the next start is fast. `dtype` ("float16", "bfloat16",
+    "float32") casts an unquantized model.
     """
-    model, config, model_dir = load_model(path_or_repo, dtype=dtype)
+    model, config, model_dir = load_model(path_or_repo, dtype=dtype, q_bits=q_bits)
     return model, load_tokenizer(model_dir, config)
 
 

@@ -65,6 +65,20 @@ def weight_files(model_dir: Path) -> list:
     return files
 
 
+def is_mlx_layout(model_dir: Path, config: dict) -> bool:
+    """True for a directory written by mlx-lm's or our converter (quantized, or tagged format=mlx)."""
+    if config.get("quantization"):
+        return True
+    try:
+        path = weight_files(model_dir)[0]
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(min(n, 1 << 26)))
+    except (ModelLoadError, OSError, ValueError):
+        return False
+    return isinstance(header, dict) and (header.get("__metadata__") or {}).get("format") == "mlx"
+
+
 def read_weights(model_dir: Path) -> Dict[str, mx.array]:
     """All tensors of a checkpoint; a truncated or corrupt file raises naming that file."""
     weights = {}

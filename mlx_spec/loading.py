@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_weights, read_config, read_weights, weight_files
+from .checkpoint import check_weights, is_mlx_layout, read_config, read_weights, weight_files
 from .errors import ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
@@ -102,9 +102,34 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     return model
 
 
-def load_model(path_or_repo: str, dtype: Optional[str] = None) -> Tuple[nn.Module, dict, Path]:
-    """(model, config, resolved directory). `dtype` casts an unquantized model's float weights."""
+def cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_spec"
+
+
+def is_hub_id(path_or_repo: str) -> bool:
+    return not Path(path_or_repo).expanduser().exists() and path_or_repo.count("/") == 1 \
+        and not path_or_repo.startswith((".", "/", "~"))
+
+
+def converted_from_hub(repo_id: str, model_dir: Path, config: dict, q_bits: Optional[int]) -> Path:
+    """An unconverted hub checkpoint is converted (and quantized) once into our cache; later loads reuse it."""
+    if is_mlx_layout(model_dir, config):
+        return model_dir  # mlx-community and other MLX repos load as they are
+    dest = cache_root() / "models" / (repo_id.replace("/", "--") + (f"-{q_bits}bit" if q_bits else ""))
+    if not (dest / "config.json").exists():
+        from convert import convert
+
+        convert(model_dir, dest, quantize=bool(q_bits), q_bits=q_bits or 4)
+    return dest
+
+
+def load_model(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] = None
+               ) -> Tuple[nn.Module, dict, Path]:
+    """(model, config, resolved directory). `dtype` casts an unquantized model's float weights; `q_bits`
+    quantizes an unconverted hub checkpoint once, into the local cache (~/.cache/mlx_spec/models)."""
     model_dir = resolve_model_path(path_or_repo)
+    if is_hub_id(path_or_repo):
+        model_dir = converted_from_hub(path_or_repo, model_dir, read_config(model_dir), q_bits)
     config = read_config(model_dir)
     warn_if_too_big(sum(f.stat().st_size for f in weight_files(model_dir)), f"loading {model_dir}")
     weights = read_weights(model_dir)
