@@ -26,10 +26,12 @@ from mlx.utils import tree_flatten
 
 from .errors import ModelLoadError, UnsupportedModelError
 
+DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 GGUF_GROUP_SIZE = 32  # the block size of every GGUF type MLX keeps quantized (Q4_0, Q4_1, Q8_0)
 SUPPORTED_ARCHITECTURES = ("llama",)
 
-# GGUF tensor-name piece -> mlx-lm llama name piece (the inverse of mlx_lm.gguf.translate_weight_names).
+# GGUF tensor-name piece -> mlx-lm llama name piece. mlx_lm.gguf only has the other direction (export:
+# translate_weight_names); tests check that this table is its inverse.
 TENSOR_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -98,7 +100,8 @@ def model_config(meta: dict, tensors: dict, path="the GGUF file") -> dict:
             "(convert the original Hugging Face checkpoint instead)"
         )
     if "rope_freqs.weight" in tensors or meta.get(f"{arch}.rope.scaling.type", "none") not in ("none", "linear"):
-        raise UnsupportedModelError(f"{path} uses a RoPE scaling (llama3-style rope_freqs) that GGUF loading does not map yet")
+        raise UnsupportedModelError(
+            f"{path} uses a RoPE scaling (llama3-style rope_freqs) that GGUF loading does not map yet")
     heads = int(_need(meta, f"{arch}.attention.head_count", path))
     hidden = int(_need(meta, f"{arch}.embedding_length", path))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
@@ -122,6 +125,7 @@ def model_config(meta: dict, tensors: dict, path="the GGUF file") -> dict:
         # rows of attn_q/attn_k are in llama.cpp's interleaved-pair order (see the module docstring)
         "rope_traditional": True,
         "tie_word_embeddings": "output.weight" not in tensors,
+        "attention_bias": "blk.0.attn_q.bias" in tensors,
     }
     if meta.get(f"{arch}.rope.scaling.type") == "linear":
         config["rope_scaling"] = {"type": "linear", "factor": float(meta[f"{arch}.rope.scaling.factor"])}
@@ -200,7 +204,8 @@ def build_tokenizer(meta: dict, path="the GGUF file"):
 
     kind = meta.get("tokenizer.ggml.model")
     if kind != "gpt2":
-        raise UnsupportedModelError(f"{path} has a {kind!r} tokenizer; GGUF loading supports byte-level BPE ('gpt2') only")
+        raise UnsupportedModelError(
+            f"{path} has a {kind!r} tokenizer; GGUF loading supports byte-level BPE ('gpt2') only")
     pre = meta.get("tokenizer.ggml.pre", "default")
     if pre not in PRE_TOKENIZERS:
         raise UnsupportedModelError(
@@ -245,14 +250,21 @@ def build_tokenizer(meta: dict, path="the GGUF file"):
     return TokenizerWrapper(hf, BPEStreamingDetokenizer, eos_token_ids=[int(eos)] if eos is not None else None)
 
 
+def _cast(dtype: Optional[str]):
+    if dtype is None:
+        return default_dtype()
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
 def load_gguf_model(path, dtype: Optional[str] = None):
-    """(model, config, path) for `mlx_spec.loading.load_model`; `dtype` ("float16", "bfloat16", "float32")
-    casts floating tensors, default: float32 on the CPU backend, as stored elsewhere."""
+    """(model, config, path), the shape of `mlx_spec.loading.load_model`. `dtype` ("float16", "bfloat16",
+    "float32") casts floating tensors; default: float32 on the CPU backend, as stored elsewhere."""
     path = gguf_path(path)
     tensors, meta = read_gguf(path)
     config = model_config(meta, tensors, path)
-    cast = getattr(mx, dtype) if dtype else default_dtype()
-    return build_model(tensors, config, path, cast), config, path
+    return build_model(tensors, config, path, _cast(dtype)), config, path
 
 
 def load_gguf_tokenizer(path):
@@ -266,5 +278,4 @@ def load_gguf(path, dtype: Optional[str] = None):
     path = gguf_path(path)
     tensors, meta = read_gguf(path)
     config = model_config(meta, tensors, path)
-    cast = getattr(mx, dtype) if dtype else default_dtype()
-    return build_model(tensors, config, path, cast), build_tokenizer(meta, path)
+    return build_model(tensors, config, path, _cast(dtype)), build_tokenizer(meta, path)

