@@ -17,7 +17,10 @@ from mlx_spec.engine import Engine
 HF, GOLDEN = FIXTURES / "hf", FIXTURES / "golden"
 BASES = sorted(p.stem for p in GOLDEN.glob("*.npz") if (HF / p.stem / "config.json").exists()
                and "assistant" not in p.stem)
-LOGIT_ATOL = 2e-4  # fp32 on both sides; differences come from summation order only
+# fp32 on both sides; differences come from summation order, which the large random weights (std 0.15)
+# amplify at a few positions (seen: 1e-3 at one position of 40). A real mistake (mask edge, scale, rope)
+# moves logits by > 1e-2 everywhere after it, and the typical error must stay at rounding level.
+LOGIT_ATOL, LOGIT_MEDIAN_ATOL = 2e-3, 1e-4
 
 
 @pytest.fixture(scope="module", params=BASES)
@@ -31,8 +34,9 @@ def case(request):
 def test_prompt_logits_match_transformers(case, which):
     name, model, g = case
     logits = model(mx.array(g[f"prompt_{which}"])[None])[0]
-    err = np.abs(np.array(logits) - g[f"logits_{which}"]).max()
-    assert err < LOGIT_ATOL, f"{name}/{which}: logits differ from transformers by {err}"
+    err = np.abs(np.array(logits) - g[f"logits_{which}"]).max(-1)  # (T,) per position
+    assert err.max() < LOGIT_ATOL, f"{name}/{which}: logits differ from transformers by {err.max()}"
+    assert np.median(err) < LOGIT_MEDIAN_ATOL, f"{name}/{which}: typical logit error {np.median(err)} is not rounding"
 
 
 @pytest.mark.parametrize("which", ["short", "long"])
@@ -41,3 +45,16 @@ def test_greedy_tokens_match_transformers(case, which):
     want = g[f"greedy_{which}"].tolist()
     got = [ev.token for ev in Engine(model, g[f"prompt_{which}"].tolist(), max_tokens=len(want)).run()]
     assert got == want, f"{name}/{which}: greedy continuation must equal transformers' token for token"
+
+
+@pytest.mark.parametrize("name", BASES)
+def test_converted_fp32_model_matches_transformers(name, tmp_path):
+    """python -m convert --dtype float32, then greedy from the converted directory == transformers."""
+    from convert import convert
+
+    out = convert(HF / name, tmp_path / "mlx", dtype="float32")
+    model, _ = load(str(out))
+    g = np.load(GOLDEN / f"{name}.npz")
+    want = g["greedy_long"].tolist()
+    got = [ev.token for ev in Engine(model, g["prompt_long"].tolist(), max_tokens=len(want)).run()]
+    assert got == want, f"{name}: the converted fp32 model must decode exactly as transformers does"
