@@ -10,7 +10,7 @@ traceback only with --verbose); nothing is left at --mlx-path.
 import argparse
 import sys
 
-from mlx_spec.cli import run
+from mlx_spec.cli import ArgumentParser, run
 from mlx_spec.errors import ConversionError
 from mlx_spec.loading import DTYPES
 
@@ -23,7 +23,7 @@ DEFAULT_Q_GROUP_SIZE = 64
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_spec.convert", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="mlx_spec.convert", description=__doc__.splitlines()[0])
     p.add_argument("--hf-path", "--model", required=True,
                    help="Hugging Face checkpoint: a local directory or a hub repo id (downloaded)")
     p.add_argument("--mlx-path", default=DEFAULT_MLX_PATH, help=f"output directory (default: {DEFAULT_MLX_PATH})")

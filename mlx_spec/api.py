@@ -57,6 +57,10 @@ def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] =
     quantized to `q_bits` if given, so the next start is fast. `dtype` ("float16", "bfloat16",
     "float32") casts an unquantized model.
     """
+    if str(path_or_repo).endswith(".gguf"):  # llama-architecture GGUF (e.g. SmolLM2), tokenizer inside
+        from .gguf import load_gguf
+
+        return load_gguf(path_or_repo, dtype)
     model, config, model_dir = load_model(path_or_repo, dtype=dtype, q_bits=q_bits)
     return model, load_tokenizer(model_dir, config)
 

@@ -14,6 +14,13 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one `error:` line (with a pointer to --help), not usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def num_draft_tokens(value: str):
     if value == "auto":
         return value

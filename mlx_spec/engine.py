@@ -215,6 +215,10 @@ class Engine:
         if self.max_tokens <= 0:
             return
         first, hidden = self._prefill()
+        if self.proposer is not None and self.k > 0:
+            start = time.perf_counter()
+            self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here
+            self.stats.prompt_time += time.perf_counter() - start
         gen_start = time.perf_counter()
         event = self._emit(int(first.item()), False)
         self._time(gen_start)
@@ -224,7 +228,6 @@ class Engine:
         if self.proposer is None or self.k == 0:
             yield from self._plain_loop(gen_start)
             return
-        self.proposer.start(self.history[: self.stats.prompt_tokens])
         while True:
             events = self._round(hidden)
             hidden = events.pop()
@@ -266,10 +269,10 @@ class Engine:
 
     def _round(self, hidden) -> list:
         """One propose + verify; returns the round's TokenEvents followed by the next round's hidden."""
-        k = min(self._choose_k(), self.max_tokens - self.emitted - 1)  # never draft past max_tokens
+        asked = min(self._choose_k(), self.max_tokens - self.emitted - 1)  # never draft past max_tokens
         position = len(self.history) - 1
         ctx = RoundContext(self.history, position, hidden, self.cache, self.sampling, self._next_key())
-        draft = self.proposer.propose(ctx, k) if k > 0 else Draft(mx.zeros((0,), mx.int32))
+        draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft(mx.zeros((0,), mx.int32))
         k = draft.k
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = base_forward(self.model, verify_in[None], self.cache)  # (1, k+1, V)
@@ -278,7 +281,7 @@ class Engine:
         n, nxt, *drafts = result.tolist()  # the round's one host synchronisation
         rollback_all(self.cache, k - n)
         self.proposer.observe(n, k)
-        if self.draft_policy is not None:
+        if asked and self.draft_policy is not None:  # it learns from what the proposer gave, even 0 drafts
             self.draft_policy.observe(k, n)
         if k:
             self.stats.record_round(k, n)

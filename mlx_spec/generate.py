@@ -8,12 +8,12 @@ import argparse
 import sys
 
 from .api import generate, stream_generate  # noqa: F401  (re-exported: `from mlx_spec import generate`)
-from .cli import DEFAULT_MAX_TOKENS, add_model_args, add_sampling_args, check_sampling_args, load_models, run
+from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_sampling_args, load_models, run
 from .errors import MlxSpecError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mlx_spec.generate", description=__doc__.splitlines()[0])
+    p = ArgumentParser(prog="mlx_spec.generate", description=__doc__.splitlines()[0])
     add_model_args(p)
     p.add_argument("--prompt", "-p", default="-", help="prompt text, or '-' to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)

@@ -98,8 +98,25 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:
-        mx.eval(model.parameters())
+        materialize(model)
     return model
+
+
+def materialize(*models) -> None:
+    """Evaluate every array the models hold, private ones included (e.g. RoPE frequencies).
+
+    MLX streams are per thread: an array left lazy on the loading thread cannot be evaluated on another
+    (a server's worker thread), so nothing may stay lazy after a load.
+    """
+    arrays = []
+    for model in models:
+        if not hasattr(model, "modules"):
+            continue
+        for module in model.modules():
+            for value in list(module.values()) + list(vars(module).values()):
+                if isinstance(value, mx.array):
+                    arrays.append(value)
+    mx.eval(arrays)
 
 
 def cache_root() -> Path:

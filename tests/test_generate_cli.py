@@ -63,4 +63,5 @@ def test_user_errors_are_one_line(capsys, argv, needle):
 def test_bad_num_draft_tokens_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", BASE, "--prompt", "x", "--num-draft-tokens", "many"])
-    assert e.value.code == 2 and "integer or 'auto'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "integer or 'auto'" in err and len(err.strip().splitlines()) == 1

@@ -16,7 +16,7 @@ def make_proposer(model, *, drafter=None, draft_model=None, ngram: Optional[int]
     if draft_model is not None:
         from .draft_model import DraftModelProposer
 
-        return DraftModelProposer(draft_model)
+        return DraftModelProposer(draft_model, model)
     if drafter is not None:
         if hasattr(drafter, "propose"):
             return drafter

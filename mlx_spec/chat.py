@@ -1,0 +1,386 @@
+"""`mlx_spec.chat`: a multi-turn terminal chat with speculative decoding.
+
+    mlx_spec.chat --model M [--drafter D | --draft-model M2 | --ngram [N]] [--system-prompt S]
+                  [--max-tokens N] [--temp T] [--num-draft-tokens K|auto] [--no-draft] [--max-context N]
+
+Replies stream to stdout; prompts, the one-line summary after each reply and command output go to stderr.
+Commands: /reset, /stats, /draft on|off, /temp X, /help, /quit. Ctrl-C stops the current reply.
+
+`ChatSession` owns the conversation and one prompt cache. Each turn it renders the whole conversation with
+the chat template, keeps the longest prefix the cache already holds (rolling the rest back) and prefills only
+the new tokens; a rollback the sliding-window cache cannot make falls back to a fresh cache, so the tokens
+are always those of a full re-prefill. It knows nothing of terminals; `ChatUI` does the I/O.
+"""
+
+import argparse
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Iterator, List, Optional
+
+from .api import GenerationResponse, encode_prompt, stream_generate
+from .cache import rollback_all
+from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_sampling_args, load_models, run
+from .engine import MAX_DRAFT_TOKENS, GenerationStats, make_base_cache
+from .errors import CacheRollbackError, MlxSpecError
+
+PROMPT = ">>> "
+HELP = """commands:
+  /reset          start a new conversation (keeps the system prompt)
+  /stats          statistics of the last reply and of the conversation
+  /draft on|off   speculative decoding on or off
+  /temp X         sampling temperature (0 = greedy)
+  /help           this list
+  /quit           exit (Ctrl-D too); Ctrl-C stops a reply"""
+
+
+class ContextFullError(MlxSpecError):
+    """The conversation (plus the new message) no longer fits the model's context."""
+
+
+def model_context(model) -> Optional[int]:
+    """The longest sequence the model was trained for (config max_position_embeddings), if it says."""
+    args = getattr(model, "text_args", None) or getattr(model, "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+def common_prefix(a: List[int], b: List[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+@dataclass
+class TurnInfo:
+    """What the last reply cost: tokens prefilled vs. reused from the cache, and how it ended."""
+
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    stats: Optional[GenerationStats] = None
+    finish_reason: Optional[str] = None  # "stop", "length", or None when interrupted
+    context_full: bool = False  # the reply was cut because the context ran out
+
+
+class ChatSession:
+    """A conversation with one model and one reusable prompt cache."""
+
+    def __init__(self, model, tokenizer, *, draft: Optional[dict] = None, system_prompt: Optional[str] = None,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None, temp: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
+                 num_draft_tokens=3, acceptance: str = "rejection", drafting: Optional[bool] = None,
+                 reuse_cache: bool = True):
+        if not getattr(tokenizer, "has_chat_template", False):
+            raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "
+                               "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")
+        self.model, self.tokenizer = model, tokenizer
+        self.draft = dict(draft or {})  # stream_generate's drafter / draft_model / ngram keyword
+        self.drafting = bool(self.draft) if drafting is None else drafting and bool(self.draft)
+        self.system_prompt = system_prompt
+        self.max_tokens = max_tokens
+        self.max_context = max_context or model_context(model)
+        self.sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, acceptance=acceptance)
+        self.seed = seed
+        self.num_draft_tokens = num_draft_tokens
+        self.reuse_cache = reuse_cache
+        self.reset()
+
+    @property
+    def proposer_name(self) -> Optional[str]:
+        names = {"drafter": "mtp", "draft_model": "draft model", "ngram": "ngram"}
+        return next((names[k] for k in self.draft), None)
+
+    def reset(self) -> None:
+        self.messages: List[dict] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        self.turns = 0
+        self.last = TurnInfo()
+        self._drop_cache()
+
+    def _drop_cache(self) -> None:
+        self.cache: Optional[list] = None
+        self.cached_tokens: List[int] = []  # the tokens whose K/V the cache holds, in order
+
+    def conversation_tokens(self, messages: List[dict]) -> List[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return encode_prompt(self.tokenizer, text)  # as mlx_spec.generate encodes a templated prompt
+
+    def _prepare_cache(self, tokens: List[int]) -> int:
+        """Roll the cache back to the longest prefix of `tokens` it holds; return how many tokens it keeps."""
+        if self.reuse_cache and self.cache is not None:
+            keep = min(common_prefix(self.cached_tokens, tokens), len(tokens) - 1)  # the last token must run
+            try:
+                rollback_all(self.cache, len(self.cached_tokens) - keep)
+                self.cached_tokens = self.cached_tokens[:keep]
+                return keep
+            except CacheRollbackError:
+                pass  # the sliding window already dropped what a deeper rollback needs: start over
+        self.cache = make_base_cache(self.model, MAX_DRAFT_TOKENS + 1)  # as the Engine makes its own
+        self.cached_tokens = []
+        return 0
+
+    def reply(self, user_text: str) -> Iterator[GenerationResponse]:
+        """Add the user's message and return the reply's token stream (a generator).
+
+        Raises ContextFullError now, before anything changes, when the conversation would not fit. Closing the
+        generator early (Ctrl-C) keeps the partial reply in the conversation and the cache consistent.
+        """
+        messages = self.messages + [{"role": "user", "content": user_text}]
+        tokens = self.conversation_tokens(messages)
+        room = self.max_context - len(tokens) if self.max_context else self.max_tokens
+        if room <= 0:
+            raise ContextFullError(f"with this message the conversation would be {len(tokens)} tokens and the "
+                                   f"context holds {self.max_context} (--max-context): /reset to start a new "
+                                   "conversation")
+        return self._stream(messages, tokens, min(self.max_tokens, room), context_limited=room < self.max_tokens)
+
+    def _stream(self, messages: List[dict], tokens: List[int], max_tokens: int,
+                context_limited: bool) -> Iterator[GenerationResponse]:
+        # nothing changes until the first token is asked for, so a reply closed before it starts leaves no trace
+        self.messages = messages
+        inner, generated, text = None, [], []
+        torn = False  # an exception escaped the engine mid-step: its cache may be half-updated
+        try:
+            self.last = TurnInfo(prompt_tokens=len(tokens), reused_tokens=self._prepare_cache(tokens))
+            draft = self.draft if self.drafting else {}
+            seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
+            inner = stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens, seed=seed,
+                                    num_draft_tokens=self.num_draft_tokens, prompt_cache=self.cache,
+                                    **self.sampling, **draft)
+            self.turns += 1
+            while True:
+                try:
+                    r = next(inner)
+                except StopIteration:
+                    break
+                except BaseException:
+                    torn = True
+                    raise
+                generated.append(r.token)
+                text.append(r.text)
+                self.last.stats, self.last.finish_reason = r.stats, r.finish_reason
+                self.last.context_full = context_limited and r.finish_reason == "length"
+                yield r
+        finally:
+            if inner is not None:
+                inner.close()
+            self.messages.append({"role": "assistant", "content": "".join(text)})
+            self._settle(tokens + generated, torn or inner is None)
+
+    def _settle(self, known: List[int], torn: bool) -> None:
+        """Record which tokens the cache holds after a reply, finished or not.
+
+        The engine's cache holds a prefix of its history; `known` (prompt + tokens we received) is a prefix of
+        that history too, so anything past `known` (drafts of a round we stopped reading) is rolled back.
+        """
+        offsets = {c.offset for c in self.cache} if self.cache else set()
+        if torn or len(offsets) != 1:
+            self._drop_cache()
+            return
+        offset = offsets.pop()
+        try:
+            if offset > len(known):
+                rollback_all(self.cache, offset - len(known))
+                offset = len(known)
+        except CacheRollbackError:
+            self._drop_cache()
+            return
+        self.cached_tokens = known[:offset]
+
+
+class _StopOnSigint:
+    """While a reply streams: the first Ctrl-C asks it to stop after the current token, a second interrupts."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def summary_line(info: TurnInfo, drafting: bool) -> str:
+    s = info.stats
+    parts = [f"{s.generation_tokens} tokens", f"{s.generation_tps:.1f} tok/s"]
+    if drafting and s.rounds:
+        parts += [f"τ {s.tau:.2f}", f"acceptance {s.acceptance_rate:.0%}"]
+    elif not drafting:
+        parts.append("drafting off")
+    parts.append(f"prompt {info.prompt_tokens - info.reused_tokens} new + {info.reused_tokens} cached")
+    return "[" + ", ".join(parts) + "]"
+
+
+class ChatUI:
+    """The read-reply loop: lines from `stdin`, reply text to `stdout`, everything else to `stderr`."""
+
+    def __init__(self, session: ChatSession, stdin=None, stdout=None, stderr=None):
+        self.session = session
+        self.stdin = stdin or sys.stdin
+        self.out = stdout or sys.stdout
+        self.err = stderr or sys.stderr
+        self.interactive = self.stdin is sys.stdin and _isatty(self.stdin)
+
+    def say(self, line: str) -> None:
+        print(line, file=self.err, flush=True)
+
+    def read(self) -> Optional[str]:
+        """The next line, or None at end of input."""
+        if self.interactive:
+            try:
+                return input(PROMPT)
+            except EOFError:
+                return None
+        line = self.stdin.readline()
+        return line.rstrip("\r\n") if line else None
+
+    def loop(self) -> int:
+        if self.interactive:
+            self.say("Chat with the model; /help for commands, Ctrl-D to exit.")
+        while True:
+            try:
+                line = self.read()
+            except KeyboardInterrupt:
+                self.say("\n(/quit or Ctrl-D to exit)")
+                continue
+            if line is None:
+                if self.interactive:
+                    self.say("")
+                return 0
+            line = line.strip()
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "quit":
+                    return 0
+                continue
+            self.answer(line)
+
+    def answer(self, text: str) -> None:
+        stopped, stream = False, None
+        with _StopOnSigint() as sigint:
+            try:
+                stream = self.session.reply(text)
+                for r in stream:
+                    self.out.write(r.text)
+                    self.out.flush()
+                    if sigint.requested:
+                        stopped = True
+                        break
+            except ContextFullError as e:
+                self.say(f"context full: {e}")
+                return
+            except KeyboardInterrupt:
+                stopped = True
+            finally:
+                if stream is not None:
+                    stream.close()
+        self.out.write("\n")
+        self.out.flush()
+        info = self.session.last
+        if stopped:
+            self.say("[stopped]")
+        if info.stats is not None:
+            self.say(summary_line(info, self.session.drafting))
+        if info.context_full:
+            self.say("the context is full, so the reply was cut: /reset to start a new conversation")
+
+    def command(self, line: str) -> Optional[str]:
+        name, _, arg = line.partition(" ")
+        arg = arg.strip()
+        s = self.session
+        if name in ("/quit", "/exit", "/q"):
+            return "quit"
+        if name == "/help":
+            self.say(HELP)
+        elif name == "/reset":
+            s.reset()
+            self.say("new conversation" + (" (system prompt kept)" if s.system_prompt else ""))
+        elif name == "/stats":
+            self.stats()
+        elif name == "/draft":
+            if arg not in ("on", "off"):
+                self.say(f"usage: /draft on|off (drafting is {'on' if s.drafting else 'off'})")
+            elif arg == "on" and not s.draft:
+                self.say("no proposer loaded: start the chat with --drafter, --draft-model or --ngram")
+            else:
+                s.drafting = arg == "on"
+                self.say(f"drafting {arg}" + (f" ({s.proposer_name}, k={s.num_draft_tokens})" if s.drafting else ""))
+        elif name == "/temp":
+            try:
+                temp = float(arg)
+                if not temp >= 0:
+                    raise ValueError
+            except ValueError:
+                self.say(f"usage: /temp X with X >= 0, e.g. /temp 0.7 (now {s.sampling['temp']})")
+                return None
+            s.sampling["temp"] = temp
+            self.say(f"temperature {temp}" + (" (greedy)" if temp == 0 else ""))
+        else:
+            self.say(f"unknown command {name}; /help lists the commands")
+        return None
+
+    def stats(self) -> None:
+        from .generate import print_stats
+
+        s = self.session
+        if s.last.stats is not None:
+            print_stats(s.last.stats, file=self.err)
+        else:
+            self.say("no reply yet")
+        draft = f"on ({s.proposer_name}, k={s.num_draft_tokens})" if s.drafting else "off"
+        context = f"{len(s.cached_tokens)} of {s.max_context}" if s.max_context else f"{len(s.cached_tokens)}"
+        self.say(f"Conversation: {s.turns} replies, {context} context tokens cached; drafting {draft}; "
+                 f"temperature {s.sampling['temp']}")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="mlx_spec.chat", description=__doc__.splitlines()[0])
+    add_model_args(p)
+    p.add_argument("--system-prompt", default=None, help="system message for the chat template")
+    p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="longest reply, in tokens")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="most tokens a conversation may hold (default: the model's max_position_embeddings)")
+    add_sampling_args(p)
+    return p
+
+
+def main_args(args) -> int:
+    check_sampling_args(args)
+    if args.max_tokens < 1:
+        raise MlxSpecError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_context is not None and args.max_context < 2:
+        raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+    # load the proposer even with --no-draft, so that /draft on can use it
+    model, tokenizer, draft = load_models(argparse.Namespace(**{**vars(args), "no_draft": False}))
+    session = ChatSession(model, tokenizer, draft=draft, system_prompt=args.system_prompt,
+                          max_tokens=args.max_tokens, max_context=args.max_context, temp=args.temp,
+                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+                          num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance,
+                          drafting=not args.no_draft)
+    return ChatUI(session).loop()
+
+
+def main(argv=None) -> int:
+    return run(main_args, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

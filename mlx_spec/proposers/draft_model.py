@@ -1,0 +1,120 @@
+"""Drafts from a smaller language model that shares the base's tokenizer (classic speculative decoding).
+
+The draft model keeps its own rewindable KV cache over the same history the base sees. Each round it runs
+the history tokens it has not consumed yet (at least the bonus) in one forward pass, then k-1 single-token
+steps, all lazily, so the engine evaluates drafting and verifying in one graph. `observe` rolls the draft
+cache back to the prefix the base kept.
+
+It knows a model's forward and its cache; it knows nothing about the base model beyond its vocabulary
+size, and nothing about text.
+"""
+
+from typing import List, Optional
+
+import mlx.core as mx
+
+from ..acceptance import sample_from_probs
+from ..cache import rollback_all
+from ..errors import PairingError
+from ..engine import MAX_DRAFT_TOKENS, base_forward, make_base_cache
+from .base import Draft, RoundContext
+
+DEFAULT_MAX_ROLLBACK = MAX_DRAFT_TOKENS + 1  # the engine never verifies more drafts
+DEFAULT_PREFILL_STEP = 2048
+# Families pad the output layer to a multiple of 64..1024 beyond the tokenizer's real size, and siblings of
+# one family may pad differently; a larger gap means the two models do not share a tokenizer.
+MAX_VOCAB_PADDING_GAP = 1024
+
+
+def output_vocab_size(model) -> int:
+    """The width of the model's logits, read from the shape of a lazy one-token forward (nothing runs)."""
+    logits, _ = base_forward(model, mx.zeros((1, 1), mx.int32), make_base_cache(model, 1))
+    return logits.shape[-1]
+
+
+def check_vocab_pairing(base_vocab: int, draft_vocab: int) -> None:
+    """Raise PairingError when the two output layers cannot index the same token ids."""
+    if abs(base_vocab - draft_vocab) > MAX_VOCAB_PADDING_GAP:
+        raise PairingError(
+            f"the draft model predicts {draft_vocab} token ids but the base model {base_vocab}: they do not share "
+            "a tokenizer; pick a draft model from the base model's family (same tokenizer)"
+        )
+
+
+class DraftModelProposer:
+    name = "draft_model"
+
+    def __init__(self, draft_model, base_model=None, *, base_vocab: Optional[int] = None,
+                 max_rollback: int = DEFAULT_MAX_ROLLBACK, prefill_step: int = DEFAULT_PREFILL_STEP):
+        """`base_model` (or `base_vocab`) gives the base's vocabulary size; ids that only one model has are
+        never drafted. Without either, the two vocabularies are assumed equal."""
+        self.model = draft_model
+        self.max_rollback = max_rollback
+        self.prefill_step = prefill_step
+        self.draft_vocab = output_vocab_size(draft_model)
+        if base_vocab is None and base_model is not None:
+            base_vocab = output_vocab_size(base_model)
+        self.base_vocab = base_vocab if base_vocab is not None else self.draft_vocab
+        check_vocab_pairing(self.base_vocab, self.draft_vocab)
+        self.cache: list = []
+        self.consumed = 0  # history tokens whose K/V the draft cache holds (= its offset)
+        self._round_start = 0  # len(history) when the last round was proposed
+
+    def start(self, prompt: List[int]) -> None:
+        """Fresh cache, prefilled with the prompt (evaluated here: it is the draft's share of the prefill)."""
+        self.cache = make_base_cache(self.model, self.max_rollback)
+        self.consumed = 0
+        for s in range(0, len(prompt), self.prefill_step):
+            chunk = prompt[s : s + self.prefill_step]
+            base_forward(self.model, mx.array(chunk, mx.int32)[None], self.cache)
+            mx.eval([c.state for c in self.cache])
+            self.consumed += len(chunk)
+
+    def _logits(self, tokens: mx.array) -> mx.array:
+        """Last-position logits over the base's vocabulary, (V_base,) float32; tokens (1, L)."""
+        logits, _ = base_forward(self.model, tokens, self.cache)
+        logits = logits[0, -1].astype(mx.float32)  # (V_draft,)
+        if self.draft_vocab > self.base_vocab:  # ids the base lacks are never drafted
+            return logits[: self.base_vocab]
+        if self.draft_vocab < self.base_vocab:  # ids the draft lacks get probability 0
+            pad = mx.full((self.base_vocab - self.draft_vocab,), -mx.inf, mx.float32)
+            return mx.concatenate([logits, pad])
+        return logits
+
+    def propose(self, ctx: RoundContext, k: int) -> Draft:
+        if k <= 0:
+            return Draft(mx.zeros((0,), mx.int32))
+        if self.consumed >= len(ctx.history):
+            raise RuntimeError(
+                f"draft cache holds {self.consumed} tokens but the history has only {len(ctx.history)}: "
+                "start() was not called for this request"
+            )
+        self._round_start = len(ctx.history)
+        greedy = ctx.sampling.greedy
+        u = None if greedy else mx.random.uniform(shape=(k,), key=ctx.key)  # (k,)
+        x = mx.array(ctx.history[self.consumed :], mx.int32)[None]  # (1, L): at least the bonus
+        self.consumed = len(ctx.history)
+        tokens, probs = [], []
+        for i in range(k):
+            logits = self._logits(x)  # (V,)
+            if greedy:
+                tok = mx.argmax(logits).astype(mx.int32)
+            else:
+                q = ctx.sampling.probs(logits)  # (V,) the distribution the draft is drawn from
+                tok = sample_from_probs(q, u[i])
+                probs.append(q)
+            tokens.append(tok)
+            if i < k - 1:  # the last draft is not run: the base verifies it
+                x = tok.reshape(1, 1)
+        return Draft(mx.stack(tokens), mx.stack(probs) if probs else None)  # (k,), (k, V) or None
+
+    def observe(self, n_accepted: int, draft_k: int) -> None:
+        """The cache ran history + d1..d_{k-1}; keep history + d1..d_n (d_k, if accepted, runs next round)."""
+        if draft_k == 0:
+            return
+        ran = self._round_start + draft_k - 1
+        if self.cache[0].offset != ran:
+            raise RuntimeError(f"draft cache is at {self.cache[0].offset}, expected {ran}: observe() without propose()")
+        keep = min(ran, self._round_start + n_accepted)
+        rollback_all(self.cache, ran - keep)
+        self.consumed = keep

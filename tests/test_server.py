@@ -1,0 +1,251 @@
+"""mlx_spec.server over real HTTP on loopback, driven by the official `openai` client (and raw sockets for
+what a well-behaved client never does): greedy output == mlx_spec.generate, streaming == non-streaming,
+bad requests get 4xx with a message, a client that leaves stops its generation, concurrent requests queue."""
+
+import http.client
+import json
+import shutil
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import openai
+import pytest
+
+from conftest import TINY_CODE
+from mlx_spec import generate, load, load_drafter
+from mlx_spec import server as server_mod
+from mlx_spec.server import Server, StopMatcher
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+            "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_TOKENS = 24
+CODE = "import os\nimport sys\n\ndef main(argv):\n"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """(openai client, server, model, tokenizer): the tiny pair served with the MTP drafter on."""
+    path = tmp_path_factory.mktemp("server") / "base"
+    shutil.copytree(TINY_CODE / "base", path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    config["chat_template"] = TEMPLATE
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    model, tokenizer = load(str(path))
+    drafter = load_drafter(str(TINY_CODE / "assistant"), model)
+    srv = Server(model, tokenizer, {"drafter": drafter}, host="127.0.0.1", port=0, model_name="tiny",
+                 max_tokens=MAX_TOKENS, max_request_bytes=MAX_REQUEST_BYTES)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_port}/v1", api_key="x", max_retries=0,
+                           timeout=60)
+    yield client, srv, model, tokenizer
+    srv.close()
+
+
+def chat_text(tokenizer, content):
+    return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                         tokenize=False)
+
+
+def post(srv, path, body, headers=None):
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_port, timeout=30)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    conn.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    return r.status, json.loads(payload) if payload else None
+
+
+@pytest.mark.parametrize("draft", [True, False], ids=["mtp", "plain"])
+def test_chat_greedy_equals_generate(served, draft):
+    client, _, model, tokenizer = served
+    r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": CODE}], temperature=0,
+                                       max_tokens=MAX_TOKENS, extra_body={"draft": draft})
+    want = generate(model, tokenizer, chat_text(tokenizer, CODE), max_tokens=MAX_TOKENS)
+    assert r.choices[0].message.content == want, "served greedy chat == mlx_spec.generate"
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    assert r.choices[0].finish_reason == "length" and r.choices[0].message.role == "assistant"
+    assert r.usage.completion_tokens == MAX_TOKENS
+    assert r.usage.total_tokens == r.usage.prompt_tokens + MAX_TOKENS
+    spec = r.model_extra["speculative"]
+    assert set(spec) >= {"rounds", "drafted", "accepted", "tau", "acceptance_rate", "acceptance_by_position",
+                         "proposer"}
+    if draft:
+        assert spec["proposer"] == "mtp" and spec["rounds"] > 0 and spec["tau"] > 1, "the drafter was used"
+    else:
+        assert spec["proposer"] is None and spec["rounds"] == 0, "draft: false decodes plainly"
+
+
+def test_chat_stream_equals_non_stream(served):
+    client, _, model, tokenizer = served
+    want = generate(model, tokenizer, chat_text(tokenizer, CODE), max_tokens=MAX_TOKENS)
+    chunks = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": CODE}],
+                                                 temperature=0, max_tokens=MAX_TOKENS, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want, "streamed deltas add up to the greedy text"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finals = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finals) == 1 and finals[0].choices[0].finish_reason == "length"
+    assert finals[0].model_extra["speculative"]["proposer"] == "mtp", "the last chunk carries the speculative stats"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == MAX_TOKENS, "include_usage chunk"
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_stream_and_not(served):
+    client, _, model, tokenizer = served
+    want = generate(model, tokenizer, CODE, max_tokens=MAX_TOKENS)
+    r = client.completions.create(model="tiny", prompt=CODE, max_tokens=MAX_TOKENS, temperature=0,
+                                  extra_body={"num_draft_tokens": 5})
+    assert r.choices[0].text == want and r.object == "text_completion"
+    assert len(r.model_extra["speculative"]["acceptance_by_position"]) == 5, "num_draft_tokens per request"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="tiny", prompt=CODE, max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+    assert streamed == want
+    ids = tokenizer.encode(CODE)
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=MAX_TOKENS).choices[0].text == want, \
+        "a prompt of token ids is the same prompt"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_strings(served, stream):
+    client, _, model, tokenizer = served
+    want = generate(model, tokenizer, CODE, max_tokens=MAX_TOKENS)
+    stop = want.strip("\n").split("\n")[0][-3:]  # ends the first generated line
+    cut = want[: want.find(stop)]
+    r = client.completions.create(model="tiny", prompt=CODE, max_tokens=MAX_TOKENS, stop=[stop, "never"],
+                                  stream=stream)
+    chunks = list(r) if stream else [r]
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == cut, "the text ends before the first stop string"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+@pytest.mark.parametrize("feed, want", [
+    (["ab", "cST", "OPx"], ("abc", True)),
+    (["S", "T", "x"], ("STx", False)),
+    (["abS"], ("ab", False)),  # "S" is held back: it may begin "STOP"
+    (["xSTOP"], ("x", True)),
+])
+def test_stop_matcher(feed, want):
+    m = StopMatcher(["STOP"])
+    out, hit = "", False
+    for piece in feed:
+        text, hit = m.feed(piece)
+        out += text
+        if hit:
+            break
+    assert (out, hit) == want, "the matcher never emits a stop string nor holds back text that cannot start one"
+
+
+def test_models_and_health(served):
+    client, srv, _, _ = served
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_port, timeout=10)
+    conn.request("GET", "/health")
+    assert conn.getresponse().status == 200
+    conn.close()
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ({"messages": [{"role": "user", "content": "hi"}], "max_tokens": True}, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "num_draft_tokens": 99}, "num_draft_tokens"),
+    ({"messages": [{"role": "user", "content": "hi"}], "n": 2}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}], "stop": [1]}, "stop"),
+])
+def test_malformed_requests_get_400(served, body, param):
+    status, err = post(served[1], "/v1/chat/completions", body)
+    assert status == 400, "a malformed request is a 400"
+    assert err["error"]["message"] and err["error"]["param"] == param, "the error says what is wrong"
+
+
+def test_openai_client_sees_400_message(served):
+    client = served[0]
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], top_p=0)
+
+
+def test_too_long_for_the_context(served):
+    client, srv, _, _ = served
+    prompt = [5] * 2000  # the fixture's context is 2048 tokens
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=100)
+    status, err = post(srv, "/v1/completions", {"prompt": [5] * 3000})
+    assert status == 400 and err["error"]["code"] == "context_length_exceeded"
+
+
+def test_oversized_body_is_refused(served):
+    client, srv, _, _ = served
+    status, err = post(srv, "/v1/completions", {"prompt": "x" * (2 * MAX_REQUEST_BYTES)})
+    assert status == 413 and "--max-request-bytes" in err["error"]["message"]
+    assert client.completions.create(model="tiny", prompt=CODE, max_tokens=4).choices[0].text, "still serving"
+
+
+def wait_finished(srv, n_before, timeout=20.0):
+    deadline = time.time() + timeout
+    while len(srv.worker.finished) <= n_before and time.time() < deadline:
+        time.sleep(0.02)
+    assert len(srv.worker.finished) > n_before, "the generation ended"
+    return srv.worker.finished[-1]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_client_disconnect_stops_generation(served, stream):
+    client, srv, model, tokenizer = served
+    n_before = len(srv.worker.finished)
+    body = json.dumps({"prompt": CODE, "max_tokens": 1900, "stream": stream, "draft": False}).encode()
+    sock = socket.create_connection(("127.0.0.1", srv.server_port), timeout=30)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    if stream:
+        seen = b""
+        while b"data: " not in seen:
+            piece = sock.recv(4096)
+            assert piece, f"the stream started: {seen!r}"
+            seen += piece
+    sock.close()  # mid-stream (or while waiting for a whole completion)
+    result = wait_finished(srv, n_before)
+    assert result.finish_reason == "cancelled" and result.completion_tokens < 1900, \
+        "a client that leaves stops its generation"
+    r = client.completions.create(model="tiny", prompt=CODE, max_tokens=MAX_TOKENS, temperature=0)
+    assert r.choices[0].text == generate(model, tokenizer, CODE, max_tokens=MAX_TOKENS), "the server keeps serving"
+
+
+def test_concurrent_requests_queue(served):
+    client, srv, model, tokenizer = served
+    prompts = [CODE, "class Parser:\n", "def test_", "for i in range(10):\n", "import json\n"]
+    want = [generate(model, tokenizer, p, max_tokens=MAX_TOKENS) for p in prompts]
+
+    def ask(i):
+        if i % 2:
+            return "".join(c.choices[0].text for c in client.completions.create(
+                model="tiny", prompt=prompts[i], max_tokens=MAX_TOKENS, temperature=0, stream=True) if c.choices)
+        return client.completions.create(model="tiny", prompt=prompts[i], max_tokens=MAX_TOKENS,
+                                         temperature=0).choices[0].text
+
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        got = list(pool.map(ask, range(len(prompts))))
+    assert got == want, "concurrent greedy requests give the single-request outputs"
+
+
+def test_cli_user_mistakes_print_one_line(served, capsys):
+    _, srv, _, _ = served
+    path = str(TINY_CODE / "base")
+    cases = [(["--model", path, "--max-request-bytes", "0"], "--max-request-bytes"),
+             (["--model", "/nonexistent/model"], "does not exist"),
+             (["--model", path, "--port", str(srv.server_port)], "choose another --port")]
+    for argv, message in cases:
+        rc = server_mod.main(argv + ["--quiet"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
