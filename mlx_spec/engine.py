@@ -90,6 +90,19 @@ class GenerationStats:
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += int(i < n_accepted)
 
+    def merge(self, other: "GenerationStats") -> None:
+        """Add another request's speculation counters to these (for totals over several prompts)."""
+        self.rounds += other.rounds
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        grow = len(other.drafted_by_position) - len(self.drafted_by_position)
+        if grow > 0:
+            self.drafted_by_position += [0] * grow
+            self.accepted_by_position += [0] * grow
+        for i, (d, a) in enumerate(zip(other.drafted_by_position, other.accepted_by_position)):
+            self.drafted_by_position[i] += d
+            self.accepted_by_position[i] += a
+
     def as_dict(self) -> dict:
         return {
             "prompt_tokens": self.prompt_tokens, "prompt_tps": self.prompt_tps,
