@@ -1,0 +1,66 @@
+"""Every example runs as written (against the tiny fixtures)."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import ROOT, TINY_CODE
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+def run(*argv, **kw):
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=300, **kw)
+    assert r.returncode == 0, f"{argv} failed:\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def test_stream_api():
+    r = run(sys.executable, "examples/stream_api.py", "--max-tokens", "30")
+    assert "tau" in r.stderr and r.stdout.strip()
+
+
+def test_ngram_editing():
+    r = run(sys.executable, "examples/ngram_editing.py", "--max-tokens", "40")
+    assert "n-gram" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("mlx_spec.convert") is None, reason="console scripts not installed")
+def test_convert_then_chat(tmp_path):
+    r = run("bash", "examples/convert_then_chat.sh", str(TINY_CODE / "base"), str(TINY_CODE / "assistant"),
+            str(tmp_path / "models"), stdin=subprocess.DEVNULL)
+    assert (tmp_path / "models" / "base-4bit" / "config.json").exists() and "tau" in (r.stdout + r.stderr)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_client_against_the_server():
+    pytest.importorskip("openai")
+    port = _free_port()
+    server = subprocess.Popen([sys.executable, "-m", "mlx_spec.server", "--model", str(TINY_CODE / "base"),
+                               "--drafter", str(TINY_CODE / "assistant"), "--port", str(port)],
+                              cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                if server.poll() is not None:
+                    pytest.fail(f"server exited: {server.stderr.read()}")
+                time.sleep(0.1)
+        r = run(sys.executable, "examples/openai_client.py", "--base-url", f"http://127.0.0.1:{port}/v1",
+                "--max-tokens", "24")
+        assert r.stdout.strip()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
