@@ -1,0 +1,89 @@
+"""End to end: with temp > 0, speculative decoding samples from the base's distribution (the acceptance
+functions alone are tested in test_acceptance.py; this runs the engine, caches and proposers too).
+
+The joint distribution of generated tokens 2-3 (made by a speculative round) over many seeds must match
+plain sampling. A flat temperature and top-k 3 make the support small and rejections frequent. The
+greedy-script proposer always drafts the base's argmax continuation: a classic bug (resampling from p
+instead of the residual after a rejection) shifts its distribution enough to fail this test (checked
+when the test was written: chi2 60 on 18 dof vs a 99.9% bound of ~42).
+"""
+
+from collections import Counter
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_spec.engine import Engine, SamplingParams
+from mlx_spec.proposers.base import Draft
+from mlx_spec.proposers.mtp import MTPProposer
+
+N = 400
+PROMPT_TEXT = "def parse(line):\n    "
+
+
+class GreedyScript:
+    """Deterministic drafts: the base's own argmax continuation (q is one-hot)."""
+
+    name = "greedy-script"
+
+    def __init__(self, model):
+        self.model = model
+
+    def start(self, prompt):
+        pass
+
+    def observe(self, n, k):
+        pass
+
+    def propose(self, ctx, k):
+        cache = self.model.make_cache()
+        logits, _ = self.model.forward(mx.array([ctx.history]), cache)
+        tokens = []
+        for i in range(k):
+            tokens.append(mx.argmax(logits[0, -1]).reshape(1))
+            if i < k - 1:
+                logits, _ = self.model.forward(tokens[-1][None], cache)
+        return Draft(mx.concatenate(tokens).astype(mx.int32))
+
+
+def samples(model, prompt, sampling, make_proposer=None, n=N):
+    out = Counter()
+    for seed in range(n):
+        eng = Engine(model, prompt, proposer=make_proposer() if make_proposer else None, sampling=sampling,
+                     num_draft_tokens=2, max_tokens=3, seed=seed + (10_000 if make_proposer else 0))
+        out[tuple(e.token for e in eng.run())[1:]] += 1  # tokens 2-3 come from one speculative round
+    return out
+
+
+def two_sample_chi2(a: Counter, b: Counter):
+    cells = sorted(set(a) | set(b))
+    x = np.array([[a[c], b[c]] for c in cells], float)
+    keep = x.sum(1) >= 10  # pool rare cells so the chi-square approximation holds
+    x = np.vstack([x[keep], x[~keep].sum(0, keepdims=True)]) if (~keep).any() else x[keep]
+    expected = x.sum(1, keepdims=True) * x.sum(0, keepdims=True) / x.sum()
+    return ((x - expected) ** 2 / np.maximum(expected, 1e-9)).sum(), len(x) - 1
+
+
+def chi2_bound(dof: int, z: float = 3.09) -> float:
+    """99.9% quantile of chi-square (Wilson-Hilferty)."""
+    return dof * (1 - 2 / (9 * dof) + z * np.sqrt(2 / (9 * dof))) ** 3
+
+
+SAMPLING = dict(temp=2.0, top_k=3)
+
+
+@pytest.fixture(scope="module")
+def plain(trained_pair):
+    model, tokenizer, _ = trained_pair
+    return samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING))
+
+
+@pytest.mark.parametrize("proposer, rule", [("greedy-script", "rejection"), ("greedy-script", "match"),
+                                            ("mtp", "rejection")])
+def test_speculative_samples_have_the_plain_distribution(trained_pair, plain, proposer, rule):
+    model, tokenizer, drafter = trained_pair
+    make = (lambda: GreedyScript(model)) if proposer == "greedy-script" else (lambda: MTPProposer(drafter, model))
+    spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule), make)
+    stat, dof = two_sample_chi2(plain, spec)
+    assert stat < chi2_bound(dof), f"{proposer}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"
