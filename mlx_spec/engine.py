@@ -286,6 +286,7 @@ class Engine:
         position = len(self.history) - 1
         ctx = RoundContext(self.history, position, hidden, self.cache, self.sampling, self._next_key())
         draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft(mx.zeros((0,), mx.int32))
+        mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
         k = draft.k
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = base_forward(self.model, verify_in[None], self.cache)  # (1, k+1, V)

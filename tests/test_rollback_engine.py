@@ -1,0 +1,50 @@
+"""After every round, the base's caches hold exactly what a run that never saw the rejected drafts holds.
+
+A wrapping proposer compares, at the start of each round (after the previous round's rollback), the
+cached K/V that attention and the drafter will read with those of a fresh cache prefilled with the
+accepted history.
+"""
+
+import mlx.core as mx
+import pytest
+from tiny_models import make_base, make_drafter
+
+from mlx_spec.engine import Engine
+from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.proposers.ngram import NgramProposer
+
+
+class CheckingProposer:
+    def __init__(self, inner, model):
+        self.inner, self.model, self.name, self.checked = inner, model, "checking", 0
+
+    def start(self, prompt):
+        self.inner.start(prompt)
+
+    def observe(self, n, k):
+        self.inner.observe(n, k)
+
+    def propose(self, ctx, k):
+        clean = self.model.make_cache()
+        self.model(mx.array(ctx.history[:-1])[None], clean)
+        for i, (ours, ref) in enumerate(zip(ctx.base_cache, clean)):
+            assert ours.offset == ref.offset == ctx.position, "cache offset must be the bonus token's position"
+            # full layers: every position; sliding layers: the last W+1 (the drafter's view, a superset of
+            # the W-1 the next query attends to)
+            for x, y in zip(ours.drafter_view(), ref.drafter_view()):
+                assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item(), \
+                    f"layer {i}: cache differs from a run that never saw the rejected drafts (round at {ctx.position})"
+        self.checked += 1
+        return self.inner.propose(ctx, k)
+
+
+@pytest.mark.parametrize("variant", ["e2b", "dense_keqv"])
+@pytest.mark.parametrize("k", [2, 7])
+def test_cache_after_each_round_equals_never_seen(variant, k):
+    model = make_base(variant)
+    drafter = make_drafter(model, "dense" if variant == "dense_keqv" else "centroid")
+    prompt = [2] + [(i * 37) % 250 + 3 for i in range(20)]
+    for inner in (MTPProposer(drafter, model), NgramProposer(1)):
+        proposer = CheckingProposer(inner, model)
+        list(Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=48).run())
+        assert proposer.checked > 5
