@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional
 
 from .api import GenerationResponse, encode_prompt, stream_generate
 from .cache import rollback_all
-from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_sampling_args, load_models, run
+from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, check_length_args, add_model_args, add_sampling_args, check_sampling_args, load_models, run
 from .engine import MAX_DRAFT_TOKENS, GenerationStats, make_base_cache
 from .errors import CacheRollbackError, MlxSpecError
 
@@ -364,10 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_args(args) -> int:
     check_sampling_args(args)
-    if args.max_tokens < 1:
-        raise MlxSpecError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.max_context is not None and args.max_context < 2:
-        raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+    check_length_args(args)
     # load the proposer even with --no-draft, so that /draft on can use it
     model, tokenizer, draft = load_models(argparse.Namespace(**{**vars(args), "no_draft": False}))
     session = ChatSession(model, tokenizer, draft=draft, system_prompt=args.system_prompt,

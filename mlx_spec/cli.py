@@ -68,6 +68,14 @@ def check_sampling_args(args) -> None:
         raise MlxSpecError(f"--min-p must be in [0, 1], got {args.min_p}")
 
 
+def check_length_args(args) -> None:
+    """--max-tokens and --max-context, for the commands that take both (chat, server)."""
+    if args.max_tokens < 1:
+        raise MlxSpecError(f"--max-tokens must be >= 1, got {args.max_tokens}")
+    if args.max_context is not None and args.max_context < 2:
+        raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+
+
 def load_models(args):
     """(model, tokenizer, drafter kwargs for stream_generate) from the model/draft flags."""
     from .api import load

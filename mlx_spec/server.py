@@ -32,7 +32,7 @@ from typing import List, Optional, Tuple, Union
 from .api import encode_prompt, stream_generate
 from .chat import model_context
 from .loading import materialize
-from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, DEFAULT_TEMP, add_model_args, check_sampling_args, load_models, run
+from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, check_length_args, DEFAULT_TEMP, add_model_args, check_sampling_args, load_models, run
 from .engine import MAX_DRAFT_TOKENS
 from .errors import MlxSpecError
 
@@ -662,10 +662,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main_args(args) -> int:
     check_sampling_args(args)
-    if args.max_tokens < 1:
-        raise MlxSpecError(f"--max-tokens must be >= 1, got {args.max_tokens}")
-    if args.max_context is not None and args.max_context < 2:
-        raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+    check_length_args(args)
     if args.max_request_bytes < 1:
         raise MlxSpecError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
     if not 0 <= args.port <= 65535:
