@@ -1,0 +1,96 @@
+"""Random-weight Gemma 4 models of the published shapes (E2B, E4B, 26B-A4B, 31B) and their drafters.
+
+For measuring costs on a machine without downloading anything: a (k+1)-token verify pass and a drafter
+step cost the same with random weights as with trained ones (acceptance does not: random drafters accept
+nothing). Shapes from ref/gemma4-mtp.md A.1 and B.1; `tiny` is a small stand-in for tests.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .models import gemma4_assistant, gemma4_text
+
+S, F = "sliding_attention", "full_attention"
+
+
+def _types(n: int, period: int) -> list:
+    return [F if (i + 1) % period == 0 else S for i in range(n)]
+
+
+BASE_SHAPES = {
+    "e2b": dict(hidden_size=1536, num_hidden_layers=35, layer_types=_types(35, 5), intermediate_size=6144,
+                num_attention_heads=8, num_key_value_heads=1, num_kv_shared_layers=20, use_double_wide_mlp=True,
+                hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144, sliding_window=512),
+    "e4b": dict(hidden_size=2560, num_hidden_layers=42, layer_types=_types(42, 6), intermediate_size=10240,
+                num_attention_heads=8, num_key_value_heads=2, num_kv_shared_layers=18,
+                hidden_size_per_layer_input=256, vocab_size_per_layer_input=262144, sliding_window=512),
+    "26b": dict(hidden_size=2816, num_hidden_layers=30, layer_types=_types(30, 6), intermediate_size=2112,
+                num_attention_heads=16, num_key_value_heads=8, attention_k_eq_v=True,
+                num_global_key_value_heads=2, enable_moe_block=True, num_experts=128, top_k_experts=8,
+                moe_intermediate_size=704, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                sliding_window=1024),
+    "31b": dict(hidden_size=5376, num_hidden_layers=60, layer_types=_types(60, 6), intermediate_size=21504,
+                num_attention_heads=32, num_key_value_heads=16, attention_k_eq_v=True,
+                num_global_key_value_heads=4, hidden_size_per_layer_input=0, vocab_size_per_layer_input=0,
+                sliding_window=1024),
+    "tiny": dict(hidden_size=64, num_hidden_layers=6, layer_types=_types(6, 3), intermediate_size=128,
+                 num_attention_heads=4, num_key_value_heads=1, num_kv_shared_layers=2, use_double_wide_mlp=True,
+                 hidden_size_per_layer_input=8, vocab_size_per_layer_input=512, sliding_window=16,
+                 vocab_size=512, head_dim=16, global_head_dim=32),
+}
+DRAFTER_SHAPES = {  # hidden, intermediate, heads, centroid head
+    "e2b": (256, 2048, 4, True), "e4b": (256, 2048, 4, True), "26b": (1024, 8192, 16, False),
+    "31b": (1024, 8192, 32, False), "tiny": (32, 64, 4, True),
+}
+COMMON = dict(model_type="gemma4_text", vocab_size=262144, head_dim=256, global_head_dim=512,
+              final_logit_softcapping=30.0, rms_norm_eps=1e-6, max_position_embeddings=131072)
+
+
+def base_config(shape: str) -> dict:
+    if shape not in BASE_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(BASE_SHAPES)}")
+    return {**COMMON, **BASE_SHAPES[shape]}
+
+
+def drafter_config(shape: str) -> dict:
+    base = base_config(shape)
+    hidden, inter, heads, centroids = DRAFTER_SHAPES[shape]
+    text = {k: base[k] for k in ("vocab_size", "head_dim", "global_head_dim", "num_key_value_heads",
+                                  "sliding_window", "rms_norm_eps", "max_position_embeddings")}
+    text.update(hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads, num_hidden_layers=4,
+                layer_types=[S, S, S, F], attention_k_eq_v=base.get("attention_k_eq_v", False),
+                num_global_key_value_heads=base.get("num_global_key_value_heads"), final_logit_softcapping=None)
+    n_centroids = 2048 if shape != "tiny" else 8
+    return {"model_type": "gemma4_assistant", "backbone_hidden_size": base["hidden_size"],
+            "use_ordered_embeddings": centroids, "num_centroids": n_centroids,
+            "centroid_intermediate_top_k": 32 if shape != "tiny" else 2, "text_config": text}
+
+
+def _randomize(model: nn.Module, dtype, seed: int) -> None:
+    """Small random weights in `dtype`, norms near 1; keeps integer tables (token_ordering)."""
+    params = []
+    for i, (name, p) in enumerate(tree_flatten(model.parameters())):
+        if not mx.issubdtype(p.dtype, mx.floating):
+            params.append((name, p))
+            continue
+        noise = mx.random.normal(p.shape, key=mx.random.key(seed * 100_003 + i)) * 0.02
+        params.append((name, ((1.0 if "norm" in name or "scalar" in name else 0.0) + noise).astype(dtype)))
+        mx.eval(params[-1][1])  # one tensor at a time keeps peak memory at the model's size
+    model.update(tree_unflatten(params))
+
+
+def random_pair(shape: str, dtype=mx.bfloat16, q_bits: int = 4, group_size: int = 64, seed: int = 0):
+    """(base, drafter) with random weights; the base quantized to q_bits (0 = unquantized), drafter in dtype."""
+    base = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(base_config(shape)))
+    _randomize(base, dtype, seed)
+    if q_bits:
+        nn.quantize(base, group_size=group_size, bits=q_bits,
+                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    drafter = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(drafter_config(shape)))
+    _randomize(drafter, dtype, seed + 1)
+    if drafter.args.use_ordered_embeddings:
+        vocab = drafter.text_args.vocab_size
+        drafter.masked_embedding.token_ordering = mx.random.permutation(vocab, key=mx.random.key(seed)).astype(mx.int32)
+    mx.eval(base.parameters(), drafter.parameters())
+    return base, drafter
