@@ -21,8 +21,9 @@ from typing import Iterator, List, Optional
 
 from .api import GenerationResponse, encode_prompt, stream_generate
 from .cache import rollback_all
-from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, check_length_args, add_model_args, add_sampling_args, check_sampling_args, load_models, run
-from .engine import MAX_DRAFT_TOKENS, GenerationStats, make_base_cache
+from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
+                  check_sampling_args, load_models, run)
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, MAX_DRAFT_TOKENS, GenerationStats, make_base_cache
 from .errors import CacheRollbackError, MlxSpecError
 
 PROMPT = ">>> "
@@ -70,7 +71,7 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, draft: Optional[dict] = None, system_prompt: Optional[str] = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None, temp: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
-                 num_draft_tokens=3, acceptance: str = "rejection", drafting: Optional[bool] = None,
+                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, acceptance: str = "rejection", drafting: Optional[bool] = None,
                  reuse_cache: bool = True):
         if not getattr(tokenizer, "has_chat_template", False):
             raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "

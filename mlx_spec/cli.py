@@ -42,7 +42,8 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     g.add_argument("--ngram", nargs="?", const=3, type=int, metavar="N",
                    help="prompt-lookup drafts from the last N tokens (default N: 3)")
     p.add_argument("--num-draft-tokens", type=num_draft_tokens, default=DEFAULT_NUM_DRAFT_TOKENS,
-                   metavar="K|auto", help=f"drafts per round (default: {DEFAULT_NUM_DRAFT_TOKENS})")
+                   metavar="K|auto", help="drafts per round, or 'auto': chosen each round from this machine's "
+                   f"measured costs, plain decoding when drafting does not pay (default: {DEFAULT_NUM_DRAFT_TOKENS})")
     p.add_argument("--no-draft", action="store_true", help="plain decoding (baseline), ignoring any proposer")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
 

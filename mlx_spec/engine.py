@@ -18,7 +18,8 @@ from . import acceptance
 from .cache import make_rewindable, rollback_all
 from .proposers.base import Draft, Proposer, RoundContext
 
-DEFAULT_NUM_DRAFT_TOKENS = 3
+DEFAULT_NUM_DRAFT_TOKENS = "auto"  # chosen each round from this machine's measured costs (tuning.py)
+FIXED_K_START = 3  # where `auto` starts before it has measured anything
 MAX_DRAFT_TOKENS = 16
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # mlx-lm's (tokens, logits) -> logits
@@ -150,7 +151,7 @@ class Engine:
 
     def __init__(self, model, prompt: List[int], *, proposer: Optional[Proposer] = None,
                  sampling: SamplingParams = SamplingParams(), max_tokens: int = 256,
-                 num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS, eos_ids: Sequence[int] = (),
+                 num_draft_tokens: int = FIXED_K_START, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), seed: Optional[int] = None,
                  cache: Optional[list] = None, draft_policy=None, prefill_step: int = 2048):
         """`cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
@@ -241,48 +242,68 @@ class Engine:
         if self.proposer is None or self.k == 0:
             yield from self._plain_loop(gen_start)
             return
+        k = self._choose_k()
         while True:
-            events = self._round(hidden)
+            if k == 0 and self.draft_policy is not None:  # auto-off: pipelined plain steps until it drafts again
+                resume = yield from self._plain_loop(gen_start, self.draft_policy)
+                if resume is None:
+                    return
+                hidden, k = resume
+            events = self._round(hidden, k)
             hidden = events.pop()
             self._time(gen_start)
             for ev in events:
                 yield ev
                 if ev.finish_reason:
                     return
+            k = self._choose_k()
 
     def _time(self, gen_start: float) -> None:
         self.stats.generation_time = time.perf_counter() - gen_start
         self.stats.peak_memory_bytes = max(self.stats.peak_memory_bytes, mx.get_peak_memory())
 
-    def _plain_loop(self, gen_start: float) -> Iterator[TokenEvent]:
-        """Plain decoding, one token per base pass; the next step is queued before the host reads this one."""
+    def _plain_loop(self, gen_start: float, policy=None) -> Iterator[TokenEvent]:
+        """Plain decoding, one token per base pass. The next step is queued on the lazy current token before
+        the host reads it (mlx-lm's generate_step), so building one step's graph overlaps the last's compute.
+
+        With a draft policy (auto-off), each step asks it for k first; on k > 0 nothing is queued and the
+        loop returns (hidden state at the last position, k) for a round. Returns None when decoding ends."""
         y = mx.array([self.history[-1]], mx.int32)
 
-        def step(y):
-            logits, _ = base_forward(self.model, y[None], self.cache)
-            history = mx.array(self.history, mx.int32) if self.processors else None
-            return self._sample(logits[0, -1], history).reshape(1)
+        def step(y, pending: bool):
+            """The step after y; pending: y is still being computed, so it is not in self.history yet."""
+            logits, hidden = base_forward(self.model, y[None], self.cache)
+            history = None
+            if self.processors:
+                history = mx.array(self.history, mx.int32)
+                history = mx.concatenate([history, y]) if pending else history
+            return self._sample(logits[0, -1], history).reshape(1), hidden
 
-        nxt = step(y)
+        nxt, h = step(y, pending=False)
         mx.async_eval(nxt)
         while True:
-            y = nxt
-            token = int(y.item())
-            event = self._emit(token, False)
-            if event.finish_reason is None:
-                nxt = step(y)
+            y, hidden = nxt, h
+            k = policy.next_k() if policy is not None else 0
+            if k == 0:
+                nxt, h = step(y, pending=True)
                 mx.async_eval(nxt)
+            event = self._emit(int(y.item()), False)
             self._time(gen_start)
-            yield event
             if event.finish_reason:
-                return
+                if k == 0:
+                    rollback_all(self.cache, 1)  # the step queued past the end: the cache holds history[:-1]
+                yield event
+                return None
+            yield event
+            if k:
+                return hidden, k
 
     def _choose_k(self) -> int:
         return self.draft_policy.next_k() if self.draft_policy is not None else self.k
 
-    def _round(self, hidden) -> list:
+    def _round(self, hidden, k: int) -> list:
         """One propose + verify; returns the round's TokenEvents followed by the next round's hidden."""
-        asked = min(self._choose_k(), self.max_tokens - self.emitted - 1)  # never draft past max_tokens
+        asked = min(k, self.max_tokens - self.emitted - 1)  # never draft past max_tokens
         position = len(self.history) - 1
         ctx = RoundContext(self.history, position, hidden, self.cache, self.sampling, self._next_key())
         draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft(mx.zeros((0,), mx.int32))
@@ -337,5 +358,5 @@ def resolve_num_draft_tokens(value, model, proposer):
     if value == "auto":
         from .tuning import make_auto_policy
 
-        return DEFAULT_NUM_DRAFT_TOKENS, make_auto_policy(model, proposer)
+        return FIXED_K_START, make_auto_policy(model, proposer)
     return int(value), None

@@ -151,6 +151,7 @@ def load_model(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[
     warn_if_too_big(sum(f.stat().st_size for f in weight_files(model_dir)), f"loading {model_dir}")
     weights = read_weights(model_dir)
     model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else None)
+    model.source_path = str(model_dir)  # identifies the model in tuning's cost cache and bench records
     return model, config, model_dir
 
 

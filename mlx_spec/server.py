@@ -32,8 +32,9 @@ from typing import List, Optional, Tuple, Union
 from .api import encode_prompt, stream_generate
 from .chat import model_context
 from .loading import materialize
-from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, check_length_args, DEFAULT_TEMP, add_model_args, check_sampling_args, load_models, run
-from .engine import MAX_DRAFT_TOKENS
+from .cli import (DEFAULT_MAX_TOKENS, DEFAULT_TEMP, ArgumentParser, add_model_args, check_length_args,
+                  check_sampling_args, load_models, run)
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from .errors import MlxSpecError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -580,7 +581,7 @@ class Server(ThreadingHTTPServer):
     def __init__(self, model, tokenizer, draft: Optional[dict] = None, *, host: str = DEFAULT_HOST,
                  port: int = DEFAULT_PORT, model_name: str = "default", max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_context: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 num_draft_tokens=3, draft_by_default: bool = True, temp: float = DEFAULT_TEMP, top_p: float = 1.0,
+                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True, temp: float = DEFAULT_TEMP, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, log=None, access_log=None):
         draft = dict(draft or {})
         self.model_name = model_name

@@ -16,3 +16,17 @@ def trained_pair():
 
     model, tokenizer = load(str(TINY_CODE / "base"))
     return model, tokenizer, load_drafter(str(TINY_CODE / "assistant"), model)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep tests out of the user's ~/.cache/mlx_spec (tuning costs, converted hub models)."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

@@ -1,0 +1,200 @@
+"""mlx_spec.bench on the trained tiny pair, a few tokens: the JSON schema, values that are sane and
+consistent with each other, the table, the prompt set and files, the oracle proposer, and user errors."""
+
+import json
+import math
+
+import mlx.core as mx
+import pytest
+from conftest import TINY_CODE
+
+from mlx_spec import bench, prompts, tuning
+from mlx_spec.engine import SamplingParams
+from mlx_spec.proposers.base import RoundContext
+from mlx_spec.proposers.oracle import OracleProposer
+
+BASE, ASSISTANT = str(TINY_CODE / "base"), str(TINY_CODE / "assistant")
+REQUIRED = {"proposer", "k", "temp", "plain_tps", "spec_tps", "speedup", "tau", "acceptance_rate",
+            "acceptance_by_position", "round_cost", "draft_share", "verify_cost", "peak_memory_bytes",
+            "plain_peak_memory_bytes", "efficiency", "by_kind", "environment"}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One small benchmark run shared by the schema tests: mtp k=1,3,auto, a random drafter, n-gram, oracle."""
+    tmp = tmp_path_factory.mktemp("bench")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
+    mp.setattr(tuning, "DEFAULT_PROBE_REPS", 1)
+    tuning.reset_learnt_state()
+    out = tmp / "bench.json"
+    argv = ["--model", BASE, "--drafter", ASSISTANT, "--random-drafter", "--ngram", "--oracle", "0,0.5",
+            "--num-draft-tokens", "1,3,auto", "--prompts", "code", "--max-tokens", "12", "--repeats", "1",
+            "--ignore-chat-template",
+            "--json", str(out)]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench.main(argv)
+    mp.undo()
+    tuning.reset_learnt_state()
+    return rc, json.loads(out.read_text()), buf.getvalue(), tmp
+
+
+def by(results, proposer, k, rate=None):
+    return next(r for r in results if r["proposer"] == proposer and r["k"] == k and r["oracle_rate"] == rate)
+
+
+def test_json_has_one_object_per_configuration_with_the_schema(bench_run):
+    rc, results, _, _ = bench_run
+    assert rc == 0
+    families = {("mtp", None), ("mtp-random", None), ("ngram", None), ("oracle", 0.0), ("oracle", 0.5)}
+    assert {(r["proposer"], r["oracle_rate"]) for r in results} == families
+    assert len(results) == len(families) * 3, "every proposer x every k"
+    for r in results:
+        missing = REQUIRED - set(r)
+        assert not missing, f"{r['proposer']} k={r['k']} lacks {missing}"
+
+
+def test_values_are_sane_and_consistent(bench_run):
+    _, results, _, _ = bench_run
+    for r in results:
+        name = f"{r['proposer']}({r['oracle_rate']}) k={r['k']}"
+        assert r["plain_tps"] > 0 and r["spec_tps"] > 0, name
+        assert math.isclose(r["speedup"], r["spec_tps"] / r["plain_tps"], rel_tol=1e-9), f"{name}: speedup = spec/plain"
+        assert r["tau"] >= 1 or r["tau"] == 0, f"{name}: tau counts the bonus token (0 only with no rounds)"
+        assert 0 <= r["acceptance_rate"] <= 1 and all(0 <= a <= 1 for a in r["acceptance_by_position"]), name
+        assert r["round_cost"] > 0, name
+        assert r["draft_share"] is None or 0 <= r["draft_share"] <= 1, name
+        assert r["peak_memory_bytes"] > 0 and r["plain_peak_memory_bytes"] > 0, name
+        assert r["matches_plain"] == 1.0, f"{name}: greedy speculative output equals plain"
+        assert set(r["verify_cost"]) == {str(k) for k in range(tuning.K_MAX + 1)}
+        costs = [r["verify_cost"][str(k)] for k in range(tuning.K_MAX + 1)]
+        assert all(c > 0 for c in costs) and costs == sorted(costs), "verify cost is positive, non-decreasing"
+        if isinstance(r["k"], int):
+            assert len(r["acceptance_by_position"]) <= r["k"], f"{name}: one rate per draft position"
+        if r["rounds"]:
+            assert math.isclose(r["tau"], (r["accepted"] + r["rounds"]) / r["rounds"]), f"{name}: tau = n/round + 1"
+            assert math.isclose(r["acceptance_rate"], r["accepted"] / r["drafted"]), name
+    assert by(results, "oracle", 3, 0.0)["acceptance_rate"] == 1.0, "an uncorrupted oracle is always accepted"
+    assert by(results, "oracle", 3, 0.0)["tau"] > 3, "... so tau is near k+1"
+    assert by(results, "mtp-random", 3)["acceptance_rate"] < 0.1, "random weights almost never agree"
+    assert by(results, "mtp", 3)["tau"] > by(results, "mtp-random", 3)["tau"], "the trained drafter beats random"
+    assert by(results, "mtp", 3)["draft_share"] > 0, "MTP drafting takes time"
+    oracle = by(results, "oracle", 3, 0.0)
+    assert 0 < oracle["efficiency"] < 2, "efficiency is a ratio near 1"
+
+
+def test_environment_and_memory_records(bench_run):
+    _, results, _, _ = bench_run
+    env = results[0]["environment"]
+    assert env["machine"]["mlx"] == mx.__version__ and env["machine"]["device"]
+    assert env["model"]["dtype"] == "float32" and env["model"]["quantization"] is None
+    assert env["model_path"] == BASE and env["max_tokens"] == 12
+    mtp = by(results, "mtp", 3)
+    assert mtp["drafter_weight_bytes"] > 0, "the drafter's weights are reported"
+    assert by(results, "ngram", 3)["drafter_weight_bytes"] == 0, "n-gram has no weights"
+    assert abs(mtp["memory_overhead_bytes"]) < mtp["drafter_weight_bytes"], \
+        "speculation adds small buffers only (the drafter's weights are loaded for both runs)"
+
+
+def test_auto_is_recorded_with_the_ks_it_chose(bench_run):
+    _, results, _, _ = bench_run
+    auto = by(results, "mtp-random", "auto")
+    assert auto["k_counts"] and auto["k_counts"].get("0", 0) > 0, "auto switched a useless drafter off"
+    assert by(results, "mtp", 1)["k_counts"] is None
+
+
+def test_table_names_every_configuration(bench_run):
+    _, results, table, _ = bench_run
+    assert "plain:" in table and "tok/s" in table and "by kind" in table
+    for r in results:
+        assert f"k={r['k']}" in table
+    assert "oracle(0.5) k=3" in table and "mtp-random k=auto" in table
+
+
+def test_tuning_cache_is_written_under_xdg(bench_run):
+    _, _, _, tmp = bench_run
+    data = json.loads((tmp / "xdg" / "mlx_spec" / "tuning.json").read_text())
+    (entry,) = data["entries"].values()
+    assert {"ngram:3", "oracle:0", "oracle:0.5"} <= set(entry["proposers"]), "the bench refreshes the costs it probed"
+
+
+# --- errors a user can act on -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", BASE], "nothing to compare"),
+    (["--model", BASE, "--oracle", "0.1", "--temp", "0.7"], "--temp 0"),
+    (["--model", BASE, "--ngram", "--random-drafter"], "--random-drafter needs --drafter"),
+    (["--model", BASE, "--ngram", "--prompts", "poetry"], "--prompts"),
+    (["--model", BASE, "--ngram", "--repeats", "0"], "--repeats"),
+])
+def test_user_errors_are_one_line(argv, message, capsys):
+    assert bench.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+
+
+@pytest.mark.parametrize("value", ["1,x", "", "1,99"])
+def test_bad_k_lists_are_rejected(value):
+    with pytest.raises(SystemExit):
+        bench.build_parser().parse_args(["--model", BASE, "--num-draft-tokens", value])
+
+
+def test_k_list_parses_ints_and_auto():
+    assert bench.k_list("1, 2,auto") == [1, 2, "auto"]
+
+
+# --- prompt set -------------------------------------------------------------------------------------
+
+def test_builtin_prompts_cover_every_kind():
+    kinds = {p.kind for p in prompts.builtin()}
+    assert kinds == set(prompts.KINDS) == {"chat", "code", "summarize", "structured"}
+    assert all(p.kind == "code" for p in prompts.builtin("code"))
+
+
+@pytest.mark.parametrize("name, text, want", [
+    ("p.json", json.dumps(["a", {"prompt": "b", "kind": "chat"}]), [("file", "a"), ("chat", "b")]),
+    ("p.jsonl", '{"prompt": "x"}\n\n{"prompt": "y", "kind": "code"}\n', [("file", "x"), ("code", "y")]),
+    ("p.txt", "first\nsecond\\nline\n\n", [("file", "first"), ("file", "second\nline")]),
+])
+def test_prompt_files(tmp_path, name, text, want):
+    path = tmp_path / name
+    path.write_text(text)
+    assert [(p.kind, p.text) for p in prompts.resolve(str(path))] == want
+
+
+def test_empty_prompt_file_is_an_error(tmp_path):
+    (tmp_path / "e.txt").write_text("\n\n")
+    with pytest.raises(Exception, match="no prompts"):
+        prompts.resolve(str(tmp_path / "e.txt"))
+
+
+# --- oracle proposer --------------------------------------------------------------------------------
+
+def ctx(history):
+    return RoundContext(list(history), len(history) - 1, None, [], SamplingParams())
+
+
+def test_oracle_proposes_the_reference_and_corrupts_at_its_rate():
+    ref = list(range(10, 1010))
+    exact = OracleProposer(ref, 0.0, vocab_size=2048)
+    assert exact.propose(ctx(ref[:5]), 3).tokens.tolist() == ref[5:8], "rate 0: the continuation itself"
+    assert exact.propose(ctx(ref[:-1]), 3).tokens.tolist() == ref[-1:], "never past the reference"
+    assert exact.propose(ctx(ref[:4] + [1]), 3).k == 0, "off the reference: nothing to offer"
+    always = OracleProposer(ref, 1.0, vocab_size=2048)
+    assert all(a != b for a, b in zip(always.drafts, ref)), "rate 1: every draft is wrong"
+    half = OracleProposer(ref, 0.3, vocab_size=2048, seed=1)
+    wrong = sum(a != b for a, b in zip(half.drafts, ref)) / len(ref)
+    assert 0.25 < wrong < 0.35, "corrupted at about the set rate"
+    again = OracleProposer(ref, 0.3, vocab_size=2048, seed=1)
+    assert again.drafts == half.drafts, "the same positions are corrupted in every repeat"
+
+
+def test_plot_is_written(bench_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, results, _, _ = bench_run
+    bench.plot(results, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").stat().st_size > 1000

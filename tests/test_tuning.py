@@ -1,0 +1,362 @@
+"""Self-tuning: the cost model's maths (table-driven), the acceptance estimate, the auto policy's state
+machine (auto-off, re-probe, backoff), its decisions on real drafters, and the per-machine cost cache."""
+
+import json
+import math
+
+import pytest
+
+from mlx_spec import tuning
+from mlx_spec.bench import _random_weights
+from mlx_spec.engine import Engine
+from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.proposers.ngram import NgramProposer
+from mlx_spec.tuning import AcceptanceEstimate, AutoDraftPolicy, Costs, PairState
+
+# A typical Apple-silicon profile: verifying k+1 tokens costs little more than one, drafting ~0.1 step.
+CHEAP = Costs(verify=[1.0 + 0.03 * k for k in range(9)], draft_fixed=0.02, draft_step=0.1)
+FLAT = Costs(verify=[1.0] * 9)  # free drafting, free extra verify tokens
+SLOW = Costs(verify=[1.0 + 1.0 * k for k in range(9)], draft_step=0.3)  # verify grows a full step per token
+PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own cost-cache file and no learnt state from another test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    tuning.reset_learnt_state()
+    yield
+    tuning.reset_learnt_state()
+
+
+# --- cost model maths -------------------------------------------------------------------------------
+
+TAU_CASES = [
+    # (invariant, alphas, k, tau)
+    ("k=0: the bonus token only", [0.9, 0.9], 0, 1.0),
+    ("all accepted: k+1", [1.0, 1.0, 1.0], 3, 4.0),
+    ("none accepted: 1", [0.0, 1.0, 1.0], 3, 1.0),
+    ("geometric: 1 + a + a^2", [0.5, 0.5], 2, 1.75),
+    ("conditional: later positions only count after earlier ones", [0.8, 0.5], 2, 1 + 0.8 + 0.4),
+    ("k beyond the estimate uses what there is", [0.5], 3, 1.5),
+]
+
+
+@pytest.mark.parametrize("invariant, alphas, k, tau", TAU_CASES)
+def test_expected_tokens(invariant, alphas, k, tau):
+    assert math.isclose(tuning.expected_tokens(alphas, k), tau), invariant
+
+
+SPEEDUP_CASES = [
+    # (invariant, alphas, costs, k, empty_rate, speedup)
+    ("plain decoding is the unit", [1.0] * 8, CHEAP, 0, 0.0, 1.0),
+    ("free drafts, flat verify, all accepted: k+1", [1.0] * 8, FLAT, 3, 0.0, 4.0),
+    ("tau / (verify[k] + draft(k))", [0.5] * 8, CHEAP, 2, 0.0, 1.75 / (1.06 + 0.02 + 0.2)),
+    ("slow verify: even perfect drafts lose", [1.0] * 8, SLOW, 2, 0.0, 3.0 / (3.0 + 0.6)),
+    ("empty proposals cost a 1-token verify, give 1 token", [1.0] * 8, FLAT, 3, 0.5, (0.5 + 0.5 * 4) / 1.0),
+]
+
+
+@pytest.mark.parametrize("invariant, alphas, costs, k, empty, speedup", SPEEDUP_CASES)
+def test_expected_speedup(invariant, alphas, costs, k, empty, speedup):
+    assert math.isclose(tuning.expected_speedup(alphas, costs, k, empty), speedup, rel_tol=1e-9), invariant
+    if k:
+        assert math.isclose(tuning.expected_speedup(alphas, costs, k, empty, overhead=2.0), speedup / 2), \
+            "measured overhead scales the round cost"
+
+
+BEST_K_CASES = [
+    # (invariant, alphas, costs, k_max, best k)
+    ("a drafter that never agrees: plain", [0.0] * 8, CHEAP, 8, 0),
+    ("perfect drafts, flat costs: the longest k", [1.0] * 8, FLAT, 8, 8),
+    ("perfect drafts, flat costs, capped k_max", [1.0] * 8, FLAT, 4, 4),
+    ("a chip where verify grows a step per token: plain even for perfect drafts", [1.0] * 8, SLOW, 8, 0),
+    ("decaying acceptance: an interior optimum", [0.9, 0.8, 0.6, 0.3, 0.1, 0.1, 0.1, 0.1], CHEAP, 8, 3),
+    ("a marginal gain below MIN_SPEEDUP stays plain", [0.1] * 8, Costs([1.0] * 9, 0.0, 0.085), 8, 0),
+]
+
+
+@pytest.mark.parametrize("invariant, alphas, costs, k_max, want", BEST_K_CASES)
+def test_best_k(invariant, alphas, costs, k_max, want):
+    k, s = tuning.best_k(alphas, costs, k_max=k_max)
+    assert k == want, invariant
+    assert (s >= tuning.MIN_SPEEDUP) if k else s == 1.0, "a drafting choice must clear MIN_SPEEDUP"
+
+
+def test_best_k_min_k_forces_a_draft():
+    k, _ = tuning.best_k([0.0] * 8, CHEAP, min_k=1)
+    assert k == 1, "a probe drafts at least one token, the cheapest when nothing is accepted"
+
+
+@pytest.mark.parametrize("costs, pays", [(CHEAP, True), (FLAT, True), (SLOW, False)])
+def test_can_ever_pay(costs, pays):
+    assert tuning.can_ever_pay(costs) is pays
+
+
+ISOTONIC_CASES = [
+    ("monotone input is kept", [1.0, 1.1, 1.3], [1.0, 1.1, 1.3]),
+    ("a dip is pooled with its neighbour", [1.0, 1.4, 1.2, 1.5], [1.0, 1.3, 1.3, 1.5]),
+    ("a first spike is pooled", [2.0, 1.0, 1.0], [4 / 3] * 3),
+]
+
+
+@pytest.mark.parametrize("invariant, values, want", ISOTONIC_CASES)
+def test_isotonic(invariant, values, want):
+    got = tuning.isotonic(values)
+    assert all(math.isclose(a, b) for a, b in zip(got, want)), invariant
+    assert all(a <= b for a, b in zip(got, got[1:])), "the fit is non-decreasing"
+
+
+def test_fit_line_clamps_at_zero():
+    assert tuning.fit_line([1, 2, 4, 8], [0.12, 0.22, 0.42, 0.82]) == pytest.approx((0.02, 0.1))
+    fixed, step = tuning.fit_line([1, 2, 4, 8], [0.5, 0.4, 0.3, 0.1])
+    assert step == 0.0 and fixed > 0, "drafting never gets cheaper with more drafts"
+
+
+def test_costs_json_round_trip():
+    assert Costs.from_json(json.loads(json.dumps(CHEAP.to_json()))) == CHEAP
+    assert CHEAP.round_cost(0) == 1.0 and CHEAP.round_cost(2) == pytest.approx(1.06 + 0.22)
+
+
+# --- acceptance estimate ----------------------------------------------------------------------------
+
+OBSERVE_CASES = [
+    # (invariant, k, n, trials, hits): a position is tried only when every earlier draft was accepted
+    ("none accepted: only the first draft was tried", 3, 0, [1, 0, 0], [0, 0, 0]),
+    ("one accepted: the second was tried and missed", 3, 1, [1, 1, 0], [1, 0, 0]),
+    ("all accepted: every position tried and hit", 3, 3, [1, 1, 1], [1, 1, 1]),
+    ("a short proposal tries only what it drafted", 1, 1, [1, 0, 0], [1, 0, 0]),
+    ("an empty proposal tries nothing", 0, 0, [0, 0, 0], [0, 0, 0]),
+]
+
+
+@pytest.mark.parametrize("invariant, k, n, trials, hits", OBSERVE_CASES)
+def test_acceptance_observe(invariant, k, n, trials, hits):
+    est = AcceptanceEstimate(k_max=3)
+    est.observe(k, n)
+    assert (est.trials, est.hits) == (trials, hits), invariant
+
+
+def test_acceptance_prior_and_evidence():
+    est = AcceptanceEstimate(k_max=3)
+    a = est.alphas()
+    assert a[0] == pytest.approx(tuning.PRIOR_ACCEPTANCE), "no evidence: the prior"
+    assert a[1] == pytest.approx(a[0] * tuning.PRIOR_DEPTH_DECAY), "an untried position: a little below the one before"
+    for _ in range(200):
+        est.observe(3, 1)
+    a = est.alphas()
+    assert a[0] > 0.95 and a[1] < 0.1, "evidence outweighs the prior"
+    est.shrink(4.0)
+    assert max(est.trials) <= 4.0 + 1e-9 and est.alphas()[0] > 0.9, "shrinking keeps the estimate, not the weight"
+    assert est.empty_rate < 0.05
+    for _ in range(200):
+        est.observe(0, 0)
+    assert est.empty_rate > 0.9, "proposals that come back empty are counted"
+
+
+def test_a_position_k_no_longer_reaches_drifts_back_to_its_prior():
+    est = AcceptanceEstimate(k_max=3, trials=[10.0, 10.0, 0.0], hits=[9.0, 0.0, 0.0])
+    assert est.alphas()[1] < 0.1, "the second draft looked useless once"
+    for _ in range(600):
+        est.observe(1, 1)  # only k=1 is drafted from then on
+    assert est.alphas()[1] > 0.6, "... so its estimate returns to the prior and k=2 gets tried again"
+
+
+# --- the policy's state machine (synthetic costs, no engine) ----------------------------------------
+
+def drive(policy, accept, rounds):
+    """Run `rounds` next_k() calls; a drafting round accepts accept(k) drafts. Returns the k sequence."""
+    ks = []
+    for _ in range(rounds):
+        k = policy.next_k()
+        ks.append(k)
+        policy.observe(k, accept(k) if k else 0)
+    return ks
+
+
+def test_policy_turns_off_for_a_drafter_that_never_agrees_and_backs_off():
+    policy = AutoDraftPolicy(CHEAP)
+    ks = drive(policy, lambda k: 0, 2000)
+    first_zero = ks.index(0)
+    cost = [CHEAP.round_cost(k) for k in ks]  # every round emits 1 token: plain costs 1 per token
+    assert sum(cost[:128]) / 128 <= 1.05, f"auto-off costs <= 5% over a 128-token request: {ks[:16]}"
+    assert sum(cost) / len(cost) <= 1.01, "... and under 1% over a long one"
+    runs = "".join("d" if k else "p" for k in ks[first_zero:]).split("d")
+    gaps = [len(r) for r in runs[:-1] if r]  # plain steps between probes
+    assert gaps and all(b >= a for a, b in zip(gaps, gaps[1:])), f"probe gaps never shrink: {gaps}"
+    assert max(gaps) >= tuning.MAX_PROBE_AFTER, "backoff reaches its cap"
+    assert max(len(r) for r in "".join("d" if k else "p" for k in ks[first_zero:]).split("p")) <= 2, \
+        "a failed probe switches drafting off again within two rounds"
+    assert all(k == 1 for k in ks[first_zero:] if k), "a failed drafter is probed with the cheapest draft"
+    assert sum(k > 0 for k in ks) / len(ks) < 0.02, "auto-off drafts in under 2% of steps"
+
+
+def test_policy_drafts_long_when_everything_is_accepted():
+    policy = AutoDraftPolicy(CHEAP)
+    ks = drive(policy, lambda k: k, 200)
+    assert 0 not in ks, "a drafter that always agrees is never switched off"
+    assert ks[-1] == tuning.K_MAX, "cheap verify + full acceptance: the longest k"
+
+
+def test_policy_recovers_when_acceptance_returns():
+    policy = AutoDraftPolicy(CHEAP)
+    drive(policy, lambda k: 0, 100)
+    assert policy.next_k() == 0
+    ks = drive(policy, lambda k: k, 300)
+    assert ks[-1] >= 3 and sum(k > 0 for k in ks[-50:]) == 50, "re-probing finds the drafter good again"
+
+
+def test_policy_never_drafts_when_costs_cannot_pay():
+    policy = AutoDraftPolicy(SLOW)
+    ks = drive(policy, lambda k: k, 500)
+    assert set(ks) == {0} and policy.probes == 0, "no probe when even perfect drafts cannot pay"
+
+
+def test_policy_weighs_rounds_and_plain_steps_as_this_engine_runs_them(monkeypatch):
+    """The time between next_k() calls is a round or a plain step as the engine really runs it; rounds that
+    take twice the modelled time halve the expected speedup, and the policy goes plain."""
+    costs = Costs(CHEAP.verify, CHEAP.draft_fixed, CHEAP.draft_step, plain_step_s=0.01)
+    now = [0.0]
+    monkeypatch.setattr(tuning, "clock", lambda: now[0])
+    policy = AutoDraftPolicy(costs)
+    ks = []
+    for _ in range(300):
+        k = policy.next_k()
+        ks.append(k)
+        n = min(k, 1)  # only the first draft is ever accepted: tau <= 2
+        policy.observe(k, n) if k else None
+        now[0] += 2 * costs.round_cost(k) * 0.01 if k else 0.01  # rounds: twice the model; plain: as modelled
+    st = policy.state
+    assert st.round_overhead > 1.6 and abs(st.plain_overhead - 1.0) < 0.05, "measured / modelled, smoothed"
+    assert ks[-1] == 0, "tau 2 over a doubled round cost is no gain: plain"
+
+
+def test_policy_every_zero_is_one_plain_step():
+    """While off, each next_k() call stands for one plain step: exactly backoff calls between probes."""
+    policy = AutoDraftPolicy(CHEAP, PairState(AcceptanceEstimate(trials=[50.0] * 8, hits=[0.0] * 8)))
+    assert policy.next_k() == 0
+    ks = drive(policy, lambda k: 0, 200)
+    first_probe = next(i for i, k in enumerate(ks) if k)
+    assert first_probe == tuning.FIRST_PROBE_AFTER - 1, "the decision step plus backoff - 1 plain steps"
+
+
+def test_learnt_state_carries_over_down_weighted(trained_pair):
+    model, _, drafter = trained_pair
+    state = tuning.pair_state(model, MTPProposer(drafter, model))
+    drive(AutoDraftPolicy(CHEAP, state), lambda k: 0, 300)
+    assert state.plain_left > tuning.FIRST_PROBE_AFTER, "deep in backoff"
+    again = tuning.pair_state(model, MTPProposer(drafter, model))
+    assert again is state, "a new request with the same pair continues what was learnt"
+    assert AutoDraftPolicy(CHEAP, again).next_k() == 0, "... starting plain for a drafter that never agreed"
+    assert max(again.estimate.trials) <= tuning.CARRY_WEIGHT + 1e-9, "... trusting the old evidence less"
+    assert again.plain_left < tuning.FIRST_PROBE_AFTER, "... and re-probing early, since the prompt is new"
+    other = tuning.pair_state(model, NgramProposer(3))
+    assert other is not state, "another proposer learns on its own"
+
+
+# --- decisions on real drafters (the trained tiny pair) ---------------------------------------------
+
+def decode(model, tokens, proposer=None, policy=None, max_tokens=48):
+    eng = Engine(model, tokens, proposer=proposer, max_tokens=max_tokens, num_draft_tokens=3, draft_policy=policy)
+    return [e.token for e in eng.run()], eng.stats
+
+
+def test_auto_goes_plain_for_a_random_drafter_and_drafts_for_the_trained_one(trained_pair):
+    model, tokenizer, drafter = trained_pair
+    ids = tokenizer.encode(PROMPT)
+    plain, _ = decode(model, ids)
+
+    policy = AutoDraftPolicy(CHEAP)
+    out, stats = decode(model, ids, MTPProposer(_random_weights(drafter), model), policy)
+    assert out == plain, "greedy output with the auto policy equals plain"
+    assert stats.accepted == 0 and policy.next_k() == 0, f"random drafter: plain after its probe ({policy.summary()})"
+    drafted = sum(c for k, c in policy.k_counts.items() if k)
+    assert drafted <= 8, f"a handful of drafted rounds before going plain ({policy.k_counts})"
+
+    policy = AutoDraftPolicy(CHEAP)
+    out, stats = decode(model, ids, MTPProposer(drafter, model), policy)
+    assert out == plain, "greedy output with the auto policy equals plain"
+    assert policy.next_k() >= 1 and stats.tau > 2, f"trained drafter keeps drafting ({policy.summary()})"
+
+
+class ScriptedPolicy:
+    """Alternates plain steps and drafted rounds in a fixed pattern (what auto-off and probes look like)."""
+
+    def __init__(self, pattern):
+        self.pattern, self.i = pattern, 0
+
+    def next_k(self):
+        self.i += 1
+        return self.pattern[(self.i - 1) % len(self.pattern)]
+
+    def observe(self, k, n):
+        pass
+
+
+@pytest.mark.parametrize("pattern", [[0, 0, 3, 0, 2, 0, 0, 0, 1], [0], [4, 0], [0, 0, 0, 0, 0, 0, 0, 5]])
+def test_switching_between_plain_and_drafting_keeps_greedy_output_exact(trained_pair, pattern):
+    model, tokenizer, drafter = trained_pair
+    ids = tokenizer.encode(PROMPT)
+    plain, _ = decode(model, ids, max_tokens=70)
+    eng = Engine(model, ids, proposer=MTPProposer(drafter, model), max_tokens=70, draft_policy=ScriptedPolicy(pattern))
+    out = [e.token for e in eng.run()]
+    assert out == plain, f"pattern {pattern}: speculative greedy equals plain, whatever k the policy gives"
+    assert eng.cache[0].offset == len(eng.history) - 1, "after the run the cache holds history[:-1]"
+
+
+def test_make_auto_policy_measures_once_and_caches_per_machine_and_model(trained_pair, monkeypatch, tmp_path):
+    model, _, drafter = trained_pair
+    calls = []
+    real = tuning.measure_costs
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **dict(kw, reps=1))
+
+    monkeypatch.setattr(tuning, "measure_costs", counting)
+    proposer = MTPProposer(drafter, model)
+    policy = tuning.make_auto_policy(model, proposer)
+    path = tmp_path / "xdg" / "mlx_spec" / "tuning.json"
+    assert path.exists(), "the cost cache lives under $XDG_CACHE_HOME/mlx_spec/"
+    costs = policy.costs
+    assert len(costs.verify) == tuning.K_MAX + 1 and all(v > 0 for v in costs.verify)
+    assert costs.verify == sorted(costs.verify), "verify costs are non-decreasing in k"
+    assert costs.draft_step >= 0 and costs.draft_fixed >= 0 and costs.plain_step_s > 0
+
+    tuning.make_auto_policy(model, proposer)
+    assert len(calls) == 1, "a second request uses the in-memory costs"
+    tuning.reset_learnt_state()
+    again = tuning.make_auto_policy(model, proposer)
+    assert len(calls) == 1 and again.costs == costs, "a new process reads the cache file instead of measuring"
+
+    tuning.make_auto_policy(model, NgramProposer(3))
+    assert len(calls) == 2, "another proposer is measured on its own"
+    data = json.loads(path.read_text())
+    (entry,) = data["entries"].values()
+    assert set(entry["proposers"]) == {tuning.proposer_identity(proposer), "ngram:3"}
+    assert entry["machine"]["mlx"] and entry["model"]["dtype"] == "float32"
+
+
+def test_model_identity_tells_models_apart(trained_pair):
+    import mlx.nn as nn
+
+    model, _, drafter = trained_pair
+    a = tuning.model_identity(drafter)
+    b = tuning.model_identity(_random_weights(drafter))
+    assert a["config_hash"] == b["config_hash"] and a["weights_hash"] != b["weights_hash"], \
+        "same config, other weights: another model"
+    assert a["quantization"] is None and a["dtype"] == "float32"
+    q = _random_weights(drafter)
+    nn.quantize(q, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear)
+                and m.weight.shape[-1] % 64 == 0)
+    assert tuning.model_identity(q)["quantization"]["bits"] == 4
+
+
+def test_corrupt_cache_file_is_measured_again(trained_pair, monkeypatch, tmp_path):
+    model, _, _ = trained_pair
+    path = tmp_path / "xdg" / "mlx_spec" / "tuning.json"
+    path.parent.mkdir(parents=True)
+    path.write_text("{not json")
+    monkeypatch.setattr(tuning, "measure_costs", lambda *a, **kw: CHEAP)
+    assert tuning.get_costs(model, NgramProposer(3)) == CHEAP
+    assert json.loads(path.read_text())["version"] == tuning.CACHE_VERSION, "rewritten whole"
