@@ -64,3 +64,14 @@ def test_openai_client_against_the_server():
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_gpu_measure_shapes_runs_on_the_tiny_shape(tmp_path):
+    """The prepared GPU measurement script works (here on the CPU, with the tiny stand-in shape)."""
+    import json
+
+    out = tmp_path / "costs.json"
+    run(sys.executable, "examples/gpu/measure_shapes.py", "--shapes", "tiny", "--q-bits", "0", "--context", "32",
+        "--reps", "1", "--out", str(out))
+    r = json.loads(out.read_text())["shapes"][0]
+    assert r["shape"] == "tiny" and len(r["verify_cost"]) == 9 and r["draft_step_cost"] > 0
