@@ -395,6 +395,7 @@ def _time_sync() -> float:
 
 def _time_draft(proposer, ctx: RoundContext, k: int) -> float:
     """Seconds to propose k drafts, evaluated on their own (less an empty host sync)."""
+    proposer.start(ctx.history[:-1])  # the engine's order: start(prompt), then rounds (a draft model prefills)
     start = clock()
     draft = proposer.propose(ctx, k)
     mx.eval(draft.tokens, *([draft.probs] if draft.probs is not None else []))
@@ -420,8 +421,6 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
     mx.eval([(c.keys, c.values) for c in cache], *([hidden] if hidden is not None else []))
     drafts = mx.array(rng.integers(4, _vocab_size(model), size=k_max).tolist(), mx.int32)
     draft_ks = [k for k in PROBE_DRAFT_KS if k <= k_max]
-    if proposer is not None:
-        proposer.start(history)
     ctx = RoundContext(history, len(history) - 1, hidden, cache, SamplingParams(), mx.random.key(seed))
 
     plain, verify = [], [[] for _ in range(k_max + 1)]

@@ -360,3 +360,19 @@ def test_corrupt_cache_file_is_measured_again(trained_pair, monkeypatch, tmp_pat
     monkeypatch.setattr(tuning, "measure_costs", lambda *a, **kw: CHEAP)
     assert tuning.get_costs(model, NgramProposer(3)) == CHEAP
     assert json.loads(path.read_text())["version"] == tuning.CACHE_VERSION, "rewritten whole"
+
+
+def test_costs_can_be_measured_for_a_draft_model_proposer():
+    """A draft model keeps its own cache: every timing must start it like the engine does."""
+    import sys
+
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from tiny_models import make_base
+
+    from mlx_spec.proposers.draft_model import DraftModelProposer
+    from mlx_spec.tuning import measure_costs
+
+    base = make_base("dense_keqv")
+    costs = measure_costs(base, DraftModelProposer(make_base("dense_keqv", seed=5), base), k_max=3, context=24,
+                          reps=1)
+    assert costs.draft_step > 0 and len(costs.verify) == 4
