@@ -239,24 +239,37 @@ class Engine:
         yield event
         if event.finish_reason:
             return
-        if self.proposer is None or self.k == 0:
-            yield from self._plain_loop(gen_start)
-            return
-        k = self._choose_k()
+        try:
+            if self.proposer is None or self.k == 0:
+                yield from self._plain_loop(gen_start)
+            else:
+                yield from self._speculative_loop(hidden, gen_start)
+        finally:  # also when the caller stops early: a queued round or step must not stay in the cache
+            self._trim_cache_to_history()
+
+    def _speculative_loop(self, hidden, gen_start: float) -> Iterator[TokenEvent]:
+        """Rounds, pipelined: the next round is built and queued on the device before this round's tokens
+        are handed to the caller, so detokenizing/streaming overlaps the device's work."""
+        k, pending = self._choose_k(), None
         while True:
-            if k == 0 and self.draft_policy is not None:  # auto-off: pipelined plain steps until it drafts again
-                resume = yield from self._plain_loop(gen_start, self.draft_policy)
-                if resume is None:
-                    return
-                hidden, k = resume
-            events = self._round(hidden, k)
-            hidden = events.pop()
+            if pending is None:
+                if k == 0 and self.draft_policy is not None:  # auto-off: pipelined plain steps until it drafts
+                    resume = yield from self._plain_loop(gen_start, self.draft_policy)
+                    if resume is None:
+                        return
+                    hidden, k = resume
+                pending = self._queue_round(hidden, k)
+            events, hidden = self._settle_round(pending)
+            pending = None
             self._time(gen_start)
+            if events[-1].finish_reason is None:
+                k = self._choose_k()
+                if k > 0 or self.draft_policy is None:
+                    pending = self._queue_round(hidden, k)
             for ev in events:
                 yield ev
                 if ev.finish_reason:
                     return
-            k = self._choose_k()
 
     def _time(self, gen_start: float) -> None:
         self.stats.generation_time = time.perf_counter() - gen_start
@@ -301,19 +314,25 @@ class Engine:
     def _choose_k(self) -> int:
         return self.draft_policy.next_k() if self.draft_policy is not None else self.k
 
-    def _round(self, hidden, k: int) -> list:
-        """One propose + verify; returns the round's TokenEvents followed by the next round's hidden."""
+    def _queue_round(self, hidden, k: int):
+        """Build one propose + verify graph and start it on the device; nothing waits for it here."""
         asked = min(k, self.max_tokens - self.emitted - 1)  # never draft past max_tokens
         position = len(self.history) - 1
         ctx = RoundContext(self.history, position, hidden, self.cache, self.sampling, self._next_key())
         draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft(mx.zeros((0,), mx.int32))
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
-        k = draft.k
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = base_forward(self.model, verify_in[None], self.cache)  # (1, k+1, V)
         n, nxt = self._accept(draft, logits[0], verify_in)
         result = mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), draft.tokens.astype(mx.int32)])
-        n, nxt, *drafts = result.tolist()  # the round's one host synchronisation
+        mx.async_eval(result)
+        return asked, draft.k, result, vhidden
+
+    def _settle_round(self, pending):
+        """Wait for a queued round (the round's one host synchronisation), roll back what the base rejected,
+        and emit. Returns (the round's TokenEvents, the hidden state for the next round)."""
+        asked, k, result, vhidden = pending
+        n, nxt, *drafts = result.tolist()
         rollback_all(self.cache, k - n)
         self.proposer.observe(n, k)
         if asked and self.draft_policy is not None:  # it learns from what the proposer gave, even 0 drafts
@@ -326,8 +345,7 @@ class Engine:
             if events[-1].finish_reason:
                 self._trim_cache_to_history()
                 break
-        events.append(vhidden[:, n : n + 1] if vhidden is not None else None)
-        return events
+        return events, (vhidden[:, n : n + 1] if vhidden is not None else None)
 
     def _accept(self, draft: Draft, logits: mx.array, verify_in: mx.array):
         """(n_accepted, next token) from the base's k+1 rows of logits (k+1, V)."""

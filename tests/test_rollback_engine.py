@@ -48,3 +48,23 @@ def test_cache_after_each_round_equals_never_seen(variant, k):
         proposer = CheckingProposer(inner, model)
         list(Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=48).run())
         assert proposer.checked > 5
+
+
+@pytest.mark.parametrize("with_proposer", [False, True])
+def test_stopping_early_leaves_the_cache_at_the_history(with_proposer):
+    """A caller that stops iterating (stop string, Ctrl-C) gets a cache holding exactly history[:-1], even
+    though the engine had already queued the next step or round."""
+    model = make_base("e2b")
+    prompt = [2] + [(i * 37) % 250 + 3 for i in range(20)]
+    proposer = NgramProposer(1) if with_proposer else None
+    eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=3, max_tokens=60)
+    gen = eng.run()
+    for _ in range(17):
+        next(gen)
+    gen.close()
+    assert eng.cache[0].offset == len(eng.history) - 1
+    clean = model.make_cache()
+    model(mx.array(eng.history[:-1])[None], clean)
+    for ours, ref in zip(eng.cache, clean):
+        for x, y in zip(ours.drafter_view(), ref.drafter_view()):
+            assert mx.allclose(x, y, atol=1e-5).item()
