@@ -103,6 +103,7 @@ class Model(nn.Module):
         if args.use_ordered_embeddings:
             self.masked_embedding = MaskedEmbedding(args, text.hidden_size, text.vocab_size)
         self.freeze(keys=["token_ordering"], strict=False)
+        gemma4_text.compile_norms(self)
 
     def layer_types(self):
         return list(self.text_args.layer_types)

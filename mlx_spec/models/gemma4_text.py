@@ -104,6 +104,32 @@ def normalize_text_config(config: dict) -> dict:
     return config
 
 
+_COMPILED_RMS_NORMS = {}
+
+
+def _rms_norm(eps: float):
+    fn = _COMPILED_RMS_NORMS.get(eps)
+    if fn is None:
+        fn = _COMPILED_RMS_NORMS[eps] = mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
+    return fn
+
+
+class CompiledRMSNorm(nn.RMSNorm):
+    """nn.RMSNorm through mx.compile. On MLX's CPU backend the plain op runs as several kernels (measured
+    here: ~8x slower for decode-sized inputs, a fifth of a tiny model's step); on Metal it is one kernel
+    either way. Same parameters and, as tested, bit-identical results."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _rms_norm(self.eps)(x, self["weight"])
+
+
+def compile_norms(model: nn.Module) -> None:
+    """Switch every nn.RMSNorm inside model (mlx-lm's blocks create them) to CompiledRMSNorm in place."""
+    for _, module in model.named_modules():
+        if type(module) is nn.RMSNorm:
+            module.__class__ = CompiledRMSNorm
+
+
 class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
     """mlx-lm's trunk; `__call__` is rewritten only to build masks from our caches per layer type."""
 
@@ -132,6 +158,7 @@ class Model(nn.Module):
         self.model = Gemma4TextModel(args)
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        compile_norms(self)
 
     def forward(self, inputs: mx.array, cache=None):
         """Return (logits (B, L, V) softcapped, hidden (B, L, H) after the final norm)."""
