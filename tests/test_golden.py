@@ -58,3 +58,28 @@ def test_converted_fp32_model_matches_transformers(name, tmp_path):
     want = g["greedy_long"].tolist()
     got = [ev.token for ev in Engine(model, g["prompt_long"].tolist(), max_tokens=len(want)).run()]
     assert got == want, f"{name}: the converted fp32 model must decode exactly as transformers does"
+
+
+@pytest.mark.parametrize("k", [None, "3"])
+def test_convert_then_generate_cli_prints_transformers_continuation(tmp_path, k):
+    """The user path end to end: python -m convert, then python -m mlx_spec.generate with the prompt as text;
+    stdout must be transformers' greedy continuation (with and without the MTP drafter)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for src, dst in (("e2b_like", "base"), ("assistant_centroid", "assistant")):
+        subprocess.run([sys.executable, "-m", "convert", "--hf-path", str(HF / src), "--mlx-path", str(tmp_path / dst),
+                        "--dtype", "float32"], check=True, capture_output=True, env=env, cwd=ROOT)
+    _, tokenizer = load(str(tmp_path / "base"))
+    g = np.load(GOLDEN / "e2b_like.npz")
+    prompt = tokenizer.decode(g["prompt_long"].tolist()[1:])  # the tokenizer adds <bos> back
+    draft = ["--drafter", str(tmp_path / "assistant"), "--num-draft-tokens", k] if k else ["--no-draft"]
+    r = subprocess.run([sys.executable, "-m", "mlx_spec.generate", "--model", str(tmp_path / "base"), "--prompt", prompt,
+                        "--max-tokens", "120", "--temp", "0", "--ignore-chat-template", *draft],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == tokenizer.decode(g["greedy_long"].tolist()) + "\n"
