@@ -92,9 +92,22 @@ def test_perfect_drafts_accept_everything(variant):
 def test_ngram_greedy_equals_plain(variant, prompt):
     model, _ = base(variant)
     plain, _ = run(model, PROMPTS[prompt])
-    for k in (1, 3, 8):
+    for k in range(1, 9):
         spec, _ = run(model, PROMPTS[prompt], NgramProposer(2), k=k)
         assert spec == plain, f"ngram k={k}: speculative greedy must equal plain greedy"
+
+
+@pytest.mark.parametrize("variant", ["e2b", "moe", "dense_keqv", "e4b"])
+def test_draft_model_greedy_equals_plain(variant):
+    """A second (differently seeded) Gemma 4 of the same variant as the draft model, k = 1..8."""
+    from mlx_spec.proposers.draft_model import DraftModelProposer
+
+    model, _ = base(variant)
+    draft = make_base(variant, seed=7)
+    plain, _ = run(model, PROMPTS["long"])
+    for k in range(1, 9):
+        spec, stats = run(model, PROMPTS["long"], DraftModelProposer(draft, model), k=k)
+        assert spec == plain, f"draft model k={k} {variant}: speculative greedy must equal plain greedy"
 
 
 def test_eos_inside_accepted_drafts_stops_exactly():
