@@ -47,6 +47,7 @@ DEFAULT_PROBE_CONTEXT = 128  # tokens in the probe's synthetic context
 DEFAULT_PROBE_REPS = 5  # interleaved measurement passes (plus one warm-up pass); medians are kept
 PROBE_PLAIN_STEPS = 8  # pipelined plain steps per pass
 PROBE_DRAFT_KS = (1, 2, 4, 8)  # draft lengths timed; draft cost is fitted as fixed + per-step
+PROBE_VERIFY_KS = (0, 1, 2, 3, 4, 6, 8)  # verify passes timed; k = 5, 7 are interpolated (cost grows smoothly)
 
 PRIOR_ACCEPTANCE = 0.9  # first-draft acceptance assumed before any evidence: optimistic, so drafting is tried
 PRIOR_WEIGHT = 1.0  # ... worth this many rounds of evidence
@@ -420,6 +421,7 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
     hidden = hidden[:, -1:] if hidden is not None else None  # (1, 1, H) at the bonus token's predecessor
     mx.eval([(c.keys, c.values) for c in cache], *([hidden] if hidden is not None else []))
     drafts = mx.array(rng.integers(4, _vocab_size(model), size=k_max).tolist(), mx.int32)
+    probe_ks = {k for k in PROBE_VERIFY_KS if k <= k_max} | {k_max}  # the largest is always measured
     draft_ks = [k for k in PROBE_DRAFT_KS if k <= k_max]
     ctx = RoundContext(history, len(history) - 1, hidden, cache, SamplingParams(), mx.random.key(seed))
 
@@ -428,18 +430,22 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
     for rep in range(reps + 1):  # pass 0 warms up (compilation, allocation) and is dropped
         keep = rep > 0
         p = _time_plain(model, cache, history[-1], plain_steps)
-        v = [_time_verify(model, cache, history[-1], drafts[:k]) for k in range(k_max + 1)]
+        v = [_time_verify(model, cache, history[-1], drafts[:k]) if k in probe_ks else None
+             for k in range(k_max + 1)]
         d = [_time_draft(proposer, ctx, k) for k in draft_ks] if proposer is not None else []
         s = _time_sync()
         if keep:
             plain.append(p)
             sync.append(s)
             for k, t in enumerate(v):
-                verify[k].append(t)
+                if t is not None:
+                    verify[k].append(t)
             for i, t in enumerate(d):
                 draft[i].append(t)
     step = float(np.median(plain))
-    verify_cost = isotonic([float(np.median(v)) / step for v in verify])
+    measured = [k for k in range(k_max + 1) if verify[k]]
+    verify_cost = isotonic(np.interp(range(k_max + 1), measured,
+                                     [float(np.median(verify[k])) / step for k in measured]).tolist())
     fixed, per_step = 0.0, 0.0
     if proposer is not None:
         overhead = float(np.median(sync))
