@@ -159,3 +159,17 @@ def test_sampling_runs_and_is_seeded():
     a, _ = run(model, PROMPTS["short"], MTPProposer(drafter, model), sampling=sampling, seed=3, max_tokens=30)
     b, _ = run(model, PROMPTS["short"], MTPProposer(drafter, model), sampling=sampling, seed=3, max_tokens=30)
     assert a == b and len(a) == 30 and all(0 <= t < 256 for t in a)
+
+
+@pytest.mark.parametrize("variant", ["e2b", "dense_keqv"])
+def test_chunked_prefill_equals_one_pass(variant):
+    """Long prompts are prefilled in chunks (bounded attention matrices); chunk edges inside and across the
+    sliding window must not change a single token, plain or speculative."""
+    model, drafter = base(variant)
+    prompt = PROMPTS["long"]
+    want, _ = run(model, prompt, max_tokens=24)
+    for step in (5, 16, 17):
+        got, _ = run(model, prompt, max_tokens=24, prefill_step=step)
+        assert got == want, f"prefill in chunks of {step} must equal one pass"
+        spec, _ = run(model, prompt, MTPProposer(drafter, model), k=3, max_tokens=24, prefill_step=step)
+        assert spec == want
