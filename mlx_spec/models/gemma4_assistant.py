@@ -2,14 +2,21 @@
 `Gemma4AssistantForCausalLM` driven by `SinglePositionMultiTokenCandidateGenerator`.
 
 One draft step (B=1, one query):
-    x = concat(base.embed(token) * sqrt(H_base), h_prev)         (1, 1, 2*H_base)
-    h = pre_projection(x)                                          (1, 1, H)
+    x = concat(base.embed(token) * sqrt(H_base), h_prev)         (1, 2*H_base)
+    h = pre_projection(x)                                          (1, H)
     4 Gemma blocks, attention Q-only onto the base's producer-layer K/V, scale 1.0, query at a constant
     position for the whole round
     h = norm(h); h_next = post_projection(h) (fed back); logits from the tied head (dense, or the
     centroid head: top-k clusters of `token_ordering`, scored without building a full-vocabulary tensor)
 
 The drafter owns no KV cache: it reads the base's. Knows nothing of rounds or acceptance.
+
+Speed (`DraftStepper`): a draft step is ~80 small kernels, so per-kernel dispatch, not arithmetic, is
+what it costs (MLX's CPU backend: ~5 us a kernel). The stepper runs mlx-lm's block parameters through
+fixed-shape `mx.compile`d segments that meet only at the attention, the one op whose shape (the K/V
+length) changes each round; RoPE of the round's single query position becomes one (D, D) matrix per
+layer type, built once per round. Measured on the trained tiny pair: 30% less drafting time than
+calling mlx-lm's blocks. Same arithmetic up to float rounding (tests compare it with transformers).
 """
 
 from dataclasses import dataclass, field
@@ -81,12 +88,14 @@ class MaskedEmbedding(nn.Module):
         self.num_centroids = args.num_centroids
 
     def candidates(self, h: mx.array, embed: nn.Module):
-        """(token ids (N,), scores (N,)) for h (1, 1, H); N = top_k * vocab / num_centroids."""
-        centroid_logits = self.centroids(h)[0, 0]  # (C,)
-        top = mx.argpartition(-centroid_logits, kth=self.top_k - 1)[: self.top_k]  # (top_k,), order irrelevant
+        """(token ids (N,), scores (N,)) for h (1, H) or (1, 1, H); N = top_k * vocab / num_centroids."""
+        h = h.reshape(-1)
+        centroid_logits = self.centroids(h)  # (C,)
+        # the first top_k of the partition (order irrelevant); a take, not a slice, so it compiles shapeless
+        top = mx.take(mx.argpartition(-centroid_logits, kth=self.top_k - 1), mx.arange(self.top_k))
         ordering = self.token_ordering.reshape(self.num_centroids, -1)  # (C, V/C)
         ids = ordering[top].reshape(-1)  # (N,) canonical token ids
-        scores = embed(ids) @ h[0, 0]  # (N,); gathers rows (dequantized if the embedding is quantized)
+        scores = embed(ids) @ h  # (N,); gathers rows (dequantized if the embedding is quantized)
         return ids, scores
 
 
@@ -108,21 +117,29 @@ class Model(nn.Module):
     def layer_types(self):
         return list(self.text_args.layer_types)
 
+    def stepper(self) -> "DraftStepper":
+        """Compiled draft steps bound to this model's current weights (cheap to build: one per request)."""
+        return DraftStepper(self)
+
     def step(self, embedded: mx.array, hidden: mx.array, shared_kv: dict, position: int):
         """One draft step. embedded, hidden: (1, 1, H_base); shared_kv: layer type -> (K, V) as the base
-        caches them (B, n_kv, T, hd). Returns (h (1, 1, H) for the head, h_next (1, 1, H_base))."""
-        h = self.pre_projection(mx.concatenate([embedded, hidden], axis=-1))
-        for layer in self.model.layers:
-            # one query sees all K/V it is given: the caller hands sliding layers only their window
-            h, _, _ = layer(h, None, None, shared_kv=shared_kv[layer.layer_type], offset=position)
-        h = self.model.norm(h)
-        return h, self.post_projection(h)
+        caches them (B, n_kv, T, hd). Returns (h (1, 1, H) for the head, h_next (1, 1, H_base)).
+        Convenience for one-off steps; a proposer keeps one `stepper()` for a whole request."""
+        stepper = self.stepper()
+        h, h_next = stepper.step(stepper.begin_round(shared_kv, position), embedded, hidden)
+        return h[None], h_next[None]
 
     def candidates(self, h: mx.array):
-        """(ids (N,) or None for the whole vocabulary, scores (N,) or (V,)) for h (1, 1, H)."""
+        """(ids (N,) or None for the whole vocabulary, scores (N,) or (V,)) for h (1, H) or (1, 1, H)."""
         if self.args.use_ordered_embeddings:
             return self.masked_embedding.candidates(h, self.model.embed_tokens)
-        return None, self.model.embed_tokens.as_linear(h)[0, 0]
+        return None, self.model.embed_tokens.as_linear(h.reshape(-1))
+
+    def greedy_token(self, h: mx.array) -> mx.array:
+        """(1,) int32: the drafter's most likely token for h (1, H)."""
+        ids, scores = self.candidates(h)
+        best = mx.argmax(scores)
+        return (best if ids is None else ids[best]).astype(mx.int32).reshape(1)
 
     def full_logits(self, h: mx.array) -> mx.array:
         """(V,) logits; tokens outside the selected clusters get -inf (probability 0, not min-1)."""
@@ -145,3 +162,86 @@ class Model(nn.Module):
     @property
     def layers(self):
         return self.model.layers
+
+
+class DraftStepper:
+    """The drafter's blocks as fixed-shape compiled segments joined by the attention (see module docstring).
+
+    Per round: `begin_round(shared_kv, position)` -> state; per step: `step(state, embedded, hidden)` ->
+    (h (1, H), h_next (1, H_base)), or `greedy_step` -> (token (1,), h_next) with the head folded in.
+    Weights are read when a segment is first traced, so build a stepper after loading, not before.
+    """
+
+    def __init__(self, model: Model):
+        self.model = model
+        layers = model.model.layers
+        self.types = [layer.layer_type for layer in layers]
+        self._rope_layer = {t: layers[self.types.index(t)].self_attn for t in dict.fromkeys(self.types)}
+        last = len(layers) - 1
+        self._enter = mx.compile(lambda e, hidden, R: self._query(0, model.pre_projection(
+            mx.concatenate([e, hidden], axis=-1)), R))
+        self._between = [mx.compile(lambda h, o, R, i=i: self._query(i + 1, self._finish_layer(i, h, o), R))
+                         for i in range(last)]
+        self._exit = mx.compile(lambda h, o: self._head(self._finish_layer(last, h, o)))
+        self._exit_greedy = mx.compile(lambda h, o: self._greedy_head(self._finish_layer(last, h, o)))
+        self._rope_matrices = mx.compile(self._make_rope_matrices)
+
+    # -- traced pieces (fixed shapes: one query, one position)
+    def _query(self, i: int, h: mx.array, R: dict):
+        """Layer i's normed, rotated query (n_heads, D) from the residual stream h (1, H); returns (h, q)."""
+        layer = self.model.model.layers[i]
+        attn = layer.self_attn
+        q = attn.q_proj(layer.input_layernorm(h)).reshape(attn.n_heads, attn.head_dim)
+        return h, attn.q_norm(q) @ R[self.types[i]]
+
+    def _finish_layer(self, i: int, h: mx.array, attended: mx.array) -> mx.array:
+        """The rest of block i after its attention (n_kv, rep, D): output projection, MLP, residuals."""
+        layer = self.model.model.layers[i]
+        h = h + layer.post_attention_layernorm(layer.self_attn.o_proj(attended.reshape(1, -1)))
+        h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        return h * layer.layer_scalar
+
+    def _head(self, h: mx.array):
+        h = self.model.model.norm(h)
+        return h, self.model.post_projection(h)
+
+    def _greedy_head(self, h: mx.array):
+        h, h_next = self._head(h)
+        return self.model.greedy_token(h), h_next
+
+    def _make_rope_matrices(self, position: mx.array) -> dict:
+        """RoPE at one position is linear in the query: rope(q) = q @ R with R's rows rope(e_i)."""
+        out = {}
+        for t, attn in self._rope_layer.items():
+            D = attn.head_dim
+            out[t] = attn.rope(mx.eye(D).reshape(1, D, 1, D), offset=position).reshape(D, D)
+        return out
+
+    # -- per round / per step
+    def begin_round(self, shared_kv: dict, position: int) -> dict:
+        """shared_kv: layer type -> (K, V) (1, n_kv, T, D) as the base caches them. The query sits at
+        `position` for every step of the round (transformers' convention)."""
+        R = self._rope_matrices(mx.array(position, mx.int32))
+        return {t: (k[0].swapaxes(-1, -2), v[0], R[t]) for t, (k, v) in shared_kv.items()}
+
+    @staticmethod
+    def _attend(q: mx.array, kt: mx.array, v: mx.array) -> mx.array:
+        """One query's heads q (n_heads, D) onto K^T (n_kv, D, T), V (n_kv, T, D); scale 1.0 (Gemma 4).
+        Head h reads K/V head h // (n_heads / n_kv), as mlx's and transformers' GQA do."""
+        scores = q.reshape(kt.shape[0], -1, q.shape[-1]) @ kt
+        return mx.softmax(scores, axis=-1, precise=True) @ v
+
+    def _layers(self, state: dict, embedded: mx.array, hidden: mx.array):
+        R = {t: r for t, (_, _, r) in state.items()}
+        h, q = self._enter(embedded.reshape(1, -1), hidden.reshape(1, -1), R)
+        for i, between in enumerate(self._between):
+            h, q = between(h, self._attend(q, *state[self.types[i]][:2]), R)
+        return h, self._attend(q, *state[self.types[-1]][:2])
+
+    def step(self, state: dict, embedded: mx.array, hidden: mx.array):
+        """embedded, hidden: (1, H_base) (or with a leading 1). Returns (h (1, H), h_next (1, H_base))."""
+        return self._exit(*self._layers(state, embedded, hidden))
+
+    def greedy_step(self, state: dict, embedded: mx.array, hidden: mx.array):
+        """Returns (the drafter's argmax token (1,) int32, h_next (1, H_base))."""
+        return self._exit_greedy(*self._layers(state, embedded, hidden))

@@ -19,38 +19,33 @@ class MTPProposer:
         validate_pairing(drafter, base)
         self.drafter, self.base = drafter, base
         self.producers = base.producer_layers
+        self.stepper = drafter.stepper()  # compiled steps, reused by every round of this request
         # HF queries at the bonus position p; vLLM/mlx-vlm use p-1. Kept tunable for A/B on real weights.
         self.position_offset = position_offset
 
     def start(self, prompt) -> None:
         pass
 
-    def _draft_token(self, h: mx.array, ctx: RoundContext, u):
-        """(token, q or None) for drafter state h (1, 1, H)."""
-        if ctx.sampling.greedy:
-            ids, scores = self.drafter.candidates(h)
-            best = mx.argmax(scores)
-            return (best if ids is None else ids[best]).astype(mx.int32), None
-        q = ctx.sampling.probs(self.drafter.full_logits(h))  # (V,) tempered and filtered like the base
-        return acceptance.sample_from_probs(q, u), q
-
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         if ctx.hidden is None:
             raise RuntimeError("the MTP proposer needs the base's hidden state")
         shared_kv = {t: ctx.base_cache[i].drafter_view() for t, i in self.producers.items()}
-        position = ctx.position + self.position_offset
-        uniforms = mx.random.uniform(shape=(k,), key=ctx.key) if not ctx.sampling.greedy else [None] * k
+        state = self.stepper.begin_round(shared_kv, ctx.position + self.position_offset)
+        greedy = ctx.sampling.greedy
+        uniforms = None if greedy else mx.random.uniform(shape=(k,), key=ctx.key)
         token = mx.array([ctx.history[-1]], mx.int32)
         hidden = ctx.hidden
         tokens, probs = [], []
         for i in range(k):
-            embedded = self.base.embed_scaled(token[None])  # (1, 1, H_base)
-            h, hidden = self.drafter.step(embedded, hidden, shared_kv, position)
-            token, q = self._draft_token(h, ctx, uniforms[i])
-            token = token.reshape(1)
-            tokens.append(token)
-            if q is not None:
+            embedded = self.base.embed_scaled(token)  # (1, H_base)
+            if greedy:
+                token, hidden = self.stepper.greedy_step(state, embedded, hidden)
+            else:
+                h, hidden = self.stepper.step(state, embedded, hidden)
+                q = ctx.sampling.probs(self.drafter.full_logits(h))  # (V,) tempered and filtered like the base
+                token = acceptance.sample_from_probs(q, uniforms[i]).astype(mx.int32).reshape(1)
                 probs.append(q)
+            tokens.append(token)
         return Draft(mx.concatenate(tokens), mx.stack(probs) if probs else None)
 
     def observe(self, n_accepted: int, draft_k: int) -> None:
