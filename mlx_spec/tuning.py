@@ -42,7 +42,7 @@ from .cache import rollback_all
 from .proposers.base import RoundContext
 
 K_MAX = 8  # the largest k the policy considers (and the probe measures)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the compiled draft stepper made drafting cheaper; re-measure
 DEFAULT_PROBE_CONTEXT = 128  # tokens in the probe's synthetic context
 DEFAULT_PROBE_REPS = 5  # interleaved measurement passes (plus one warm-up pass); medians are kept
 PROBE_PLAIN_STEPS = 8  # pipelined plain steps per pass
@@ -490,8 +490,11 @@ def _device_info() -> dict:
 
 def machine_identity() -> dict:
     """The machine and MLX build a measurement was taken on."""
+    from . import __version__
+
+    # our own version too: a release that changes how a round is built changes what it costs
     return {"machine": platform.machine(), "system": platform.system(), "chip": _chip_name(),
-            "cpus": os.cpu_count(), "mlx": mx.__version__, "device": str(mx.default_device()),
+            "cpus": os.cpu_count(), "mlx": mx.__version__, "mlx_spec": __version__, "device": str(mx.default_device()),
             "device_info": _device_info()}
 
 
