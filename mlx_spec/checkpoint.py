@@ -2,12 +2,14 @@
 
 Both Hugging Face checkpoints and mlx-lm's MLX layout are read here; the layouts share file names and
 differ only in tensor names and quantization, which the model's `sanitize` and `quantization` handle.
+mlx-vlm's layout of a text-only model (its wrapper's `language_model.` before every name) is unwrapped
+here too (`unwrap_language_model`).
 Every failure becomes a `ModelLoadError` that names the file and says what to do.
 """
 
 import json
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Iterable, Tuple
 
 import mlx.core as mx
 
@@ -111,3 +113,30 @@ def check_weights(expected: Dict[str, tuple], weights: Dict[str, mx.array], sour
                 f"tensor {name!r} in {source} has shape {tuple(weights[name].shape)}, expected {tuple(shape)} "
                 "from config.json; the config and the weights do not match"
             )
+
+
+WRAPPER_PREFIX = "language_model."
+
+
+def unwrap_language_model(expected: Iterable[str], weights: Dict[str, mx.array], config: dict
+                          ) -> Tuple[Dict[str, mx.array], dict]:
+    """(weights, config) with mlx-vlm's wrapper prefix removed when the model has no such wrapper.
+
+    mlx-vlm (`mlx_vlm.convert`) loads every checkpoint through a multimodal-style wrapper, so a text-only
+    `gemma4_text` model comes out with `model_type: gemma4_text` but tensors named
+    `language_model.model.layers...` and per-module quantization entries keyed the same way. Our (and
+    mlx-lm's) gemma4_text names start at `model.`; Google's multimodal `gemma4` layout keeps the prefix,
+    and its model expects it, so nothing is changed there. The prefix is stripped only when the model
+    expects no `language_model.` name and every tensor has one.
+    """
+    if not weights or any(name.startswith(WRAPPER_PREFIX) for name in expected):
+        return weights, config
+    if not all(name.startswith(WRAPPER_PREFIX) for name in weights):
+        return weights, config
+    n = len(WRAPPER_PREFIX)
+    weights = {name[n:]: w for name, w in weights.items()}
+    quantization = config.get("quantization")
+    if isinstance(quantization, dict):
+        config = dict(config, quantization={
+            (k[n:] if k.startswith(WRAPPER_PREFIX) else k): v for k, v in quantization.items()})
+    return weights, config

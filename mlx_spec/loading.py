@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_weights, is_mlx_layout, read_config, read_weights, weight_files
+from .checkpoint import check_weights, is_mlx_layout, read_config, read_weights, unwrap_language_model, weight_files
 from .errors import ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
@@ -86,6 +86,7 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
         model = model_class(args)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ModelLoadError(f"{source / 'config.json'} cannot configure a {config.get('model_type')} model: {e}") from e
+    weights, config = unwrap_language_model((k for k, _ in tree_flatten(model.parameters())), weights, config)
     try:
         weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
     except (ValueError, IndexError) as e:
