@@ -16,9 +16,9 @@ Statistics (DESIGN.md's words): tau = tokens per round with drafts; round_cost =
 / plain step time (so speedup ~ tau / round_cost); verify_cost[k] = a (k+1)-token base pass / a pipelined
 plain step, from the probe; draft_share = drafting time / round time; efficiency = the decode time the
 cost model accounts for (Σ over rounds of verify + drafting, plus one plain step per token decoded without
-drafts, in the probe's seconds) / the measured decode time: 1.0 means the engine adds nothing to the base
-passes and the drafting. With the oracle proposer (drafting about free) it is speedup / (tau /
-verify_cost[k]) when the run's plain step equals the probe's.
+drafts: the probe's ratios, in plain steps, times the plain step of the interleaved plain runs) / the
+measured decode time: 1.0 means the engine adds nothing to the base passes and the drafting. With the
+oracle proposer (drafting about free) it is speedup / (tau / verify_cost[k]), the issue's definition.
 
 Knows the engine's public surface (Engine, its stats, the draft-policy contract) and the tuning module;
 it decodes nothing itself.
@@ -173,16 +173,18 @@ def _sum_stats(runs: List[RunResult]) -> GenerationStats:
     return total
 
 
-def _ideal_seconds(stats: GenerationStats, costs: Optional[tuning.Costs]) -> Optional[float]:
-    """Decode time the cost model accounts for, in the probe's seconds: Σ rounds (verify[j] + draft(j))
-    plus one pipelined plain step per pass without drafts."""
-    if costs is None or not stats.rounds or not costs.plain_step_s:
+def _ideal_seconds(stats: GenerationStats, costs: Optional[tuning.Costs], plain_step_s: float) -> Optional[float]:
+    """Decode time the cost model accounts for: Σ rounds (verify[j] + draft(j)) plus one plain step per pass
+    without drafts, in plain steps from the probe's ratios, times `plain_step_s`, the plain step measured in
+    the interleaved plain runs. (The probe's own seconds are not used: this machine's speed drifts between
+    the probe and the runs; a ratio measured within one probe and a step measured next to the runs hold.)"""
+    if costs is None or not stats.rounds or not plain_step_s:
         return None
     dbp = stats.drafted_by_position + [0]
     if len(dbp) - 1 > costs.k_max:
         return None
     cost = sum((dbp[j - 1] - dbp[j]) * (costs.verify[j] + costs.draft(j)) for j in range(1, len(dbp)))
-    return (cost + _passes(stats) - stats.rounds) * costs.plain_step_s
+    return (cost + _passes(stats) - stats.rounds) * plain_step_s
 
 
 def median_costs(samples: List[tuning.Costs]) -> tuning.Costs:
@@ -209,7 +211,7 @@ def summarize(config: Config, spec: Dict[int, List[RunResult]], plain: Dict[int,
     pass_time = _median([_sum_stats(spec[r]).generation_time / max(1, sum(_passes(x.stats) for x in spec[r]))
                          for r in reps])
     speedup = spec_tps / plain_tps if plain_tps else 0.0
-    ideal = _ideal_seconds(total, costs)
+    ideal = _ideal_seconds(total, costs, plain_step)
     efficiency = ideal / total.generation_time if ideal is not None and total.generation_time else None
 
     by_kind = {}

@@ -198,3 +198,19 @@ def test_plot_is_written(bench_run, tmp_path):
     _, results, _, _ = bench_run
     bench.plot(results, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_efficiency_uses_probe_ratios_and_the_runs_plain_step():
+    """Two rounds at k=2 (one accepted 2, one 0) and 3 plain passes: ideal = Σ(verify + draft) + plain
+    passes, in plain steps, times the plain step the runs measured (not the probe's seconds)."""
+    from mlx_spec.bench import _ideal_seconds
+    from mlx_spec.engine import GenerationStats
+    from mlx_spec.tuning import Costs
+
+    stats = GenerationStats(generation_tokens=1 + 3 + 1 + 3, rounds=2, drafted=4, accepted=2,
+                            drafted_by_position=[2, 2], accepted_by_position=[1, 1])
+    costs = Costs([1.0, 1.4, 1.8], draft_fixed=0.1, draft_step=0.2, plain_step_s=123.0)
+    per_round = 1.8 + 0.1 + 2 * 0.2
+    passes = 3 + 1 + 3 - 2  # tokens after the first, minus accepted drafts: 2 rounds + 3 plain steps
+    assert _ideal_seconds(stats, costs, 0.002) == pytest.approx((2 * per_round + passes - 2) * 0.002)
+    assert _ideal_seconds(stats, costs, 0.0) is None
