@@ -1,5 +1,7 @@
 """Every example runs as written (against the tiny fixtures)."""
 
+import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -75,3 +77,24 @@ def test_gpu_measure_shapes_runs_on_the_tiny_shape(tmp_path):
         "--reps", "1", "--out", str(out))
     r = json.loads(out.read_text())["shapes"][0]
     assert r["shape"] == "tiny" and len(r["verify_cost"]) == 9 and r["draft_step_cost"] > 0
+
+
+def test_mlx_vlm_wrapper_gives_the_same_model(tmp_path):
+    """The comparison's multimodal wrapper of the tiny base loads (Google's gemma4 layout) and decodes
+    exactly what the text-only checkpoint decodes, so both implementations compare on the same model."""
+    from mlx_spec import generate, load
+
+    run(sys.executable, "examples/mlx_vlm/wrap_multimodal.py", str(TINY_CODE / "base"), str(tmp_path / "mm"))
+    text, tok = load(str(TINY_CODE / "base"))
+    wrapped, _ = load(str(tmp_path / "mm"))
+    assert type(wrapped).__module__.endswith("gemma4")
+    ids = tok.encode("def fibonacci(n):")
+    assert generate(wrapped, tok, ids, max_tokens=40) == generate(text, tok, ids, max_tokens=40)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlx_vlm") is None, reason="needs mlx-vlm (see examples/mlx_vlm/run.sh)")
+@pytest.mark.skipif(shutil.which("mlx_spec.convert") is None, reason="console scripts not installed")
+def test_mlx_vlm_side_by_side(tmp_path):
+    r = run("bash", "examples/mlx_vlm/run.sh", str(tmp_path), "40", "1")
+    report = json.loads((tmp_path / "compare.json").read_text())
+    assert report and all(row["equals_plain"] for row in report), r.stdout
