@@ -8,8 +8,11 @@
 Method: the costs of this machine are probed first (tuning.measure_costs: plain step, (k+1)-token
 verify passes, drafting), then every configuration decodes every prompt once to warm up, then `--repeats`
 interleaved passes run every configuration, plain included, on every prompt in a rotated order, so drift
-hits all alike. A pass's tok/s is its generated tokens over its decode time summed over the prompts;
-reported tok/s are medians over passes and speedup = spec_tps / plain_tps. One more, instrumented pass
+hits all alike. A pass's tok/s is its generated tokens over its decode time summed over the prompts.
+Speed is paired within a pass: plain and speculative runs of a pass ran minutes (not hours) apart, so the
+reported plain_tps and spec_tps are those of the pass whose ratio is the median, and speedup = spec_tps /
+plain_tps. (Independent medians of each can pair a fast pass with a slow one: on this project's shared VM
+the speed of everything flips by 2x within seconds.) Per kind of work likewise. One more, instrumented pass
 times drafting on its own (a host sync after each `propose`) for draft_share; it is not in the tok/s.
 
 Statistics (DESIGN.md's words): tau = tokens per round with drafts; round_cost = decode time per base pass
@@ -32,7 +35,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import mlx.core as mx
 
@@ -198,13 +201,25 @@ def _median(xs: List[float]) -> float:
     return float(statistics.median(xs)) if xs else 0.0
 
 
+def _paired_median(spec: Dict[int, List[RunResult]], plain: Dict[int, List[RunResult]], prompts) -> Tuple[float, float]:
+    """(spec tok/s, plain tok/s) of the pass whose spec/plain ratio is the median (lower median for an even
+    count), over the given prompt indices."""
+    pairs = []
+    for r in sorted(spec):
+        s_tps = _sum_stats([spec[r][i] for i in prompts]).generation_tps
+        p_tps = _sum_stats([plain[r][i] for i in prompts]).generation_tps
+        pairs.append((s_tps / p_tps if p_tps else 0.0, s_tps, p_tps))
+    pairs.sort()
+    _, s_tps, p_tps = pairs[(len(pairs) - 1) // 2]
+    return s_tps, p_tps
+
+
 def summarize(config: Config, spec: Dict[int, List[RunResult]], plain: Dict[int, List[RunResult]],
               kinds: List[str], costs: Optional[tuning.Costs], instrumented: List[RunResult], temp: float,
               environment: dict, drafter_bytes: int) -> dict:
     """One configuration's JSON object. spec/plain: repeat -> runs (one per prompt, in prompt order)."""
     reps = sorted(spec)
-    spec_tps = _median([_sum_stats(spec[r]).generation_tps for r in reps])
-    plain_tps = _median([_sum_stats(plain[r]).generation_tps for r in reps])
+    spec_tps, plain_tps = _paired_median(spec, plain, range(len(kinds)))
     total = _sum_stats([x for r in reps for x in spec[r]])
     plain_step = _median([_sum_stats(plain[r]).generation_time
                           / max(1, sum(x.stats.generation_tokens - 1 for x in plain[r])) for r in reps])
@@ -218,8 +233,7 @@ def summarize(config: Config, spec: Dict[int, List[RunResult]], plain: Dict[int,
     for kind in dict.fromkeys(kinds):
         idx = [i for i, k in enumerate(kinds) if k == kind]
         ks = _sum_stats([spec[r][i] for r in reps for i in idx])
-        k_spec = _median([_sum_stats([spec[r][i] for i in idx]).generation_tps for r in reps])
-        k_plain = _median([_sum_stats([plain[r][i] for i in idx]).generation_tps for r in reps])
+        k_spec, k_plain = _paired_median(spec, plain, idx)
         by_kind[kind] = {"tau": ks.tau, "acceptance_rate": ks.acceptance_rate,
                          "speedup": k_spec / k_plain if k_plain else 0.0}
 

@@ -214,3 +214,22 @@ def test_efficiency_uses_probe_ratios_and_the_runs_plain_step():
     passes = 3 + 1 + 3 - 2  # tokens after the first, minus accepted drafts: 2 rounds + 3 plain steps
     assert _ideal_seconds(stats, costs, 0.002) == pytest.approx((2 * per_round + passes - 2) * 0.002)
     assert _ideal_seconds(stats, costs, 0.0) is None
+
+
+def test_speedup_pairs_plain_and_spec_of_the_same_pass():
+    """The machine is slow in pass 0, fast in pass 1, in between in pass 2; speculation is 1.2x within each
+    pass, except one stalled run in pass 1. The median pass's own pair is reported: 1.2, with
+    speedup = spec_tps / plain_tps holding exactly."""
+    from mlx_spec.bench import RunResult, _paired_median
+    from mlx_spec.engine import GenerationStats
+
+    def runs(tps_by_prompt):
+        return [RunResult([], GenerationStats(generation_tokens=100, generation_time=100 / t), 0) for t in tps_by_prompt]
+
+    plain = {0: runs([50, 50]), 1: runs([300, 300]), 2: runs([100, 100])}
+    spec = {0: runs([60, 60]), 1: runs([360, 360]), 2: runs([120, 120])}
+    spec[1][1] = RunResult([], GenerationStats(generation_tokens=100, generation_time=100 / 30), 0)  # a stall
+    s, p = _paired_median(spec, plain, [0, 1])
+    assert s / p == pytest.approx(1.2)
+    s, p = _paired_median(spec, plain, [1])
+    assert s / p == pytest.approx(1.2)
