@@ -56,8 +56,11 @@ FORGET = 0.97  # evidence decays per observation (about 30 rounds of memory), so
 FORGET_UNTRIED = 0.995  # a position the chosen k does not reach forgets slowly: re-explored every ~100s of rounds
 CARRY_WEIGHT = 16.0  # a new request trusts at most this many rounds of an earlier request's evidence
 PROBE_WEIGHT = 8.0  # before an auto-off probe, evidence shrinks to this, so one probe can change the verdict
-OVERHEAD_SMOOTHING = 0.05  # per observation, for the measured / modelled time of rounds and plain steps
-OVERHEAD_MIN, OVERHEAD_MAX = 0.5, 3.0  # one odd round (a page fault, a compile) moves it little
+OVERHEAD_SMOOTHING = 0.05  # per observed round, for its measured / modelled time
+PLAIN_SMOOTHING = 0.3  # per observed plain step: they are rare while drafting, and each is a fresh reading
+CALIBRATE_EVERY = 32  # drafted rounds in a row after which a few plain steps re-measure a plain step here
+CALIBRATION_STEPS = 4  # ... (the first follows a round, so it is not timed); they cost what plain decoding does
+OVERHEAD_MIN, OVERHEAD_MAX = 0.2, 5.0  # wide: machines drift 2.5x (thermal state, a shared VM); smoothing damps outliers
 MIN_SPEEDUP = 1.02  # expected speedup needed to draft; a tie goes to plain decoding, which pipelines
 FIRST_PROBE_AFTER = 16  # plain tokens before re-probing; doubles while probes fail
 MAX_PROBE_AFTER = 512
@@ -233,6 +236,10 @@ class PairState:
     # a plain step as this engine runs it. Their ratio scales R(k), so decisions follow the real engine.
     round_overhead: float = 1.0
     plain_overhead: float = 1.0
+    # Rounds since plain steps were last timed. Starts near the limit so a new pair calibrates early: the
+    # costs file may come from minutes (or a thermal state) ago, and only the current ratio of a round to a
+    # plain step says whether drafting pays now.
+    rounds_since_plain: int = CALIBRATE_EVERY - CALIBRATION_STEPS
 
 
 class AutoDraftPolicy:
@@ -251,33 +258,37 @@ class AutoDraftPolicy:
         self.never = not can_ever_pay(costs, min_speedup)
         self.k_counts: Dict[int, int] = {}  # what next_k() returned, for statistics
         self.probes = 0
+        self.calibrations = 0
         self.expected_speedup = 1.0  # of the last decision
         self._asked = 0
+        self._asked_before = None  # the give before that: a plain step or round right after the other
         self._drafted = 0  # drafts the proposer actually gave in the last round (observe)
         self._since = None  # clock() at the last next_k()
 
     def _give(self, k: int) -> int:
-        self._asked, self._drafted = k, 0
+        self._asked_before, self._asked, self._drafted = self._asked, k, 0
         self.k_counts[k] = self.k_counts.get(k, 0) + 1
         return k
 
     def _measure(self) -> None:
         """Time from the previous next_k() to this one: a plain step or a round (with its tokens' emission),
-        as this engine runs it, compared with the cost model."""
+        as this engine runs it, compared with the cost model. Only steady-state ones: the first plain step
+        after a round (or round after plain steps) is not pipelined with its predecessor."""
         now = clock()
         since, self._since = self._since, now
         step = self.costs.plain_step_s
-        if since is None or step <= 0:
+        if since is None or step <= 0 or self._asked_before is None or (self._asked == 0) != (self._asked_before == 0):
             return
         st = self.state
         if self._asked == 0:
-            ratio, attr = (now - since) / step, "plain_overhead"
+            ratio, attr, rate = (now - since) / step, "plain_overhead", PLAIN_SMOOTHING
         elif self._drafted > 0:
             ratio, attr = (now - since) / (self.costs.round_cost(self._drafted) * step), "round_overhead"
+            rate = OVERHEAD_SMOOTHING
         else:
             return
         ratio = min(max(ratio, OVERHEAD_MIN), OVERHEAD_MAX)
-        setattr(st, attr, getattr(st, attr) + OVERHEAD_SMOOTHING * (ratio - getattr(st, attr)))
+        setattr(st, attr, getattr(st, attr) + rate * (ratio - getattr(st, attr)))
 
     def _choose(self, min_k: int = 0) -> Tuple[int, float]:
         st = self.state
@@ -303,6 +314,13 @@ class AutoDraftPolicy:
             st.plain_left, st.probe_due = st.backoff - 1, True
             st.backoff = min(2 * st.backoff, MAX_PROBE_AFTER)
             st.rounds_on = 0
+            st.rounds_since_plain = 0
+            return self._give(0)
+        st.rounds_since_plain += 1
+        if st.rounds_since_plain > CALIBRATE_EVERY:  # a few plain steps to time one as things are now
+            st.rounds_since_plain = 0
+            st.plain_left = CALIBRATION_STEPS - 1
+            self.calibrations += 1
             return self._give(0)
         st.rounds_on += 1
         if st.rounds_on >= RESET_BACKOFF_ROUNDS:
@@ -317,6 +335,7 @@ class AutoDraftPolicy:
     def summary(self) -> dict:
         est = self.state.estimate
         return {"k_counts": dict(sorted(self.k_counts.items())), "probes": self.probes,
+                "calibrations": self.calibrations,
                 "alphas": [round(a, 4) for a in est.alphas()], "empty_rate": round(est.empty_rate, 4),
                 "round_overhead": round(self.state.round_overhead, 4),
                 "plain_overhead": round(self.state.plain_overhead, 4),
