@@ -7,12 +7,13 @@
 
 Method: the costs of this machine are probed first (tuning.measure_costs: plain step, (k+1)-token
 verify passes, drafting), then every configuration decodes every prompt once to warm up, then `--repeats`
-interleaved passes run every configuration, plain included, on every prompt in a rotated order, so drift
-hits all alike. A pass's tok/s is its generated tokens over its decode time summed over the prompts.
-Speed is paired within a pass: plain and speculative runs of a pass ran minutes (not hours) apart, so the
-reported plain_tps and spec_tps are those of the pass whose ratio is the median, and speedup = spec_tps /
-plain_tps. (Independent medians of each can pair a fast pass with a slow one: on this project's shared VM
-the speed of everything flips by 2x within seconds.) Per kind of work likewise. One more, instrumented pass
+interleaved passes run every configuration on every prompt, in an order that rotates between passes, each
+configuration's run next to a plain run of the same prompt on either side: those two plain runs are its
+baseline. (A machine's speed drifts: this project's shared VM flips by ~2.5x within seconds, a laptop
+throttles. A baseline taken seconds from the run it is compared with holds; medians of runs minutes apart
+do not.) A pass's tok/s is its generated tokens over its decode time summed over the prompts; the
+reported plain_tps and spec_tps are those of the pass whose spec/baseline ratio is the median, and
+speedup = spec_tps / plain_tps. Per kind of work likewise. One more, instrumented pass
 times drafting on its own (a host sync after each `propose`) for draft_share; it is not in the tok/s.
 
 Statistics (DESIGN.md's words): tau = tokens per round with drafts; round_cost = decode time per base pass
@@ -515,8 +516,8 @@ def main_args(args) -> int:
         tuning.use_clock(time.perf_counter)
     env = environment(args, model, len(ids))
     kinds = [p.kind for p in prompt_list]
-    out = [summarize(c, results[c.label], results["plain"], kinds, costs[c.family], instrumented[c.label],
-                     args.temp, env, _param_bytes(c.weights) if c.weights is not None else 0)
+    out = [summarize(c, results[c.label], results[baseline_label(c)], kinds, costs[c.family],
+                     instrumented[c.label], args.temp, env, _param_bytes(c.weights) if c.weights is not None else 0)
            for c in configs]
     print(format_table(out))
     if args.json:
@@ -564,22 +565,44 @@ class Bench:
             samples.setdefault(family, []).append(tuning.measure_costs(self.model, cfg.make(0), reps=2))
 
     def measure(self, configs: List[Config], repeats: int):
-        """(label -> repeat -> runs in prompt order, label -> instrumented runs)."""
-        everything = [self.PLAIN] + configs
+        """(label -> repeat -> runs in prompt order, label -> instrumented runs, family -> costs).
+
+        Per prompt, a pass runs plain, two configurations, plain, two more, ..., plain: every configuration
+        runs next to a plain run on each side, and those two are its baseline (`baseline_label`), seconds
+        apart, not minutes. Configurations rotate between passes."""
         self.log("warm-up")
-        for cfg in everything:
+        for cfg in [self.PLAIN] + configs:
             self.run(cfg, 0, min(WARMUP_TOKENS, self.max_tokens))
-        results: Dict[str, Dict[int, List[RunResult]]] = {c.label: {} for c in everything}
+        labels = [c.label for c in configs] + [baseline_label(c) for c in configs]
+        results: Dict[str, Dict[int, List[RunResult]]] = {label: {} for label in labels}
         probes: Dict[str, List[tuning.Costs]] = {}
         for r in range(repeats):
-            order = everything[r % len(everything):] + everything[: r % len(everything)]  # rotate: drift hits all
+            order = configs[r % len(configs):] + configs[: r % len(configs)]
+            blocks = [order[j: j + 2] for j in range(0, len(order), 2)]
             for i in range(len(self.ids)):
-                for cfg in order:
-                    results[cfg.label].setdefault(r, []).append(self.run(cfg, i))
+                before = self.run(self.PLAIN, i)
+                for block in blocks:
+                    runs = [(cfg, self.run(cfg, i)) for cfg in block]
+                    after = self.run(self.PLAIN, i)
+                    for cfg, run in runs:
+                        results[cfg.label].setdefault(r, []).append(run)
+                        results[baseline_label(cfg)].setdefault(r, []).append(_merge_runs(before, after))
+                    before = after
             self.reprobe(configs, probes)
             self.log(f"pass {r + 1}/{repeats} done")
         instrumented = {c.label: [self.run(c, i, instrument=True) for i in range(len(self.ids))] for c in configs}
         return results, instrumented, {f: median_costs(c) for f, c in probes.items()}
+
+
+def baseline_label(cfg: Config) -> str:
+    return f"plain next to {cfg.label}"
+
+
+def _merge_runs(a: RunResult, b: RunResult) -> RunResult:
+    """Two plain runs of one prompt as one: their tokens and decode times added (tok/s over both)."""
+    stats = GenerationStats(generation_tokens=a.stats.generation_tokens + b.stats.generation_tokens,
+                            generation_time=a.stats.generation_time + b.stats.generation_time)
+    return RunResult(a.tokens, stats, max(a.peak_memory_bytes, b.peak_memory_bytes))
 
 
 def main(argv=None) -> int:

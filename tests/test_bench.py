@@ -224,7 +224,8 @@ def test_speedup_pairs_plain_and_spec_of_the_same_pass():
     from mlx_spec.engine import GenerationStats
 
     def runs(tps_by_prompt):
-        return [RunResult([], GenerationStats(generation_tokens=100, generation_time=100 / t), 0) for t in tps_by_prompt]
+        return [RunResult([], GenerationStats(generation_tokens=100, generation_time=100 / t), 0)
+                for t in tps_by_prompt]
 
     plain = {0: runs([50, 50]), 1: runs([300, 300]), 2: runs([100, 100])}
     spec = {0: runs([60, 60]), 1: runs([360, 360]), 2: runs([120, 120])}
@@ -233,3 +234,35 @@ def test_speedup_pairs_plain_and_spec_of_the_same_pass():
     assert s / p == pytest.approx(1.2)
     s, p = _paired_median(spec, plain, [1])
     assert s / p == pytest.approx(1.2)
+
+
+def test_every_configuration_is_timed_between_two_plain_runs_of_its_prompt(monkeypatch):
+    """Per prompt: plain, c1, c2, plain, c3, plain; each configuration's baseline is the two plain runs
+    beside it, so a machine that changes speed between configurations cannot bias one of them."""
+    from mlx_spec import bench as bench_mod
+    from mlx_spec.bench import Bench, Config, RunResult, baseline_label
+    from mlx_spec.engine import GenerationStats
+
+    calls = []  # (label, prompt, decode seconds): the machine gets faster with every run
+
+    def fake_run(self, cfg, i, max_tokens=None, instrument=False):
+        seconds = 1.0 / (1 + len(calls))
+        calls.append((cfg.label, i, seconds))
+        return RunResult([i], GenerationStats(generation_tokens=10, generation_time=seconds), 0)
+
+    monkeypatch.setattr(Bench, "run", fake_run)
+    monkeypatch.setattr(Bench, "reprobe", lambda self, configs, samples: None)
+    monkeypatch.setattr(bench_mod, "median_costs", lambda samples: None)
+    configs = [Config("mtp", k) for k in (1, 2, 3)]
+    results, _, _ = Bench(None, [[1], [2]], None, (), 0, 10).measure(configs, repeats=1)
+    measured = calls[len(configs) + 1: len(calls) - 2 * len(configs)]  # between the warm-up and instrumented runs
+    prompt0 = [c for c in measured if c[1] == 0]
+    assert [c[0] for c in prompt0] == ["plain", "mtp k=1", "mtp k=2", "plain", "mtp k=3", "plain"]
+    for cfg in configs:
+        pos = [c[0] for c in prompt0].index(cfg.label)
+        before = max(j for j in range(pos) if prompt0[j][0] == "plain")
+        after = min(j for j in range(pos, len(prompt0)) if prompt0[j][0] == "plain")
+        base = results[baseline_label(cfg)][0][0].stats
+        assert base.generation_tokens == 20
+        assert base.generation_time == pytest.approx(prompt0[before][2] + prompt0[after][2])
+        assert results[cfg.label][0][0].stats.generation_time == pytest.approx(prompt0[pos][2])
