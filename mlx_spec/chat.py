@@ -65,6 +65,9 @@ class TurnInfo:
     context_full: bool = False  # the reply was cut because the context ran out
 
 
+PROPOSER_NAMES = {"drafter": "mtp", "draft_model": "draft model", "ngram": "ngram"}
+
+
 class ChatSession:
     """A conversation with one model and one reusable prompt cache."""
 
@@ -78,6 +81,11 @@ class ChatSession:
                                "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")
         self.model, self.tokenizer = model, tokenizer
         self.draft = dict(draft or {})  # stream_generate's drafter / draft_model / ngram keyword
+        self._proposer_name = next((PROPOSER_NAMES[k] for k in self.draft), None)
+        if "draft_model" in self.draft:  # one proposer for the session: its cache carries over between turns
+            from .proposers.draft_model import DraftModelProposer
+
+            self.draft = {"drafter": DraftModelProposer(self.draft["draft_model"], model)}
         self.drafting = bool(self.draft) if drafting is None else drafting and bool(self.draft)
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
@@ -90,8 +98,7 @@ class ChatSession:
 
     @property
     def proposer_name(self) -> Optional[str]:
-        names = {"drafter": "mtp", "draft_model": "draft model", "ngram": "ngram"}
-        return next((names[k] for k in self.draft), None)
+        return self._proposer_name
 
     def reset(self) -> None:
         self.messages: List[dict] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
@@ -176,6 +183,8 @@ class ChatSession:
         that history too, so anything past `known` (drafts of a round we stopped reading) is rolled back.
         """
         offsets = {c.offset for c in self.cache} if self.cache else set()
+        if torn and hasattr(self.draft.get("drafter"), "forget"):
+            self.draft["drafter"].forget()  # the draft model's cache may be half-updated too
         if torn or len(offsets) != 1:
             self._drop_cache()
             return

@@ -77,6 +77,28 @@ def test_cache_reuse_equals_full_reprefill(pair, drafting):
         assert session.last.stats.rounds > 0, "the drafter was used"
 
 
+def test_draft_model_keeps_its_cache_across_turns(pair):
+    """With --draft-model, one proposer serves the session: each turn prefills only the new tokens into the
+    draft model's cache too, and replies stay those of plain decoding from scratch."""
+    _, model, tokenizer, _ = pair
+    session = ChatSession(model, tokenizer, draft={"draft_model": model}, max_tokens=MAX_TOKENS,
+                          num_draft_tokens=3)
+    proposer = session.draft["drafter"]
+    assert session.proposer_name == "draft model"
+    for turn, text in enumerate(TURNS):
+        messages = session.messages + [{"role": "user", "content": text}]
+        want = reference_reply(model, tokenizer, messages)
+        reused_before = proposer._reusable_prefix.__func__
+        kept = []
+        proposer._reusable_prefix = lambda p, f=reused_before: kept.append(f(proposer, p)) or kept[-1]
+        got = [r.token for r in session.reply(text)]
+        del proposer._reusable_prefix
+        assert got == want, f"turn {turn}: draft-model speculation with a carried-over cache == plain"
+        assert session.last.stats.rounds > 0 and session.last.stats.tau > 3, "the model drafting for itself"
+        if turn:  # the draft cache trails the history by at most a round (its last bonus and drafts)
+            assert kept[0] >= session.last.reused_tokens - 4, f"turn {turn}: the draft cache kept the conversation"
+
+
 def test_deep_rollback_falls_back_to_full_prefill(pair):
     """An edit early in the conversation needs a rollback the sliding window cannot give: start afresh."""
     _, model, tokenizer, drafter = pair

@@ -14,6 +14,7 @@ from mlx_lm.models import gemma3_text, llama
 from mlx_spec.engine import Engine, SamplingParams
 from mlx_spec.errors import PairingError
 from mlx_spec.proposers import make_proposer
+from mlx_spec.proposers import draft_model as draft_model_module
 from mlx_spec.proposers.draft_model import DraftModelProposer
 
 VOCAB = 96
@@ -207,3 +208,63 @@ def test_trained_gemma4_base_drafting_for_itself():
     eng = Engine(model, ids, proposer=DraftModelProposer(model, model), max_tokens=48, num_draft_tokens=4)
     assert [ev.token for ev in eng.run()] == plain, "speculative == plain with a Gemma 4 draft model"
     assert eng.stats.accepted == eng.stats.drafted, "a model drafting for itself has every draft accepted"
+
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_sliding"])
+@pytest.mark.parametrize("stop_early", [False, True])
+def test_a_next_request_reuses_the_draft_cache_up_to_the_common_prefix(kind, stop_early, monkeypatch):
+    """A chat's next turn repeats the conversation: start() keeps what the cache holds of it (also after a
+    request stopped mid-round) and leaves the cache as a fresh prefill would, so drafts and output are the
+    same as with a fresh proposer."""
+    base, noisy, _, _ = models(kind)
+    reused = DraftModelProposer(noisy, base)
+    events = Engine(base, PROMPT, proposer=reused, num_draft_tokens=4, max_tokens=MAX_TOKENS).run()
+    first = [ev.token for _, ev in zip(range(7 if stop_early else MAX_TOKENS), events)]
+    events.close()  # stopping early leaves a queued round's drafts in the draft cache
+    turn2 = PROMPT + first + [5, 9, 13]
+    known = min(reused.consumed, len(PROMPT) + len(first))  # the cache trails the history by at most a round
+    assert known >= len(PROMPT) + len(first) - 5
+    forwarded = []
+    real_forward = draft_model_module.base_forward
+    monkeypatch.setattr(draft_model_module, "base_forward",
+                        lambda m, t, c: forwarded.append(t.shape[1]) or real_forward(m, t, c))
+    reused.start(turn2)
+    monkeypatch.setattr(draft_model_module, "base_forward", real_forward)
+    assert sum(forwarded) == len(turn2) - known and reused.consumed == len(turn2), "only the new tokens run"
+    fresh = DraftModelProposer(noisy, base)
+    fresh.start(turn2)
+    for a, b in zip(reused.cache, fresh.cache):
+        assert a.offset == b.offset
+        for x, y in zip(a.drafter_view(), b.drafter_view()):  # all positions (full), the window + 1 (sliding)
+            assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item()
+    outs = []
+    for proposer in (reused, fresh):
+        e = Engine(base, turn2, proposer=proposer, num_draft_tokens=4, max_tokens=30)
+        outs.append(([ev.token for ev in e.run()], e.stats.accepted))
+    plain = [ev.token for ev in Engine(base, turn2, max_tokens=30).run()]
+    assert outs[0] == outs[1] and outs[0][0] == plain, "same drafts accepted, output = plain"
+
+
+def test_an_unrelated_next_prompt_starts_the_draft_cache_over():
+    base, noisy, _, _ = models("llama")
+    proposer = DraftModelProposer(noisy, base)
+    generate(base, proposer, 3, max_tokens=10)
+    other = [7, 7, 7, 1, 2, 3]
+    proposer.start(other)
+    assert proposer.consumed == len(other) and proposer.cache[0].offset == len(other)
+
+
+def test_a_rollback_past_the_sliding_window_starts_the_draft_cache_over():
+    """Keeping only the first 5 tokens would need the sliding layer's dropped positions: start over, and
+    the cache is then what a fresh prefill gives."""
+    base, noisy, _, _ = models("llama_sliding")
+    proposer = DraftModelProposer(noisy, base)
+    generate(base, proposer, 3)
+    prompt = PROMPT[:5] + [8, 6, 4, 2]
+    proposer.start(prompt)
+    fresh = DraftModelProposer(noisy, base)
+    fresh.start(prompt)
+    for a, b in zip(proposer.cache, fresh.cache):
+        for x, y in zip(a.drafter_view(), b.drafter_view()):
+            assert x.shape == y.shape and mx.allclose(x, y).item()

@@ -15,7 +15,7 @@ import mlx.core as mx
 
 from ..acceptance import sample_from_probs
 from ..cache import rollback_all
-from ..errors import PairingError
+from ..errors import CacheRollbackError, PairingError
 from ..engine import MAX_DRAFT_TOKENS, base_forward, make_base_cache
 from .base import Draft, RoundContext
 
@@ -59,16 +59,51 @@ class DraftModelProposer:
         self.cache: list = []
         self.consumed = 0  # history tokens whose K/V the draft cache holds (= its offset)
         self._round_start = 0  # len(history) when the last round was proposed
+        self._history: List[int] = []  # the last request's history (the engine's list): the cache's ids
 
     def start(self, prompt: List[int]) -> None:
-        """Fresh cache, prefilled with the prompt (evaluated here: it is the draft's share of the prefill)."""
-        self.cache = make_base_cache(self.model, self.max_rollback)
-        self.consumed = 0
-        for s in range(0, len(prompt), self.prefill_step):
+        """The cache holds the prompt afterwards (evaluated here: it is the draft's share of the prefill).
+
+        What the previous request left is reused up to the longest common prefix with this prompt (a chat's
+        next turn repeats the conversation so far), when the caches can roll back that far; otherwise the
+        prompt is prefilled from scratch."""
+        start = self._reusable_prefix(prompt)
+        if start == 0:
+            self.cache = make_base_cache(self.model, self.max_rollback)
+            self.consumed = 0
+        self._history = prompt
+        for s in range(start, len(prompt), self.prefill_step):
             chunk = prompt[s : s + self.prefill_step]
             base_forward(self.model, mx.array(chunk, mx.int32)[None], self.cache)
             mx.eval([c.state for c in self.cache])
             self.consumed += len(chunk)
+
+    def _reusable_prefix(self, prompt: List[int]) -> int:
+        """Roll the cache back to the longest prefix of `prompt` it holds; return that length (0: start over).
+
+        The cache holds history[:consumed], and past that the drafts of a round that was proposed but not
+        observed, or accepted drafts the request stopped before emitting: those are not compared, only
+        rolled back."""
+        if not self.cache or not prompt:
+            return 0
+        known = self._history[: min(self.consumed, len(self._history))]
+        keep = 0
+        for a, b in zip(known, prompt):
+            if a != b:
+                break
+            keep += 1
+        if keep <= 0:
+            return 0
+        try:  # from where the cache is: a round proposed but never observed (a reply stopped) ran drafts
+            rollback_all(self.cache, self.cache[0].offset - keep)
+        except CacheRollbackError:  # a sliding window already dropped what this rollback needs
+            return 0
+        self.consumed = keep
+        return keep
+
+    def forget(self) -> None:
+        """Drop the cache (after an error left it in an unknown state)."""
+        self.cache, self.consumed, self._history = [], 0, []
 
     def _logits(self, tokens: mx.array) -> mx.array:
         """Last-position logits over the base's vocabulary, (V_base,) float32; tokens (1, L)."""
@@ -90,6 +125,7 @@ class DraftModelProposer:
                 "start() was not called for this request"
             )
         self._round_start = len(ctx.history)
+        self._history = ctx.history  # the engine's list, appended in place: after the request, all it emitted
         greedy = ctx.sampling.greedy
         u = None if greedy else mx.random.uniform(shape=(k,), key=ctx.key)  # (k,)
         x = mx.array(ctx.history[self.consumed :], mx.int32)[None]  # (1, L): at least the bonus
