@@ -114,8 +114,8 @@ def main():
         outs, infos, times = {}, {}, {c[:2]: [] for c in configs}
         for impl, name, fn, k in configs:  # warm-up (and auto's one-time tuning probe) + outputs
             outs[impl, name], infos[impl, name] = fn(ids, k)
-        for _ in range(a.repeats):
-            for impl, name, fn, k in configs:  # interleaved
+        for r in range(a.repeats):
+            for impl, name, fn, k in configs[r % 2:] + configs[: r % 2]:  # interleaved, alternating who leads
                 t0 = time.perf_counter()
                 o, _ = fn(ids, k)
                 times[impl, name].append((len(o), time.perf_counter() - t0))
@@ -127,7 +127,10 @@ def main():
             o = cut(outs[impl, name])
             n = [x[0] for x in times[impl, name]]
             tps = statistics.median(x[0] / x[1] for x in times[impl, name])
-            plain_tps = statistics.median(x[0] / x[1] for x in times[impl, "plain"])
+            # speedup paired within a repeat (runs a second apart): a machine whose speed drifts between
+            # repeats moves both sides of each ratio alike
+            speedup = statistics.median((x[0] / x[1]) / (p[0] / p[1])
+                                        for x, p in zip(times[impl, name], times[impl, "plain"]))
             same = o == ref[impl]
             first = next((i for i, (x, y) in enumerate(zip(o, ref[impl])) if x != y), None)
             if same:
@@ -136,9 +139,9 @@ def main():
                 verdict = f"len {len(o)}!={len(ref[impl])}"
             else:
                 verdict = f"NO @{first} (pos {len(ids) + first})"
-            print(f"{impl:9} {name:10} {tps:8.1f} {tps / plain_tps:7.2f}x  {verdict:14} {infos[impl, name]}"
+            print(f"{impl:9} {name:10} {tps:8.1f} {speedup:7.2f}x  {verdict:14} {infos[impl, name]}"
                   f"{'' if len(set(n)) == 1 else f' tokens/run {n}'}")
-            report.append(dict(prompt=prompt, impl=impl, config=name, tok_s=tps, speedup=tps / plain_tps,
+            report.append(dict(prompt=prompt, impl=impl, config=name, tok_s=tps, speedup=speedup,
                                equals_plain=same, first_divergence=first, info=infos[impl, name],
                                tokens=o))
     if a.json:
