@@ -58,7 +58,8 @@ def reference_reply(model, tokenizer, messages):
 def test_cache_reuse_equals_full_reprefill(pair, drafting):
     _, model, tokenizer, drafter = pair
     session = ChatSession(model, tokenizer, draft={"drafter": drafter}, drafting=drafting,
-                          system_prompt="You write Python.", max_tokens=MAX_TOKENS)
+                          system_prompt="You write Python.", max_tokens=MAX_TOKENS,
+                          num_draft_tokens=3)  # fixed: auto may decide, on timing, not to draft
     held = []
     for turn, text in enumerate(TURNS):
         messages = session.messages + [{"role": "user", "content": text}]
