@@ -46,6 +46,11 @@ mkdir -p "$out" /tmp/mlx_spec_gpu_files
 cat $(ls .gpu*/mlx_spec_gpu.part.* | sort -t/ -k2) | tar -xf - -C /tmp/mlx_spec_gpu_files  # in part order
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     /tmp/mlx_spec_gpu_files/*.whl
+# mlx-cuda-13 finds the CUDA libraries through RPATH $ORIGIN/../../nvidia/...: point /tmp/site/nvidia at the
+# machine's own NVIDIA wheels (a torch/jax environment has them), found before /tmp/site is on the path
+nv=$($py -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null || true)
+if [ -n "$nv" ] && [ ! -e /tmp/site/nvidia ]; then ln -s "$nv" /tmp/site/nvidia; fi
+echo "NVIDIA libraries from: ${nv:-nowhere (mlx will not find CUDA)}"
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 $py - <<'EOF'
 import importlib.metadata as md
