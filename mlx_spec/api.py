@@ -5,7 +5,7 @@ token ids back into text with mlx-lm's streaming detokenizer.
 """
 
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 from . import engine as engine_mod
 from .engine import Engine, GenerationStats, SamplingParams
@@ -78,8 +78,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, drafter=None, draft_mod
                     top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
                     num_draft_tokens: Union[int, str] = engine_mod.DEFAULT_NUM_DRAFT_TOKENS,
                     acceptance: str = "rejection", logits_processors: Sequence = (),
-                    prompt_cache: Optional[list] = None) -> Iterator[GenerationResponse]:
+                    prompt_cache: Optional[list] = None,
+                    should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
+
+    `should_stop()` is asked during a long prefill (between its 2048-token chunks): True ends the request
+    there, with no tokens. Between tokens, stop by closing the generator.
 
     Speculation: pass `drafter` (an MTP drafter from `load_drafter`, or any Proposer), `draft_model` (a
     smaller model sharing the tokenizer) or `ngram=N` (prompt lookup). Without any, decoding is plain.
@@ -93,7 +97,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, drafter=None, draft_mod
     k, policy = engine_mod.resolve_num_draft_tokens(num_draft_tokens, model, proposer)
     eng = Engine(model, ids, proposer=proposer, sampling=sampling, max_tokens=max_tokens,
                  num_draft_tokens=k, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 seed=seed, cache=prompt_cache, draft_policy=policy)
+                 seed=seed, cache=prompt_cache, draft_policy=policy, should_stop=should_stop)
     detok = tokenizer.detokenizer
     detok.reset()
     with resident(model, drafter if drafter is not None and not hasattr(drafter, "propose") else None, draft_model):

@@ -17,7 +17,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 from .api import GenerationResponse, encode_prompt, stream_generate
 from .cache import rollback_all
@@ -128,11 +128,12 @@ class ChatSession:
         self.cached_tokens = []
         return 0
 
-    def reply(self, user_text: str) -> Iterator[GenerationResponse]:
+    def reply(self, user_text: str, should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
         """Add the user's message and return the reply's token stream (a generator).
 
         Raises ContextFullError now, before anything changes, when the conversation would not fit. Closing the
-        generator early (Ctrl-C) keeps the partial reply in the conversation and the cache consistent.
+        generator early (Ctrl-C) keeps the partial reply in the conversation and the cache consistent;
+        `should_stop()` returning True during the prefill ends the reply there, with no tokens.
         """
         messages = self.messages + [{"role": "user", "content": user_text}]
         tokens = self.conversation_tokens(messages)
@@ -141,10 +142,11 @@ class ChatSession:
             raise ContextFullError(f"with this message the conversation would be {len(tokens)} tokens and the "
                                    f"context holds {self.max_context} (--max-context): /reset to start a new "
                                    "conversation")
-        return self._stream(messages, tokens, min(self.max_tokens, room), context_limited=room < self.max_tokens)
+        return self._stream(messages, tokens, min(self.max_tokens, room), context_limited=room < self.max_tokens,
+                            should_stop=should_stop)
 
-    def _stream(self, messages: List[dict], tokens: List[int], max_tokens: int,
-                context_limited: bool) -> Iterator[GenerationResponse]:
+    def _stream(self, messages: List[dict], tokens: List[int], max_tokens: int, context_limited: bool,
+                should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
         # nothing changes until the first token is asked for, so a reply closed before it starts leaves no trace
         self.messages = messages
         inner, generated, text = None, [], []
@@ -155,7 +157,7 @@ class ChatSession:
             seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
             inner = stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens, seed=seed,
                                     num_draft_tokens=self.num_draft_tokens, prompt_cache=self.cache,
-                                    **self.sampling, **draft)
+                                    should_stop=should_stop, **self.sampling, **draft)
             self.turns += 1
             while True:
                 try:
@@ -280,7 +282,7 @@ class ChatUI:
         stopped, stream = False, None
         with _StopOnSigint() as sigint:
             try:
-                stream = self.session.reply(text)
+                stream = self.session.reply(text, should_stop=lambda: sigint.requested)  # also mid-prefill
                 for r in stream:
                     self.out.write(r.text)
                     self.out.flush()

@@ -146,6 +146,10 @@ def _process(logits: mx.array, history: mx.array, processors: Sequence[LogitsPro
     return logits[0]
 
 
+class _Stopped(Exception):
+    """`should_stop` said so during the prefill."""
+
+
 class Engine:
     """One request's decoding state; `run()` yields TokenEvents. Create one per request."""
 
@@ -153,9 +157,12 @@ class Engine:
                  sampling: SamplingParams = SamplingParams(), max_tokens: int = 256,
                  num_draft_tokens: int = FIXED_K_START, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), seed: Optional[int] = None,
-                 cache: Optional[list] = None, draft_policy=None, prefill_step: int = 2048):
+                 cache: Optional[list] = None, draft_policy=None, prefill_step: int = 2048,
+                 should_stop: Optional[Callable[[], bool]] = None):
         """`cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
-        rest is prefilled. After `run()` it holds exactly the history minus its last token."""
+        rest is prefilled. After `run()` it holds exactly the history minus its last token.
+        `should_stop` is asked before each prefill chunk: True ends the request with no tokens (a client
+        that went away, a Ctrl-C); the cache then holds the prompt's prefix prefilled so far."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if not 0 <= num_draft_tokens <= MAX_DRAFT_TOKENS:
@@ -166,6 +173,7 @@ class Engine:
         self.k = num_draft_tokens
         self.draft_policy = draft_policy
         self.prefill_step = prefill_step
+        self.should_stop = should_stop
         self.key = mx.random.key(seed if seed is not None else int(time.time_ns() % (2**31)))
         self.cache = cache if cache is not None else make_base_cache(model, MAX_DRAFT_TOKENS + 1)
         self.history = list(prompt)
@@ -198,6 +206,8 @@ class Engine:
             rollback_all(self.cache, cached - T + 1)  # the last prompt token must run to give logits
             cached = T - 1
         for s in range(cached, T - 1, self.prefill_step):  # chunks bound the attention matrix size
+            if self.should_stop is not None and self.should_stop():
+                raise _Stopped
             e = min(s + self.prefill_step, T - 1)
             base_forward(self.model, tokens[:, s:e], self.cache)
             mx.eval([(c.keys, c.values) for c in self.cache])
@@ -228,7 +238,10 @@ class Engine:
     def run(self) -> Iterator[TokenEvent]:
         if self.max_tokens <= 0:
             return
-        first, hidden = self._prefill()
+        try:
+            first, hidden = self._prefill()
+        except _Stopped:
+            return
         if self.proposer is not None and self.k > 0:
             start = time.perf_counter()
             self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here

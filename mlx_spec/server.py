@@ -304,7 +304,7 @@ class Worker(threading.Thread):
         stops = StopMatcher(req.stop)
         gen = stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, temp=req.temp,
                               top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-                              num_draft_tokens=req.num_draft_tokens, **draft)
+                              num_draft_tokens=req.num_draft_tokens, should_stop=job.cancelled.is_set, **draft)
         finish, n, stats = "length", 0, None
         try:
             for r in gen:
@@ -324,6 +324,8 @@ class Worker(threading.Thread):
                     break
         finally:
             gen.close()  # stops the engine at once (cancel, stop string)
+        if n == 0 and job.cancelled.is_set():  # the client went away during the prefill, which stopped there
+            finish = "cancelled"
         spec = {"proposer": self.proposer if req.draft else None,
                 "num_draft_tokens": req.num_draft_tokens if req.draft else 0}
         if stats is not None:

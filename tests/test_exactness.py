@@ -173,3 +173,20 @@ def test_chunked_prefill_equals_one_pass(variant):
         assert got == want, f"prefill in chunks of {step} must equal one pass"
         spec, _ = run(model, prompt, MTPProposer(drafter, model), k=3, max_tokens=24, prefill_step=step)
         assert spec == want
+
+
+def test_should_stop_ends_the_prefill_between_chunks_and_leaves_a_consistent_cache():
+    """A client that goes away during a long prefill: asked before each chunk, should_stop ends the request
+    with no tokens; the cache holds the prefilled chunks, and a later request that reuses it (a chat's next
+    attempt) gives the plain tokens."""
+    model, drafter = base("e2b")
+    prompt = PROMPTS["long"]
+    want, _ = run(model, prompt, max_tokens=12)
+    asked = []
+    eng = Engine(model, prompt, max_tokens=12, prefill_step=16,
+                 should_stop=lambda: asked.append(1) or len(asked) > 2)
+    assert list(eng.run()) == [], "stopped during the prefill: no tokens"
+    assert len(asked) == 3 and all(c.offset == 32 for c in eng.cache), "two chunks of 16 ran, then it stopped"
+    again = Engine(model, prompt, proposer=MTPProposer(drafter, model), num_draft_tokens=3, max_tokens=12,
+                   cache=eng.cache, prefill_step=16)
+    assert [ev.token for ev in again.run()] == want, "the rest of the prompt prefills from there, exactly"

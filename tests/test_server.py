@@ -249,3 +249,29 @@ def test_cli_user_mistakes_print_one_line(served, capsys):
         rc = server_mod.main(argv + ["--quiet"])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and err[0].startswith("error:") and message in err[0], err
+
+
+def test_a_client_gone_during_the_prefill_stops_it_there(served, monkeypatch):
+    """The worker hands the job's cancel flag to the engine as should_stop: a request cancelled while its
+    prompt is being read ends before the next prefill chunk, with no tokens, reported as cancelled."""
+    from mlx_spec import engine as engine_mod
+    from mlx_spec.server import GenerationRequest, Job
+
+    _, srv, _, _ = served
+    asked = []
+    real_init = engine_mod.Engine.__init__
+
+    def small_chunks(self, *a, **kw):
+        real_init(self, *a, **{**kw, "prefill_step": 8})
+        stop = self.should_stop
+        self.should_stop = lambda: asked.append(1) or stop()
+
+    monkeypatch.setattr(engine_mod.Engine, "__init__", small_chunks)
+    job = Job(GenerationRequest(kind="text", prompt=CODE * 4, max_tokens=50, draft=False))
+    job.cancelled.set()
+    srv.worker._run(job)
+    events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+    result = next(value for kind, value in events if kind == "done")
+    assert not [e for e in events if e[0] == "text"]
+    assert asked == [1], "asked once, before the first chunk"
+    assert result.finish_reason == "cancelled" and result.completion_tokens == 0
