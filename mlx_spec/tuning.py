@@ -43,8 +43,10 @@ from .proposers.base import RoundContext
 
 K_MAX = 8  # the largest k the policy considers (and the probe measures)
 CACHE_VERSION = 2  # 2: the compiled draft stepper made drafting cheaper; re-measure
-DEFAULT_PROBE_CONTEXT = 128  # tokens in the probe's synthetic context
+DEFAULT_PROBE_CONTEXT = 64  # tokens in the probe's synthetic context (its prefill is most of a slow probe)
 DEFAULT_PROBE_REPS = 5  # interleaved measurement passes (plus one warm-up pass); medians are kept
+PROBE_BUDGET_S = 6.0  # ... but no more passes once this much time has gone and MIN_PROBE_REPS are in
+MIN_PROBE_REPS = 2  # (a slow model on a CPU: a pass takes seconds; auto re-times rounds while decoding)
 PROBE_PLAIN_STEPS = 8  # pipelined plain steps per pass
 PROBE_DRAFT_KS = (1, 2, 4, 8)  # draft lengths timed; draft cost is fitted as fixed + per-step
 PROBE_VERIFY_KS = (0, 1, 2, 3, 4, 6, 8)  # verify passes timed; k = 5, 7 are interpolated (cost grows smoothly)
@@ -425,10 +427,12 @@ def _time_draft(proposer, ctx: RoundContext, k: int) -> float:
 
 
 def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DEFAULT_PROBE_CONTEXT,
-                  reps: Optional[int] = None, plain_steps: int = PROBE_PLAIN_STEPS, seed: int = 0) -> Costs:
+                  reps: Optional[int] = None, plain_steps: int = PROBE_PLAIN_STEPS, seed: int = 0,
+                  budget_s: float = PROBE_BUDGET_S) -> Costs:
     """Time plain steps, (k+1)-token verify passes (k = 0..k_max) and the proposer's drafting on a
-    synthetic context, interleaved over `reps` passes (default DEFAULT_PROBE_REPS) after one warm-up pass;
-    return medians as ratios to the plain step. Without a proposer the draft cost is 0."""
+    synthetic context, interleaved over `reps` passes (default DEFAULT_PROBE_REPS) after one warm-up pass,
+    fewer (at least MIN_PROBE_REPS) once `budget_s` seconds have gone; return medians as ratios to the
+    plain step. Without a proposer the draft cost is 0."""
     from .engine import SamplingParams, base_forward, make_base_cache
 
     reps = DEFAULT_PROBE_REPS if reps is None else reps
@@ -446,21 +450,28 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
 
     plain, verify = [], [[] for _ in range(k_max + 1)]
     draft, sync = [[] for _ in draft_ks], []
-    for rep in range(reps + 1):  # pass 0 warms up (compilation, allocation) and is dropped
-        keep = rep > 0
+    started = time.perf_counter()
+    for rep in range(reps + 1):  # pass 0 warms up and is not timed
+        if rep > min(MIN_PROBE_REPS, reps) and time.perf_counter() - started > budget_s:
+            break
+        if rep == 0:  # warm-up (compilation, allocation): each kind of work once, at its largest
+            _time_plain(model, cache, history[-1], 2)
+            _time_verify(model, cache, history[-1], drafts)
+            if proposer is not None and draft_ks:
+                _time_draft(proposer, ctx, draft_ks[-1])
+            continue
         p = _time_plain(model, cache, history[-1], plain_steps)
         v = [_time_verify(model, cache, history[-1], drafts[:k]) if k in probe_ks else None
              for k in range(k_max + 1)]
         d = [_time_draft(proposer, ctx, k) for k in draft_ks] if proposer is not None else []
         s = _time_sync()
-        if keep:
-            plain.append(p)
-            sync.append(s)
-            for k, t in enumerate(v):
-                if t is not None:
-                    verify[k].append(t)
-            for i, t in enumerate(d):
-                draft[i].append(t)
+        plain.append(p)
+        sync.append(s)
+        for k, t in enumerate(v):
+            if t is not None:
+                verify[k].append(t)
+        for i, t in enumerate(d):
+            draft[i].append(t)
     step = float(np.median(plain))
     measured = [k for k in range(k_max + 1) if verify[k]]
     verify_cost = isotonic(np.interp(range(k_max + 1), measured,
