@@ -17,6 +17,11 @@ which the engine treats as "one plain step", and it re-probes with one drafted r
 plain steps that doubles while probes keep failing. What a pair of (model, proposer) has learnt carries
 over, down-weighted, to the next request with the same pair.
 
+The file's costs are a starting point, not the truth: the policy also times each round and plain step as
+the engine runs them (the time between `next_k()` calls), and while drafting it runs a few plain steps
+every CALIBRATE_EVERY rounds to re-time one, so R(k) is scaled by the current measured/modelled ratio of
+a round to a plain step (a machine that throttles or was busier when it measured shifts both).
+
 Knows the base forward, the rewindable caches and the Proposer protocol (to time them); knows nothing of
 text, and nothing of the engine beyond the `next_k()` / `observe(k, n_accepted)` contract.
 """
