@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
 from .api import GenerationResponse, encode_prompt, stream_generate
-from .cache import rollback_all
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
                   check_sampling_args, load_models, run)
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, MAX_DRAFT_TOKENS, GenerationStats, make_base_cache
-from .errors import CacheRollbackError, MlxSpecError
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, GenerationStats
+from .errors import MlxSpecError
+from .prompt_cache import PromptCache
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -44,14 +44,6 @@ def model_context(model) -> Optional[int]:
     """The longest sequence the model was trained for (config max_position_embeddings), if it says."""
     args = getattr(model, "text_args", None) or getattr(model, "args", None)
     return getattr(args, "max_position_embeddings", None)
-
-
-def common_prefix(a: List[int], b: List[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass
@@ -93,7 +85,7 @@ class ChatSession:
         self.sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, acceptance=acceptance)
         self.seed = seed
         self.num_draft_tokens = num_draft_tokens
-        self.reuse_cache = reuse_cache
+        self.prompt_cache = PromptCache(model, enabled=reuse_cache)
         self.reset()
 
     @property
@@ -107,26 +99,20 @@ class ChatSession:
         self._drop_cache()
 
     def _drop_cache(self) -> None:
-        self.cache: Optional[list] = None
-        self.cached_tokens: List[int] = []  # the tokens whose K/V the cache holds, in order
+        self.prompt_cache.drop()
+
+    @property
+    def cache(self) -> Optional[list]:
+        return self.prompt_cache.cache
+
+    @property
+    def cached_tokens(self) -> List[int]:
+        """The tokens whose K/V the cache holds, in order."""
+        return self.prompt_cache.tokens
 
     def conversation_tokens(self, messages: List[dict]) -> List[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return encode_prompt(self.tokenizer, text)  # as mlx_spec.generate encodes a templated prompt
-
-    def _prepare_cache(self, tokens: List[int]) -> int:
-        """Roll the cache back to the longest prefix of `tokens` it holds; return how many tokens it keeps."""
-        if self.reuse_cache and self.cache is not None:
-            keep = min(common_prefix(self.cached_tokens, tokens), len(tokens) - 1)  # the last token must run
-            try:
-                rollback_all(self.cache, len(self.cached_tokens) - keep)
-                self.cached_tokens = self.cached_tokens[:keep]
-                return keep
-            except CacheRollbackError:
-                pass  # the sliding window already dropped what a deeper rollback needs: start over
-        self.cache = make_base_cache(self.model, MAX_DRAFT_TOKENS + 1)  # as the Engine makes its own
-        self.cached_tokens = []
-        return 0
 
     def reply(self, user_text: str, should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
         """Add the user's message and return the reply's token stream (a generator).
@@ -152,7 +138,7 @@ class ChatSession:
         inner, generated, text = None, [], []
         torn = False  # an exception escaped the engine mid-step: its cache may be half-updated
         try:
-            self.last = TurnInfo(prompt_tokens=len(tokens), reused_tokens=self._prepare_cache(tokens))
+            self.last = TurnInfo(prompt_tokens=len(tokens), reused_tokens=self.prompt_cache.prepare(tokens))
             draft = self.draft if self.drafting else {}
             seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
             inner = stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens, seed=seed,
@@ -179,26 +165,10 @@ class ChatSession:
             self._settle(tokens + generated, torn or inner is None)
 
     def _settle(self, known: List[int], torn: bool) -> None:
-        """Record which tokens the cache holds after a reply, finished or not.
-
-        The engine's cache holds a prefix of its history; `known` (prompt + tokens we received) is a prefix of
-        that history too, so anything past `known` (drafts of a round we stopped reading) is rolled back.
-        """
-        offsets = {c.offset for c in self.cache} if self.cache else set()
+        """Record what the caches hold after a reply, finished or not (see PromptCache.settle)."""
         if torn and hasattr(self.draft.get("drafter"), "forget"):
             self.draft["drafter"].forget()  # the draft model's cache may be half-updated too
-        if torn or len(offsets) != 1:
-            self._drop_cache()
-            return
-        offset = offsets.pop()
-        try:
-            if offset > len(known):
-                rollback_all(self.cache, offset - len(known))
-                offset = len(known)
-        except CacheRollbackError:
-            self._drop_cache()
-            return
-        self.cached_tokens = known[:offset]
+        self.prompt_cache.settle(known, torn)
 
 
 class _StopOnSigint:

@@ -2,14 +2,16 @@
 
     mlx_spec.server --model M [--drafter D | --draft-model M2 | --ngram [N]] [--host 127.0.0.1] [--port 8080]
                     [--max-tokens N] [--num-draft-tokens K|auto] [--no-draft] [--max-context N]
-                    [--max-request-bytes B]
+                    [--max-request-bytes B] [--no-prompt-cache]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both stream with server-sent events when
 "stream": true), GET /v1/models, GET /health. Besides OpenAI's fields a request may set "draft" (bool) and
 "num_draft_tokens"; every response carries "usage" and a "speculative" object (rounds, drafted, accepted,
 tau, acceptance_rate, acceptance_by_position, proposer).
 
-One worker thread owns the model: it tokenizes and generates one request at a time, in arrival order.
+One worker thread owns the model: it tokenizes and generates one request at a time, in arrival order,
+keeping the last request's K/V so that a follow-up (the same conversation, resent) prefills only what is
+new (usage.prompt_tokens_details.cached_tokens; --no-prompt-cache turns it off).
 HTTP handler threads (standard library only) parse and validate requests, queue them, and write out what
 the worker produces; a client that goes away cancels its request, queued or running.
 """
@@ -36,6 +38,8 @@ from .cli import (DEFAULT_MAX_TOKENS, DEFAULT_TEMP, ArgumentParser, add_model_ar
                   check_sampling_args, load_models, run)
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, MAX_DRAFT_TOKENS
 from .errors import MlxSpecError
+from .prompt_cache import PromptCache
+from .proposers.draft_model import DraftModelProposer
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
@@ -206,14 +210,16 @@ class JobResult:
     prompt_tokens: int
     completion_tokens: int
     speculative: dict
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the previous request (not prefilled again)
 
 
 class Worker(threading.Thread):
     """Runs queued jobs one after another on the one model; never dies on a failing job."""
 
-    def __init__(self, model, tokenizer, draft: dict, *, max_context: Optional[int], max_tokens: int, log=None):
+    def __init__(self, model, tokenizer, draft: dict, *, max_context: Optional[int], max_tokens: int, log=None,
+                 prompt_cache: bool = True):
         super().__init__(name="mlx_spec-generation", daemon=True)
-        self.model, self.tokenizer, self.draft = model, tokenizer, draft
+        self.model, self.tokenizer, self.draft = model, tokenizer, dict(draft)
         self.max_context, self.max_tokens = max_context, max_tokens
         self.log = log
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
@@ -221,11 +227,17 @@ class Worker(threading.Thread):
         self.finished: deque = deque(maxlen=256)  # recent JobResults, newest last (tests and logs read it)
         args = getattr(model, "text_args", None) or getattr(model, "args", None)
         self.vocab_size = getattr(args, "vocab_size", None)
-        materialize(model, *(m for m in draft.values() if hasattr(m, "modules")))
+        materialize(model, *(m for m in self.draft.values() if hasattr(m, "modules")))
+        self._proposer = next((PROPOSER_NAMES[k] for k in self.draft), None)
+        # A client resends the whole conversation with each request: keep the last one's K/V (the base's,
+        # and a draft model's) and prefill only what is new. Exact: see PromptCache.
+        self.prompt_cache = PromptCache(model, enabled=prompt_cache)
+        if "draft_model" in self.draft and prompt_cache:
+            self.draft = {"drafter": DraftModelProposer(self.draft["draft_model"], model)}
 
     @property
     def proposer(self) -> Optional[str]:
-        return next((PROPOSER_NAMES[k] for k in self.draft), None)
+        return self._proposer
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
@@ -302,13 +314,16 @@ class Worker(threading.Thread):
         draft = self.draft if req.draft else {}
         job.events.put(("start", len(prompt)))
         stops = StopMatcher(req.stop)
+        cached = self.prompt_cache.prepare(prompt)
         gen = stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, temp=req.temp,
                               top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
-                              num_draft_tokens=req.num_draft_tokens, should_stop=job.cancelled.is_set, **draft)
-        finish, n, stats = "length", 0, None
+                              num_draft_tokens=req.num_draft_tokens, should_stop=job.cancelled.is_set,
+                              prompt_cache=self.prompt_cache.cache, **draft)
+        finish, n, stats, generated, torn = "length", 0, None, [], False
         try:
             for r in gen:
                 n, stats = n + 1, r.stats
+                generated.append(r.token)
                 if job.cancelled.is_set():
                     finish = "cancelled"
                     break
@@ -322,8 +337,14 @@ class Worker(threading.Thread):
                     job.events.put(("text", text))
                 if hit or r.finish_reason:
                     break
+        except BaseException:
+            torn = True  # it escaped the engine mid-step: the caches may be half-updated
+            raise
         finally:
             gen.close()  # stops the engine at once (cancel, stop string)
+            self.prompt_cache.settle(prompt + generated, torn)
+            if torn and hasattr(self.draft.get("drafter"), "forget"):
+                self.draft["drafter"].forget()
         if n == 0 and job.cancelled.is_set():  # the client went away during the prefill, which stopped there
             finish = "cancelled"
         spec = {"proposer": self.proposer if req.draft else None,
@@ -332,7 +353,7 @@ class Worker(threading.Thread):
             d = stats.as_dict()
             spec.update({k: d[k] for k in ("rounds", "drafted", "accepted", "tau", "acceptance_rate",
                                            "acceptance_by_position")})
-        result = JobResult(finish, len(prompt), n, spec)
+        result = JobResult(finish, len(prompt), n, spec, cached)
         self.finished.append(result)
         job.events.put(("done", result))
         if self.log and stats is not None:
@@ -584,7 +605,7 @@ class Server(ThreadingHTTPServer):
                  port: int = DEFAULT_PORT, model_name: str = "default", max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_context: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True, temp: float = DEFAULT_TEMP, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, log=None, access_log=None):
+                 top_k: int = 0, min_p: float = 0.0, log=None, access_log=None, prompt_cache: bool = True):
         draft = dict(draft or {})
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -593,7 +614,7 @@ class Server(ThreadingHTTPServer):
         self.defaults = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, num_draft_tokens=num_draft_tokens,
                              draft=draft_by_default and bool(draft))
         self.worker = Worker(model, tokenizer, draft, max_context=max_context or model_context(model),
-                             max_tokens=max_tokens, log=log)
+                             max_tokens=max_tokens, log=log, prompt_cache=prompt_cache)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)
@@ -616,7 +637,8 @@ class Server(ThreadingHTTPServer):
     @staticmethod
     def usage(result: JobResult) -> dict:
         return {"usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                          "total_tokens": result.prompt_tokens + result.completion_tokens},
+                          "total_tokens": result.prompt_tokens + result.completion_tokens,
+                          "prompt_tokens_details": {"cached_tokens": result.cached_tokens}},
                 "speculative": result.speculative}
 
     def response(self, req: GenerationRequest, text: str, result: JobResult) -> dict:
@@ -660,6 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--quiet", action="store_true", help="no per-request log lines on stderr")
+    p.add_argument("--no-prompt-cache", action="store_true",
+                   help="prefill every request from scratch (default: keep the last request's K/V and prefill "
+                   "only what a follow-up adds; the output is the same)")
     return p
 
 
@@ -678,7 +703,7 @@ def main_args(args) -> int:
                         max_tokens=args.max_tokens, max_context=args.max_context,
                         max_request_bytes=args.max_request_bytes, num_draft_tokens=args.num_draft_tokens,
                         draft_by_default=not args.no_draft, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-                        min_p=args.min_p, log=log, access_log=log)
+                        min_p=args.min_p, log=log, access_log=log, prompt_cache=not args.no_prompt_cache)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

@@ -275,3 +275,59 @@ def test_a_client_gone_during_the_prefill_stops_it_there(served, monkeypatch):
     assert not [e for e in events if e[0] == "text"]
     assert asked == [1], "asked once, before the first chunk"
     assert result.finish_reason == "cancelled" and result.completion_tokens == 0
+
+
+@pytest.mark.parametrize("draft", [True, False], ids=["mtp", "plain"])
+def test_a_follow_up_request_prefills_only_what_is_new(served, draft):
+    """A chat client resends the conversation: the server keeps the last request's K/V, reports the reused
+    part as usage.prompt_tokens_details.cached_tokens, and answers exactly as from scratch."""
+    client, srv, model, tokenizer = served
+    messages = [{"role": "user", "content": CODE}]
+    for turn, follow_up in enumerate(["def main():\n", "class Config:\n"]):
+        r = client.chat.completions.create(model="tiny", messages=messages, temperature=0, max_tokens=MAX_TOKENS,
+                                           extra_body={"draft": draft})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert r.choices[0].message.content == generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
+        cached = r.usage.prompt_tokens_details.cached_tokens
+        if turn:
+            assert cached > r.usage.prompt_tokens // 2, f"the conversation so far came from the cache ({cached})"
+        messages += [{"role": "assistant", "content": r.choices[0].message.content},
+                     {"role": "user", "content": follow_up}]
+    r = client.completions.create(model="tiny", prompt="import json\n", max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens_details.cached_tokens <= 1, "an unrelated prompt starts over"
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_no_prompt_cache_prefills_everything(served, enabled):
+    import mlx.core as mx
+
+    from mlx_spec.server import Worker
+
+    _, _, model, tokenizer = served
+    cache = Worker(model, tokenizer, {}, max_context=None, max_tokens=8, prompt_cache=enabled).prompt_cache
+    assert cache.prepare([5, 6, 7]) == 0
+    model(mx.array([[5, 6, 7]]), cache=cache.cache)  # what a request's prefill leaves
+    cache.settle([5, 6, 7], torn=False)
+    assert cache.prepare([5, 6, 7, 8]) == (3 if enabled else 0), "--no-prompt-cache: nothing is reused"
+
+
+def test_draft_model_server_keeps_its_draft_cache_between_requests(served):
+    from mlx_spec.server import GenerationRequest, Job, Worker
+
+    _, _, model, tokenizer = served
+    worker = Worker(model, tokenizer, {"draft_model": model}, max_context=None, max_tokens=MAX_TOKENS)
+    assert worker.proposer == "draft_model"
+    proposer = worker.draft["drafter"]
+    prompt = CODE
+    for turn in range(2):
+        job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS, temp=0.0))
+        held_before = proposer.consumed
+        worker._run(job)
+        events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+        text = "".join(v for k, v in events if k == "text")
+        result = next(v for k, v in events if k == "done")
+        assert text == generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
+        assert result.speculative["rounds"] > 0 and result.speculative["proposer"] == "draft_model"
+        if turn:
+            assert result.cached_tokens > 0 and held_before > 0, "base and draft caches both carried over"
+        prompt = prompt + text + "\n# next\n"
