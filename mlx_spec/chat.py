@@ -66,8 +66,8 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, draft: Optional[dict] = None, system_prompt: Optional[str] = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None, temp: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
-                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, acceptance: str = "rejection", drafting: Optional[bool] = None,
-                 reuse_cache: bool = True):
+                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, acceptance: str = "rejection",
+                 drafting: Optional[bool] = None, reuse_cache: bool = True):
         if not getattr(tokenizer, "has_chat_template", False):
             raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "
                                "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")

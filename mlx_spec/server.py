@@ -604,7 +604,8 @@ class Server(ThreadingHTTPServer):
     def __init__(self, model, tokenizer, draft: Optional[dict] = None, *, host: str = DEFAULT_HOST,
                  port: int = DEFAULT_PORT, model_name: str = "default", max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_context: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True, temp: float = DEFAULT_TEMP, top_p: float = 1.0,
+                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True,
+                 temp: float = DEFAULT_TEMP, top_p: float = 1.0,
                  top_k: int = 0, min_p: float = 0.0, log=None, access_log=None, prompt_cache: bool = True):
         draft = dict(draft or {})
         self.model_name = model_name
