@@ -15,3 +15,4 @@ mlx_spec.convert --hf-path "$OUT/hf-base-mm" --mlx-path "$OUT/base" --dtype floa
 mlx_spec.convert --hf-path "$FIX/assistant" --mlx-path "$OUT/assistant" --dtype float32 --force
 python "$HERE/compare.py" --base "$OUT/base" --drafter "$OUT/assistant" --prompt "def fibonacci(n):" \
     --prompt LONG --max-tokens "$N" --k 3 --ours-auto --repeats "$R" --json "$OUT/compare.json"
+python "$HERE/acceptance_at_temperature.py" "$OUT/base" "$OUT/assistant"
