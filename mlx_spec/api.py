@@ -100,7 +100,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, drafter=None, draft_mod
                  seed=seed, cache=prompt_cache, draft_policy=policy, should_stop=should_stop)
     detok = tokenizer.detokenizer
     detok.reset()
-    with resident(model, drafter if drafter is not None and not hasattr(drafter, "propose") else None, draft_model):
+    # a Proposer passed as drafter (a chat's or server's kept draft-model proposer) counts with its model
+    drafter_weights = getattr(drafter, "model", None) if hasattr(drafter, "propose") else drafter
+    with resident(model, drafter_weights, draft_model):
         for ev in eng.run():
             if ev.finish_reason == "stop":  # EOS is not text
                 detok.finalize()
