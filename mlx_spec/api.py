@@ -101,7 +101,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, drafter=None, draft_mod
     detok = tokenizer.detokenizer
     detok.reset()
     # a Proposer passed as drafter (a chat's or server's kept draft-model proposer) counts with its model
-    drafter_weights = getattr(drafter, "model", None) if hasattr(drafter, "propose") else drafter
+    drafter_weights = drafter
+    if hasattr(drafter, "propose"):
+        drafter_weights = getattr(drafter, "model", None) or getattr(drafter, "drafter", None)
     with resident(model, drafter_weights, draft_model):
         for ev in eng.run():
             if ev.finish_reason == "stop":  # EOS is not text
