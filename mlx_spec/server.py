@@ -358,8 +358,8 @@ class Worker(threading.Thread):
         job.events.put(("done", result))
         if self.log and stats is not None:
             tau = f", τ {stats.tau:.2f}, acceptance {stats.acceptance_rate:.0%}" if stats.rounds else ""
-            _log(self.log, f"{req.kind}: {len(prompt)} prompt + {n} tokens, {stats.generation_tps:.1f} tok/s{tau}, "
-                 f"{finish}, {time.perf_counter() - start:.2f} s")
+            _log(self.log, f"{req.kind}: {len(prompt)} prompt ({cached} cached) + {n} tokens, "
+                 f"{stats.generation_tps:.1f} tok/s{tau}, {finish}, {time.perf_counter() - start:.2f} s")
 
 
 def _log(stream, line: str) -> None:
