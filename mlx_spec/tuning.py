@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -646,6 +647,9 @@ def get_costs(model, proposer=None, *, refresh: bool = False, path: Optional[Pat
         if not refresh and stored is not None:
             costs = Costs.from_json(stored)
         else:
+            if not refresh:  # a first use pauses for seconds on a slow machine: say why, once
+                print(f"[mlx_spec] measuring this machine for --num-draft-tokens auto (first use of this model "
+                      f"and proposer here; cached in {path})", file=sys.stderr, flush=True)
             costs = measure_costs(model, proposer, **measure_kw)
             data = _read_cache(path)  # re-read: another process may have written meanwhile
             entry = data["entries"].setdefault(key, {"machine": machine_identity(), "model": model_identity(model),

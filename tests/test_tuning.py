@@ -404,3 +404,13 @@ def test_costs_can_be_measured_for_a_draft_model_proposer():
     costs = measure_costs(base, DraftModelProposer(make_base("dense_keqv", seed=5), base), k_max=3, context=24,
                           reps=1)
     assert costs.draft_step > 0 and len(costs.verify) == 4
+
+
+def test_first_use_says_it_is_measuring_once(trained_pair, capsys):
+    model, _, drafter = trained_pair
+    tuning.get_costs(model, MTPProposer(drafter, model))
+    assert "measuring this machine" in capsys.readouterr().err
+    tuning.reset_learnt_state()  # also forgets the in-memory costs: the file answers now
+    tuning._COSTS.clear()
+    tuning.get_costs(model, MTPProposer(drafter, model))
+    assert "measuring" not in capsys.readouterr().err, "the cached costs are used silently"
