@@ -2,7 +2,7 @@
 
     mlx_spec.server --model M [--drafter D | --draft-model M2 | --ngram [N]] [--host 127.0.0.1] [--port 8080]
                     [--max-tokens N] [--num-draft-tokens K|auto] [--no-draft] [--max-context N]
-                    [--max-request-bytes B] [--no-prompt-cache]
+                    [--max-request-bytes B] [--no-prompt-cache] [--prompt-cache-slots N]
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both stream with server-sent events when
 "stream": true), GET /v1/models, GET /health. Besides OpenAI's fields a request may set "draft" (bool) and
@@ -217,7 +217,7 @@ class Worker(threading.Thread):
     """Runs queued jobs one after another on the one model; never dies on a failing job."""
 
     def __init__(self, model, tokenizer, draft: dict, *, max_context: Optional[int], max_tokens: int, log=None,
-                 prompt_cache: bool = True):
+                 prompt_cache: bool = True, prompt_cache_slots: int = 1):
         super().__init__(name="mlx_spec-generation", daemon=True)
         self.model, self.tokenizer, self.draft = model, tokenizer, dict(draft)
         self.max_context, self.max_tokens = max_context, max_tokens
@@ -231,7 +231,7 @@ class Worker(threading.Thread):
         self._proposer = next((PROPOSER_NAMES[k] for k in self.draft), None)
         # A client resends the whole conversation with each request: keep the last one's K/V (the base's,
         # and a draft model's) and prefill only what is new. Exact: see PromptCache.
-        self.prompt_cache = PromptCache(model, enabled=prompt_cache)
+        self.prompt_cache = PromptCache(model, enabled=prompt_cache, slots=prompt_cache_slots)
         if "draft_model" in self.draft and prompt_cache:
             self.draft = {"drafter": DraftModelProposer(self.draft["draft_model"], model)}
 
@@ -606,7 +606,8 @@ class Server(ThreadingHTTPServer):
                  max_context: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True,
                  temp: float = DEFAULT_TEMP, top_p: float = 1.0,
-                 top_k: int = 0, min_p: float = 0.0, log=None, access_log=None, prompt_cache: bool = True):
+                 top_k: int = 0, min_p: float = 0.0, log=None, access_log=None, prompt_cache: bool = True,
+                 prompt_cache_slots: int = 1):
         draft = dict(draft or {})
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -615,7 +616,8 @@ class Server(ThreadingHTTPServer):
         self.defaults = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, num_draft_tokens=num_draft_tokens,
                              draft=draft_by_default and bool(draft))
         self.worker = Worker(model, tokenizer, draft, max_context=max_context or model_context(model),
-                             max_tokens=max_tokens, log=log, prompt_cache=prompt_cache)
+                             max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
+                             prompt_cache_slots=prompt_cache_slots)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)
@@ -686,6 +688,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-prompt-cache", action="store_true",
                    help="prefill every request from scratch (default: keep the last request's K/V and prefill "
                    "only what a follow-up adds; the output is the same)")
+    p.add_argument("--prompt-cache-slots", type=int, default=1,
+                   help="conversations whose K/V are kept at once, least recently used dropped first (default: 1; "
+                   "each holds up to a context's worth of K/V)")
     return p
 
 
@@ -694,6 +699,8 @@ def main_args(args) -> int:
     check_length_args(args)
     if args.max_request_bytes < 1:
         raise MlxSpecError(f"--max-request-bytes must be >= 1, got {args.max_request_bytes}")
+    if args.prompt_cache_slots < 1:
+        raise MlxSpecError(f"--prompt-cache-slots must be >= 1, got {args.prompt_cache_slots}")
     if not 0 <= args.port <= 65535:
         raise MlxSpecError(f"--port must be between 0 and 65535, got {args.port}")
     # load the proposer even with --no-draft, so that requests can turn drafting on
@@ -704,7 +711,8 @@ def main_args(args) -> int:
                         max_tokens=args.max_tokens, max_context=args.max_context,
                         max_request_bytes=args.max_request_bytes, num_draft_tokens=args.num_draft_tokens,
                         draft_by_default=not args.no_draft, temp=args.temp, top_p=args.top_p, top_k=args.top_k,
-                        min_p=args.min_p, log=log, access_log=log, prompt_cache=not args.no_prompt_cache)
+                        min_p=args.min_p, log=log, access_log=log, prompt_cache=not args.no_prompt_cache,
+                        prompt_cache_slots=args.prompt_cache_slots)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

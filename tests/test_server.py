@@ -243,6 +243,7 @@ def test_cli_user_mistakes_print_one_line(served, capsys):
     _, srv, _, _ = served
     path = str(TINY_CODE / "base")
     cases = [(["--model", path, "--max-request-bytes", "0"], "--max-request-bytes"),
+             (["--model", path, "--prompt-cache-slots", "0"], "--prompt-cache-slots"),
              (["--model", "/nonexistent/model"], "does not exist"),
              (["--model", path, "--port", str(srv.server_port)], "choose another --port")]
     for argv, message in cases:
@@ -331,3 +332,24 @@ def test_draft_model_server_keeps_its_draft_cache_between_requests(served):
         if turn:
             assert result.cached_tokens > 0 and held_before > 0, "base and draft caches both carried over"
         prompt = prompt + text + "\n# next\n"
+
+
+def test_two_clients_alternating_keep_their_caches_with_two_slots(served):
+    from mlx_spec.server import GenerationRequest, Job, Worker
+
+    _, _, model, tokenizer = served
+    worker = Worker(model, tokenizer, {}, max_context=None, max_tokens=MAX_TOKENS, prompt_cache_slots=2)
+
+    def ask(prompt):
+        job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS, temp=0.0))
+        worker._run(job)
+        events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+        text = "".join(v for k, v in events if k == "text")
+        assert text == generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS), "as from scratch"
+        return text, next(v for k, v in events if k == "done").cached_tokens
+
+    a, _ = ask(CODE)
+    b, _ = ask("class Parser:\n    def __init__(self")
+    _, cached_a = ask(CODE + a + "\n")
+    _, cached_b = ask("class Parser:\n    def __init__(self" + b + "\n")
+    assert cached_a > 10 and cached_b > 10, "each conversation found its own cache"
