@@ -83,3 +83,29 @@ def test_stepper_reads_weights_of_its_own_model():
         outs.append(np.array(s.step(s.begin_round(shared, 20), embedded, hidden)[0]))
     assert not np.allclose(outs[0], outs[1])
     np.testing.assert_array_equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("base_dtype", [mx.bfloat16, mx.float32])
+def test_the_drafters_dtype_is_kept_through_the_step(base_dtype):
+    """A bf16 drafter computes in bf16, also next to an fp32 base: a float32 intermediate (the RoPE matrix,
+    an fp32 base's hidden state) must not promote the residual stream, or every matmul would cast the
+    drafter's weights to float32 each step (on Metal, the drafter's whole size in extra traffic)."""
+    from mlx.utils import tree_map
+
+    base = make_base("e4b")
+    base.update(tree_map(lambda p: p.astype(base_dtype), base.parameters()))
+    drafter = make_drafter(base)
+    drafter.update(tree_map(lambda p: p.astype(mx.bfloat16) if mx.issubdtype(p.dtype, mx.floating) else p,
+                            drafter.parameters()))
+    cache, hidden, token = filled_cache(base, 40)
+    shared = {t: cache[i].drafter_view() for t, i in base.producer_layers.items()}
+    stepper = drafter.stepper()
+    state = stepper.begin_round(shared, cache[0].offset)
+    embedded = base.embed_scaled(mx.array([token], mx.int32))
+    h, h_next = stepper.step(state, embedded, hidden)
+    assert h.dtype == h_next.dtype == mx.bfloat16
+    tok, _ = stepper.greedy_step(state, embedded, hidden)
+    ref_h, _ = reference_step(drafter, embedded[None].astype(mx.bfloat16), hidden.astype(mx.bfloat16), shared,
+                              cache[0].offset)
+    np.testing.assert_allclose(np.array(h.astype(mx.float32)), np.array(ref_h[0].astype(mx.float32)),
+                               rtol=0.05, atol=0.05)

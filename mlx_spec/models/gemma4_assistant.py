@@ -164,6 +164,12 @@ class Model(nn.Module):
         return self.model.layers
 
 
+def _compute_dtype(linear: nn.Module):
+    """The activation dtype a (possibly quantized) linear layer computes in: its weight's, or its scales'."""
+    weight = linear["weight"]
+    return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else linear["scales"].dtype
+
+
 class DraftStepper:
     """The drafter's blocks as fixed-shape compiled segments joined by the attention (see module docstring).
 
@@ -178,8 +184,11 @@ class DraftStepper:
         self.types = [layer.layer_type for layer in layers]
         self._rope_layer = {t: layers[self.types.index(t)].self_attn for t in dict.fromkeys(self.types)}
         last = len(layers) - 1
+        # the drafter's own dtype: inputs from a base in another one (fp32 base, bf16 drafter) are cast once
+        # here, rather than promoting every matmul (which would cast the drafter's weights each step)
+        self.dtype = _compute_dtype(model.pre_projection)
         self._enter = mx.compile(lambda e, hidden, R: self._query(0, model.pre_projection(
-            mx.concatenate([e, hidden], axis=-1)), R))
+            mx.concatenate([e, hidden], axis=-1).astype(self.dtype)), R))
         self._between = [mx.compile(lambda h, o, R, i=i: self._query(i + 1, self._finish_layer(i, h, o), R))
                          for i in range(last)]
         self._exit = mx.compile(lambda h, o: self._head(self._finish_layer(last, h, o)))
@@ -191,8 +200,8 @@ class DraftStepper:
         """Layer i's normed, rotated query (n_heads, D) from the residual stream h (1, H); returns (h, q)."""
         layer = self.model.model.layers[i]
         attn = layer.self_attn
-        q = attn.q_proj(layer.input_layernorm(h)).reshape(attn.n_heads, attn.head_dim)
-        return h, attn.q_norm(q) @ R[self.types[i]]
+        q = attn.q_norm(attn.q_proj(layer.input_layernorm(h)).reshape(attn.n_heads, attn.head_dim))
+        return h, (q @ R[self.types[i]]).astype(q.dtype)  # R is float32: keep the drafter's dtype after it
 
     def _finish_layer(self, i: int, h: mx.array, attended: mx.array) -> mx.array:
         """The rest of block i after its attention (n_kv, rep, D): output projection, MLP, residuals."""
@@ -229,7 +238,8 @@ class DraftStepper:
         """One query's heads q (n_heads, D) onto K^T (n_kv, D, T), V (n_kv, T, D); scale 1.0 (Gemma 4).
         Head h reads K/V head h // (n_heads / n_kv), as mlx's and transformers' GQA do."""
         scores = q.reshape(kt.shape[0], -1, q.shape[-1]) @ kt
-        return mx.softmax(scores, axis=-1, precise=True) @ v
+        # the base's K/V may be wider than the drafter's dtype (fp32 base): back to the query's dtype
+        return (mx.softmax(scores, axis=-1, precise=True) @ v).astype(q.dtype)
 
     def _layers(self, state: dict, embedded: mx.array, hidden: mx.array):
         R = {t: r for t, (_, _, r) in state.items()}
