@@ -353,3 +353,42 @@ def test_two_clients_alternating_keep_their_caches_with_two_slots(served):
     _, cached_a = ask(CODE + a + "\n")
     _, cached_b = ask("class Parser:\n    def __init__(self" + b + "\n")
     assert cached_a > 10 and cached_b > 10, "each conversation found its own cache"
+
+
+def test_random_follow_ups_cancels_and_proposers_always_answer_as_from_scratch(served):
+    """State carried between requests (prompt-cache slots, the draft model's cache, auto's learnt state) must
+    never change an answer: conversations that share prefixes, follow-ups, requests cancelled mid-prefill
+    or stopped early by a stop string, drafting on and off, each checked against generate() from scratch."""
+    import random
+
+    from mlx_spec.server import GenerationRequest, Job, Worker
+
+    _, _, model, tokenizer = served
+    rng = random.Random(0)
+    seeds = ["def parse(line):\n", "class Config:\n    def __init__(self", "import os\nimport sys\n"]
+    for draft in ({"draft_model": model}, {}):
+        worker = Worker(model, tokenizer, draft, max_context=None, max_tokens=12, prompt_cache_slots=2)
+        history = {s: s for s in seeds}
+        for step in range(14):
+            seed = rng.choice(seeds)
+            prompt = history[seed]
+            req = GenerationRequest(kind="text", prompt=prompt, max_tokens=12, temp=0.0, draft=bool(draft)
+                                    and rng.random() < 0.8, num_draft_tokens=rng.choice([1, 3, "auto"]))
+            action = rng.choice(["plain", "plain", "cancel", "stop"])
+            if action == "stop":
+                req.stop = ["\n"]
+            job = Job(req)
+            if action == "cancel":
+                job.cancelled.set()
+            worker._run(job)
+            events = [job.events.get_nowait() for _ in range(job.events.qsize())]
+            text = "".join(v for k, v in events if k == "text")
+            want = generate(model, tokenizer, prompt, max_tokens=12)
+            if action == "cancel":
+                assert text == "", f"step {step}: cancelled before its prefill"
+            elif action == "stop":  # the engine ran past what the client received: the caches must not keep it
+                assert want.startswith(text) and "\n" not in text, f"step {step}: stopped at the stop string"
+            else:
+                assert text == want, f"step {step} ({draft and 'draft model'}, {req.num_draft_tokens}): as from scratch"
+            if action != "cancel":  # the client continues the conversation with what it received
+                history[seed] = prompt + text + rng.choice(["\n", "\n    ", "\n\n# ", ""])
