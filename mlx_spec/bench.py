@@ -288,6 +288,8 @@ def format_table(results: List[dict]) -> str:
     m = env["model"]
     quant = m["quantization"]
     qtxt = f"{quant['bits']}-bit g{quant['group_size']}" if quant else "not quantized"
+    if quant and quant.get("mixed"):  # e.g. a Q4_1 GGUF whose embedding is Q8_0
+        qtxt = "mixed " + ", ".join(f"{b}-bit g{g}" for b, g, _ in quant["mixed"])
     lines = [
         f"model {env['model_path'] or m['model_type']} ({m['dtype']}, {qtxt}) | mlx {env['machine']['mlx']} "
         f"{env['machine']['device']} ({env['machine']['chip']}) | {env['prompts']} prompts x {env['max_tokens']} "
