@@ -72,6 +72,12 @@ class GenerationStats:
         return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
 
     @property
+    def plain_steps(self) -> int:
+        """Tokens decoded without drafts after the first (auto-off, its re-timing, rounds the proposer left
+        empty): each emits one token at plain decoding's cost."""
+        return max(0, self.generation_tokens - 1 - self.accepted - self.rounds)
+
+    @property
     def acceptance_rate(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 

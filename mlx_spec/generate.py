@@ -31,14 +31,19 @@ def format_prompt(tokenizer, prompt: str, system: str = None, use_template: bool
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
 
-def print_stats(stats, file=None) -> None:
+def print_stats(stats, file=None, drafting: bool = False) -> None:
+    """mlx-lm's summary lines, plus one for speculation when a proposer was in use (`drafting`)."""
     file = file or sys.stderr
     print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens-per-sec", file=file)
     print(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens-per-sec", file=file)
+    plain = f"; {stats.plain_steps} tokens without drafts" if stats.plain_steps else ""
     if stats.rounds:
         by_pos = ", ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
         print(f"Speculation: {stats.rounds} rounds, tau {stats.tau:.2f}, accepted {stats.accepted}/{stats.drafted} "
-              f"({stats.acceptance_rate:.1%}); by position [{by_pos}]", file=file)
+              f"({stats.acceptance_rate:.1%}); by position [{by_pos}]{plain}", file=file)
+    elif drafting and stats.generation_tokens > 1:
+        print("Speculation: no drafted rounds (auto expected no gain from drafting on this machine, or the "
+              "proposer had nothing to offer; mlx_spec.bench shows why)", file=file)
     print(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB", file=file)
 
 
@@ -58,7 +63,7 @@ def main_args(args) -> int:
         last = r
     sys.stdout.write("\n")
     if last is not None:
-        print_stats(last.stats)
+        print_stats(last.stats, drafting=bool(draft))
     return 0
 
 

@@ -65,3 +65,23 @@ def test_bad_num_draft_tokens_is_an_argparse_error(capsys):
         main(["--model", BASE, "--prompt", "x", "--num-draft-tokens", "many"])
     err = capsys.readouterr().err
     assert e.value.code == 2 and "integer or 'auto'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_summary_says_how_many_tokens_were_decoded_without_drafts(capsys):
+    import io
+
+    from mlx_spec.engine import GenerationStats
+    from mlx_spec.generate import print_stats
+
+    out = io.StringIO()
+    stats = GenerationStats(prompt_tokens=5, generation_tokens=10, rounds=2, drafted=6, accepted=3,
+                            drafted_by_position=[2, 2, 2], accepted_by_position=[2, 1, 0])
+    assert stats.plain_steps == 10 - 1 - 3 - 2
+    print_stats(stats, file=out, drafting=True)
+    assert "tau 2.50" in out.getvalue() and "4 tokens without drafts" in out.getvalue()
+    out = io.StringIO()
+    print_stats(GenerationStats(prompt_tokens=5, generation_tokens=10), file=out, drafting=True)
+    assert "no drafted rounds" in out.getvalue(), "auto-off is said, not silent"
+    out = io.StringIO()
+    print_stats(GenerationStats(prompt_tokens=5, generation_tokens=10), file=out)
+    assert "Speculation" not in out.getvalue(), "plain decoding: nothing to say"
