@@ -317,7 +317,7 @@ class ChatUI:
 
         s = self.session
         if s.last.stats is not None:
-            print_stats(s.last.stats, file=self.err)
+            print_stats(s.last.stats, file=self.err, drafting=s.drafting)
         else:
             self.say("no reply yet")
         draft = f"on ({s.proposer_name}, k={s.num_draft_tokens})" if s.drafting else "off"

@@ -116,7 +116,7 @@ class GenerationStats:
             "generation_tokens": self.generation_tokens, "generation_tps": self.generation_tps,
             "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tau": self.tau,
             "acceptance_rate": self.acceptance_rate, "acceptance_by_position": self.acceptance_by_position,
-            "peak_memory_bytes": self.peak_memory_bytes,
+            "plain_steps": self.plain_steps, "peak_memory_bytes": self.peak_memory_bytes,
         }
 
 

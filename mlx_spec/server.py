@@ -352,7 +352,7 @@ class Worker(threading.Thread):
         if stats is not None:
             d = stats.as_dict()
             spec.update({k: d[k] for k in ("rounds", "drafted", "accepted", "tau", "acceptance_rate",
-                                           "acceptance_by_position")})
+                                           "acceptance_by_position", "plain_steps")})
         result = JobResult(finish, len(prompt), n, spec, cached)
         self.finished.append(result)
         job.events.put(("done", result))
