@@ -7,7 +7,7 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both stream with server-sent events when
 "stream": true), GET /v1/models, GET /health. Besides OpenAI's fields a request may set "draft" (bool) and
 "num_draft_tokens"; every response carries "usage" and a "speculative" object (rounds, drafted, accepted,
-tau, acceptance_rate, acceptance_by_position, proposer).
+tau, acceptance_rate, acceptance_by_position, plain_steps, proposer).
 
 One worker thread owns the model: it tokenizes and generates one request at a time, in arrival order,
 keeping the last request's K/V so that a follow-up (the same conversation, resent) prefills only what is
