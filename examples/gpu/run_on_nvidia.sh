@@ -36,6 +36,7 @@ if [ "$mode" = fetch ]; then
   for part in /tmp/mlx_spec_gpu.part.*; do
     n=$((n + 1)); mkdir -p ".gpu$n"; mv "$part" ".gpu$n/"
   done
+  for d in .gpu[0-9]*; do echo "$n" > "$d/pieces"; done
   rm -rf .whl /tmp/mlx_spec_gpu.tar
   ls -la .gpu*/
   echo "carry .gpu1 .. .gpu$n one per device call; the last call: bash examples/gpu/run_on_nvidia.sh run \"\$OUT\""
@@ -43,6 +44,14 @@ if [ "$mode" = fetch ]; then
 fi
 
 out="${2:-${OUT:-/tmp/mlx_spec_gpu}}"
+want=""
+for f in .gpu[0-9]*/pieces; do [ -f "$f" ] && want=$(cat "$f") && break; done
+have=$(find . -maxdepth 2 -path './.gpu[0-9]*/mlx_spec_gpu.part.*' | wc -l)
+if [ -z "$want" ] || [ "$have" != "$want" ]; then
+  echo "error: ${have} of ${want:-?} pieces are here: the machine was replaced between calls (or fetch was not run);" \
+       "carry .gpu1 .. .gpu${want:-N} again, one call each, back to back" >&2
+  exit 1
+fi
 mkdir -p "$out" /tmp/mlx_spec_gpu_files
 cat $(ls .gpu*/mlx_spec_gpu.part.* | sort -t/ -k2) | tar -xf - -C /tmp/mlx_spec_gpu_files  # in part order
 $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -50,7 +59,7 @@ $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
 # mlx-cuda-13 finds the CUDA libraries through RPATH $ORIGIN/../../nvidia/...: point /tmp/site/nvidia at the
 # machine's own NVIDIA wheels (a torch/jax environment has them), found before /tmp/site is on the path
 nv=$($py -c "import nvidia; print(list(nvidia.__path__)[0])" 2>/dev/null || true)
-if [ -n "$nv" ] && [ ! -e /tmp/site/nvidia ]; then ln -s "$nv" /tmp/site/nvidia; fi
+if [ -n "$nv" ] && [ -d "$nv" ] && [ ! -e /tmp/site/nvidia ]; then mkdir -p /tmp/site && ln -s "$nv" /tmp/site/nvidia; fi
 echo "NVIDIA libraries from: ${nv:-nowhere (mlx will not find CUDA)}"
 export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1
 $py - <<'EOF'
