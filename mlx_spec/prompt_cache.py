@@ -51,7 +51,7 @@ class PromptCache:
 
     def drop(self) -> None:
         """Forget every cache."""
-        self._entries: List[list] = []  # [cache, token ids], most recently used last
+        self._entries: List[list] = []  # [cache, token ids, attached dict], most recently used last
         self._current: Optional[list] = None
 
     @property
@@ -63,6 +63,12 @@ class PromptCache:
     def tokens(self) -> List[int]:
         """The ids whose K/V the current cache holds, in order."""
         return self._current[1] if self._current else []
+
+    @property
+    def attached(self) -> dict:
+        """State that belongs with the current cache's conversation (the server keeps a draft model's
+        proposer, with its own cache, here); a fresh or copied cache starts with none."""
+        return self._current[2] if self._current else {}
 
     def prepare(self, tokens: List[int]) -> int:
         """Roll the cache holding the longest prefix of `tokens` back to that prefix; return how many tokens
@@ -77,7 +83,7 @@ class PromptCache:
             # Rolling back would cut another conversation short (a shared system prompt, then diverging): with
             # a slot free, continue from a copy and keep that one whole.
             share = len(best[1]) > keep and len(self._entries) < self.slots
-            entry = [_clone(best[0]), list(best[1])] if share else best
+            entry = [_clone(best[0]), list(best[1]), {}] if share else best
             if not share:
                 self._entries.remove(best)
             try:
@@ -92,7 +98,7 @@ class PromptCache:
             self._entries = []
         while len(self._entries) >= self.slots:
             self._entries.pop(0)
-        self._current = [make_base_cache(self.model, MAX_DRAFT_TOKENS + 1), []]  # as the Engine makes its own
+        self._current = [make_base_cache(self.model, MAX_DRAFT_TOKENS + 1), [], {}]  # as the Engine makes its own
         self._entries.append(self._current)
         return 0
 

@@ -232,8 +232,6 @@ class Worker(threading.Thread):
         # A client resends the whole conversation with each request: keep the last one's K/V (the base's,
         # and a draft model's) and prefill only what is new. Exact: see PromptCache.
         self.prompt_cache = PromptCache(model, enabled=prompt_cache, slots=prompt_cache_slots)
-        if "draft_model" in self.draft and prompt_cache:
-            self.draft = {"drafter": DraftModelProposer(self.draft["draft_model"], model)}
 
     @property
     def proposer(self) -> Optional[str]:
@@ -315,6 +313,12 @@ class Worker(threading.Thread):
         job.events.put(("start", len(prompt)))
         stops = StopMatcher(req.stop)
         cached = self.prompt_cache.prepare(prompt)
+        if "draft_model" in draft and self.prompt_cache.enabled:
+            # the draft model's own cache goes with the conversation's slot, so it is reused as the base's is
+            attached = self.prompt_cache.attached
+            if "draft_proposer" not in attached:
+                attached["draft_proposer"] = DraftModelProposer(draft["draft_model"], self.model)
+            draft = {"drafter": attached["draft_proposer"]}
         gen = stream_generate(self.model, self.tokenizer, prompt, max_tokens=max_tokens, temp=req.temp,
                               top_p=req.top_p, top_k=req.top_k, min_p=req.min_p, seed=req.seed,
                               num_draft_tokens=req.num_draft_tokens, should_stop=job.cancelled.is_set,
@@ -342,9 +346,7 @@ class Worker(threading.Thread):
             raise
         finally:
             gen.close()  # stops the engine at once (cancel, stop string)
-            self.prompt_cache.settle(prompt + generated, torn)
-            if torn and hasattr(self.draft.get("drafter"), "forget"):
-                self.draft["drafter"].forget()
+            self.prompt_cache.settle(prompt + generated, torn)  # a torn request's slot goes, its proposer too
         if n == 0 and job.cancelled.is_set():  # the client went away during the prefill, which stopped there
             finish = "cancelled"
         spec = {"proposer": self.proposer if req.draft else None,

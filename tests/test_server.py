@@ -313,25 +313,35 @@ def test_no_prompt_cache_prefills_everything(served, enabled):
 
 
 def test_draft_model_server_keeps_its_draft_cache_between_requests(served):
+    """With --draft-model, each prompt-cache slot holds its own draft-model proposer (and so its cache): a
+    follow-up continues both caches, and two conversations alternating in two slots do not disturb each
+    other's."""
     from mlx_spec.server import GenerationRequest, Job, Worker
 
     _, _, model, tokenizer = served
-    worker = Worker(model, tokenizer, {"draft_model": model}, max_context=None, max_tokens=MAX_TOKENS)
+    worker = Worker(model, tokenizer, {"draft_model": model}, max_context=None, max_tokens=MAX_TOKENS,
+                    prompt_cache_slots=2)
     assert worker.proposer == "draft_model"
-    proposer = worker.draft["drafter"]
-    prompt = CODE
-    for turn in range(2):
+
+    def ask(prompt):
         job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS, temp=0.0))
-        held_before = proposer.consumed
         worker._run(job)
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(v for k, v in events if k == "text")
         result = next(v for k, v in events if k == "done")
         assert text == generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
         assert result.speculative["rounds"] > 0 and result.speculative["proposer"] == "draft_model"
-        if turn:
-            assert result.cached_tokens > 0 and held_before > 0, "base and draft caches both carried over"
-        prompt = prompt + text + "\n# next\n"
+        return text, result, worker.prompt_cache.attached["draft_proposer"]
+
+    other = "class Parser:\n    def __init__(self"
+    text_a, _, proposer_a = ask(CODE)
+    text_b, _, proposer_b = ask(other)
+    assert proposer_a is not proposer_b, "a proposer per conversation"
+    held = proposer_a.consumed
+    _, result, again = ask(CODE + text_a + "\n")
+    assert again is proposer_a and held > 0 and result.cached_tokens > 0, "A's base and draft caches carried on"
+    _, result, again = ask(other + text_b + "\n")
+    assert again is proposer_b and result.cached_tokens > 0, "... and B's"
 
 
 def test_two_clients_alternating_keep_their_caches_with_two_slots(served):
