@@ -17,6 +17,7 @@ from ..acceptance import sample_from_probs
 from ..cache import rollback_all
 from ..errors import CacheRollbackError, PairingError
 from ..engine import MAX_DRAFT_TOKENS, base_forward, make_base_cache
+from ..prompt_cache import common_prefix
 from .base import Draft, RoundContext
 
 DEFAULT_MAX_ROLLBACK = MAX_DRAFT_TOKENS + 1  # the engine never verifies more drafts
@@ -86,12 +87,7 @@ class DraftModelProposer:
         rolled back."""
         if not self.cache or not prompt:
             return 0
-        known = self._history[: min(self.consumed, len(self._history))]
-        keep = 0
-        for a, b in zip(known, prompt):
-            if a != b:
-                break
-            keep += 1
+        keep = common_prefix(self._history[: min(self.consumed, len(self._history))], prompt)
         if keep <= 0:
             return 0
         try:  # from where the cache is: a round proposed but never observed (a reply stopped) ran drafts
