@@ -67,6 +67,12 @@ PROBE_WEIGHT = 8.0  # before an auto-off probe, evidence shrinks to this, so one
 OVERHEAD_SMOOTHING = 0.05  # per observed round, for its measured / modelled time
 PLAIN_SMOOTHING = 0.3  # per observed plain step: they are rare while drafting, and each is a fresh reading
 CALIBRATE_EVERY = 32  # drafted rounds in a row after which a few plain steps re-measure a plain step here
+# ... stretched (doubling per calibration, up to CALIBRATE_MAX_EVERY) while the expected speedup clears 1 by
+# a wide margin: the re-timing scales every R(k) alike, so it can change only the draft-or-not verdict, and
+# 4 plain steps in 32 rounds cost a drafter at 3x about 7% of its speed. The interval at speedup S is at most
+# CALIBRATE_EVERY * (S - 1) / CALIBRATION_MARGIN, so it shrinks back as soon as the margin does.
+CALIBRATE_MAX_EVERY = 256
+CALIBRATION_MARGIN = 0.25
 CALIBRATION_STEPS = 4  # ... (the first follows a round, so it is not timed); they cost what plain decoding does
 OVERHEAD_MIN, OVERHEAD_MAX = 0.2, 5.0  # wide: machines drift 2.5x (thermal state, a shared VM); smoothing damps outliers
 MIN_SPEEDUP = 1.02  # expected speedup needed to draft; a tie goes to plain decoding, which pipelines
@@ -143,6 +149,13 @@ def best_k(alphas: Sequence[float], costs: Costs, *, k_max: Optional[int] = None
     if min_k == 0 and s < min_speedup:
         return 0, 1.0
     return k, s
+
+
+def calibration_interval(interval: int, expected_speedup: float) -> int:
+    """Drafted rounds between plain-step re-timings: `interval`, but no longer than the margin of the expected
+    speedup over plain decoding allows (CALIBRATE_EVERY when the verdict is close)."""
+    by_margin = CALIBRATE_EVERY * max(1.0, (expected_speedup - 1.0) / CALIBRATION_MARGIN)
+    return int(min(interval, by_margin, CALIBRATE_MAX_EVERY))
 
 
 def can_ever_pay(costs: Costs, min_speedup: float = MIN_SPEEDUP) -> bool:
@@ -248,6 +261,7 @@ class PairState:
     # costs file may come from minutes (or a thermal state) ago, and only the current ratio of a round to a
     # plain step says whether drafting pays now.
     rounds_since_plain: int = CALIBRATE_EVERY - CALIBRATION_STEPS
+    calibrate_every: int = CALIBRATE_EVERY  # the current interval (stretched while drafting pays well)
 
 
 class AutoDraftPolicy:
@@ -325,9 +339,11 @@ class AutoDraftPolicy:
             st.rounds_since_plain = 0
             return self._give(0)
         st.rounds_since_plain += 1
-        if st.rounds_since_plain > CALIBRATE_EVERY:  # a few plain steps to time one as things are now
+        if st.rounds_since_plain > calibration_interval(st.calibrate_every, self.expected_speedup):
+            # a few plain steps to time one as things are now; the next interval doubles if the margin allows
             st.rounds_since_plain = 0
             st.plain_left = CALIBRATION_STEPS - 1
+            st.calibrate_every = calibration_interval(2 * st.calibrate_every, self.expected_speedup)
             self.calibrations += 1
             return self._give(0)
         st.rounds_on += 1

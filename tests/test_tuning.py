@@ -4,6 +4,7 @@ machine (auto-off, re-probe, backoff), its decisions on real drafters, and the p
 import json
 import math
 
+import numpy as np
 import pytest
 
 from mlx_spec import tuning
@@ -199,6 +200,26 @@ def test_policy_drafts_long_when_everything_is_accepted():
         "a drafter that always agrees is never switched off: plain steps only to re-time a plain step"
     assert len(runs) <= 1 + len(ks) // tuning.CALIBRATE_EVERY
     assert ks[-1] == tuning.K_MAX, "cheap verify + full acceptance: the longest k"
+
+
+def _drafted_rounds_between_calibrations(ks):
+    return [len(r) for r in "".join("d" if k else "p" for k in ks).split("p") if r]
+
+
+def test_policy_re_times_rarely_when_drafting_pays_by_far_and_often_when_it_is_close():
+    """Calibration can only flip the draft-or-not verdict, so a drafter far ahead of plain decoding pays for
+    it rarely (4 plain steps per 32 rounds would cost a 3x drafter ~7%), one near break-even often."""
+    far = AutoDraftPolicy(CHEAP)
+    gaps = _drafted_rounds_between_calibrations(drive(far, lambda k: k, 2000))[1:-1]
+    assert far.expected_speedup > 3 and gaps[0] <= 2 * tuning.CALIBRATE_EVERY
+    assert all(b >= a for a, b in zip(gaps, gaps[1:])) and max(gaps) == tuning.CALIBRATE_MAX_EVERY, gaps
+
+    close = AutoDraftPolicy(CHEAP)  # the first draft accepted a third of the time, the rest never: S ~ 1.15
+    rng = np.random.default_rng(0)
+    ks = drive(close, lambda k: int(rng.random() < 0.35), 2000)
+    assert 1.02 <= close.expected_speedup < 1.25, close.summary()
+    gaps = _drafted_rounds_between_calibrations(ks)[1:-1]
+    assert gaps and max(gaps) <= tuning.CALIBRATE_EVERY + 1, gaps
 
 
 def test_policy_recovers_when_acceptance_returns():
