@@ -408,7 +408,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a busy shared machine "
                         "with MLX's CPU backend, but blind to overlap (async_eval) and to GPU time")
-    p.add_argument("--verbose", action="store_true", help="show tracebacks for errors; progress on stderr")
+    p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress lines on stderr (by default each phase and pass says how long is left)")
     add_sampling_args(p)
     return p
 
@@ -506,7 +508,7 @@ def main_args(args) -> int:
     configs = build_configs(args, model, references, tuning._vocab_size(model))
     bench = Bench(model, ids, SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.acceptance),
                   tokenizer.eos_token_ids, args.seed if args.seed is not None else 0, args.max_tokens,
-                  args.verbose)
+                  progress=not args.quiet)
     weights = {id(c.weights): c.weights for c in configs if c.weights is not None}
     tuning.use_clock(time.process_time if args.clock == "cpu" else time.perf_counter)
     try:
@@ -534,13 +536,14 @@ class Bench:
 
     PLAIN = Config(None, 0)
 
-    def __init__(self, model, ids, sampling, eos_ids, seed: int, max_tokens: int, verbose: bool = False):
+    def __init__(self, model, ids, sampling, eos_ids, seed: int, max_tokens: int, progress: bool = False):
         self.model, self.ids, self.sampling, self.eos_ids = model, ids, sampling, eos_ids
-        self.seed, self.max_tokens, self.verbose = seed, max_tokens, verbose
+        self.seed, self.max_tokens, self.progress = seed, max_tokens, progress
 
     def log(self, msg: str) -> None:
-        if self.verbose:
-            print(msg, file=sys.stderr, flush=True)
+        """Progress on stderr (stdout is the table): a bench on a large model runs for many minutes."""
+        if self.progress:
+            print(f"bench: {msg}", file=sys.stderr, flush=True)
 
     def run(self, cfg: Config, i: int, max_tokens: Optional[int] = None, instrument: bool = False) -> RunResult:
         return decode(self.model, self.ids[i], cfg.make(i), cfg.k if cfg.proposer else 0, self.sampling,
@@ -548,12 +551,12 @@ class Bench:
 
     def references(self) -> Dict[int, List[int]]:
         """prompt + plain continuation per prompt (the oracle's knowledge; also warms up plain decoding)."""
-        self.log("plain reference runs")
+        self.log(f"plain reference runs ({len(self.ids)} prompts x {self.max_tokens} tokens)")
         return {i: list(ids) + self.run(self.PLAIN, i).tokens for i, ids in enumerate(self.ids)}
 
     def probe(self, configs: List[Config]) -> Dict[str, tuning.Costs]:
         """Fresh costs per proposer family (saved to the tuning cache, so `auto` uses them too)."""
-        self.log("probing costs")
+        self.log("measuring verify and drafting costs on this machine")
         costs: Dict[str, tuning.Costs] = {}
         for cfg in configs:
             if cfg.family not in costs:
@@ -572,7 +575,8 @@ class Bench:
         Per prompt, a pass runs plain, two configurations, plain, two more, ..., plain: every configuration
         runs next to a plain run on each side, and those two are its baseline (`baseline_label`), seconds
         apart, not minutes. Configurations rotate between passes."""
-        self.log("warm-up")
+        self.log(f"warm-up; then {repeats} passes of {len(configs)} configurations, each next to plain runs")
+        started = time.perf_counter()
         for cfg in [self.PLAIN] + configs:
             self.run(cfg, 0, min(WARMUP_TOKENS, self.max_tokens))
         labels = [c.label for c in configs] + [baseline_label(c) for c in configs]
@@ -591,9 +595,16 @@ class Bench:
                         results[baseline_label(cfg)].setdefault(r, []).append(_merge_runs(before, after))
                     before = after
             self.reprobe(configs, probes)
-            self.log(f"pass {r + 1}/{repeats} done")
+            self.log(f"pass {r + 1}/{repeats} done{_time_left(time.perf_counter() - started, r + 1, repeats)}")
         instrumented = {c.label: [self.run(c, i, instrument=True) for i in range(len(self.ids))] for c in configs}
         return results, instrumented, {f: median_costs(c) for f, c in probes.items()}
+
+
+def _time_left(elapsed: float, done: int, passes: int) -> str:
+    """'; about 3 min left': the passes still to run, plus the instrumented runs (about half a pass: every
+    configuration once, without the plain runs around it)."""
+    left = elapsed / done * (passes - done + 0.5)
+    return f"; about {left / 60:.0f} min left" if left >= 90 else f"; about {left:.0f} s left"
 
 
 def baseline_label(cfg: Config) -> str:

@@ -35,9 +35,10 @@ def bench_run(tmp_path_factory):
     import contextlib
     import io
 
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
+    buf, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(err):
         rc = bench.main(argv)
+    (tmp / "stderr.txt").write_text(err.getvalue())
     mp.undo()
     tuning.reset_learnt_state()
     return rc, json.loads(out.read_text()), buf.getvalue(), tmp
@@ -113,6 +114,17 @@ def test_table_names_every_configuration(bench_run):
     for r in results:
         assert f"k={r['k']}" in table
     assert "oracle(0.5) k=3" in table and "mtp-random k=auto" in table
+
+
+def test_progress_goes_to_stderr_with_the_time_left_and_quiet_silences_it(bench_run, capsys):
+    _, _, table, tmp = bench_run
+    err = (tmp / "stderr.txt").read_text()
+    assert "bench: plain reference runs" in err and "bench: pass 1/1 done; about" in err and "left" in err
+    assert "bench:" not in table, "stdout holds the table only"
+    assert bench.build_parser().parse_args(["--model", "m", "--quiet"]).quiet
+    bench.Bench(None, [], None, [], 0, 1, progress=False).log("hidden")
+    assert capsys.readouterr().err == ""
+    assert bench._time_left(60.0, 1, 3) == "; about 2 min left" and bench._time_left(10.0, 2, 2) == "; about 2 s left"
 
 
 def test_tuning_cache_is_written_under_xdg(bench_run):
