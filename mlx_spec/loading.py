@@ -141,17 +141,29 @@ def converted_from_hub(repo_id: str, model_dir: Path, config: dict, q_bits: Opti
     return dest
 
 
+def default_dtype(config: dict):
+    """float32 for a quantized model on MLX's CPU backend, else None (the file's dtypes).
+
+    The CPU quantized matmul computes in the scales' dtype, and with bfloat16 / float16 scales it is ~9x /
+    ~40x slower than with float32 ones (measured: a 2048x512 4-bit matmul, 0.7 ms vs 6.2 / 30 ms); a
+    bf16 4-bit model decodes 2-5x faster cast. What gets cast is small in a quantized model (scales,
+    biases, norms); its packed weights stay as they are. Metal and CUDA have fast half-precision kernels,
+    so elsewhere nothing changes."""
+    return mx.float32 if config.get("quantization") and mx.default_device() == mx.cpu else None
+
+
 def load_model(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] = None
                ) -> Tuple[nn.Module, dict, Path]:
-    """(model, config, resolved directory). `dtype` casts an unquantized model's float weights; `q_bits`
-    quantizes an unconverted hub checkpoint once, into the local cache (~/.cache/mlx_spec/models)."""
+    """(model, config, resolved directory). `dtype` casts the float weights (of a quantized model: scales,
+    biases and the unquantized rest; default: `default_dtype`); `q_bits` quantizes an unconverted hub
+    checkpoint once, into the local cache (~/.cache/mlx_spec/models)."""
     model_dir = resolve_model_path(path_or_repo)
     if is_hub_id(path_or_repo):
         model_dir = converted_from_hub(path_or_repo, model_dir, read_config(model_dir), q_bits)
     config = read_config(model_dir)
     warn_if_too_big(sum(f.stat().st_size for f in weight_files(model_dir)), f"loading {model_dir}")
     weights = read_weights(model_dir)
-    model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else None)
+    model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else default_dtype(config))
     model.source_path = str(model_dir)  # identifies the model in tuning's cost cache and bench records
     return model, config, model_dir
 
