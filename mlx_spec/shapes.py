@@ -67,26 +67,44 @@ def drafter_config(shape: str) -> dict:
             "centroid_intermediate_top_k": 32 if shape != "tiny" else 2, "text_config": text}
 
 
-def _randomize(model: nn.Module, dtype, seed: int) -> None:
-    """Small random weights in `dtype`, norms near 1; keeps integer tables (token_ordering)."""
+def _noise(shape, dtype, key: int) -> mx.array:
+    return mx.random.normal(shape, dtype=dtype, key=mx.random.key(key)) * 0.02  # drawn in dtype: no fp32 copy
+
+
+def _randomize(model: nn.Module, dtype, seed: int, skip=frozenset()) -> None:
+    """Small random weights in `dtype`, norms near 1; keeps integer tables (token_ordering) and `skip`."""
     params = []
     for i, (name, p) in enumerate(tree_flatten(model.parameters())):
-        if not mx.issubdtype(p.dtype, mx.floating):
+        if not mx.issubdtype(p.dtype, mx.floating) or name in skip:
             params.append((name, p))
             continue
-        noise = mx.random.normal(p.shape, key=mx.random.key(seed * 100_003 + i)) * 0.02
-        params.append((name, ((1.0 if "norm" in name or "scalar" in name else 0.0) + noise).astype(dtype)))
+        params.append((name, (1.0 if "norm" in name or "scalar" in name else 0.0) + _noise(p.shape, dtype, seed * 100_003 + i)))
         mx.eval(params[-1][1])  # one tensor at a time keeps peak memory at the model's size
     model.update(tree_unflatten(params))
+
+
+def _random_quantized(model: nn.Module, dtype, seed: int, bits: int, group_size: int) -> None:
+    """Quantize the layers that take it one at a time, each from fresh random weights: the unquantized model
+    never exists whole (E2B in bf16 is 10 GB, in 4 bits under 3), so peak memory stays near the result's."""
+    done = set()
+    for i, (path, module) in enumerate(list(model.named_modules())):
+        if not hasattr(module, "to_quantized") or module.weight.shape[-1] % group_size:
+            continue
+        module.weight = _noise(module.weight.shape, dtype, seed * 7_919 + i)
+        quantized = module.to_quantized(group_size=group_size, bits=bits)
+        mx.eval(quantized.parameters())
+        model.update_modules(tree_unflatten([(path, quantized)]))
+        done.update(f"{path}.{name}" for name, _ in tree_flatten(quantized.parameters()))
+    _randomize(model, dtype, seed, skip=done)
 
 
 def random_pair(shape: str, dtype=mx.bfloat16, q_bits: int = 4, group_size: int = 64, seed: int = 0):
     """(base, drafter) with random weights; the base quantized to q_bits (0 = unquantized), drafter in dtype."""
     base = gemma4_text.Model(gemma4_text.ModelArgs.from_dict(base_config(shape)))
-    _randomize(base, dtype, seed)
     if q_bits:
-        nn.quantize(base, group_size=group_size, bits=q_bits,
-                    class_predicate=lambda p, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+        _random_quantized(base, dtype, seed, q_bits, group_size)
+    else:
+        _randomize(base, dtype, seed)
     drafter = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(drafter_config(shape)))
     _randomize(drafter, dtype, seed + 1)
     if drafter.args.use_ordered_embeddings:

@@ -29,6 +29,26 @@ def test_published_shapes_pair(shape):
     assert d_args.backbone_hidden_size == base_args.hidden_size and d_args.text.vocab_size == base_args.vocab_size
 
 
-def test_quantized_tiny_pair_validates():
-    base, drafter = random_pair("tiny", q_bits=4, group_size=32)
+def test_quantized_tiny_pair_validates_and_decodes_exactly():
+    """Quantized layer by layer from random weights (the whole unquantized model never exists): every layer
+    that takes the group size is quantized, from non-degenerate weights, and the rest is randomized too."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+
+    base, drafter = random_pair("tiny", dtype=mx.float32, q_bits=4, group_size=32)
     validate_pairing(drafter, base)
+    layers = [(p, m) for p, m in base.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert layers and all(isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) == (m.weight.shape[-1] % 32 == 0)
+                          for _, m in layers)
+    quantized = [m for _, m in base.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))]
+    assert len(quantized) > 10
+    for m in quantized:
+        w = mx.dequantize(m.weight, m.scales, m.biases, group_size=32, bits=4)
+        assert 0.005 < float(w.std()) < 0.05, "dequantizes to the N(0, 0.02) it was drawn from"
+    norms = [p for n, p in tree_flatten(base.parameters()) if "norm" in n and p.ndim == 1]
+    assert norms and all(abs(float(p.mean()) - 1.0) < 0.05 for p in norms)
+    prompt = list(range(2, 40))
+    plain = [e.token for e in Engine(base, prompt, max_tokens=24).run()]
+    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), num_draft_tokens=3,
+                                    max_tokens=24).run()]
+    assert spec == plain
