@@ -105,6 +105,8 @@ def sample_from_probs(probs: mx.array, u) -> mx.array:
 
 def _accepted_prefix(accepts: mx.array) -> mx.array:
     # (k,) bool -> () int32. cumprod zeroes everything after the first miss; the sum counts the prefix.
+    if accepts.shape[0] == 0:  # a round with no drafts; MLX before 0.32.4 dies (SIGFPE) on an empty cumprod
+        return mx.array(0, dtype=mx.int32)
     return mx.sum(mx.cumprod(accepts.astype(mx.int32))).astype(mx.int32)
 
 

@@ -329,14 +329,20 @@ def _rewrite_config(d: Path, **changes) -> None:
     (d / "config.json").write_text(json.dumps(config))
 
 
+def _read_all(path: Path) -> dict:
+    w = mx.load(str(path))
+    mx.eval(list(w.values()))  # MLX may read lazily from the file these helpers overwrite
+    return w
+
+
 def _drop_tensor(d: Path) -> None:
-    w = mx.load(str(d / "model.safetensors"))
+    w = _read_all(d / "model.safetensors")
     del w["model.layers.1.mlp.down_proj.weight"]
     mx.save_safetensors(str(d / "model.safetensors"), w)
 
 
 def _reshape_tensor(d: Path) -> None:
-    w = mx.load(str(d / "model.safetensors"))
+    w = _read_all(d / "model.safetensors")
     w["model.layers.0.mlp.gate_proj.weight"] = mx.zeros((64, 64))
     mx.save_safetensors(str(d / "model.safetensors"), w)
 
