@@ -514,6 +514,7 @@ def main_args(args) -> int:
     try:
         with resident(model, *weights.values()):  # as stream_generate keeps them, on Apple silicon
             references.update(bench.references())
+            bench.estimate(configs, args.repeats)
             bench.probe(configs)
             results, instrumented, costs = bench.measure(configs, args.repeats)
     finally:
@@ -539,6 +540,7 @@ class Bench:
     def __init__(self, model, ids, sampling, eos_ids, seed: int, max_tokens: int, progress: bool = False):
         self.model, self.ids, self.sampling, self.eos_ids = model, ids, sampling, eos_ids
         self.seed, self.max_tokens, self.progress = seed, max_tokens, progress
+        self.plain_s_per_token = 0.0  # measured by references()
 
     def log(self, msg: str) -> None:
         """Progress on stderr (stdout is the table): a bench on a large model runs for many minutes."""
@@ -552,7 +554,22 @@ class Bench:
     def references(self) -> Dict[int, List[int]]:
         """prompt + plain continuation per prompt (the oracle's knowledge; also warms up plain decoding)."""
         self.log(f"plain reference runs ({len(self.ids)} prompts x {self.max_tokens} tokens)")
-        return {i: list(ids) + self.run(self.PLAIN, i).tokens for i, ids in enumerate(self.ids)}
+        start = time.perf_counter()
+        runs = {i: self.run(self.PLAIN, i) for i in range(len(self.ids))}
+        self.plain_s_per_token = (time.perf_counter() - start) / max(1, sum(len(r.tokens) for r in runs.values()))
+        return {i: list(ids) + runs[i].tokens for i, ids in enumerate(self.ids)}
+
+    def estimate(self, configs: List[Config], repeats: int) -> None:
+        """Say up front how long the measured passes will take, at plain decoding's speed (speculative runs
+        are faster or, with auto, about as fast): a large model on a slow machine can take hours."""
+        if self.plain_s_per_token <= 0:
+            return
+        runs_per_prompt = repeats * (len(configs) + (len(configs) + 1) // 2 + 1) + len(configs)
+        tokens = runs_per_prompt * len(self.ids) * self.max_tokens
+        seconds = tokens * self.plain_s_per_token
+        self.log(f"plain decoding runs {1 / self.plain_s_per_token:.1f} tok/s; the passes decode about {tokens} "
+                 f"tokens, up to {_duration(seconds)}" + (" (fewer --prompts, --max-tokens, --repeats or "
+                                                         "--num-draft-tokens make it shorter)" if seconds > 1200 else ""))
 
     def probe(self, configs: List[Config]) -> Dict[str, tuning.Costs]:
         """Fresh costs per proposer family (saved to the tuning cache, so `auto` uses them too)."""
@@ -575,7 +592,8 @@ class Bench:
         Per prompt, a pass runs plain, two configurations, plain, two more, ..., plain: every configuration
         runs next to a plain run on each side, and those two are its baseline (`baseline_label`), seconds
         apart, not minutes. Configurations rotate between passes."""
-        self.log(f"warm-up; then {repeats} passes of {len(configs)} configurations, each next to plain runs")
+        self.log(f"warm-up; then {repeats} pass{'es' if repeats > 1 else ''} of {len(configs)} "
+                 f"configuration{'s' if len(configs) > 1 else ''}, each next to plain runs")
         started = time.perf_counter()
         for cfg in [self.PLAIN] + configs:
             self.run(cfg, 0, min(WARMUP_TOKENS, self.max_tokens))
@@ -603,8 +621,12 @@ class Bench:
 def _time_left(elapsed: float, done: int, passes: int) -> str:
     """'; about 3 min left': the passes still to run, plus the instrumented runs (about half a pass: every
     configuration once, without the plain runs around it)."""
-    left = elapsed / done * (passes - done + 0.5)
-    return f"; about {left / 60:.0f} min left" if left >= 90 else f"; about {left:.0f} s left"
+    return f"; about {_duration(elapsed / done * (passes - done + 0.5))} left"
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h" if seconds >= 5400 else f"{seconds / 60:.0f} min" if seconds >= 90 \
+        else f"{seconds:.0f} s"
 
 
 def baseline_label(cfg: Config) -> str:

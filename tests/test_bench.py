@@ -120,11 +120,15 @@ def test_progress_goes_to_stderr_with_the_time_left_and_quiet_silences_it(bench_
     _, _, table, tmp = bench_run
     err = (tmp / "stderr.txt").read_text()
     assert "bench: plain reference runs" in err and "bench: pass 1/1 done; about" in err and "left" in err
+    # 5 families (mtp, mtp-random, ngram, two oracles) x 3 ks = 15 configurations; per prompt a pass runs them
+    # with 8 + 1 plain runs around them (24), the instrumented runs 15 more; 2 code prompts x 12 tokens
+    assert f"the passes decode about {(24 + 15) * 2 * 12} tokens, up to " in err, err
     assert "bench:" not in table, "stdout holds the table only"
     assert bench.build_parser().parse_args(["--model", "m", "--quiet"]).quiet
     bench.Bench(None, [], None, [], 0, 1, progress=False).log("hidden")
     assert capsys.readouterr().err == ""
     assert bench._time_left(60.0, 1, 3) == "; about 2 min left" and bench._time_left(10.0, 2, 2) == "; about 2 s left"
+    assert bench._duration(6 * 3600) == "6.0 h"
 
 
 def test_tuning_cache_is_written_under_xdg(bench_run):
