@@ -594,9 +594,9 @@ class Bench:
         apart, not minutes. Configurations rotate between passes."""
         self.log(f"warm-up; then {repeats} pass{'es' if repeats > 1 else ''} of {len(configs)} "
                  f"configuration{'s' if len(configs) > 1 else ''}, each next to plain runs")
-        started = time.perf_counter()
         for cfg in [self.PLAIN] + configs:
             self.run(cfg, 0, min(WARMUP_TOKENS, self.max_tokens))
+        started = time.perf_counter()
         labels = [c.label for c in configs] + [baseline_label(c) for c in configs]
         results: Dict[str, Dict[int, List[RunResult]]] = {label: {} for label in labels}
         probes: Dict[str, List[tuning.Costs]] = {}
