@@ -78,7 +78,8 @@ def _randomize(model: nn.Module, dtype, seed: int, skip=frozenset()) -> None:
         if not mx.issubdtype(p.dtype, mx.floating) or name in skip:
             params.append((name, p))
             continue
-        params.append((name, (1.0 if "norm" in name or "scalar" in name else 0.0) + _noise(p.shape, dtype, seed * 100_003 + i)))
+        center = 1.0 if "norm" in name or "scalar" in name else 0.0
+        params.append((name, center + _noise(p.shape, dtype, seed * 100_003 + i)))
         mx.eval(params[-1][1])  # one tensor at a time keeps peak memory at the model's size
     model.update(tree_unflatten(params))
 

@@ -69,8 +69,8 @@ PLAIN_SMOOTHING = 0.3  # per observed plain step: they are rare while drafting, 
 CALIBRATE_EVERY = 32  # drafted rounds in a row after which a few plain steps re-measure a plain step here
 # ... stretched (doubling per calibration, up to CALIBRATE_MAX_EVERY) while the expected speedup clears 1 by
 # a wide margin: the re-timing scales every R(k) alike, so it can change only the draft-or-not verdict, and
-# 4 plain steps in 32 rounds cost a drafter at 3x about 7% of its speed. The interval at speedup S is at most
-# CALIBRATE_EVERY * (S - 1) / CALIBRATION_MARGIN, so it shrinks back as soon as the margin does.
+# 4 plain steps in 32 rounds cost a drafter at 3.7x (tau 6.3) about 7% of its speed. The interval at
+# speedup S is at most CALIBRATE_EVERY * (S - 1) / CALIBRATION_MARGIN: it shrinks back with the margin.
 CALIBRATE_MAX_EVERY = 256
 CALIBRATION_MARGIN = 0.25
 CALIBRATION_STEPS = 4  # ... (the first follows a round, so it is not timed); they cost what plain decoding does

@@ -14,12 +14,10 @@ import time
 
 import mlx.core as mx
 
+from mlx_spec.loading import DTYPES
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.shapes import BASE_SHAPES, random_pair
 from mlx_spec.tuning import measure_costs
-
-
-DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 
 
 def default_dtype() -> str:
