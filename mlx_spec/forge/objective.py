@@ -1,0 +1,221 @@
+"""The training objective: the drafter's k draft steps for every position of a sequence at once,
+conditioned exactly as at inference, distilled from the base's own distribution.
+
+At inference (proposers/mtp.py) a round starts at the bonus token x_p at position p, which the base has
+not run yet. Draft step 1 reads concat(base.embed_scaled(x_p), the base's final-normed hidden at p-1); its
+query sits at position p (for every step of the round) and attends to the base's producer-layer K/V of
+positions < p, on sliding layers only the last W+1 of them (`SlidingKVCache.drafter_view`). Step j > 1
+reads its own previous post_projection output and the embedding of the previous token.
+
+Here one base forward over a sequence (B, L) gives the hidden states, logits and producer K/V of every
+position; then each draft step is one parallel pass over all round starts p. Step j runs the P_j = L-j
+queries p = 1..L-j: query i is position p = i+1 and key m is position m, so "keys of positions < p" is the
+causal mask m <= i and "the last W+1 of them" is i - m <= W. Step j feeds the embedding of the sequence's
+token at p+j-1 (the bonus for j = 1; later the token the base emitted there, exactly so when the data is
+the base's own greedy text) and is scored against the base's distribution at p+j-1, which predicts the
+token at p+j that draft j must guess.
+
+Shapes: B batch, L tokens, P_j = L-j queries of step j, H_b base width, H drafter width, V vocabulary,
+C centroids.
+
+Knows nothing of files, optimizers or the engine.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from ..cache import SlidingKVCache
+
+DEFAULT_STEP_DECAY = 0.8  # weight of draft step j: decay**(j-1); a draft counts only after its predecessors
+DEFAULT_CENTROID_WEIGHT = 1.0
+LOSSES = ("kl", "ce")
+
+
+@dataclass
+class Teacher:
+    """What one frozen base forward gives for a batch (every array is a constant to the drafter's gradient).
+
+    The vocabulary-wide work is done here once per batch, not once per draft step: on MLX's CPU backend a
+    transcendental over (B, L, V) is the costliest elementwise op (exp: ~20x numpy's time)."""
+
+    tokens: mx.array  # (B, L) int32
+    mask: mx.array  # (B, L) bool: real tokens (rows are right-padded)
+    embedded: mx.array  # (B, L, H_b) base.embed_scaled(tokens)
+    hidden: mx.array  # (B, L, H_b) final-normed hidden state
+    probs: mx.array  # (B, L, V) float32 softmax of the base's logits (its distribution for token l+1)
+    entropy: mx.array  # (B, L) of probs, so the loss can report KL = cross-entropy - entropy
+    best: mx.array  # (B, L) the base's argmax (greedy) token
+    kv: Dict[str, Tuple[mx.array, mx.array]]  # layer type -> (K, V) (B, n_kv, L, D) of the producer layer
+    mass: Optional[mx.array] = None  # (B, L, C) probs summed per centroid cluster (centroid heads)
+
+    @property
+    def length(self) -> int:
+        return self.tokens.shape[1]
+
+    def arrays(self) -> list:
+        return [self.embedded, self.hidden, self.probs, self.entropy, self.best, self.kv] + \
+            ([self.mass] if self.mass is not None else [])
+
+
+def teacher_forward(base, tokens: mx.array, mask: mx.array, token_ordering: Optional[mx.array] = None,
+                    num_centroids: int = 0) -> Teacher:
+    """Run the base once over tokens (B, L): fresh caches keep every position's K/V after one pass.
+    With a centroid head's token_ordering, also the base's probability mass per cluster."""
+    cache = base.make_cache()
+    logits, hidden = base.forward(tokens, cache)  # (B, L, V), (B, L, H_b)
+    kv = {}
+    for layer_type, i in base.producer_layers.items():
+        c = cache[i]  # one pass from empty: a sliding cache still holds every position, in order
+        keys, values = c.state if isinstance(c, SlidingKVCache) else c.drafter_view()
+        if keys.shape[2] != tokens.shape[1]:
+            raise RuntimeError(f"producer cache {i} kept {keys.shape[2]} of {tokens.shape[1]} positions")
+        kv[layer_type] = (mx.stop_gradient(keys), mx.stop_gradient(values))
+    logits = mx.stop_gradient(logits.astype(mx.float32))
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    probs = mx.exp(logp)
+    mass = None
+    if token_ordering is not None:
+        B, L, V = probs.shape
+        mass = mx.take(probs, token_ordering, axis=-1).reshape(B, L, num_centroids, V // num_centroids).sum(-1)
+    return Teacher(tokens, mask, mx.stop_gradient(base.embed_scaled(tokens)), mx.stop_gradient(hidden), probs,
+                   -(probs * logp).sum(-1), mx.argmax(logits, axis=-1), kv, mass)
+
+
+def teacher_for(base, drafter, tokens: mx.array, mask: mx.array) -> Teacher:
+    """teacher_forward with what this drafter's head needs."""
+    if drafter.args.use_ordered_embeddings:
+        me = drafter.masked_embedding
+        return teacher_forward(base, tokens, mask, me.token_ordering, me.num_centroids)
+    return teacher_forward(base, tokens, mask)
+
+
+def attention_masks(layer_types: Sequence[str], n: int, window: int) -> Dict[str, object]:
+    """(n, n) masks for n round starts: query i (position i+1) sees keys m <= i; sliding ones i - m <= W."""
+    out = {}
+    for t in set(layer_types):
+        if t == "sliding_attention":
+            i = mx.arange(n)[:, None]
+            m = mx.arange(n)[None]
+            out[t] = (m <= i) & (i - m <= window)
+        else:
+            out[t] = "causal"
+    return out
+
+
+@dataclass
+class StepOutput:
+    h: mx.array  # (B, P_j, H) after the drafter's final norm: what the head scores
+    logits: mx.array  # (B, P_j, V) the tied head over the whole vocabulary (float32)
+    centroid_logits: Optional[mx.array]  # (B, P_j, C) for a centroid head
+
+
+def drafter_pass(drafter, embedded: mx.array, hidden: mx.array, kv: dict, masks: dict):
+    """One draft step for P round starts at once: embedded, hidden (B, P, H_b); kv type -> (K, V) of
+    positions 0..P-1. Query i sits at position i+1. Returns (h (B, P, H), h_next (B, P, H_b))."""
+    x = drafter.pre_projection(mx.concatenate([embedded, hidden], axis=-1).astype(drafter.pre_projection.weight.dtype))
+    for layer in drafter.model.layers:
+        x, _, _ = layer(x, masks[layer.layer_type], None, shared_kv=kv[layer.layer_type], offset=1)
+    h = drafter.model.norm(x)
+    return h, drafter.post_projection(h)
+
+
+def head_logits(drafter, h: mx.array) -> StepOutput:
+    logits = drafter.model.embed_tokens.as_linear(h).astype(mx.float32)
+    centroids = None
+    if drafter.args.use_ordered_embeddings:
+        centroids = drafter.masked_embedding.centroids(h).astype(mx.float32)
+    return StepOutput(h, logits, centroids)
+
+
+def rollout(drafter, teacher: Teacher, k: int, window: int) -> List[StepOutput]:
+    """The drafter's k chained steps for every round start p = 1..L-j of every row (see module docstring)."""
+    L = teacher.length
+    outs = []
+    hidden = teacher.hidden[:, : L - 1]  # step 1 reads the base's hidden at p-1
+    for j in range(1, k + 1):
+        n = L - j
+        if n < 1:
+            break
+        kv = {t: (K[:, :, :n], V[:, :, :n]) for t, (K, V) in teacher.kv.items()}
+        masks = attention_masks(teacher.kv.keys(), n, window)
+        h, h_next = drafter_pass(drafter, teacher.embedded[:, j : j + n], hidden[:, :n], kv, masks)
+        outs.append(head_logits(drafter, h))
+        hidden = h_next
+    return outs
+
+
+def token_clusters(drafter) -> mx.array:
+    """(V,) int32: the centroid cluster of every token (token_ordering is cluster-major)."""
+    me = drafter.masked_embedding
+    per = me.token_ordering.shape[0] // me.num_centroids
+    clusters = mx.zeros(me.token_ordering.shape, mx.int32)
+    clusters[me.token_ordering] = mx.arange(me.token_ordering.shape[0], dtype=mx.int32) // per
+    return clusters
+
+
+def greedy_drafts(drafter, out: StepOutput, clusters: Optional[mx.array]) -> mx.array:
+    """(B, P) the token the inference head drafts: the argmax over the tokens of the top-k clusters."""
+    if out.centroid_logits is None:
+        return mx.argmax(out.logits, axis=-1)
+    top_k = drafter.masked_embedding.top_k
+    kth = mx.sort(out.centroid_logits, axis=-1)[..., -top_k][..., None]  # (B, P, 1)
+    chosen = out.centroid_logits >= kth  # (B, P, C)
+    allowed = mx.take(chosen, clusters, axis=-1)  # (B, P, V)
+    return mx.argmax(mx.where(allowed, out.logits, -mx.inf), axis=-1)
+
+
+def _valid(teacher: Teacher, j: int, n: int) -> mx.array:
+    """(B, n) float: round starts whose scored position p+j-1 is a real token."""
+    return teacher.mask[:, j : j + n].astype(mx.float32)
+
+
+def loss(drafter, teacher: Teacher, k: int, window: int, kind: str = "kl",
+         step_decay: float = DEFAULT_STEP_DECAY, centroid_weight: float = DEFAULT_CENTROID_WEIGHT):
+    """(scalar loss, per-step losses (k,)): the step-weighted distillation loss over all round starts.
+
+    kl: KL(base || drafter) over the whole vocabulary (reported as such; the gradient is the
+    cross-entropy's, the base's entropy being a constant); ce: cross-entropy to the base's argmax. A
+    centroid head adds the cross-entropy of its cluster scores to the base's probability mass per
+    cluster, so the clusters it keeps at inference are those that hold the base's likely tokens."""
+    outs = rollout(drafter, teacher, k, window)
+    total, weights, per_step = 0.0, 0.0, []
+    for j, out in enumerate(outs, 1):
+        n = out.logits.shape[1]
+        valid = _valid(teacher, j, n)
+        logq = nn.log_softmax(out.logits, axis=-1)  # (B, n, V)
+        if kind == "kl":
+            per_pos = -(teacher.probs[:, j : j + n] * logq).sum(-1) - teacher.entropy[:, j : j + n]
+        else:
+            per_pos = -mx.take_along_axis(logq, teacher.best[:, j : j + n, None], axis=-1)[..., 0]
+        if out.centroid_logits is not None:
+            logc = nn.log_softmax(out.centroid_logits, axis=-1)
+            per_pos = per_pos - centroid_weight * (teacher.mass[:, j : j + n] * logc).sum(-1)
+        step = (per_pos * valid).sum() / mx.maximum(valid.sum(), 1.0)
+        w = step_decay ** (j - 1)
+        total = total + w * step
+        weights += w
+        per_step.append(step)
+    return total / weights, mx.stack(per_step)
+
+
+def acceptance_estimate(drafter, teacher: Teacher, k: int, window: int) -> Tuple[mx.array, mx.array]:
+    """(accepted (k,), counted (k,)) as the engine counts greedy rounds: draft j counts as accepted where
+    drafts 1..j all equal the base's argmax. Exact where the sequence is the base's own greedy text; on
+    other text, steps after the first read the text's tokens rather than the drafts."""
+    outs = rollout(drafter, teacher, k, window)
+    clusters = token_clusters(drafter) if drafter.args.use_ordered_embeddings else None
+    L = teacher.length
+    n = L - k  # round starts that have all k scored positions
+    alive = teacher.mask[:, k : k + n]  # (B, n): the last scored position p+k-1 is real
+    accepted, counted = [], []
+    run = alive
+    for j, out in enumerate(outs, 1):
+        drafts = greedy_drafts(drafter, out, clusters)[:, :n]
+        target = teacher.best[:, j : j + n]
+        run = run & (drafts == target)
+        accepted.append(run.sum())
+        counted.append(alive.sum())
+    return mx.stack(accepted), mx.stack(counted)

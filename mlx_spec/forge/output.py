@@ -1,0 +1,115 @@
+"""Writing a forged drafter: Google's assistant layout, atomically, or nothing at all.
+
+The directory is what `google/gemma-4-*-assistant` ships: config.json (`model_type: gemma4_assistant`,
+transformers' field names, `text_config` nested), model.safetensors with transformers' tensor names
+(`model.layers.N.*`, `pre_projection`, `post_projection`, `masked_embedding.*`), `token_ordering` as
+int32 (never cast), and the base's tokenizer files. `load_drafter`, `mlx_spec.generate --drafter`,
+transformers and mlx-vlm read it unchanged.
+
+Everything goes into a temporary directory beside the destination and is renamed into place
+(convert/writer.py): a full disk or an interrupt leaves no half-written drafter behind.
+
+Knows nothing of training.
+"""
+
+import errno
+import json
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from convert.writer import atomic_directory
+
+from ..errors import MlxSpecError
+from ..loading import DTYPES, INTEGER_TENSORS
+
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
+                "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
+MODEL_MARKER = "config.json"
+
+
+class OutputError(MlxSpecError):
+    """The output directory cannot be written (exists, not a model directory, disk full)."""
+
+
+def check_out(dest: Path, force: bool) -> None:
+    """Refuse an existing --out unless --force, and even then anything that is not a model directory."""
+    dest = Path(dest)
+    if not dest.exists() and not dest.is_symlink():
+        return
+    if not force:
+        raise OutputError(f"--out {dest} already exists; pass --force to replace it, or choose another --out")
+    if dest.is_symlink() or not dest.is_dir() or (any(dest.iterdir()) and not (dest / MODEL_MARKER).exists()):
+        raise OutputError(f"refusing to replace --out {dest}: it is not a model directory; remove it yourself "
+                          "or choose another --out")
+
+
+def drafter_weights(drafter, dtype: Optional[str]) -> dict:
+    """Every tensor under its transformers name; floats cast to dtype, token_ordering int32."""
+    out = {}
+    for name, w in tree_flatten(drafter.parameters()):
+        if name.endswith(INTEGER_TENSORS):
+            out[name] = w.astype(mx.int32)
+        elif dtype and mx.issubdtype(w.dtype, mx.floating):
+            out[name] = w.astype(DTYPES[dtype])
+        else:
+            out[name] = w
+    return out
+
+
+def output_config(config: dict, dtype: Optional[str]) -> dict:
+    config = json.loads(json.dumps(config))  # a deep copy
+    config.setdefault("architectures", ["Gemma4AssistantForCausalLM"])
+    config["model_type"] = "gemma4_assistant"
+    if dtype:
+        for where in (config, config.get("text_config") or {}):
+            for key in ("dtype", "torch_dtype"):
+                if key in where or key == "dtype":
+                    where[key] = dtype
+    return config
+
+
+def save_drafter_files(directory: Path, drafter, config: dict, dtype: Optional[str], tokenizer_dir: Optional[Path]):
+    """The files of a drafter directory, written into `directory` (which exists)."""
+    directory = Path(directory)
+    weights = drafter_weights(drafter, dtype)
+    save_safetensors(directory / "model.safetensors", weights)
+    with open(directory / "config.json", "w") as f:
+        json.dump(output_config(config, dtype), f, indent=2, sort_keys=True)
+        f.write("\n")
+    if tokenizer_dir is not None:
+        for name in COPIED_FILES:
+            if (Path(tokenizer_dir) / name).is_file():
+                shutil.copy2(Path(tokenizer_dir) / name, directory / name)
+
+
+def write_drafter(dest, drafter, config: dict, dtype: Optional[str] = None, tokenizer_dir: Optional[Path] = None,
+                  force: bool = False, extra_files: Optional[dict] = None) -> Path:
+    """Write the drafter directory at dest atomically; raise OutputError (nothing written) on failure.
+
+    extra_files: name -> text, written beside the model files (e.g. the forge report)."""
+    dest = Path(dest).expanduser().absolute()
+    check_out(dest, force)
+    try:
+        with atomic_directory(dest, force) as tmp:
+            save_drafter_files(tmp, drafter, config, dtype, tokenizer_dir)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+    except OSError as e:
+        raise OutputError(disk_message(e, f"--out {dest}") + "; nothing was written") from e
+    return dest
+
+
+def save_safetensors(path: Path, weights: dict) -> None:
+    """Through a Python file, so a full disk raises OSError(ENOSPC) (the path form can fail silently)."""
+    with open(path, "wb") as f:
+        mx.save_safetensors(f, weights, metadata={"format": "pt"})
+
+
+def disk_message(e: OSError, what: str) -> str:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"disk full while writing {what}"
+    return f"cannot write {what}: {e.strerror or e}"

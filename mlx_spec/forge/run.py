@@ -1,0 +1,440 @@
+"""One forge job from options to a drafter directory: load the base (and its LoRA adapters), read the
+data, start from an assistant or from scratch, say what memory it will take, train, write the result
+atomically, and report τ before and after on held-out prompts with the real engine.
+
+    from mlx_spec.forge import ForgeOptions, forge
+    report = forge(ForgeOptions(model="my-base-4bit", drafter="my-base-assistant", data="train.jsonl",
+                                out="my-assistant", minutes=20))
+"""
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import numpy as np
+from mlx.utils import tree_flatten
+
+from ..errors import MlxSpecError, ModelLoadError
+from ..loading import DTYPES
+from ..memory import weight_bytes
+from . import build, data, evaluate, objective, output, trainer
+
+DEFAULT_MINUTES = 20.0
+DEFAULT_BATCH_SIZE = 4
+DEFAULT_NUM_DRAFT_TOKENS = 3
+DEFAULT_MAX_SEQ_LENGTH = 256
+DEFAULT_LR_FINE_TUNE = 3e-4
+DEFAULT_LR_SCRATCH = 1e-3
+DEFAULT_PROMPT_TOKENS = 64
+DEFAULT_EVAL_PROMPTS = 8
+DEFAULT_EVAL_TOKENS = 128
+
+
+def info(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class ForgeOptions:
+    """Everything a forge job needs (the CLI's flags, same names); `validate()` says what is wrong."""
+
+    model: str
+    data: str
+    out: str
+    drafter: Optional[str] = None
+    from_scratch: bool = False
+    adapter_path: Optional[str] = None
+    valid_data: Optional[str] = None
+    self_generate: int = 0
+    minutes: Optional[float] = None
+    steps: Optional[int] = None
+    lr: Optional[float] = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
+    max_seq_length: int = DEFAULT_MAX_SEQ_LENGTH
+    loss: str = "kl"
+    step_decay: float = objective.DEFAULT_STEP_DECAY
+    centroid_weight: float = objective.DEFAULT_CENTROID_WEIGHT
+    warmup: int = 20
+    report_every: int = 10
+    eval_every: int = 100
+    save_every: int = 100
+    checkpoint_dir: Optional[str] = None
+    resume: bool = False
+    force: bool = False
+    seed: int = 0
+    dtype: Optional[str] = None
+    prompt_tokens: int = DEFAULT_PROMPT_TOKENS
+    eval_prompts: int = DEFAULT_EVAL_PROMPTS
+    eval_tokens: int = DEFAULT_EVAL_TOKENS
+    compare: Optional[str] = None
+    # --from-scratch shapes (None: from the base, see build.py)
+    hidden_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    head: str = "auto"
+    num_centroids: Optional[int] = None
+    centroid_top_k: Optional[int] = None
+
+    def validate(self) -> None:
+        if bool(self.drafter) == bool(self.from_scratch):
+            raise MlxSpecError("pass either --drafter STOCK_ASSISTANT (fine-tune it) or --from-scratch")
+        positive = {"--batch-size": self.batch_size, "--num-draft-tokens": self.num_draft_tokens,
+                    "--max-seq-length": self.max_seq_length, "--prompt-tokens": self.prompt_tokens,
+                    "--eval-tokens": self.eval_tokens}
+        for flag, v in positive.items():
+            if v < 1:
+                raise MlxSpecError(f"{flag} must be >= 1, got {v}")
+        if self.max_seq_length <= self.num_draft_tokens + 1:
+            raise MlxSpecError(f"--max-seq-length ({self.max_seq_length}) must exceed --num-draft-tokens + 1")
+        for flag, v in (("--steps", self.steps), ("--minutes", self.minutes), ("--lr", self.lr)):
+            if v is not None and v < 0 or (flag == "--lr" and v is not None and v == 0):
+                raise MlxSpecError(f"{flag} must be > 0, got {v}")
+        for flag, v in (("--self-generate", self.self_generate), ("--eval-prompts", self.eval_prompts),
+                        ("--warmup", self.warmup), ("--eval-every", self.eval_every),
+                        ("--save-every", self.save_every)):
+            if v < 0:
+                raise MlxSpecError(f"{flag} must be >= 0, got {v}")
+        if self.report_every < 1:
+            raise MlxSpecError(f"--report-every must be >= 1, got {self.report_every}")
+        if self.loss not in objective.LOSSES:
+            raise MlxSpecError(f"--loss must be one of {', '.join(objective.LOSSES)}, got {self.loss!r}")
+        if not 0 < self.step_decay <= 1:
+            raise MlxSpecError(f"--step-decay must be in (0, 1], got {self.step_decay}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise MlxSpecError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.head not in build.HEADS:
+            raise MlxSpecError(f"--head must be one of {', '.join(build.HEADS)}, got {self.head!r}")
+        scratch_flags = [f for f, v in (("--hidden-size", self.hidden_size), ("--num-layers", self.num_layers),
+                                        ("--num-attention-heads", self.num_attention_heads),
+                                        ("--intermediate-size", self.intermediate_size),
+                                        ("--num-centroids", self.num_centroids),
+                                        ("--centroid-top-k", self.centroid_top_k)) if v is not None]
+        if self.head != "auto":
+            scratch_flags.append("--head")
+        if scratch_flags and not self.from_scratch:
+            raise MlxSpecError(f"{', '.join(scratch_flags)} shape a --from-scratch drafter; a --drafter keeps its own")
+
+    @property
+    def seconds(self) -> Optional[float]:
+        if self.minutes is None and self.steps is None:
+            return DEFAULT_MINUTES * 60
+        return None if self.minutes is None else self.minutes * 60
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr or (DEFAULT_LR_SCRATCH if self.from_scratch else DEFAULT_LR_FINE_TUNE)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        out = Path(self.out).expanduser().absolute()
+        return Path(self.checkpoint_dir).expanduser().absolute() if self.checkpoint_dir else \
+            out.parent / f"{out.name}.checkpoints"
+
+
+@dataclass
+class Report:
+    """The final comparison on held-out prompts (greedy, fixed k), and where the drafter went."""
+
+    out: Path
+    k: int
+    prompts: int
+    rows: List[tuple] = field(default_factory=list)  # (name, evaluate.Measurement)
+    state: Optional[trainer.TrainState] = None
+
+    def text(self) -> str:
+        lines = [f"forged drafter: {self.out}",
+                 f"held-out: {self.prompts} prompts, greedy, k={self.k} (median tau over prompts, quartiles)"]
+        for name, m in self.rows:
+            by = ", ".join(f"{a:.2f}" for a in m.acceptance_by_position)
+            same = f"; output = plain decoding on {sum(m.same_as_plain)}/{len(m.same_as_plain)}" \
+                if m.same_as_plain else ""
+            lines.append(f"  {name:<10} tau {m.tau:.2f} ({m.spread()})  acceptance by position {by}{same}")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"out": str(self.out), "k": self.k, "prompts": self.prompts,
+                "rows": [{"name": n, "tau_median": m.tau, "taus": m.taus,
+                          "acceptance_by_position": m.acceptance_by_position,
+                          "same_as_plain": m.same_as_plain} for n, m in self.rows],
+                "steps": self.state.step if self.state else None,
+                "training_seconds": self.state.seconds if self.state else None}
+
+
+# -- the base
+
+def load_base(path: str, adapter_path: Optional[str] = None):
+    """(model, tokenizer, model directory) of a frozen base, with mlx-lm LoRA/DoRA/full adapters applied."""
+    from ..api import load
+    from ..loading import resolve_model_path
+
+    model, tokenizer = load(path)
+    if not hasattr(model, "producer_layers"):
+        raise ModelLoadError(f"{path} is a {getattr(model, 'model_type', '?')} model; forge trains Gemma 4 "
+                             "assistant drafters, which need a Gemma 4 base")
+    if adapter_path:
+        apply_adapters(model, adapter_path)
+    model.freeze()
+    return model, tokenizer, resolve_model_path(path)
+
+
+def apply_adapters(model, adapter_path: str) -> None:
+    """mlx-lm's `load_adapters` onto our Gemma 4 model (its parameter names are mlx-lm's)."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    p = Path(adapter_path).expanduser()
+    if not (p / "adapter_config.json").is_file() or not (p / "adapters.safetensors").is_file():
+        raise ModelLoadError(f"--adapter-path {p} holds no mlx-lm adapters (adapter_config.json + "
+                             "adapters.safetensors, as mlx_lm.lora writes them)")
+    try:
+        load_adapters(model, str(p))
+    except (ValueError, KeyError, TypeError, OSError, RuntimeError) as e:
+        reason = " ".join(str(e).split())
+        raise ModelLoadError(f"the adapters in {p} do not fit this base: {reason}") from e
+    mx.eval(model.parameters())
+
+
+def base_identity(base, model_dir: Path, adapter_path: Optional[str]) -> dict:
+    """What a checkpoint must match to resume: the base's architecture, weights summary and adapters."""
+    digest = hashlib.sha256()
+    for name, w in sorted(tree_flatten(base.parameters()), key=lambda x: x[0]):
+        digest.update(name.encode())
+        digest.update(str(w.shape).encode())
+    norm = base.layers[0].input_layernorm.weight  # a cheap fingerprint of the values too
+    digest.update(np.array(norm.astype(mx.float32)).tobytes())
+    adapters = str(Path(adapter_path).expanduser().absolute()) if adapter_path else None
+    return {"model": str(Path(model_dir).absolute()), "adapter_path": adapters,
+            "architecture": digest.hexdigest()[:16]}
+
+
+# -- memory
+
+def memory_estimate(base, drafter, batch_size: int, seq_len: int, k: int) -> dict:
+    """Bytes, roughly: the base's weights, the drafter with gradients and Adam state (float32), and the
+    activations of one step (the base's and drafter's vocabulary-wide logits dominate)."""
+    V = drafter.text_args.vocab_size
+    H_d = drafter.text_args.hidden_size
+    n_params = sum(v.size for _, v in tree_flatten(drafter.trainable_parameters()))
+    tokens = batch_size * seq_len
+    layers = drafter.text_args.num_hidden_layers
+    heads = drafter.text_args.num_attention_heads
+    teacher = tokens * (2 * V + 4 * base.text_args.hidden_size) * 4
+    per_step = tokens * (4 * V + layers * (6 * drafter.text_args.intermediate_size + 12 * H_d)) * 4 \
+        + batch_size * layers * heads * seq_len * seq_len * 4 * 2
+    return {"base": weight_bytes(base), "drafter": n_params * 16, "activations": teacher + k * per_step}
+
+
+def device_memory() -> int:
+    try:
+        size = int(mx.device_info().get("memory_size", 0) or 0)
+    except (AttributeError, RuntimeError):
+        size = 0
+    if not size:
+        try:
+            import os
+
+            size = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            size = 0
+    return size
+
+
+# -- the job
+
+def _scratch_dtype(options: ForgeOptions, base) -> str:
+    """--dtype, else the base's float dtype (float32 next to a float32 base, else Google's bfloat16)."""
+    return options.dtype or ("float32" if base.layers[0].input_layernorm.weight.dtype == mx.float32 else "bfloat16")
+
+
+def _load_start(options: ForgeOptions, base):
+    """The --drafter to fine-tune, as stored (it is also the report's starting point); (drafter, dtype)."""
+    from ..drafting import load_drafter
+
+    start = load_drafter(options.drafter, base)
+    if any(type(m).__name__.startswith("Quantized") for _, m in start.named_modules()):
+        raise MlxSpecError(f"{options.drafter} is quantized; forge trains float drafters: convert the assistant "
+                           "without -q (mlx_spec.convert --hf-path ... --mlx-path ...) and pass that")
+    return start, options.dtype or str(start.pre_projection.weight.dtype).split(".")[-1]
+
+
+def _resumed_start(options: ForgeOptions, base, config: dict):
+    """(starting drafter or None, output dtype) when resuming."""
+    if options.from_scratch:
+        return None, options.dtype or config.get("dtype") or _scratch_dtype(options, base)
+    return _load_start(options, base)
+
+
+def _start_drafter(options: ForgeOptions, base):
+    """(drafter float32, its config.json dict, starting drafter for the report or None, output dtype)."""
+    from ..checkpoint import read_config
+
+    if options.from_scratch:
+        dtype = _scratch_dtype(options, base)
+        config = build.scratch_config(base, options.hidden_size, options.num_layers, options.num_attention_heads,
+                                      options.intermediate_size, options.head, options.num_centroids,
+                                      options.centroid_top_k, dtype)
+        try:
+            drafter = build.build_from_scratch(base, config, options.seed)
+        except ValueError as e:
+            raise MlxSpecError(f"cannot build a drafter of these shapes: {e}") from e
+        return drafter, config, None, dtype
+    start, dtype = _load_start(options, base)
+    config = read_config(Path(start.source_path))
+    drafter, _ = _clone(start, config)
+    return drafter, config, start, dtype
+
+
+def _clone(drafter, config: dict):
+    """A float32 copy of a drafter (the original stays as it was, for the before/after report)."""
+    from ..models import gemma4_assistant
+
+    copy = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
+    copy.update(drafter.parameters())
+    trainer.to_float32(copy)
+    mx.eval(copy.parameters())
+    return copy, config
+
+
+def _drafter_from_checkpoint(config: dict, weights: dict):
+    from ..models import gemma4_assistant
+
+    d = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
+    d.load_weights(list(weights.items()))
+    trainer.to_float32(d)
+    mx.eval(d.parameters())
+    return d
+
+
+def _self_generated(options: ForgeOptions, base, tokenizer, dataset: data.Dataset, ckpt: Path, identity: dict):
+    """Replace the data after each prompt with the base's own greedy text (cached beside the checkpoints)."""
+    key = {"n": options.self_generate, "data": str(Path(options.data).absolute()), "base": identity,
+           "max_seq_length": options.max_seq_length, "prompt_tokens": options.prompt_tokens,
+           "valid_data": options.valid_data}
+    cache = ckpt / "self-generated.json"
+    if cache.is_file():
+        try:
+            saved = json.loads(cache.read_text())
+            if saved.get("key") == key:
+                return data.Dataset([data.Window(*w) for w in saved["train"]],
+                                    [data.Window(*w) for w in saved["valid"]], dataset.kind)
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    n_windows = len(dataset.train) + len(dataset.valid)
+    info(f"self-generating {options.self_generate} tokens after each of {n_windows} prompts ...")
+    t0 = time.perf_counter()
+    eos = tokenizer.eos_token_ids
+    train = data.self_generate(base, dataset.train, options.self_generate, eos, options.max_seq_length)
+    valid = data.self_generate(base, dataset.valid, options.self_generate, eos, options.max_seq_length)
+    info(f"self-generated {sum(len(w.tokens) - w.prompt_len for w in train + valid)} tokens in "
+         f"{time.perf_counter() - t0:.0f} s")
+    try:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": key, "train": [[w.tokens, w.prompt_len] for w in train],
+                                   "valid": [[w.tokens, w.prompt_len] for w in valid]}))
+        tmp.replace(cache)
+    except OSError as e:
+        info(f"warning: {output.disk_message(e, str(cache))}; a resumed run will generate again")
+    return data.Dataset(train, valid, dataset.kind)
+
+
+def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
+    ckpt = options.checkpoint_path
+    existing = trainer.checkpoints(ckpt)
+    if options.resume:
+        if not existing:
+            raise trainer.CheckpointError(f"--resume: no checkpoint in {ckpt}; start without --resume")
+    elif existing:
+        if not options.force:
+            raise trainer.CheckpointError(f"{ckpt} holds checkpoints of an earlier run; pass --resume to continue "
+                                          "it, or --force to start over")
+        for p in existing:
+            shutil.rmtree(p, ignore_errors=True)
+    return ckpt
+
+
+def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) -> Report:
+    """Run a forge job; returns the report. Raises MlxSpecError for anything a user can fix."""
+    options.validate()
+    out = Path(options.out).expanduser().absolute()
+    output.check_out(out, options.force)
+    ckpt = _prepare_checkpoint_dir(options)
+
+    base, tokenizer, base_dir = load_base(options.model, options.adapter_path)
+    identity = base_identity(base, base_dir, options.adapter_path)
+    dataset = data.load_dataset(options.data, tokenizer, options.max_seq_length, options.prompt_tokens,
+                                options.valid_data)
+    if options.resume:  # the checkpoint has the drafter; a --drafter is still the report's starting point
+        path = trainer.checkpoints(ckpt)[-1]
+        config, weights, opt_state, state, saved_identity = trainer.read_checkpoint(path)
+        if saved_identity != identity:
+            raise trainer.CheckpointError(f"{path} was made for another base ({saved_identity.get('model')}, "
+                                          f"adapters {saved_identity.get('adapter_path')}); resume with the same "
+                                          "--model and --adapter-path, or start over with --force")
+        drafter = _drafter_from_checkpoint(config, weights)
+        start, dtype = _resumed_start(options, base, config)
+        info(f"resuming from {path} (step {state.step}, {trainer.format_seconds(state.seconds)} trained)")
+    else:
+        state = opt_state = None
+        drafter, config, start, dtype = _start_drafter(options, base)
+    compare = None
+    if options.compare:
+        from ..drafting import load_drafter
+
+        compare = load_drafter(options.compare, base)
+
+
+    if options.self_generate:
+        dataset = _self_generated(options, base, tokenizer, dataset, ckpt, identity)
+    n_train_tokens = sum(len(w.tokens) for w in dataset.train)
+    info(f"data: {len(dataset.train)} training windows ({n_train_tokens} tokens), {len(dataset.valid)} held out"
+         f" ({dataset.kind}{', self-generated' if options.self_generate else ''})")
+
+    mem = memory_estimate(base, drafter, options.batch_size, options.max_seq_length, options.num_draft_tokens)
+    total, have = sum(mem.values()), device_memory()
+    info(f"memory estimate: base {mem['base'] / 1e9:.2f} GB + drafter {mem['drafter'] / 1e9:.2f} GB (weights, "
+         f"gradients, Adam) + activations {mem['activations'] / 1e9:.2f} GB (batch {options.batch_size} x "
+         f"{options.max_seq_length} tokens, k={options.num_draft_tokens}) = {total / 1e9:.2f} GB"
+         + (f" of {have / 1e9:.0f} GB" if have else ""))
+    if have and total > 0.8 * have:
+        info("warning: that is close to this machine's memory; lower --batch-size or --max-seq-length")
+
+    cfg = trainer.TrainConfig(options.num_draft_tokens, options.learning_rate, options.batch_size, options.steps,
+                              options.seconds, options.loss, options.step_decay, options.centroid_weight,
+                              options.warmup, options.report_every, options.eval_every, options.save_every)
+    valid = trainer.held_out_teachers(base, drafter, dataset.valid, options.batch_size)
+    batches = data.Batches(dataset.train, options.batch_size, options.seed, tokenizer.pad_token_id or 0)
+    job = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity, state, opt_state, progress)
+    state = job.run()
+
+    report = Report(out, options.num_draft_tokens, 0, state=state)
+    output.write_drafter(out, drafter, config, dtype, tokenizer_dir=base_dir, force=options.force)
+    info(f"wrote {out} after {state.step} steps ({trainer.format_seconds(state.seconds)} of training); "
+         f"checkpoints stay in {ckpt}")
+
+    forged = _reload(out, base)
+    prompts = [w.tokens[:w.prompt_len] for w in dataset.valid[: options.eval_prompts]]
+    if prompts and options.eval_prompts:
+        info(f"measuring tau on {len(prompts)} held-out prompts (greedy, k={options.num_draft_tokens}, "
+             f"{options.eval_tokens} tokens each) ...")
+        plain = evaluate.plain_outputs(base, tokenizer, prompts, options.eval_tokens)
+        report.prompts = len(prompts)
+        for name, d in (("start", start), ("compare", compare), ("forged", forged)):
+            if d is not None:
+                m = evaluate.measure(base, tokenizer, prompts, d, options.num_draft_tokens, options.eval_tokens, plain)
+                report.rows.append((name, m))
+    return report
+
+
+def _reload(out: Path, base):
+    """The written directory, loaded as any user will load it."""
+    from ..drafting import load_drafter
+
+    return load_drafter(str(out), base)
