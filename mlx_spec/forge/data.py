@@ -11,7 +11,8 @@ to `mlx_lm.lora`. Every line is checked first, so a bad one is reported by its n
 
 A document longer than `max_len` tokens is cut into windows, each after the first starting with BOS again
 (at inference every prompt starts with it). Every window knows its prompt: the chat part before the
-model's reply, or the first `prompt_tokens` tokens of text; self-generation continues these prompts and
+model's reply (the chat template with its generation prompt), or the first `prompt_tokens` tokens of
+text; self-generation continues these prompts and
 the final evaluation decodes from them. Held-out windows come from the end of the data (the last
 documents), or from `--valid-data` / `valid.jsonl`.
 
@@ -42,10 +43,17 @@ class DataError(MlxSpecError):
 
 @dataclass
 class Window:
-    """One training sequence: tokens (starting with BOS) and how many of them are the prompt."""
+    """One training sequence (starting with BOS) and the prompt a user would send for it: the chat
+    template up to the model's turn (which may tokenize differently from the same span of `tokens`), or
+    the first `prompt_len` tokens."""
 
     tokens: List[int]
     prompt_len: int
+    prompt: Optional[List[int]] = None
+
+    @property
+    def prompt_tokens(self) -> List[int]:
+        return list(self.prompt) if self.prompt is not None else self.tokens[: self.prompt_len]
 
 
 @dataclass
@@ -145,31 +153,46 @@ def read_records(path) -> Tuple[str, List[Tuple[str, dict]], Optional[Path]]:
     return "text", records, None
 
 
-def tokenize(kind: str, records: Sequence[Tuple[str, dict]], tokenizer) -> List[Tuple[List[int], int]]:
-    """[(tokens, prompt length)] through mlx-lm's dataset classes (chat template for messages/prompts)."""
+def _prompt_messages(kind: str, record: dict):
+    """(messages a user sends, add_generation_prompt) for a chat record: all but the model's last reply."""
+    if kind == "prompt/completion":
+        return [{"role": "user", "content": record["prompt"]}], True
+    messages = record["messages"]
+    last_is_reply = messages[-1].get("role") == "assistant"
+    return (messages[:-1] if last_is_reply and len(messages) > 1 else messages), True
+
+
+def tokenize(kind: str, records: Sequence[Tuple[str, dict]], tokenizer) -> List[Tuple[List[int], Optional[List[int]]]]:
+    """[(tokens, prompt tokens or None for text)] through mlx-lm's dataset classes (the chat template for
+    messages and prompt/completion, as mlx_lm.lora applies it)."""
     from mlx_lm.tuner.datasets import create_dataset
 
     data = [r for _, r in records]
-    dataset = create_dataset(data, tokenizer, types.SimpleNamespace(mask_prompt=kind != "text"))
+    dataset = create_dataset(data, tokenizer, types.SimpleNamespace(mask_prompt=False))
     out = []
     for (where, _), record in zip(records, data):
         try:
-            tokens, prompt_len = dataset.process(record)
+            tokens, _ = dataset.process(record)
+            prompt = None
+            if kind != "text":
+                messages, generation = _prompt_messages(kind, record)
+                prompt = list(tokenizer.apply_chat_template(messages, tools=record.get("tools"),
+                                                            add_generation_prompt=generation, return_dict=False))
         except Exception as e:  # transformers raises many types (no chat template, bad roles, ...)
             reason = " ".join(str(e).split())
             raise DataError(f"{where}: cannot tokenize this {kind} record: {reason}") from e
-        out.append((list(tokens), int(prompt_len)))
+        out.append((list(tokens), prompt))
     return out
 
 
-def windows(docs: Sequence[Tuple[List[int], int]], max_len: int, bos: Optional[int], prompt_tokens: int
-            ) -> List[Window]:
-    """Cut documents into windows of at most max_len tokens, each starting with BOS."""
+def windows(docs: Sequence[Tuple[List[int], Optional[List[int]]]], max_len: int, bos: Optional[int],
+            prompt_tokens: int) -> List[Window]:
+    """Cut documents into windows of at most max_len tokens, each starting with BOS. A document's own
+    prompt (chat) goes with its first window; other windows' prompts are their first tokens."""
     out = []
-    for tokens, prompt_len in docs:
+    for tokens, prompt in docs:
         if bos is not None and (not tokens or tokens[0] != bos):
             tokens = [bos] + tokens
-            prompt_len += 1 if prompt_len else 0
         first = True
         start = 0
         while start < len(tokens):
@@ -181,9 +204,9 @@ def windows(docs: Sequence[Tuple[List[int], int]], max_len: int, bos: Optional[i
                 piece = head + tokens[start:start + max_len - len(head)]
                 start += max_len - len(head)
             if len(piece) >= MIN_WINDOW:
-                default = min(prompt_tokens, len(piece) // 2)
-                plen = prompt_len if first and 0 < prompt_len < len(piece) else default
-                out.append(Window(piece, max(1, plen)))
+                own = prompt if first and prompt and len(prompt) < max_len else None
+                plen = len(own) if own else max(1, min(prompt_tokens, len(piece) // 2))
+                out.append(Window(piece, min(plen, len(piece)), own))
             first = False
     return out
 
@@ -240,9 +263,9 @@ def greedy_continuations(base, prompts: Sequence[List[int]], n_tokens: int, eos_
 
 def self_generate(base, wins: Sequence[Window], n_tokens: int, eos_ids, max_len: int) -> List[Window]:
     """Windows whose text after the prompt is the base's own greedy continuation (n_tokens at most)."""
-    prompts = [w.tokens[:w.prompt_len] for w in wins]
+    prompts = [w.prompt_tokens for w in wins]
     gens = greedy_continuations(base, prompts, n_tokens, eos_ids)
-    return [Window((p + g)[:max_len], len(p)) for p, g in zip(prompts, gens) if len(p) + len(g) >= MIN_WINDOW]
+    return [Window((p + g)[:max_len], len(p), p) for p, g in zip(prompts, gens) if len(p) + len(g) >= MIN_WINDOW]
 
 
 class Batches:

@@ -322,8 +322,8 @@ def _self_generated(options: ForgeOptions, base, tokenizer, dataset: data.Datase
         try:
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
-                return data.Dataset([data.Window(*w) for w in saved["train"]],
-                                    [data.Window(*w) for w in saved["valid"]], dataset.kind)
+                return data.Dataset([data.Window(t, len(p), p) for t, p in saved["train"]],
+                                    [data.Window(t, len(p), p) for t, p in saved["valid"]], dataset.kind)
         except (OSError, ValueError, KeyError, TypeError):
             pass
     n_windows = len(dataset.train) + len(dataset.valid)
@@ -337,8 +337,8 @@ def _self_generated(options: ForgeOptions, base, tokenizer, dataset: data.Datase
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "train": [[w.tokens, w.prompt_len] for w in train],
-                                   "valid": [[w.tokens, w.prompt_len] for w in valid]}))
+        tmp.write_text(json.dumps({"key": key, "train": [[w.tokens, w.prompt_tokens] for w in train],
+                                   "valid": [[w.tokens, w.prompt_tokens] for w in valid]}))
         tmp.replace(cache)
     except OSError as e:
         info(f"warning: {output.disk_message(e, str(cache))}; a resumed run will generate again")
@@ -420,7 +420,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
          f"checkpoints stay in {ckpt}")
 
     forged = _reload(out, base)
-    prompts = [w.tokens[:w.prompt_len] for w in dataset.valid[: options.eval_prompts]]
+    prompts = [w.prompt_tokens for w in dataset.valid[: options.eval_prompts]]
     if prompts and options.eval_prompts:
         info(f"measuring tau on {len(prompts)} held-out prompts (greedy, k={options.num_draft_tokens}, "
              f"{options.eval_tokens} tokens each) ...")
