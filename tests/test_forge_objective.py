@@ -148,3 +148,23 @@ def test_acceptance_estimate_counts_like_the_engine():
     both = first & (d2 == best[:, 2:L])
     assert counted.tolist() == [first.size, first.size]
     assert accepted.tolist() == [int(first.sum()), int(both.sum())]
+
+
+@pytest.mark.parametrize("kind", ["kl", "ce"])
+def test_recomputing_the_head_gives_the_same_gradient(kind):
+    """recompute_head (used for Gemma 4's 262k vocabulary to save memory) changes nothing but memory."""
+    from mlx.utils import tree_flatten
+
+    base = make_base("e2b")
+    drafter = make_drafter(base, "centroid")
+    tokens = sequence(base, 40)
+    teacher = objective.teacher_for(base, drafter, tokens, mx.ones(tokens.shape, mx.bool_))
+    results = []
+    for recompute in (False, True):
+        fn = nn.value_and_grad(drafter, lambda t: objective.loss(drafter, t, K, base.args.sliding_window, kind,
+                                                                 recompute_head=recompute))
+        (value, _), grads = fn(teacher)
+        results.append((value.item(), dict(tree_flatten(grads))))
+    assert abs(results[0][0] - results[1][0]) < 1e-6
+    for name, g in results[0][1].items():
+        np.testing.assert_allclose(np.array(results[1][1][name]), np.array(g), rtol=1e-5, atol=1e-6, err_msg=name)

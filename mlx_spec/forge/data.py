@@ -50,6 +50,7 @@ class Window:
     tokens: List[int]
     prompt_len: int
     prompt: Optional[List[int]] = None
+    first: bool = True  # the start of its document (the report decodes from these first)
 
     @property
     def prompt_tokens(self) -> List[int]:
@@ -206,7 +207,7 @@ def windows(docs: Sequence[Tuple[List[int], Optional[List[int]]]], max_len: int,
             if len(piece) >= MIN_WINDOW:
                 own = prompt if first and prompt and len(prompt) < max_len else None
                 plen = len(own) if own else max(1, min(prompt_tokens, len(piece) // 2))
-                out.append(Window(piece, min(plen, len(piece)), own))
+                out.append(Window(piece, min(plen, len(piece)), own, first))
             first = False
     return out
 
@@ -265,7 +266,20 @@ def self_generate(base, wins: Sequence[Window], n_tokens: int, eos_ids, max_len:
     """Windows whose text after the prompt is the base's own greedy continuation (n_tokens at most)."""
     prompts = [w.prompt_tokens for w in wins]
     gens = greedy_continuations(base, prompts, n_tokens, eos_ids)
-    return [Window((p + g)[:max_len], len(p), p) for p, g in zip(prompts, gens) if len(p) + len(g) >= MIN_WINDOW]
+    return [Window((p + g)[:max_len], len(p), p, w.first) for w, p, g in zip(wins, prompts, gens)
+            if len(p) + len(g) >= MIN_WINDOW]
+
+
+def held_out(valid: Sequence[Window], n_prompts: int, n_max: int = MAX_HOLDOUT_WINDOWS) -> List[Window]:
+    """The held-out windows forge uses: first the report's n_prompts (documents' beginnings first, as a
+    user's prompt starts a text), then others taken evenly across the rest, n_max in all (so one long
+    document does not fill them)."""
+    ordered = [w for w in valid if w.first] + [w for w in valid if not w.first]
+    chosen, rest = ordered[:n_prompts], ordered[n_prompts:]
+    room = max(0, n_max - len(chosen))
+    if len(rest) > room:
+        rest = [rest[int(i * len(rest) / room)] for i in range(room)] if room else []
+    return chosen + rest
 
 
 class Batches:

@@ -32,6 +32,7 @@ from ..cache import SlidingKVCache
 DEFAULT_STEP_DECAY = 0.8  # weight of draft step j: decay**(j-1); a draft counts only after its predecessors
 DEFAULT_CENTROID_WEIGHT = 1.0
 LOSSES = ("kl", "ce")
+RECOMPUTE_VOCAB = 65536
 
 
 @dataclass
@@ -130,8 +131,9 @@ def head_logits(drafter, h: mx.array) -> StepOutput:
     return StepOutput(h, logits, centroids)
 
 
-def rollout(drafter, teacher: Teacher, k: int, window: int) -> List[StepOutput]:
-    """The drafter's k chained steps for every round start p = 1..L-j of every row (see module docstring)."""
+def rollout(drafter, teacher: Teacher, k: int, window: int, head: bool = True) -> List[StepOutput]:
+    """The drafter's k chained steps for every round start p = 1..L-j of every row (see module docstring).
+    head=False leaves the vocabulary-wide logits to the caller (StepOutput.logits is None)."""
     L = teacher.length
     outs = []
     hidden = teacher.hidden[:, : L - 1]  # step 1 reads the base's hidden at p-1
@@ -142,7 +144,7 @@ def rollout(drafter, teacher: Teacher, k: int, window: int) -> List[StepOutput]:
         kv = {t: (K[:, :, :n], V[:, :, :n]) for t, (K, V) in teacher.kv.items()}
         masks = attention_masks(teacher.kv.keys(), n, window)
         h, h_next = drafter_pass(drafter, teacher.embedded[:, j : j + n], hidden[:, :n], kv, masks)
-        outs.append(head_logits(drafter, h))
+        outs.append(head_logits(drafter, h) if head else StepOutput(h, None, None))
         hidden = h_next
     return outs
 
@@ -173,26 +175,44 @@ def _valid(teacher: Teacher, j: int, n: int) -> mx.array:
 
 
 def loss(drafter, teacher: Teacher, k: int, window: int, kind: str = "kl",
-         step_decay: float = DEFAULT_STEP_DECAY, centroid_weight: float = DEFAULT_CENTROID_WEIGHT):
+         step_decay: float = DEFAULT_STEP_DECAY, centroid_weight: float = DEFAULT_CENTROID_WEIGHT,
+         recompute_head: Optional[bool] = None):
     """(scalar loss, per-step losses (k,)): the step-weighted distillation loss over all round starts.
 
     kl: KL(base || drafter) over the whole vocabulary (reported as such; the gradient is the
     cross-entropy's, the base's entropy being a constant); ce: cross-entropy to the base's argmax. A
     centroid head adds the cross-entropy of its cluster scores to the base's probability mass per
-    cluster, so the clusters it keeps at inference are those that hold the base's likely tokens."""
-    outs = rollout(drafter, teacher, k, window)
+    cluster, so the clusters it keeps at inference are those that hold the base's likely tokens.
+
+    recompute_head (default: for vocabularies of RECOMPUTE_VOCAB or more) recomputes each step's
+    (B, n, V) logits in the backward pass instead of keeping k of them: one more head matmul a step for
+    k-1 fewer vocabulary-wide activations (at Gemma 4's V = 262144, ~1 GB each at 512 tokens)."""
+    outs = rollout(drafter, teacher, k, window, head=False)
+    embed = drafter.model.embed_tokens.weight  # (V, H) the tied head
+    centroids = drafter.masked_embedding.centroids.weight if drafter.args.use_ordered_embeddings else None
+    if recompute_head is None:
+        recompute_head = embed.shape[0] >= RECOMPUTE_VOCAB
+
+    def head_loss(h, embed, centroids, target, entropy, mass):
+        """(B, n) loss per round start for drafter states h (B, n, H)."""
+        logq = nn.log_softmax((h @ embed.T).astype(mx.float32), axis=-1)  # (B, n, V)
+        if kind == "kl":
+            per_pos = -(target * logq).sum(-1) - entropy
+        else:
+            per_pos = -mx.take_along_axis(logq, mx.stop_gradient(target)[..., None], axis=-1)[..., 0]
+        if centroids is not None:
+            logc = nn.log_softmax((h @ centroids.T).astype(mx.float32), axis=-1)
+            per_pos = per_pos - centroid_weight * (mass * logc).sum(-1)
+        return per_pos
+
+    head_fn = mx.checkpoint(head_loss) if recompute_head else head_loss
     total, weights, per_step = 0.0, 0.0, []
     for j, out in enumerate(outs, 1):
-        n = out.logits.shape[1]
+        n = out.h.shape[1]
         valid = _valid(teacher, j, n)
-        logq = nn.log_softmax(out.logits, axis=-1)  # (B, n, V)
-        if kind == "kl":
-            per_pos = -(teacher.probs[:, j : j + n] * logq).sum(-1) - teacher.entropy[:, j : j + n]
-        else:
-            per_pos = -mx.take_along_axis(logq, teacher.best[:, j : j + n, None], axis=-1)[..., 0]
-        if out.centroid_logits is not None:
-            logc = nn.log_softmax(out.centroid_logits, axis=-1)
-            per_pos = per_pos - centroid_weight * (teacher.mass[:, j : j + n] * logc).sum(-1)
+        target = teacher.probs[:, j : j + n] if kind == "kl" else teacher.best[:, j : j + n]
+        mass = teacher.mass[:, j : j + n] if centroids is not None else None
+        per_pos = head_fn(out.h, embed, centroids, target, teacher.entropy[:, j : j + n], mass)
         step = (per_pos * valid).sum() / mx.maximum(valid.sum(), 1.0)
         w = step_decay ** (j - 1)
         total = total + w * step

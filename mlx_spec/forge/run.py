@@ -218,17 +218,22 @@ def base_identity(base, model_dir: Path, adapter_path: Optional[str]) -> dict:
 
 def memory_estimate(base, drafter, batch_size: int, seq_len: int, k: int) -> dict:
     """Bytes, roughly: the base's weights, the drafter with gradients and Adam state (float32), and the
-    activations of one step (the base's and drafter's vocabulary-wide logits dominate)."""
+    activations of one step. The vocabulary-wide arrays dominate: the base's distribution (probabilities
+    and logits) and, per draft step, the drafter's logits and log-softmax with their gradients (kept for
+    one step at a time when the head is recomputed, as for Gemma 4's 262k vocabulary)."""
     V = drafter.text_args.vocab_size
     H_d = drafter.text_args.hidden_size
     n_params = sum(v.size for _, v in tree_flatten(drafter.trainable_parameters()))
     tokens = batch_size * seq_len
     layers = drafter.text_args.num_hidden_layers
     heads = drafter.text_args.num_attention_heads
-    teacher = tokens * (2 * V + 4 * base.text_args.hidden_size) * 4
-    per_step = tokens * (4 * V + layers * (6 * drafter.text_args.intermediate_size + 12 * H_d)) * 4 \
+    teacher = tokens * (3 * V + 4 * base.text_args.hidden_size) * 4
+    vocab_step = tokens * 4 * V * 4
+    trunk_step = tokens * layers * (6 * drafter.text_args.intermediate_size + 12 * H_d) * 4 \
         + batch_size * layers * heads * seq_len * seq_len * 4 * 2
-    return {"base": weight_bytes(base), "drafter": n_params * 16, "activations": teacher + k * per_step}
+    kept = 1 if V >= objective.RECOMPUTE_VOCAB else k
+    return {"base": weight_bytes(base), "drafter": n_params * 16,
+            "activations": teacher + k * trunk_step + kept * vocab_step}
 
 
 def device_memory() -> int:
@@ -322,8 +327,8 @@ def _self_generated(options: ForgeOptions, base, tokenizer, dataset: data.Datase
         try:
             saved = json.loads(cache.read_text())
             if saved.get("key") == key:
-                return data.Dataset([data.Window(t, len(p), p) for t, p in saved["train"]],
-                                    [data.Window(t, len(p), p) for t, p in saved["valid"]], dataset.kind)
+                return data.Dataset([data.Window(t, len(p), p, f) for t, p, f in saved["train"]],
+                                    [data.Window(t, len(p), p, f) for t, p, f in saved["valid"]], dataset.kind)
         except (OSError, ValueError, KeyError, TypeError):
             pass
     n_windows = len(dataset.train) + len(dataset.valid)
@@ -337,8 +342,8 @@ def _self_generated(options: ForgeOptions, base, tokenizer, dataset: data.Datase
     try:
         ckpt.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "train": [[w.tokens, w.prompt_tokens] for w in train],
-                                   "valid": [[w.tokens, w.prompt_tokens] for w in valid]}))
+        tmp.write_text(json.dumps({"key": key, "train": [[w.tokens, w.prompt_tokens, w.first] for w in train],
+                                   "valid": [[w.tokens, w.prompt_tokens, w.first] for w in valid]}))
         tmp.replace(cache)
     except OSError as e:
         info(f"warning: {output.disk_message(e, str(cache))}; a resumed run will generate again")
@@ -391,6 +396,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
         compare = load_drafter(options.compare, base)
 
 
+    dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
     if options.self_generate:
         dataset = _self_generated(options, base, tokenizer, dataset, ckpt, identity)
     n_train_tokens = sum(len(w.tokens) for w in dataset.train)
