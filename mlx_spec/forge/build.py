@@ -94,7 +94,7 @@ def base_embeddings(base) -> np.ndarray:
 
 def principal_projection(E: np.ndarray, dims: int) -> np.ndarray:
     """E (V, D) onto its top `dims` principal directions (uncentered): (V, dims)."""
-    cov = E.T.astype(np.float64) @ E.astype(np.float64)
+    cov = (E.T @ E).astype(np.float64)  # (D, D); a float64 copy of E would be 3 GB for Gemma 4 E2B
     _, vectors = np.linalg.eigh(cov)  # ascending eigenvalues
     top = vectors[:, ::-1][:, :dims]
     if dims > E.shape[1]:  # a drafter wider than its base: pad with zero directions

@@ -22,6 +22,7 @@ Knows nothing of models except the tokenizer (and the base, in `self_generate`).
 import json
 import random
 import types
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
@@ -170,20 +171,38 @@ def tokenize(kind: str, records: Sequence[Tuple[str, dict]], tokenizer) -> List[
 
     data = [r for _, r in records]
     dataset = create_dataset(data, tokenizer, types.SimpleNamespace(mask_prompt=False))
-    out = []
-    for (where, _), record in zip(records, data):
-        try:
-            tokens, _ = dataset.process(record)
-            prompt = None
-            if kind != "text":
-                messages, generation = _prompt_messages(kind, record)
-                prompt = list(tokenizer.apply_chat_template(messages, tools=record.get("tools"),
-                                                            add_generation_prompt=generation, return_dict=False))
-        except Exception as e:  # transformers raises many types (no chat template, bad roles, ...)
-            reason = " ".join(str(e).split())
-            raise DataError(f"{where}: cannot tokenize this {kind} record: {reason}") from e
-        out.append((list(tokens), prompt))
-    return out
+    with _quiet_transformers():  # "sequence longer than model_max_length": forge cuts windows itself
+        return [_tokenize_one(kind, where, record, dataset, tokenizer) for (where, _), record in zip(records, data)]
+
+
+@contextmanager
+def _quiet_transformers():
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        yield
+        return
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+
+
+def _tokenize_one(kind: str, where: str, record: dict, dataset, tokenizer):
+    """(tokens, prompt tokens or None) of one record; a record that cannot be tokenized names its line."""
+    try:
+        tokens, _ = dataset.process(record)
+        prompt = None
+        if kind != "text":
+            messages, generation = _prompt_messages(kind, record)
+            prompt = list(tokenizer.apply_chat_template(messages, tools=record.get("tools"),
+                                                        add_generation_prompt=generation, return_dict=False))
+    except Exception as e:  # transformers raises many types (no chat template, bad roles, ...)
+        reason = " ".join(str(e).split())
+        raise DataError(f"{where}: cannot tokenize this {kind} record: {reason}") from e
+    return list(tokens), prompt
 
 
 def windows(docs: Sequence[Tuple[List[int], Optional[List[int]]]], max_len: int, bos: Optional[int],
