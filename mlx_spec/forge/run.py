@@ -422,8 +422,8 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
 
     report = Report(out, options.num_draft_tokens, 0, state=state)
     output.write_drafter(out, drafter, config, dtype, tokenizer_dir=base_dir, force=options.force)
-    info(f"wrote {out} after {state.step} steps ({trainer.format_seconds(state.seconds)} of training); "
-         f"checkpoints stay in {ckpt}")
+    info(f"wrote {out} after {state.step} steps ({trainer.format_seconds(state.seconds)} of training, peak memory "
+         f"{mx.get_peak_memory() / 1e9:.2f} GB); checkpoints stay in {ckpt}")
 
     forged = _reload(out, base)
     prompts = [w.prompt_tokens for w in dataset.valid[: options.eval_prompts]]
