@@ -46,10 +46,11 @@ class Teacher:
     mask: mx.array  # (B, L) bool: real tokens (rows are right-padded)
     embedded: mx.array  # (B, L, H_b) base.embed_scaled(tokens)
     hidden: mx.array  # (B, L, H_b) final-normed hidden state
-    probs: mx.array  # (B, L, V) float32 softmax of the base's logits (its distribution for token l+1)
-    entropy: mx.array  # (B, L) of probs, so the loss can report KL = cross-entropy - entropy
     best: mx.array  # (B, L) the base's argmax (greedy) token
     kv: Dict[str, Tuple[mx.array, mx.array]]  # layer type -> (K, V) (B, n_kv, L, D) of the producer layer
+    # the distribution, for the loss (None in a light teacher, which only estimates acceptance):
+    probs: Optional[mx.array] = None  # (B, L, V) float32 softmax of the base's logits (for token l+1)
+    entropy: Optional[mx.array] = None  # (B, L) of probs, so the loss can report KL = cross-entropy - entropy
     mass: Optional[mx.array] = None  # (B, L, C) probs summed per centroid cluster (centroid heads)
 
     @property
@@ -57,14 +58,16 @@ class Teacher:
         return self.tokens.shape[1]
 
     def arrays(self) -> list:
-        return [self.embedded, self.hidden, self.probs, self.entropy, self.best, self.kv] + \
-            ([self.mass] if self.mass is not None else [])
+        return [a for a in (self.embedded, self.hidden, self.best, self.kv, self.probs, self.entropy, self.mass)
+                if a is not None]
 
 
 def teacher_forward(base, tokens: mx.array, mask: mx.array, token_ordering: Optional[mx.array] = None,
-                    num_centroids: int = 0) -> Teacher:
+                    num_centroids: int = 0, light: bool = False) -> Teacher:
     """Run the base once over tokens (B, L): fresh caches keep every position's K/V after one pass.
-    With a centroid head's token_ordering, also the base's probability mass per cluster."""
+    With a centroid head's token_ordering, also the base's probability mass per cluster. light: only the
+    argmax, not the distribution (held-out batches kept for the acceptance estimate: at V = 262144 the
+    distribution of one 256-token window is 270 MB)."""
     cache = base.make_cache()
     logits, hidden = base.forward(tokens, cache)  # (B, L, V), (B, L, H_b)
     kv = {}
@@ -75,22 +78,25 @@ def teacher_forward(base, tokens: mx.array, mask: mx.array, token_ordering: Opti
             raise RuntimeError(f"producer cache {i} kept {keys.shape[2]} of {tokens.shape[1]} positions")
         kv[layer_type] = (mx.stop_gradient(keys), mx.stop_gradient(values))
     logits = mx.stop_gradient(logits.astype(mx.float32))
+    embedded, hidden = mx.stop_gradient(base.embed_scaled(tokens)), mx.stop_gradient(hidden)
+    if light:
+        return Teacher(tokens, mask, embedded, hidden, mx.argmax(logits, axis=-1), kv)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     probs = mx.exp(logp)
     mass = None
     if token_ordering is not None:
         B, L, V = probs.shape
         mass = mx.take(probs, token_ordering, axis=-1).reshape(B, L, num_centroids, V // num_centroids).sum(-1)
-    return Teacher(tokens, mask, mx.stop_gradient(base.embed_scaled(tokens)), mx.stop_gradient(hidden), probs,
-                   -(probs * logp).sum(-1), mx.argmax(logits, axis=-1), kv, mass)
+    return Teacher(tokens, mask, embedded, hidden, mx.argmax(logits, axis=-1), kv, probs, -(probs * logp).sum(-1),
+                   mass)
 
 
-def teacher_for(base, drafter, tokens: mx.array, mask: mx.array) -> Teacher:
+def teacher_for(base, drafter, tokens: mx.array, mask: mx.array, light: bool = False) -> Teacher:
     """teacher_forward with what this drafter's head needs."""
-    if drafter.args.use_ordered_embeddings:
+    if drafter.args.use_ordered_embeddings and not light:
         me = drafter.masked_embedding
         return teacher_forward(base, tokens, mask, me.token_ordering, me.num_centroids)
-    return teacher_forward(base, tokens, mask)
+    return teacher_forward(base, tokens, mask, light=light)
 
 
 def attention_masks(layer_types: Sequence[str], n: int, window: int) -> Dict[str, object]:

@@ -114,7 +114,7 @@ def held_out_teachers(base, drafter, windows, batch_size: int) -> List[objective
     out = []
     for s in range(0, len(windows), batch_size):
         tokens, mask = pad([w.tokens for w in windows[s:s + batch_size]])
-        t = objective.teacher_for(base, drafter, tokens, mask)
+        t = objective.teacher_for(base, drafter, tokens, mask, light=True)
         mx.eval(t.arrays())
         out.append(t)
     return out
