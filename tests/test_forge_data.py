@@ -121,3 +121,23 @@ def test_batches_resume_in_the_same_order():
     assert [next(c)[0].tolist() for _ in range(9)] == seen[6:], "restore() continues the same order"
     tokens, mask = data.pad([[5, 6, 7], [8]])
     assert tokens.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[True] * 3, [True, False, False]]
+
+
+def test_self_generated_batches_generate_what_training_reaches_in_pools():
+    calls = []
+
+    def generate(wins):
+        calls.append(len(wins))
+        return [data.Window(w.prompt_tokens + [7] * 5, w.prompt_len, w.prompt_tokens, w.first) for w in wins]
+
+    wins = [data.Window([2] + list(range(10, 10 + n)), 3) for n in range(8, 28)]
+    b = data.SelfGeneratedBatches(wins, 2, seed=1, pad_id=0, generate=generate, pool=6)
+    tokens, mask = next(b)
+    assert calls == [6], "one batched generation for the next pool of windows"
+    assert all(row[3:8] == [7] * 5 for row in tokens.tolist()), "prompt + the base's continuation"
+    next(b), next(b)
+    assert calls == [6], "the pool covered three batches"
+    next(b)
+    assert calls == [6, 6]
+    plain = data.Batches(wins, 2, seed=1)
+    assert [len(w) for w in (plain.next_rows(), plain.next_rows())] == [2, 2]

@@ -25,7 +25,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -282,11 +282,10 @@ def greedy_continuations(base, prompts: Sequence[List[int]], n_tokens: int, eos_
 
 
 def self_generate(base, wins: Sequence[Window], n_tokens: int, eos_ids, max_len: int) -> List[Window]:
-    """Windows whose text after the prompt is the base's own greedy continuation (n_tokens at most)."""
+    """One window per given window: its prompt, then the base's own greedy continuation (n_tokens at most)."""
     prompts = [w.prompt_tokens for w in wins]
     gens = greedy_continuations(base, prompts, n_tokens, eos_ids)
-    return [Window((p + g)[:max_len], len(p), p, w.first) for w, p, g in zip(wins, prompts, gens)
-            if len(p) + len(g) >= MIN_WINDOW]
+    return [Window((p + g)[:max_len], len(p), p, w.first) for w, p, g in zip(wins, prompts, gens)]
 
 
 def held_out(valid: Sequence[Window], n_prompts: int, n_max: int = MAX_HOLDOUT_WINDOWS) -> List[Window]:
@@ -334,13 +333,50 @@ class Batches:
     def __iter__(self) -> Iterator[Tuple[mx.array, mx.array]]:
         return self
 
-    def __next__(self) -> Tuple[mx.array, mx.array]:
+    def next_rows(self) -> List[int]:
+        """The next batch's window indices (advances)."""
         if self.index >= len(self._order):
             self.epoch, self.index = self.epoch + 1, 0
             self._order = self._epoch_order(self.epoch)
-        rows = [self.wins[i].tokens for i in self._order[self.index]]
+        rows = self._order[self.index]
         self.index += 1
-        return pad(rows, self.pad_id)
+        return rows
+
+    def upcoming(self, n: int) -> List[int]:
+        """Window indices of the batches after this one, about n of them (within this epoch)."""
+        out = []
+        for rows in self._order[self.index:]:
+            if len(out) >= n:
+                break
+            out += rows
+        return out
+
+    def __next__(self) -> Tuple[mx.array, mx.array]:
+        return pad([self.wins[i].tokens for i in self.next_rows()], self.pad_id)
+
+
+class SelfGeneratedBatches(Batches):
+    """Batches of the base's own text: each window's prompt and the base's greedy continuation of it,
+    generated when the window is first needed, `pool` windows at a time (one batched decode). Nothing is
+    generated that training does not reach, and the generating counts toward the training time, so a
+    --minutes budget compares fairly with training on the data as it is. Greedy decoding is
+    deterministic, so a resumed run regenerates the same windows."""
+
+    def __init__(self, wins: Sequence[Window], batch_size: int, seed: int, pad_id: int,
+                 generate: Callable[[List[Window]], List[Window]], pool: int = 32):
+        super().__init__(wins, batch_size, seed, pad_id)
+        self.generate, self.pool = generate, pool
+        self.generated = {}
+
+    def __next__(self) -> Tuple[mx.array, mx.array]:
+        rows = self.next_rows()
+        missing = [i for i in rows if i not in self.generated]
+        if missing:
+            ahead = [j for j in self.upcoming(self.pool) if j not in self.generated]
+            todo = list(dict.fromkeys(missing + ahead))[: max(self.pool, len(missing))]
+            for j, w in zip(todo, self.generate([self.wins[j] for j in todo])):
+                self.generated[j] = w
+        return pad([self.generated[i].tokens for i in rows], self.pad_id)
 
 
 def pad(rows: Sequence[List[int]], pad_id: int = 0) -> Tuple[mx.array, mx.array]:

@@ -8,11 +8,9 @@ atomically, and report τ before and after on held-out prompts with the real eng
 """
 
 import hashlib
-import json
 import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
@@ -317,39 +315,6 @@ def _drafter_from_checkpoint(config: dict, weights: dict):
     return d
 
 
-def _self_generated(options: ForgeOptions, base, tokenizer, dataset: data.Dataset, ckpt: Path, identity: dict):
-    """Replace the data after each prompt with the base's own greedy text (cached beside the checkpoints)."""
-    key = {"n": options.self_generate, "data": str(Path(options.data).absolute()), "base": identity,
-           "max_seq_length": options.max_seq_length, "prompt_tokens": options.prompt_tokens,
-           "valid_data": options.valid_data}
-    cache = ckpt / "self-generated.json"
-    if cache.is_file():
-        try:
-            saved = json.loads(cache.read_text())
-            if saved.get("key") == key:
-                return data.Dataset([data.Window(t, len(p), p, f) for t, p, f in saved["train"]],
-                                    [data.Window(t, len(p), p, f) for t, p, f in saved["valid"]], dataset.kind)
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    n_windows = len(dataset.train) + len(dataset.valid)
-    info(f"self-generating {options.self_generate} tokens after each of {n_windows} prompts ...")
-    t0 = time.perf_counter()
-    eos = tokenizer.eos_token_ids
-    train = data.self_generate(base, dataset.train, options.self_generate, eos, options.max_seq_length)
-    valid = data.self_generate(base, dataset.valid, options.self_generate, eos, options.max_seq_length)
-    info(f"self-generated {sum(len(w.tokens) - w.prompt_len for w in train + valid)} tokens in "
-         f"{time.perf_counter() - t0:.0f} s")
-    try:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": key, "train": [[w.tokens, w.prompt_tokens, w.first] for w in train],
-                                   "valid": [[w.tokens, w.prompt_tokens, w.first] for w in valid]}))
-        tmp.replace(cache)
-    except OSError as e:
-        info(f"warning: {output.disk_message(e, str(cache))}; a resumed run will generate again")
-    return data.Dataset(train, valid, dataset.kind)
-
-
 def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
     ckpt = options.checkpoint_path
     existing = trainer.checkpoints(ckpt)
@@ -397,11 +362,21 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
 
 
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
-    if options.self_generate:
-        dataset = _self_generated(options, base, tokenizer, dataset, ckpt, identity)
     n_train_tokens = sum(len(w.tokens) for w in dataset.train)
     info(f"data: {len(dataset.train)} training windows ({n_train_tokens} tokens), {len(dataset.valid)} held out"
-         f" ({dataset.kind}{', self-generated' if options.self_generate else ''})")
+         f" ({dataset.kind})")
+    pad_id = tokenizer.pad_token_id or 0
+    if options.self_generate:
+        def generate(wins):
+            return data.self_generate(base, wins, options.self_generate, tokenizer.eos_token_ids,
+                                      options.max_seq_length)
+
+        info(f"self-generating: the base continues each window's prompt by {options.self_generate} tokens "
+             "(held-out now, training windows as training reaches them)")
+        dataset.valid = generate(dataset.valid)
+        batches = data.SelfGeneratedBatches(dataset.train, options.batch_size, options.seed, pad_id, generate)
+    else:
+        batches = data.Batches(dataset.train, options.batch_size, options.seed, pad_id)
 
     mem = memory_estimate(base, drafter, options.batch_size, options.max_seq_length, options.num_draft_tokens)
     total, have = sum(mem.values()), device_memory()
@@ -416,7 +391,6 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
                               options.seconds, options.loss, options.step_decay, options.centroid_weight,
                               options.warmup, options.report_every, options.eval_every, options.save_every)
     valid = trainer.held_out_teachers(base, drafter, dataset.valid, options.batch_size)
-    batches = data.Batches(dataset.train, options.batch_size, options.seed, tokenizer.pad_token_id or 0)
     job = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity, state, opt_state, progress)
     state = job.run()
 
