@@ -146,6 +146,8 @@ class Report:
     prompts: int
     rows: List[tuple] = field(default_factory=list)  # (name, evaluate.Measurement)
     state: Optional[trainer.TrainState] = None
+    prompt_ids: List[List[int]] = field(default_factory=list)
+    max_tokens: int = 0
 
     def text(self) -> str:
         lines = [f"forged drafter: {self.out}",
@@ -158,7 +160,8 @@ class Report:
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
-        return {"out": str(self.out), "k": self.k, "prompts": self.prompts,
+        return {"out": str(self.out), "k": self.k, "prompts": self.prompts, "prompt_ids": self.prompt_ids,
+                "max_tokens": self.max_tokens,
                 "rows": [{"name": n, "tau_median": m.tau, "taus": m.taus,
                           "acceptance_by_position": m.acceptance_by_position,
                           "same_as_plain": m.same_as_plain} for n, m in self.rows],
@@ -405,7 +408,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
         info(f"measuring tau on {len(prompts)} held-out prompts (greedy, k={options.num_draft_tokens}, "
              f"{options.eval_tokens} tokens each) ...")
         plain = evaluate.plain_outputs(base, tokenizer, prompts, options.eval_tokens)
-        report.prompts = len(prompts)
+        report.prompts, report.prompt_ids, report.max_tokens = len(prompts), prompts, options.eval_tokens
         for name, d in (("start", start), ("compare", compare), ("forged", forged)):
             if d is not None:
                 m = evaluate.measure(base, tokenizer, prompts, d, options.num_draft_tokens, options.eval_tokens, plain)
