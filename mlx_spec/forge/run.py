@@ -333,6 +333,66 @@ def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
     return ckpt
 
 
+def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
+    """(drafter to train, its config, report's starting drafter or None, output dtype, TrainState or None,
+    optimizer state or None): from the newest checkpoint with --resume, else from --drafter / scratch."""
+    if not options.resume:
+        drafter, config, start, dtype = _start_drafter(options, base)
+        return drafter, config, start, dtype, None, None
+    path = trainer.checkpoints(ckpt)[-1]
+    config, weights, opt_state, state, saved_identity = trainer.read_checkpoint(path)
+    if saved_identity != identity:
+        raise trainer.CheckpointError(f"{path} was made for another base ({saved_identity.get('model')}, "
+                                      f"adapters {saved_identity.get('adapter_path')}); resume with the same "
+                                      "--model and --adapter-path, or start over with --force")
+    drafter = _drafter_from_checkpoint(config, weights)
+    start, dtype = _resumed_start(options, base, config)  # a --drafter is still the report's starting point
+    info(f"resuming from {path} (step {state.step}, {trainer.format_seconds(state.seconds)} trained)")
+    return drafter, config, start, dtype, state, opt_state
+
+
+def _batches(options: ForgeOptions, base, tokenizer, dataset: data.Dataset) -> data.Batches:
+    """Training batches (the data as it is, or the base's own continuations); may self-generate the
+    held-out windows in place."""
+    pad_id = tokenizer.pad_token_id or 0
+    if not options.self_generate:
+        return data.Batches(dataset.train, options.batch_size, options.seed, pad_id)
+
+    def generate(wins):
+        return data.self_generate(base, wins, options.self_generate, tokenizer.eos_token_ids, options.max_seq_length)
+
+    info(f"self-generating: the base continues each window's prompt by {options.self_generate} tokens "
+         "(held-out now, training windows as training reaches them)")
+    dataset.valid = generate(dataset.valid)
+    return data.SelfGeneratedBatches(dataset.train, options.batch_size, options.seed, pad_id, generate)
+
+
+def _announce_memory(options: ForgeOptions, base, drafter) -> None:
+    mem = memory_estimate(base, drafter, options.batch_size, options.max_seq_length, options.num_draft_tokens)
+    total, have = sum(mem.values()), device_memory()
+    info(f"memory estimate: base {mem['base'] / 1e9:.2f} GB + drafter {mem['drafter'] / 1e9:.2f} GB (weights, "
+         f"gradients, Adam) + activations {mem['activations'] / 1e9:.2f} GB (batch {options.batch_size} x "
+         f"{options.max_seq_length} tokens, k={options.num_draft_tokens}) = {total / 1e9:.2f} GB"
+         + (f" of {have / 1e9:.0f} GB" if have else ""))
+    if have and total > 0.8 * have:
+        info("warning: that is close to this machine's memory; lower --batch-size or --max-seq-length")
+
+
+def _final_report(options: ForgeOptions, base, tokenizer, report: "Report", valid, drafters) -> None:
+    """τ of each (name, drafter) on the held-out prompts, and whether each output equalled plain decoding."""
+    prompts = [w.prompt_tokens for w in valid[: options.eval_prompts]]
+    if not prompts:
+        return
+    info(f"measuring tau on {len(prompts)} held-out prompts (greedy, k={options.num_draft_tokens}, "
+         f"{options.eval_tokens} tokens each) ...")
+    plain = evaluate.plain_outputs(base, tokenizer, prompts, options.eval_tokens)
+    report.prompts, report.prompt_ids, report.max_tokens = len(prompts), prompts, options.eval_tokens
+    for name, d in drafters:
+        if d is not None:
+            m = evaluate.measure(base, tokenizer, prompts, d, options.num_draft_tokens, options.eval_tokens, plain)
+            report.rows.append((name, m))
+
+
 def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) -> Report:
     """Run a forge job; returns the report. Raises MlxSpecError for anything a user can fix."""
     options.validate()
@@ -344,75 +404,32 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     identity = base_identity(base, base_dir, options.adapter_path)
     dataset = data.load_dataset(options.data, tokenizer, options.max_seq_length, options.prompt_tokens,
                                 options.valid_data)
-    if options.resume:  # the checkpoint has the drafter; a --drafter is still the report's starting point
-        path = trainer.checkpoints(ckpt)[-1]
-        config, weights, opt_state, state, saved_identity = trainer.read_checkpoint(path)
-        if saved_identity != identity:
-            raise trainer.CheckpointError(f"{path} was made for another base ({saved_identity.get('model')}, "
-                                          f"adapters {saved_identity.get('adapter_path')}); resume with the same "
-                                          "--model and --adapter-path, or start over with --force")
-        drafter = _drafter_from_checkpoint(config, weights)
-        start, dtype = _resumed_start(options, base, config)
-        info(f"resuming from {path} (step {state.step}, {trainer.format_seconds(state.seconds)} trained)")
-    else:
-        state = opt_state = None
-        drafter, config, start, dtype = _start_drafter(options, base)
+    drafter, config, start, dtype, state, opt_state = _starting_point(options, base, ckpt, identity)
     compare = None
     if options.compare:
         from ..drafting import load_drafter
 
         compare = load_drafter(options.compare, base)
 
-
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
-    n_train_tokens = sum(len(w.tokens) for w in dataset.train)
-    info(f"data: {len(dataset.train)} training windows ({n_train_tokens} tokens), {len(dataset.valid)} held out"
-         f" ({dataset.kind})")
-    pad_id = tokenizer.pad_token_id or 0
-    if options.self_generate:
-        def generate(wins):
-            return data.self_generate(base, wins, options.self_generate, tokenizer.eos_token_ids,
-                                      options.max_seq_length)
-
-        info(f"self-generating: the base continues each window's prompt by {options.self_generate} tokens "
-             "(held-out now, training windows as training reaches them)")
-        dataset.valid = generate(dataset.valid)
-        batches = data.SelfGeneratedBatches(dataset.train, options.batch_size, options.seed, pad_id, generate)
-    else:
-        batches = data.Batches(dataset.train, options.batch_size, options.seed, pad_id)
-
-    mem = memory_estimate(base, drafter, options.batch_size, options.max_seq_length, options.num_draft_tokens)
-    total, have = sum(mem.values()), device_memory()
-    info(f"memory estimate: base {mem['base'] / 1e9:.2f} GB + drafter {mem['drafter'] / 1e9:.2f} GB (weights, "
-         f"gradients, Adam) + activations {mem['activations'] / 1e9:.2f} GB (batch {options.batch_size} x "
-         f"{options.max_seq_length} tokens, k={options.num_draft_tokens}) = {total / 1e9:.2f} GB"
-         + (f" of {have / 1e9:.0f} GB" if have else ""))
-    if have and total > 0.8 * have:
-        info("warning: that is close to this machine's memory; lower --batch-size or --max-seq-length")
+    info(f"data: {len(dataset.train)} training windows ({sum(len(w.tokens) for w in dataset.train)} tokens), "
+         f"{len(dataset.valid)} held out ({dataset.kind})")
+    batches = _batches(options, base, tokenizer, dataset)
+    _announce_memory(options, base, drafter)
 
     cfg = trainer.TrainConfig(options.num_draft_tokens, options.learning_rate, options.batch_size, options.steps,
                               options.seconds, options.loss, options.step_decay, options.centroid_weight,
                               options.warmup, options.report_every, options.eval_every, options.save_every)
     valid = trainer.held_out_teachers(base, drafter, dataset.valid, options.batch_size)
-    job = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity, state, opt_state, progress)
-    state = job.run()
+    state = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity, state, opt_state,
+                            progress).run()
 
-    report = Report(out, options.num_draft_tokens, 0, state=state)
     output.write_drafter(out, drafter, config, dtype, tokenizer_dir=base_dir, force=options.force)
     info(f"wrote {out} after {state.step} steps ({trainer.format_seconds(state.seconds)} of training, peak memory "
          f"{mx.get_peak_memory() / 1e9:.2f} GB); checkpoints stay in {ckpt}")
-
-    forged = _reload(out, base)
-    prompts = [w.prompt_tokens for w in dataset.valid[: options.eval_prompts]]
-    if prompts and options.eval_prompts:
-        info(f"measuring tau on {len(prompts)} held-out prompts (greedy, k={options.num_draft_tokens}, "
-             f"{options.eval_tokens} tokens each) ...")
-        plain = evaluate.plain_outputs(base, tokenizer, prompts, options.eval_tokens)
-        report.prompts, report.prompt_ids, report.max_tokens = len(prompts), prompts, options.eval_tokens
-        for name, d in (("start", start), ("compare", compare), ("forged", forged)):
-            if d is not None:
-                m = evaluate.measure(base, tokenizer, prompts, d, options.num_draft_tokens, options.eval_tokens, plain)
-                report.rows.append((name, m))
+    report = Report(out, options.num_draft_tokens, 0, state=state)
+    _final_report(options, base, tokenizer, report, dataset.valid,
+                  (("start", start), ("compare", compare), ("forged", _reload(out, base))))
     return report
 
 
