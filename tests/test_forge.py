@@ -138,6 +138,25 @@ def test_training_lowers_the_loss(pair, tmp_path):
     assert [p.name for p in trainer.checkpoints(tmp_path / "ck")] == ["step-000008"]
 
 
+def test_a_run_that_makes_the_drafter_worse_keeps_the_starting_one(pair, tmp_path):
+    """Training with an absurd learning rate ruins the drafter; the held-out estimate says so, and the
+    trainer hands back the starting weights (the checkpoint keeps both, for --resume)."""
+    base, drafter, config, wins = tiny_setup(pair)
+    original = {n: np.array(w) for n, w in tree_flatten(drafter.parameters())}
+    valid = trainer.held_out_teachers(base, drafter, wins[:4], 2)
+    cfg = trainer.TrainConfig(k=2, lr=3.0, batch_size=2, steps=3, seconds=None, warmup=1, report_every=10,
+                              eval_every=0, save_every=0)
+    job = trainer.Trainer(base, drafter, config, data.Batches(wins[4:], 2, 0), valid, cfg, tmp_path / "ck", {},
+                          progress=trainer.Progress(open("/dev/null", "w")))
+    state = job.run()
+    first, last = (1 + sum(e["acceptance_by_position"]) for e in (state.estimates[0], state.estimates[-1]))
+    assert last < first, "the ruined drafter is estimated worse"
+    assert (trainer.checkpoints(tmp_path / "ck")[-1] / trainer.BEST_FILE).is_file()
+    assert job.restore_best() == {"step": 0, "tau": first}
+    for name, w in tree_flatten(drafter.parameters()):
+        np.testing.assert_array_equal(np.array(w), original[name], err_msg=f"{name}: the starting weights are back")
+
+
 def test_resume_continues_exactly(pair, tmp_path, monkeypatch):
     """Stopped after step 3 (checkpoint at 2), resumed to step 6 == six steps in one go."""
     base, _, _ = pair
@@ -170,14 +189,14 @@ def test_resume_continues_exactly(pair, tmp_path, monkeypatch):
         job.run()
     latest = trainer.checkpoints(tmp_path / "b")[-1]
     assert latest.name == "step-000002"
-    config2, weights, opt_state, state, identity = trainer.read_checkpoint(latest)
-    assert identity == {"b": 1} and state.step == 2
+    saved = trainer.read_checkpoint(latest)
+    assert saved.identity == {"b": 1} and saved.state.step == 2
     from mlx_spec.forge.run import _drafter_from_checkpoint
 
-    resumed = _drafter_from_checkpoint(config2, weights)
+    resumed = _drafter_from_checkpoint(saved.config, saved.weights)
     _, _, wins = fresh()
-    trainer.Trainer(base, resumed, config2, data.Batches(wins, 2, 0), [], cfg, tmp_path / "b", identity,
-                    state=state, optimizer_state=opt_state, progress=quiet).run()
+    trainer.Trainer(base, resumed, saved.config, data.Batches(wins, 2, 0), [], cfg, tmp_path / "b", saved.identity,
+                    state=saved.state, optimizer_state=saved.optimizer_state, progress=quiet).run()
     for name, w in tree_flatten(resumed.parameters()):
         np.testing.assert_allclose(np.array(w), np.array(straight[name]), rtol=1e-5, atol=1e-6,
                                    err_msg=f"{name}: resumed == uninterrupted")

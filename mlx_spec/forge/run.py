@@ -334,21 +334,22 @@ def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
 
 
 def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
-    """(drafter to train, its config, report's starting drafter or None, output dtype, TrainState or None,
-    optimizer state or None): from the newest checkpoint with --resume, else from --drafter / scratch."""
+    """(drafter to train, its config, report's starting drafter or None, output dtype, Checkpoint or None):
+    from the newest checkpoint with --resume, else from --drafter / scratch."""
     if not options.resume:
         drafter, config, start, dtype = _start_drafter(options, base)
-        return drafter, config, start, dtype, None, None
+        return drafter, config, start, dtype, None
     path = trainer.checkpoints(ckpt)[-1]
-    config, weights, opt_state, state, saved_identity = trainer.read_checkpoint(path)
+    saved = trainer.read_checkpoint(path)
+    config, saved_identity = saved.config, saved.identity
     if saved_identity != identity:
         raise trainer.CheckpointError(f"{path} was made for another base ({saved_identity.get('model')}, "
                                       f"adapters {saved_identity.get('adapter_path')}); resume with the same "
                                       "--model and --adapter-path, or start over with --force")
-    drafter = _drafter_from_checkpoint(config, weights)
+    drafter = _drafter_from_checkpoint(config, saved.weights)
     start, dtype = _resumed_start(options, base, config)  # a --drafter is still the report's starting point
-    info(f"resuming from {path} (step {state.step}, {trainer.format_seconds(state.seconds)} trained)")
-    return drafter, config, start, dtype, state, opt_state
+    info(f"resuming from {path} (step {saved.state.step}, {trainer.format_seconds(saved.state.seconds)} trained)")
+    return drafter, config, start, dtype, saved
 
 
 def _batches(options: ForgeOptions, base, tokenizer, dataset: data.Dataset) -> data.Batches:
@@ -404,7 +405,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     identity = base_identity(base, base_dir, options.adapter_path)
     dataset = data.load_dataset(options.data, tokenizer, options.max_seq_length, options.prompt_tokens,
                                 options.valid_data)
-    drafter, config, start, dtype, state, opt_state = _starting_point(options, base, ckpt, identity)
+    drafter, config, start, dtype, saved = _starting_point(options, base, ckpt, identity)
     compare = None
     if options.compare:
         from ..drafting import load_drafter
@@ -421,8 +422,16 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
                               options.seconds, options.loss, options.step_decay, options.centroid_weight,
                               options.warmup, options.report_every, options.eval_every, options.save_every)
     valid = trainer.held_out_teachers(base, drafter, dataset.valid, options.batch_size)
-    state = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity, state, opt_state,
-                            progress).run()
+    job = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity,
+                          saved.state if saved else None, saved.optimizer_state if saved else None, progress,
+                          best_weights=saved.best_weights if saved else None)
+    state = job.run()
+    kept = job.restore_best()
+    if kept is not None:
+        last = job.state.estimates[-1]
+        info(f"keeping the drafter of step {kept['step']}: its held-out estimate (tau {kept['tau']:.2f}) beat the "
+             f"last step's (tau {1 + sum(last['acceptance_by_position']):.2f})"
+             + ("; training did not improve on the starting drafter" if kept["step"] == 0 else ""))
 
     output.write_drafter(out, drafter, config, dtype, tokenizer_dir=base_dir, force=options.force)
     info(f"wrote {out} after {state.step} steps ({trainer.format_seconds(state.seconds)} of training, peak memory "

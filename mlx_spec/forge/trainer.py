@@ -33,6 +33,7 @@ from .output import disk_message, drafter_weights, save_safetensors
 CHECKPOINT_PREFIX = "step-"
 KEEP_CHECKPOINTS = 2
 STATE_FILE = "state.json"
+BEST_FILE = "best.safetensors"
 MIN_LR_FRACTION = 0.1  # cosine decay ends at this fraction of --lr
 GRAD_CLIP = 1.0
 
@@ -80,6 +81,7 @@ class TrainState:
     batches: dict = field(default_factory=dict)
     estimates: List[dict] = field(default_factory=list)
     losses: List[float] = field(default_factory=list)  # the mean loss of each report interval
+    best: dict = field(default_factory=dict)  # {"step", "tau"} of the best held-out estimate so far
 
 
 def learning_rate(cfg: TrainConfig, step: int, seconds: float) -> float:
@@ -160,16 +162,21 @@ def checkpoints(directory: Path) -> List[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
-def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: TrainState, identity: dict) -> Path:
+def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: TrainState, identity: dict,
+                    best: Optional[dict] = None) -> Path:
+    """best: the weights of the best held-out estimate, when they are not the current ones."""
     dest = directory / f"{CHECKPOINT_PREFIX}{state.step:06d}"
     try:
         directory.mkdir(parents=True, exist_ok=True)
         with atomic_directory(dest, force=True) as tmp:
             save_safetensors(tmp / "drafter.safetensors", drafter_weights(drafter, None))
+            if best is not None:
+                save_safetensors(tmp / BEST_FILE, best)
             save_safetensors(tmp / "optimizer.safetensors", dict(tree_flatten(optimizer.state)))
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
             body = {"step": state.step, "seconds": state.seconds, "batches": state.batches,
-                    "estimates": state.estimates, "losses": state.losses, "identity": identity}
+                    "estimates": state.estimates, "losses": state.losses, "best": state.best,
+                    "identity": identity}
             (tmp / STATE_FILE).write_text(json.dumps(body, indent=2))
     except OSError as e:
         raise CheckpointError(disk_message(e, f"the checkpoint {dest}") + "; the previous checkpoint is kept") from e
@@ -178,18 +185,28 @@ def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: Tr
     return dest
 
 
-def read_checkpoint(path: Path):
-    """(config, drafter weights, optimizer state (flat dict), TrainState, identity)."""
+@dataclass
+class Checkpoint:
+    config: dict
+    weights: dict
+    optimizer_state: dict  # flat
+    state: TrainState
+    identity: dict
+    best_weights: Optional[dict] = None  # when the best held-out estimate was not the last step's
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
     try:
         body = json.loads((path / STATE_FILE).read_text())
         config = json.loads((path / "config.json").read_text())
         weights = mx.load(str(path / "drafter.safetensors"))
         opt_state = mx.load(str(path / "optimizer.safetensors"))
+        best = mx.load(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
     except (OSError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"cannot read the checkpoint {path}: {e}; remove it to resume from the one before") from e
     state = TrainState(body["step"], body["seconds"], body.get("batches", {}), body.get("estimates", []),
-                       body.get("losses", []))
-    return config, weights, opt_state, state, body.get("identity", {})
+                       body.get("losses", []), body.get("best", {}))
+    return Checkpoint(config, weights, opt_state, state, body.get("identity", {}), best)
 
 
 def restore_optimizer(optimizer, drafter, flat_state: dict) -> None:
@@ -200,12 +217,16 @@ def restore_optimizer(optimizer, drafter, flat_state: dict) -> None:
 # -- the loop
 
 class Trainer:
-    """Trains `drafter` (float32, in place) against `base` on `batches`; `run()` returns the final state."""
+    """Trains `drafter` (float32, in place) against `base` on `batches`; `run()` returns the final state.
+
+    The drafter left in place at the end is the one with the best held-out estimate (the starting one
+    included), so forge never writes a drafter it measured worse than what it started from; the
+    checkpoints keep the last step's for --resume."""
 
     def __init__(self, base, drafter, config: dict, batches: Batches, valid: Sequence[objective.Teacher],
                  cfg: TrainConfig, checkpoint_dir: Path, identity: dict, state: Optional[TrainState] = None,
                  optimizer_state: Optional[dict] = None, progress: Optional[Progress] = None,
-                 clock: Callable[[], float] = time.perf_counter):
+                 clock: Callable[[], float] = time.perf_counter, best_weights: Optional[dict] = None):
         self.base, self.drafter, self.config, self.batches = base, drafter, config, batches
         self.valid, self.cfg, self.checkpoint_dir, self.identity = valid, cfg, checkpoint_dir, identity
         self.state = state or TrainState()
@@ -218,6 +239,7 @@ class Trainer:
         if self.state.batches:
             batches.restore(self.state.batches)
         self._loss_and_grad = nn.value_and_grad(drafter, self._loss)
+        self._best = best_weights  # flat weights of the best estimate, or None while the current ones are
 
     def _loss(self, teacher):
         c = self.cfg
@@ -237,16 +259,36 @@ class Trainer:
         return max(0.0, min(left)) if left else None
 
     def estimate(self) -> Estimate:
-        e = estimate(self.drafter, self.valid, self.cfg.k, self.window, self.state.step)
-        self.state.estimates.append({"step": e.step, "acceptance_by_position": e.acceptance_by_position})
+        s = self.state
+        e = estimate(self.drafter, self.valid, self.cfg.k, self.window, s.step)
+        s.estimates.append({"step": e.step, "acceptance_by_position": e.acceptance_by_position})
+        if not s.best or e.tau > s.best["tau"]:
+            s.best = {"step": e.step, "tau": e.tau}
+            self._best = None  # the current weights: referenced before the next step changes them
         return e
+
+    def _keep_current_as_best(self) -> None:
+        """Before the weights change: if they are the best so far, hold on to them (MLX arrays are
+        immutable, so this keeps references, not a copy)."""
+        if self.state.best and self.state.best["step"] == self.state.step and self._best is None:
+            self._best = dict(tree_flatten(self.drafter.parameters()))
 
     def save(self) -> Path:
         self.state.batches = self.batches.state()
+        best = self._best if self.state.best and self.state.best["step"] != self.state.step else None
         return save_checkpoint(self.checkpoint_dir, self.drafter, self.config, self.optimizer, self.state,
-                               self.identity)
+                               self.identity, best)
+
+    def restore_best(self) -> Optional[dict]:
+        """Put the best-estimated weights back into the drafter; returns state.best when that changed them."""
+        s = self.state
+        if s.best and s.best["step"] != s.step and self._best is not None:
+            self.drafter.update(tree_unflatten(list(self._best.items())))
+            return s.best
+        return None
 
     def step(self):
+        self._keep_current_as_best()
         tokens, mask = next(self.batches)
         teacher = objective.teacher_for(self.base, self.drafter, tokens, mask)
         mx.eval(teacher.arrays())  # the base's pass apart: the drafter's graph stays small
