@@ -1,16 +1,25 @@
 """Public Python API: load, load_drafter, generate, stream_generate (mirrors mlx-lm's names and shapes).
 
-Thin: it turns text into token ids, builds the proposer the caller asked for, runs an `Engine`, and turns
-token ids back into text with mlx-lm's streaming detokenizer.
+Thin: it turns text into token ids, resolves the caller's proposer, sampling and draft-length choices once,
+runs an `Engine`, and turns token ids back into text with mlx-lm's streaming detokenizer. The library
+default is stateless and silent: a fixed k, and a fresh seed per call unless one is given.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
-from . import engine as engine_mod
-from .engine import Engine, GenerationStats, SamplingParams
-from .loading import load_model, load_tokenizer
+from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
+from .errors import PairingError
+from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
 from .memory import resident
+from .paths import cache_root
+from .proposers import DRAFTER_PROPOSERS, make_proposer
+from .proposers.base import Proposer
+from .sampling import DEFAULT_ACCEPTANCE, SamplingParams
+from .stats import GenerationStats
+from .tuning.policy import DraftPolicy
+from .tuning.tuner import AutoTuner, draft_policy
 
 Prompt = Union[str, List[int]]
 
@@ -48,8 +57,26 @@ class GenerationResponse:
         return self.stats.peak_memory_bytes / 1e9
 
 
+def _model_dir(path_or_repo: str, q_bits: Optional[int]) -> str:
+    """An unconverted hub checkpoint is converted (and quantized) once into our cache; later loads reuse it.
+    Local directories and MLX-layout repos (mlx-community's) load as they are."""
+    if not is_hub_id(path_or_repo):
+        return path_or_repo
+    from .checkpoint import is_mlx_layout, read_config
+
+    downloaded = resolve_model_path(path_or_repo)
+    if is_mlx_layout(downloaded, read_config(downloaded)):
+        return str(downloaded)
+    dest = cache_root() / "models" / (path_or_repo.replace("/", "--") + (f"-{q_bits}bit" if q_bits else ""))
+    if not (dest / "config.json").exists():
+        from convert import convert
+
+        convert(downloaded, dest, quantize=bool(q_bits), q_bits=q_bits or 4)
+    return str(dest)
+
+
 def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] = None):
-    """Load (model, tokenizer) from a local directory or a hub repo id.
+    """Load (model, tokenizer) from a local directory, a .gguf file or a hub repo id.
 
     MLX-layout directories (ours, mlx-lm's, mlx-community's) load as they are; an unconverted Hugging Face
     directory is sanitized and cast in memory. A hub repo id is downloaded through huggingface_hub (its
@@ -62,8 +89,25 @@ def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] =
         from .gguf import load_gguf
 
         return load_gguf(path_or_repo, dtype)
-    model, config, model_dir = load_model(path_or_repo, dtype=dtype, q_bits=q_bits)
+    model, config, model_dir = load_model(_model_dir(str(path_or_repo), q_bits), dtype=dtype)
     return model, load_tokenizer(model_dir, config)
+
+
+def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
+    """Load a drafter (a Gemma 4 MTP assistant) and check that it fits `base`; raises PairingError on a
+    mismatch. "auto" finds the base's published drafter from `base_path` (drafting.find_auto_drafter)."""
+    from .drafting import find_auto_drafter
+
+    if path_or_repo == "auto":
+        path_or_repo = find_auto_drafter(base_path)
+    drafter, config, model_dir = load_model(_model_dir(str(path_or_repo), None), dtype=dtype)
+    if config.get("model_type") not in DRAFTER_PROPOSERS:
+        raise PairingError(
+            f"{Path(model_dir) / 'config.json'} is a {config.get('model_type')!r} model, not a drafter "
+            f"({', '.join(DRAFTER_PROPOSERS)}); for an ordinary small model use --draft-model"
+        )
+    make_proposer(base, drafter=drafter)  # validates the pairing
+    return drafter
 
 
 def encode_prompt(tokenizer, prompt: Prompt) -> List[int]:
@@ -74,38 +118,40 @@ def encode_prompt(tokenizer, prompt: Prompt) -> List[int]:
     return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
 
 
-def stream_generate(model, tokenizer, prompt: Prompt, *, drafter=None, draft_model=None,
-                    ngram: Optional[int] = None, max_tokens: int = 256, temp: float = 0.0,
-                    top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
-                    num_draft_tokens: Union[int, str] = engine_mod.DEFAULT_NUM_DRAFT_TOKENS,
-                    acceptance: str = "rejection", logits_processors: Sequence = (),
+def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Proposer] = None, drafter=None,
+                    draft_model=None, ngram: Optional[int] = None, max_tokens: int = 256,
+                    sampling: Optional[SamplingParams] = None, temp: float = 0.0, top_p: float = 1.0,
+                    top_k: int = 0, min_p: float = 0.0, acceptance: str = DEFAULT_ACCEPTANCE,
+                    seed: Optional[int] = None,
+                    num_draft_tokens: Union[int, str, DraftPolicy] = DEFAULT_NUM_DRAFT_TOKENS,
+                    tuner: Optional[AutoTuner] = None, logits_processors: Sequence = (),
                     prompt_cache: Optional[list] = None,
                     should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
 
-    `should_stop()` is asked during a long prefill (between its 2048-token chunks): True ends the request
-    there, with no tokens. Between tokens, stop by closing the generator.
+    Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
+    tokenizer), `ngram=N` (prompt lookup) or any `proposer`. Without any, decoding is plain. Greedy output
+    is identical either way; with temp > 0 the output distribution is the base's, and in the default
+    "coupled" acceptance mode a seed gives exactly plain sampling's tokens.
 
-    Speculation: pass `drafter` (an MTP drafter from `load_drafter`, or any Proposer), `draft_model` (a
-    smaller model sharing the tokenizer) or `ngram=N` (prompt lookup). Without any, decoding is plain.
-    Greedy output is identical either way; with temp > 0 the output distribution is the base's.
+    `num_draft_tokens`: an int (fixed k, default 3), "auto" (chosen each round from this machine's measured
+    costs; pass a kept `tuner` to carry what it learns across calls) or any DraftPolicy. `sampling` (a
+    SamplingParams) replaces temp/top_p/top_k/min_p/acceptance. `should_stop()` is asked during a long
+    prefill (between its 2048-token chunks): True ends the request there, with no tokens. Between tokens,
+    stop by closing the generator.
     """
-    from .proposers import make_proposer
-
     ids = encode_prompt(tokenizer, prompt)
-    proposer = make_proposer(model, drafter=drafter, draft_model=draft_model, ngram=ngram)
-    sampling = SamplingParams(temp, top_p, top_k, min_p, acceptance)
-    k, policy = engine_mod.resolve_num_draft_tokens(num_draft_tokens, model, proposer)
-    eng = Engine(model, ids, proposer=proposer, sampling=sampling, max_tokens=max_tokens,
-                 num_draft_tokens=k, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 seed=seed, cache=prompt_cache, draft_policy=policy, should_stop=should_stop)
+    sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
+    proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
+    policy = draft_policy(num_draft_tokens, model, proposer, tuner) if proposer is not None else None
+    if policy is None:
+        proposer = None  # k = 0: plain decoding (a draft model is not even prefilled)
+    eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, seed=seed,
+                 max_tokens=max_tokens, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
+                 cache=prompt_cache, should_stop=should_stop)
     detok = tokenizer.detokenizer
     detok.reset()
-    # a Proposer passed as drafter (a chat's or server's kept draft-model proposer) counts with its model
-    drafter_weights = drafter
-    if hasattr(drafter, "propose"):
-        drafter_weights = getattr(drafter, "model", None) or getattr(drafter, "drafter", None)
-    with resident(model, drafter_weights, draft_model):
+    with resident(model, proposer.weights if proposer is not None else None):
         for ev in eng.run():
             if ev.finish_reason == "stop":  # EOS is not text
                 detok.finalize()

@@ -18,7 +18,8 @@ from mlx_lm.models.cache import KVCache, RotatingKVCache
 
 from .errors import CacheRollbackError
 
-DEFAULT_MAX_ROLLBACK = 16  # >= the largest k the engine will verify, plus one
+MAX_DRAFT_TOKENS = 16  # the most drafts one round verifies
+DEFAULT_MAX_ROLLBACK = MAX_DRAFT_TOKENS + 1  # a whole verify pass: what a base cache must be able to give back
 
 
 class FullKVCache(KVCache):

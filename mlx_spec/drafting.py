@@ -1,10 +1,11 @@
-"""Loading an MTP drafter and checking that it fits its base model (before any token is drafted)."""
+"""Checking that an MTP drafter fits its base model (before any token is drafted), and finding a base's
+published drafter for `--drafter auto`."""
 
 from pathlib import Path
 from typing import Optional
 
 from .errors import ModelLoadError, PairingError
-from .loading import load_model, resolve_model_path
+from .loading import is_hub_id, resolve_model_path
 
 
 def base_text_args(base):
@@ -73,7 +74,7 @@ def find_auto_drafter(base_path: Optional[str]) -> str:
         if Path(c).is_dir():
             return c
     for c in candidates:
-        if not Path(c).exists() and c.count("/") == 1 and not c.startswith((".", "/", "~")):
+        if is_hub_id(c):
             try:
                 resolve_model_path(c)
                 return c
@@ -81,17 +82,3 @@ def find_auto_drafter(base_path: Optional[str]) -> str:
                 continue
     raise ModelLoadError(f"--drafter auto found no drafter for {base_path} (tried {', '.join(candidates)}); "
                          "pass --drafter PATH")
-
-
-def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
-    """Load a `gemma4_assistant` drafter and validate it against `base`; raises PairingError on a mismatch."""
-    if path_or_repo == "auto":
-        path_or_repo = find_auto_drafter(base_path)
-    drafter, config, model_dir = load_model(path_or_repo, dtype=dtype)
-    if config.get("model_type") != "gemma4_assistant":
-        raise PairingError(
-            f"{Path(model_dir) / 'config.json'} is a {config.get('model_type')!r} model, not a gemma4_assistant "
-            "drafter; for an ordinary small model use --draft-model"
-        )
-    validate_pairing(drafter, base)
-    return drafter

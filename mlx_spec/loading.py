@@ -1,7 +1,9 @@
 """Turning a path or hub id into a ready model: resolve, read, sanitize, quantize, check, load.
 
 An MLX-layout directory (from our converter, mlx-lm's, or mlx-community) and an unconverted Hugging Face
-directory go through the same steps; an HF checkpoint is simply sanitized and cast in memory.
+directory go through the same steps; an HF checkpoint is simply sanitized and cast in memory. Converting
+a hub checkpoint once to disk is the API's business (api.load), not this module's: the runtime never
+imports the converter (the converter imports this).
 """
 
 import os
@@ -12,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_weights, is_mlx_layout, read_config, read_weights, unwrap_language_model, weight_files
+from .checkpoint import check_weights, read_config, read_weights, unwrap_language_model, weight_files
 from .errors import ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
@@ -30,7 +32,7 @@ def resolve_model_path(path_or_repo: str) -> Path:
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model directory that holds config.json")
-    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+    if not is_hub_id(path_or_repo):
         raise ModelLoadError(f"model directory {path_or_repo} does not exist (and it is not a hub repo id 'org/name')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
@@ -120,28 +122,13 @@ def materialize(*models) -> None:
     mx.eval(arrays)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_spec"
-
-
 def is_hub_id(path_or_repo: str) -> bool:
+    """'org/name' that is not a local path."""
     return not Path(path_or_repo).expanduser().exists() and path_or_repo.count("/") == 1 \
         and not path_or_repo.startswith((".", "/", "~"))
 
 
-def converted_from_hub(repo_id: str, model_dir: Path, config: dict, q_bits: Optional[int]) -> Path:
-    """An unconverted hub checkpoint is converted (and quantized) once into our cache; later loads reuse it."""
-    if is_mlx_layout(model_dir, config):
-        return model_dir  # mlx-community and other MLX repos load as they are
-    dest = cache_root() / "models" / (repo_id.replace("/", "--") + (f"-{q_bits}bit" if q_bits else ""))
-    if not (dest / "config.json").exists():
-        from convert import convert
-
-        convert(model_dir, dest, quantize=bool(q_bits), q_bits=q_bits or 4)
-    return dest
-
-
-def default_dtype(config: dict):
+def default_dtype(quantized: bool):
     """float32 for a quantized model on MLX's CPU backend, else None (the file's dtypes).
 
     The CPU quantized matmul computes in the scales' dtype, and with bfloat16 / float16 scales it is ~9x /
@@ -149,22 +136,22 @@ def default_dtype(config: dict):
     bf16 4-bit model decodes 2-5x faster cast. What gets cast is small in a quantized model (scales,
     biases, norms); its packed weights stay as they are. Metal and CUDA have fast half-precision kernels,
     so elsewhere nothing changes."""
-    return mx.float32 if config.get("quantization") and mx.default_device() == mx.cpu else None
+    return mx.float32 if quantized and mx.default_device() == mx.cpu else None
 
 
-def load_model(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] = None
-               ) -> Tuple[nn.Module, dict, Path]:
-    """(model, config, resolved directory). `dtype` casts the float weights (of a quantized model: scales,
-    biases and the unquantized rest; default: `default_dtype`); `q_bits` quantizes an unconverted hub
-    checkpoint once, into the local cache (~/.cache/mlx_spec/models)."""
+def load_model(path_or_repo: str, dtype: Optional[str] = None) -> Tuple[nn.Module, dict, Path]:
+    """(model, config, resolved directory) from a local directory or a hub repo id (downloaded as is).
+    `dtype` casts the float weights (of a quantized model: scales, biases and the unquantized rest;
+    default: `default_dtype`)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_path(path_or_repo)
-    if is_hub_id(path_or_repo):
-        model_dir = converted_from_hub(path_or_repo, model_dir, read_config(model_dir), q_bits)
     config = read_config(model_dir)
     warn_if_too_big(sum(f.stat().st_size for f in weight_files(model_dir)), f"loading {model_dir}")
     weights = read_weights(model_dir)
-    model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else default_dtype(config))
-    model.source_path = str(model_dir)  # identifies the model in tuning's cost cache and bench records
+    cast = DTYPES[dtype] if dtype else default_dtype(bool(config.get("quantization")))
+    model = build_model(config, weights, model_dir, cast)
+    model.source_path = str(model_dir)  # identifies the model in the costs file and bench records
     return model, config, model_dir
 
 

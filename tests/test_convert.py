@@ -25,6 +25,7 @@ from convert import convert as convert_api
 from convert.__main__ import main as convert_main
 from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 
 VARIANTS = ["e2b", "e4b", "moe", "dense_keqv"]
 PROMPT = tokens(seed=5, n=20)  # longer than the sliding window (16): window masks matter
@@ -174,7 +175,7 @@ def test_a_half_precision_quantized_model_computes_in_float32_on_the_cpu_backend
     from mlx_spec.proposers import make_proposer
 
     proposer = make_proposer(base, drafter=load_drafter(str(drafter), base))
-    spec = [ev.token for ev in Engine(base, PROMPT, proposer=proposer, max_tokens=N_NEW, num_draft_tokens=3).run()]
+    spec = [ev.token for ev in Engine(base, PROMPT, proposer=proposer, max_tokens=N_NEW, policy=FixedK(3)).run()]
     assert spec == mlx_spec_greedy(base), "exact in float32 as well"
 
 

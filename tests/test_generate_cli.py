@@ -51,7 +51,7 @@ def test_python_dash_m_subprocess():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "/nonexistent/model", "--prompt", "x"], "does not exist"),
-    (["--model", BASE, "--drafter", BASE, "--prompt", "x"], "not a gemma4_assistant drafter"),
+    (["--model", BASE, "--drafter", BASE, "--prompt", "x"], "not a drafter (gemma4_assistant)"),
     (["--model", BASE, "--prompt", "x", "--temp", "-1"], "--temp"),
     (["--model", BASE, "--prompt", "x", "--top-p", "0"], "--top-p"),
 ])
@@ -70,8 +70,8 @@ def test_bad_num_draft_tokens_is_an_argparse_error(capsys):
 def test_the_summary_says_how_many_tokens_were_decoded_without_drafts(capsys):
     import io
 
-    from mlx_spec.engine import GenerationStats
-    from mlx_spec.generate import print_stats
+    from mlx_spec.stats import GenerationStats
+    from mlx_spec.cli import print_stats
 
     out = io.StringIO()
     stats = GenerationStats(prompt_tokens=5, generation_tokens=10, rounds=2, drafted=6, accepted=3,
@@ -85,3 +85,19 @@ def test_the_summary_says_how_many_tokens_were_decoded_without_drafts(capsys):
     out = io.StringIO()
     print_stats(GenerationStats(prompt_tokens=5, generation_tokens=10), file=out)
     assert "Speculation" not in out.getvalue(), "plain decoding: nothing to say"
+
+
+def test_acceptance_at_a_position_never_drafted_is_undefined_not_zero():
+    import io
+
+    from mlx_spec.cli import print_stats
+    from mlx_spec.stats import GenerationStats
+
+    a = GenerationStats(generation_tokens=9, rounds=3, drafted=4, accepted=2, drafted_by_position=[3, 1],
+                        accepted_by_position=[2, 0])
+    b = GenerationStats(drafted_by_position=[0, 0, 0], accepted_by_position=[0, 0, 0])
+    total = GenerationStats.total([a, b])
+    assert total.acceptance_by_position == [2 / 3, 0.0, None], "drafted and rejected: 0; never drafted: undefined"
+    out = io.StringIO()
+    print_stats(total, file=out)
+    assert "by position [0.67, 0.00, -]" in out.getvalue()

@@ -14,7 +14,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_spec.engine import Engine, SamplingParams
+from mlx_spec.engine import Engine
+from mlx_spec.sampling import SamplingParams
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.mtp import MTPProposer
 
@@ -33,7 +35,7 @@ class GreedyScript:
     def start(self, prompt):
         pass
 
-    def observe(self, n, k):
+    def observe(self, result):
         pass
 
     def propose(self, ctx, k):
@@ -51,7 +53,7 @@ def samples(model, prompt, sampling, make_proposer=None, n=N):
     out = Counter()
     for seed in range(n):
         eng = Engine(model, prompt, proposer=make_proposer() if make_proposer else None, sampling=sampling,
-                     num_draft_tokens=2, max_tokens=3, seed=seed + (10_000 if make_proposer else 0))
+                     policy=FixedK(2), max_tokens=3, seed=seed + (10_000 if make_proposer else 0))
         out[tuple(e.token for e in eng.run())[1:]] += 1  # tokens 2-3 come from one speculative round
     return out
 
@@ -80,7 +82,7 @@ def plain(trained_pair):
 
 
 @pytest.mark.parametrize("proposer, rule", [("greedy-script", "rejection"), ("greedy-script", "match"),
-                                            ("mtp", "rejection")])
+                                            ("mtp", "rejection"), ("mtp", "coupled")])
 def test_speculative_samples_have_the_plain_distribution(trained_pair, plain, proposer, rule):
     model, tokenizer, drafter = trained_pair
     make = (lambda: GreedyScript(model)) if proposer == "greedy-script" else (lambda: MTPProposer(drafter, model))

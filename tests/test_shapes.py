@@ -5,6 +5,7 @@ import pytest
 
 from mlx_spec.drafting import validate_pairing
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.shapes import BASE_SHAPES, base_config, drafter_config, random_pair
 
@@ -13,7 +14,7 @@ def test_tiny_pair_decodes_exactly():
     base, drafter = random_pair("tiny", dtype=mx.float32, q_bits=0)
     prompt = list(range(2, 40))
     plain = [e.token for e in Engine(base, prompt, max_tokens=24).run()]
-    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), num_draft_tokens=3,
+    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), policy=FixedK(3),
                                     max_tokens=24).run()]
     assert spec == plain
 
@@ -49,6 +50,6 @@ def test_quantized_tiny_pair_validates_and_decodes_exactly():
     assert norms and all(abs(float(p.mean()) - 1.0) < 0.05 for p in norms)
     prompt = list(range(2, 40))
     plain = [e.token for e in Engine(base, prompt, max_tokens=24).run()]
-    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), num_draft_tokens=3,
+    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), policy=FixedK(3),
                                     max_tokens=24).run()]
     assert spec == plain

@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4 as mlx_gemma4_mm
 
 from . import gemma4_text
+from .base import SpeculativeBase
 
 
 @dataclass
@@ -26,7 +27,7 @@ class ModelArgs:
         return cls(params.get("model_type", "gemma4"), text, text["vocab_size"])
 
 
-class Model(nn.Module):
+class Model(nn.Module, SpeculativeBase):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -114,9 +114,6 @@ class Model(nn.Module):
         self.freeze(keys=["token_ordering"], strict=False)
         gemma4_text.compile_norms(self)
 
-    def layer_types(self):
-        return list(self.text_args.layer_types)
-
     def stepper(self) -> "DraftStepper":
         """Compiled draft steps bound to this model's current weights (cheap to build: one per request)."""
         return DraftStepper(self)

@@ -9,6 +9,7 @@ double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
 - `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly.
 """
 
+import functools
 from dataclasses import dataclass, fields
 from typing import Dict, List, Optional
 
@@ -18,6 +19,7 @@ from mlx_lm.models import gemma4_text as mlx_gemma4
 
 from ..cache import DEFAULT_MAX_ROLLBACK, FullKVCache, SlidingKVCache
 from ..errors import UnsupportedModelError
+from .base import SpeculativeBase
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -104,14 +106,9 @@ def normalize_text_config(config: dict) -> dict:
     return config
 
 
-_COMPILED_RMS_NORMS = {}
-
-
+@functools.cache  # one compiled function per eps (a memo of a pure function: same results either way)
 def _rms_norm(eps: float):
-    fn = _COMPILED_RMS_NORMS.get(eps)
-    if fn is None:
-        fn = _COMPILED_RMS_NORMS[eps] = mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
-    return fn
+    return mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
 
 
 class CompiledRMSNorm(nn.RMSNorm):
@@ -150,7 +147,7 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
         return self.norm(h)
 
 
-class Model(nn.Module):
+class Model(nn.Module, SpeculativeBase):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -1,0 +1,59 @@
+"""What the engine needs of a base model, and an adapter that gives it to any mlx-lm model.
+
+The engine calls two things: `forward(tokens (1, L), cache) -> (logits (1, L, V), hidden (1, L, H) or
+None)` and `make_cache(max_rollback) -> [rewindable caches]` (cache.py). Our Gemma 4 models implement both
+(`SpeculativeBase`; they also return the final-normed hidden state the MTP drafter reads). Any other
+architecture mlx-lm loads (llama, qwen, gemma3, ...) is wrapped by `as_base`: no hidden state, and
+mlx-lm's caches swapped for rewindable ones, which is all n-gram and draft-model speculation need.
+"""
+
+from typing import Optional, Tuple
+
+import mlx.core as mx
+
+from ..cache import DEFAULT_MAX_ROLLBACK, make_rewindable
+
+
+class SpeculativeBase:
+    """Mixin for models that implement the engine's interface themselves."""
+
+    def forward(self, inputs: mx.array, cache=None) -> Tuple[mx.array, Optional[mx.array]]:
+        raise NotImplementedError
+
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
+        raise NotImplementedError
+
+
+class MlxLmBase(SpeculativeBase):
+    """An mlx-lm model seen through the engine's interface."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, inputs: mx.array, cache=None):
+        return self.model(inputs, cache=cache), None
+
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
+        from mlx_lm.models.cache import make_prompt_cache
+
+        return make_rewindable(make_prompt_cache(self.model), max_rollback)
+
+
+def as_base(model) -> SpeculativeBase:
+    return model if isinstance(model, SpeculativeBase) else MlxLmBase(model)
+
+
+def text_args(model):
+    """The config dataclass of the text model (Gemma 4's text_args, else mlx-lm's args), or None."""
+    return getattr(model, "text_args", None) or getattr(model, "args", None)
+
+
+def vocab_size(model) -> Optional[int]:
+    v = getattr(text_args(model), "vocab_size", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def context_length(model) -> Optional[int]:
+    """The longest sequence the model was trained for (config max_position_embeddings), if it says."""
+    n = getattr(text_args(model), "max_position_embeddings", None)
+    return n if isinstance(n, int) and n > 0 else None
