@@ -1,0 +1,612 @@
+"""The parity probe: does a (k+1)-row verify pass give, row for row, the logits of one-token steps?
+
+One trace (a pseudo-random prompt that reaches past the sliding window, then `tokens` greedy tokens) is
+teacher-forced on the current device two ways: plain decoding, one-token steps (the reference); and the
+engine's verify rounds, [bonus, d1..dk] in one base pass on the rewindable cache followed by a rollback of
+the rejected tail, with an accept count that cycles through 0..k, so rows at every index and K/V written by
+multi-row passes both enter. Each verify row is compared with the step at the same position: bit for bit,
+max |diff|, and top-1 flips with the step's top-2 margin. Then each kind of op the model uses runs at the
+model's shapes and dtypes with 1 row and with k+1 rows, to name the ops whose result depends on the row
+count; and, padded (strict mode: every decode pass at one row count), the comparison again, with its cost.
+
+Knows base forwards and rewindable caches (the engine's helpers); nothing of proposers, sampling or text.
+"""
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from ..cache import FullKVCache, SlidingKVCache, rollback_all
+from ..engine import MAX_DRAFT_TOKENS, base_forward, make_base_cache
+from ..errors import MlxSpecError
+from .strict import padded_forward
+
+DEFAULT_KS = (1, 2, 4, 8)
+DEFAULT_TOKENS = 256
+PAST_WINDOW = 32  # the default prompt is this much longer than the sliding window
+DEFAULT_CONTEXT_NO_WINDOW = 64
+PREFILL_STEP = 2048  # the engine's chunk
+DEFAULT_COST_REPS = 10
+# The order in which a decoder layer first uses each kind: the first row-dependent one is where a verify
+# row starts to differ from a step.
+OP_ORDER = ("rms_norm", "matmul", "quantized_matmul", "rope", "attention", "moe", "softmax")
+
+
+class ParityError(MlxSpecError):
+    """The probe was asked for something it cannot measure (a bad k, too few tokens)."""
+
+
+@dataclass
+class Flip:
+    """A verify row whose top-1 token differs from the step's at the same position."""
+
+    position: int  # absolute position of the row (its logits choose the token at position + 1)
+    row: int  # index in the verify pass (0: the bonus token's row)
+    step_token: int
+    verify_token: int
+    margin: float  # the step's top-1 minus top-2 logit: how near a tie it was
+
+
+@dataclass
+class RowParity:
+    """Verify rows at one k (padded or not) against one-token steps."""
+
+    k: int
+    rows: int  # verify rows compared
+    bitwise_rows: int  # rows whose logits equal the step's bit for bit
+    max_abs_diff: float
+    flips: List[Flip] = field(default_factory=list)
+
+    @property
+    def bitwise(self) -> bool:
+        return self.bitwise_rows == self.rows
+
+    @property
+    def bitwise_fraction(self) -> float:
+        return self.bitwise_rows / self.rows if self.rows else 1.0
+
+    @property
+    def flips_per_1000(self) -> float:
+        return 1000.0 * len(self.flips) / self.rows if self.rows else 0.0
+
+
+@dataclass
+class OpCheck:
+    """One op at one of the model's shapes: its rows computed in a multi-row call vs one row at a time."""
+
+    kind: str  # one of OP_ORDER
+    shape: str
+    dtype: str
+    differs_at: List[int]  # row counts (k+1) at which some row was not bitwise equal to the 1-row call
+    max_abs_diff: float
+
+    @property
+    def row_invariant(self) -> bool:
+        return not self.differs_at
+
+
+@dataclass
+class StrictCost:
+    """Median seconds of unpadded and padded (to `rows`) decode passes at the end of the trace."""
+
+    rows: int
+    plain_step_s: float
+    padded_step_s: float
+    verify_s: Dict[int, float]  # k -> (k+1)-row verify
+    padded_verify_s: Dict[int, float]  # k -> the same rows padded to `rows`
+
+    @property
+    def plain_ratio(self) -> float:
+        return self.padded_step_s / self.plain_step_s
+
+    def verify_ratio(self, k: int) -> float:
+        return self.padded_verify_s[k] / self.verify_s[k]
+
+
+@dataclass
+class ParityResult:
+    device: str
+    mlx_version: str
+    model: str
+    dtype: str
+    quantization: str  # "unquantized", "4-bit g64", "mixed: 4-bit g64, 8-bit g64"
+    sliding_window: Optional[int]
+    context: int  # prompt tokens (the first verify row's position + 1)
+    tokens: int  # positions compared per k
+    trace: str  # "greedy" or "random" continuation
+    unpadded: List[RowParity]
+    ops: List[OpCheck]
+    padded_rows: Optional[int] = None  # strict mode's row count M (max k + 1), when measured
+    padded: Optional[List[RowParity]] = None
+    cost: Optional[StrictCost] = None
+    seconds: float = 0.0
+
+    @property
+    def row_invariant(self) -> bool:
+        """True when every verify row equalled its step bit for bit and no op depends on the row count: a
+        strict engine need not pad on this device."""
+        return all(p.bitwise for p in self.unpadded) and all(o.row_invariant for o in self.ops)
+
+    @property
+    def strict_exact(self) -> Optional[bool]:
+        """Whether padded verify rows equalled padded steps bit for bit (None: not measured)."""
+        return None if self.padded is None else all(p.bitwise for p in self.padded)
+
+    @property
+    def row_dependent_ops(self) -> List[str]:
+        kinds = {o.kind for o in self.ops if not o.row_invariant}
+        return [k for k in OP_ORDER if k in kinds]
+
+    @property
+    def first_differing_op(self) -> Optional[str]:
+        ops = self.row_dependent_ops
+        return ops[0] if ops else None
+
+    @property
+    def verdict(self) -> str:
+        if self.row_invariant:
+            return ("byte-identical: on this device a verify row is computed exactly as a one-token step, so "
+                    "speculative greedy output equals plain greedy output (--strict costs nothing here: it "
+                    "does not pad)")
+        if self.strict_exact:
+            return ("byte-identical only with --strict: verify rows differ from one-token steps here; padding "
+                    f"every decode pass to {self.padded_rows} rows makes them equal")
+        if self.strict_exact is None:
+            return "not byte-identical without --strict (padding not measured: run with --padding on)"
+        return ("not byte-identical, even padded: rows still differ with every pass at one row count; only "
+                "tie-aware exactness holds (a divergence only where the top-2 margin is tiny)")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for key in ("unpadded", "padded"):
+            for p, src in zip(d[key] or [], getattr(self, key) or []):
+                p.update(bitwise=src.bitwise, bitwise_fraction=src.bitwise_fraction,
+                         flips_per_1000=src.flips_per_1000)
+        for o, src in zip(d["ops"], self.ops):
+            o["row_invariant"] = src.row_invariant
+        if self.cost is not None:
+            d["cost"].update(plain_ratio=self.cost.plain_ratio,
+                             verify_ratio={k: self.cost.verify_ratio(k) for k in self.cost.verify_s})
+        d.update(row_invariant=self.row_invariant, strict_exact=self.strict_exact,
+                 row_dependent_ops=self.row_dependent_ops, first_differing_op=self.first_differing_op,
+                 verdict=self.verdict)
+        return d
+
+    def report(self) -> str:
+        window = f", sliding window {self.sliding_window}" if self.sliding_window else ""
+        lines = [
+            f"model   {self.model} ({self.dtype}, {self.quantization})",
+            f"device  {self.device}, mlx {self.mlx_version}",
+            f"trace   {self.context}-token pseudo-random prompt + {self.tokens} {self.trace} tokens{window}",
+            "",
+            "verify rows vs one-token steps at the same position",
+            *_parity_table(self.unpadded),
+            "",
+            "ops at the model's shapes, a multi-row call vs one row at a time (bitwise)",
+            *_ops_table(self.ops),
+            f"first differing op: {self.first_differing_op or 'none'}",
+        ]
+        if self.padded is not None:
+            lines += ["", f"strict: every decode pass padded to {self.padded_rows} rows (steps and verifies)",
+                      *_parity_table(self.padded)]
+        if self.cost is not None:
+            c = self.cost
+            ks = ", ".join(f"k={k} {c.verify_ratio(k):.2f}x" for k in sorted(c.verify_s))
+            lines += ["", f"padding cost: a plain step padded to {c.rows} rows takes {c.plain_ratio:.2f}x an "
+                      f"unpadded one ({c.padded_step_s * 1e3:.2f} vs {c.plain_step_s * 1e3:.2f} ms); "
+                      f"a verify padded to {c.rows} rows: {ks}"]
+        lines += ["", f"verdict: {self.verdict}", f"row_invariant: {str(self.row_invariant).lower()}"]
+        return "\n".join(lines)
+
+
+def _parity_table(rows: List[RowParity]) -> List[str]:
+    out = [f"  {'k':>2}  {'rows':>5}  {'bitwise equal':>13}  {'max |diff|':>10}  {'top-1 flips/1000':>16}  "
+           "margins at flips"]
+    for p in rows:
+        margins = ", ".join(f"{f.margin:.2g}" for f in p.flips[:6]) + (" ..." if len(p.flips) > 6 else "")
+        out.append(f"  {p.k:>2}  {p.rows:>5}  {p.bitwise_fraction:>13.1%}  {p.max_abs_diff:>10.3g}  "
+                   f"{p.flips_per_1000:>16.2f}  {margins or '-'}")
+    return out
+
+
+def _ops_table(ops: List[OpCheck]) -> List[str]:
+    """One line per (kind, dtype); the shapes that depend on the row count are named."""
+    groups: Dict[tuple, List[OpCheck]] = {}
+    for o in ops:
+        groups.setdefault((o.kind, o.dtype), []).append(o)
+    out = [f"  {'op':<16}  {'dtype':<8}  {'shapes':>6}  row-count dependent"]
+    for (kind, dtype), checks in groups.items():
+        bad = [o for o in checks if not o.row_invariant]
+        dep = "; ".join(f"{o.shape} at {','.join(map(str, o.differs_at))} rows (max |diff| {o.max_abs_diff:.3g})"
+                        for o in bad)
+        out.append(f"  {kind:<16}  {dtype:<8}  {len(checks):>6}  {'yes: ' + dep if bad else 'no'}")
+    return out
+
+
+# --- the trace ---------------------------------------------------------------------------------------
+
+Forward = Callable[[mx.array, list], tuple]
+
+
+def _bits(x: mx.array) -> mx.array:
+    return x.view(mx.uint32 if x.dtype.size == 4 else mx.uint16)
+
+
+def _prefill(forward: Forward, cache: list, tokens: List[int]) -> None:
+    """Run tokens into the cache in the engine's chunks."""
+    for s in range(0, len(tokens), PREFILL_STEP):
+        forward(mx.array(tokens[s : s + PREFILL_STEP], mx.int32)[None], cache)
+        mx.eval([(c.keys, c.values) for c in cache])
+
+
+def _pass(forward: Forward, tokens: List[int], cache: list, rows: Optional[int]) -> mx.array:
+    """Logits (L, V) of one decode pass, padded to `rows` when given."""
+    x = mx.array(tokens, mx.int32)[None]
+    logits, _ = padded_forward(forward, x, cache, rows) if rows else forward(x, cache)
+    return logits[0]
+
+
+def _steps(forward: Forward, make_cache, trace: List[int], context: int, tokens: int, greedy: bool,
+           rows: Optional[int]) -> List[mx.array]:
+    """Plain decoding through the trace: logits (V,) at positions context-1 .. context+tokens-2. A greedy
+    trace grows here (trace holds the prompt only on entry)."""
+    cache = make_cache()
+    _prefill(forward, cache, trace[: context - 1])
+    out = []
+    for j in range(context - 1, context - 1 + tokens):
+        logits = _pass(forward, [trace[j]], cache, rows)[0]
+        mx.eval(logits)
+        out.append(logits)
+        if greedy and len(trace) == j + 1:
+            trace.append(int(mx.argmax(logits).item()))
+    return out
+
+
+def _verify_rounds(forward: Forward, make_cache, trace: List[int], context: int, reference: List[mx.array],
+                   k: int, rows: Optional[int]) -> RowParity:
+    """The engine's rounds through the trace, each row compared with the reference step at its position."""
+    cache = make_cache()
+    _prefill(forward, cache, trace[: context - 1])
+    first, last = context - 1, context - 2 + len(reference)  # positions that have a reference
+    result = RowParity(k=k, rows=0, bitwise_rows=0, max_abs_diff=0.0)
+    p, r = first, 0
+    while p <= last:
+        kk = min(k, last - p)
+        verify = _pass(forward, trace[p : p + kk + 1], cache, rows)  # (kk+1, V)
+        ref = mx.stack(reference[p - first : p - first + kk + 1])  # (kk+1, V)
+        equal = mx.all(_bits(verify) == _bits(ref), axis=-1)
+        diff = mx.max(mx.abs(verify.astype(mx.float32) - ref.astype(mx.float32)))
+        top2 = mx.topk(ref.astype(mx.float32), 2, axis=-1)  # (kk+1, 2), unordered
+        margin = mx.max(top2, axis=-1) - mx.min(top2, axis=-1)
+        v_tok, r_tok = mx.argmax(verify, axis=-1), mx.argmax(ref, axis=-1)
+        equal, diff, margin, v_tok, r_tok = (a.tolist() for a in (equal, diff, margin, v_tok, r_tok))
+        result.rows += kk + 1
+        result.bitwise_rows += sum(equal)
+        result.max_abs_diff = max(result.max_abs_diff, diff)
+        result.flips += [Flip(p + i, i, r_tok[i], v_tok[i], margin[i]) for i in range(kk + 1) if v_tok[i] != r_tok[i]]
+        n = r % (kk + 1)  # accepted drafts this round: every count from 0 (reject all) to kk (accept all)
+        rollback_all(cache, kk - n)
+        p, r = p + n + 1, r + 1
+    return result
+
+
+# --- ops at the model's shapes -------------------------------------------------------------------------
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).split(".")[-1]
+
+
+class _OpCollector:
+    """Per (kind, shape, dtype): the max |diff| and the row counts at which rows differ."""
+
+    def __init__(self):
+        self.checks: Dict[tuple, OpCheck] = {}
+
+    def add(self, kind: str, shape: str, dtype, M: int, multi: mx.array, singles: Sequence[mx.array],
+            row_axis: int) -> None:
+        """multi: the M-row result; singles[i]: row i computed alone (row_axis of size 1)."""
+        one = mx.concatenate(list(singles), axis=row_axis)
+        equal = mx.array_equal(_bits(multi), _bits(one)).item()
+        diff = mx.max(mx.abs(multi.astype(mx.float32) - one.astype(mx.float32))).item()
+        check = self.checks.setdefault((kind, shape, _dtype_name(dtype)),
+                                       OpCheck(kind, shape, _dtype_name(dtype), [], 0.0))
+        if not equal:
+            check.differs_at.append(M)
+        check.max_abs_diff = max(check.max_abs_diff, diff)
+
+
+def _rows_both_ways(fn, x: mx.array, counts: Iterable[int], row_axis: int):
+    """(M, fn(x[:M rows]), [fn(row i)]) per M: each row's 1-row result is computed once and reused."""
+    n = max(counts)
+    take = lambda a, b: x[(slice(None),) * row_axis + (slice(a, b),)]
+    singles = [fn(take(i, i + 1)) for i in range(n)]
+    for M in sorted(counts):
+        yield M, fn(take(0, M)), singles[:M]
+
+
+def _linear_kind(module) -> Optional[tuple]:
+    """(kind, shape, dtype, input dims) of a linear layer (quantized or not), else None."""
+    if isinstance(module, nn.QuantizedLinear):
+        out, packed = module.weight.shape
+        in_dims = packed * 32 // module.bits
+        return ("quantized_matmul", f"{in_dims}->{out} {module.bits}-bit g{module.group_size}",
+                module.scales.dtype, in_dims)
+    if isinstance(module, nn.Linear):
+        out, in_dims = module.weight.shape
+        return "matmul", f"{in_dims}->{out}", module.weight.dtype, in_dims
+    return None
+
+
+def _tied_head(model):
+    """The embedding used as the output layer when embeddings are tied, else None."""
+    args = getattr(model, "args", None)
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    if embed is None or not getattr(args, "tie_word_embeddings", False) or hasattr(model, "lm_head"):
+        return None
+    return embed
+
+
+def _attention_modules(model):
+    for _, m in model.named_modules():
+        if all(hasattr(m, a) for a in ("n_heads", "n_kv_heads", "q_proj")) and hasattr(m, "rope"):
+            yield m
+
+
+def _head_dim(attn) -> int:
+    return getattr(attn, "head_dim", None) or attn.q_proj.weight.shape[0] // attn.n_heads  # (out, in): out = nh * hd
+
+
+def check_ops(model, ks: Sequence[int] = DEFAULT_KS, context: int = DEFAULT_CONTEXT_NO_WINDOW,
+              seed: int = 0) -> List[OpCheck]:
+    """Run each kind of op the model uses, at its shapes and dtypes, on k+1 rows at once and on each row
+    alone; return one OpCheck per (kind, shape, dtype). Row i of the multi-row call must equal the one-row
+    call bit for bit for the op to be row-invariant. Uses the model's own modules (so a perturbed layer is
+    seen as such) and the engine's caches and masks for attention."""
+    counts = sorted({k + 1 for k in ks})
+    key = iter(mx.random.split(mx.random.key(seed), 4096))
+    normal = lambda shape, dtype: mx.random.normal(shape, key=next(key)).astype(dtype)
+    ops = _OpCollector()
+    seen = set()
+
+    # norms: every RMSNorm (mlx-lm's, ours, the scale-free one on V) at its width and dtype
+    for _, m in model.named_modules():
+        if isinstance(m, nn.RMSNorm):
+            cases = [(m["weight"].shape[0], m["weight"].dtype, "")]
+        elif type(m).__name__ == "RMSNormNoScale":  # mlx-lm's v_norm: no weight, the head dim
+            cases = [(d, _activation_dtype(model), " (no scale)") for d in _head_dims(model)]
+        else:
+            continue
+        for dims, dtype, note in cases:
+            if ("rms_norm", dims, dtype, note) in seen:
+                continue
+            seen.add(("rms_norm", dims, dtype, note))
+            x = normal((1, max(counts), dims), dtype)
+            for M, multi, singles in _rows_both_ways(m, x, counts, 1):
+                ops.add("rms_norm", f"{dims}{note}", dtype, M, multi, singles, 1)
+
+    # linear layers, and the tied embedding as the output layer
+    for _, m in model.named_modules():
+        info = _linear_kind(m)
+        if info is None or info[:3] in seen:
+            continue
+        seen.add(info[:3])
+        kind, shape, dtype, in_dims = info
+        x = normal((1, max(counts), in_dims), dtype)
+        for M, multi, singles in _rows_both_ways(m, x, counts, 1):
+            ops.add(kind, shape, dtype, M, multi, singles, 1)
+    head = _tied_head(model)
+    if head is not None:
+        quantized = isinstance(head, nn.QuantizedEmbedding)
+        dtype = head.scales.dtype if quantized else head.weight.dtype
+        vocab, width = head.weight.shape[0], head.weight.shape[1] * (32 // head.bits if quantized else 1)
+        kind = "quantized_matmul" if quantized else "matmul"
+        shape = f"{width}->{vocab} tied head" + (f" {head.bits}-bit g{head.group_size}" if quantized else "")
+        x = normal((1, max(counts), width), dtype)
+        for M, multi, singles in _rows_both_ways(head.as_linear, x, counts, 1):
+            ops.add(kind, shape, dtype, M, multi, singles, 1)
+
+    # rope and attention, per distinct head geometry, on the engine's caches and masks
+    window = getattr(getattr(model, "args", None), "sliding_window", None)
+    for attn in _attention_modules(model):
+        sliding = bool(getattr(attn, "is_sliding", False)) and window
+        D, H, Hkv = _head_dim(attn), attn.n_heads, attn.n_kv_heads
+        dtype = _linear_kind(attn.q_proj)[2]
+        sig = ("attention", D, H, Hkv, sliding, dtype)
+        if sig in seen:
+            continue
+        seen.add(sig)
+        q = normal((1, H, max(counts), D), dtype)  # (B, nh, rows, hd)
+        for M, multi, singles in _rope_both_ways(attn.rope, q, counts, context):
+            ops.add("rope", f"{H} heads x {D}", dtype, M, multi, singles, 2)
+        k_ctx, v_ctx = normal((1, Hkv, context, D), dtype), normal((1, Hkv, context, D), dtype)
+        k_new, v_new = normal((1, Hkv, max(counts), D), dtype), normal((1, Hkv, max(counts), D), dtype)
+        kind_shape = f"{H}q/{Hkv}kv heads x {D}, " + (f"window {window}" if sliding else "full") + f", ctx {context}"
+        for M in counts:
+            multi = _attend(attn, q[:, :, :M], k_ctx, v_ctx, k_new[:, :, :M], v_new[:, :, :M], window if sliding else None)
+            singles = _attend_one_by_one(attn, q[:, :, :M], k_ctx, v_ctx, k_new[:, :, :M], v_new[:, :, :M],
+                                         window if sliding else None)
+            ops.add("attention", kind_shape, dtype, M, multi, singles, 2)
+
+    # MoE: router + experts (gather matmuls), per distinct layer shape
+    for _, m in model.named_modules():
+        if getattr(m, "enable_moe", False) and hasattr(m, "router") and hasattr(m, "experts"):
+            dims = m.router.scale.shape[0]
+            dtype = _activation_dtype(model)
+            if ("moe", dims, dtype) in seen:
+                continue
+            seen.add(("moe", dims, dtype))
+            x = normal((1, max(counts), dims), dtype)
+            moe = lambda x, m=m: m.experts(x, *m.router(x))
+            for M, multi, singles in _rows_both_ways(moe, x, counts, 1):
+                ops.add("moe", f"{dims} router + experts", dtype, M, multi, singles, 1)
+
+    # softmax over the vocabulary in float32 (the sampler's, over a verify's k+1 rows or a step's one)
+    vocab = _vocab(model)
+    if vocab:
+        x = normal((max(counts), vocab), mx.float32) * 5
+        for M, multi, singles in _rows_both_ways(lambda x: mx.softmax(x, axis=-1), x, counts, 0):
+            ops.add("softmax", f"{vocab}", mx.float32, M, multi, singles, 0)
+    return sorted(ops.checks.values(), key=lambda o: OP_ORDER.index(o.kind))
+
+
+def _rope_both_ways(rope, q: mx.array, counts, context: int):
+    """RoPE of M query rows at positions context.. in one call vs each row alone at its position."""
+    n = max(counts)
+    singles = [rope(q[:, :, i : i + 1], offset=mx.array(context + i)) for i in range(n)]
+    for M in counts:
+        yield M, rope(q[:, :, :M], offset=mx.array(context)), singles[:M]
+
+
+def _attention_cache(window: Optional[int]):
+    return SlidingKVCache(window, MAX_DRAFT_TOKENS + 1) if window else FullKVCache()
+
+
+def _mask(cache, N: int, window: Optional[int]):
+    """The mask the model builds for N new queries on this cache (mlx-lm's create_attention_mask)."""
+    from mlx_lm.models.base import create_attention_mask
+
+    return create_attention_mask(mx.zeros((1, N, 1)), cache, window_size=window)
+
+
+def _attend(attn, q, k_ctx, v_ctx, k_new, v_new, window):
+    """Attention of all new queries at once after a cached context, as a verify pass runs it."""
+    cache = _attention_cache(window)
+    cache.update_and_fetch(k_ctx, v_ctx)
+    mask = _mask(cache, q.shape[2], window)
+    keys, values = cache.update_and_fetch(k_new, v_new)
+    return mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask=mask)
+
+
+def _attend_one_by_one(attn, q, k_ctx, v_ctx, k_new, v_new, window):
+    """The same queries one per pass, each after the previous rows' K/V, as one-token steps run them."""
+    cache = _attention_cache(window)
+    cache.update_and_fetch(k_ctx, v_ctx)
+    out = []
+    for i in range(q.shape[2]):
+        mask = _mask(cache, 1, window)
+        keys, values = cache.update_and_fetch(k_new[:, :, i : i + 1], v_new[:, :, i : i + 1])
+        out.append(mx.fast.scaled_dot_product_attention(q[:, :, i : i + 1], keys, values, scale=attn.scale,
+                                                         mask=mask))
+    return out
+
+
+def _head_dims(model) -> List[int]:
+    return sorted({_head_dim(a) for a in _attention_modules(model)})
+
+
+def _activation_dtype(model):
+    """The dtype hidden states flow in: the embedding's (its scales' when quantized)."""
+    for _, m in model.named_modules():
+        if isinstance(m, nn.QuantizedEmbedding):
+            return m.scales.dtype
+        if isinstance(m, nn.Embedding):
+            return m.weight.dtype
+    return mx.float32
+
+
+def _vocab(model) -> Optional[int]:
+    args = getattr(model, "text_args", None) or getattr(model, "args", None)
+    v = getattr(args, "vocab_size", None)
+    return v if isinstance(v, int) and v > 0 else None
+
+
+def describe_quantization(model) -> str:
+    kinds = sorted({(m.bits, m.group_size) for _, m in model.named_modules()
+                    if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))})
+    if not kinds:
+        return "unquantized"
+    names = ", ".join(f"{b}-bit g{g}" for b, g in kinds)
+    return names if len(kinds) == 1 else f"mixed: {names}"
+
+
+# --- the probe ---------------------------------------------------------------------------------------
+
+def measure_strict_cost(model, cache: list, token: int, ks: Sequence[int], rows: int,
+                        reps: int = DEFAULT_COST_REPS) -> StrictCost:
+    """Median times of unpadded and padded plain steps and verifies on `cache` (left as it was found),
+    interleaved pass by pass so a machine that changes speed moves both alike."""
+    forward = lambda x, c: base_forward(model, x, c)
+
+    def run(n: int, padded: bool) -> float:
+        x = mx.full((1, n), token, mx.int32)
+        start = time.perf_counter()
+        logits, _ = padded_forward(forward, x, cache, rows) if padded else forward(x, cache)
+        mx.eval(logits)
+        rollback_all(cache, n)
+        return time.perf_counter() - start
+
+    configs = [(n, padded) for n in [1] + [k + 1 for k in ks] for padded in (False, True)
+               if not (padded and n == rows)]  # a verify of `rows` rows needs no padding
+    times = {c: [] for c in configs}
+    for rep in range(reps + 1):
+        for c in configs:
+            t = run(*c)
+            if rep:  # pass 0 warms up (compilation, allocation)
+                times[c].append(t)
+    median = {c: float(np.median(t)) for c, t in times.items()}
+    median.update({(rows, True): median[(rows, False)]} if (rows, False) in median else {})
+    return StrictCost(rows, median[(1, False)], median[(1, True)], {k: median[(k + 1, False)] for k in ks},
+                      {k: median[(k + 1, True)] for k in ks})
+
+
+def check_ks(ks: Sequence[int]) -> List[int]:
+    ks = sorted(set(int(k) for k in ks))
+    if not ks or ks[0] < 1 or ks[-1] > MAX_DRAFT_TOKENS:
+        raise ParityError(f"draft lengths must be between 1 and {MAX_DRAFT_TOKENS}, got {ks}")
+    return ks
+
+
+def probe(model, *, ks: Sequence[int] = DEFAULT_KS, tokens: int = DEFAULT_TOKENS, context: Optional[int] = None,
+          trace: str = "greedy", padding: Optional[bool] = None, cost_reps: int = DEFAULT_COST_REPS,
+          seed: int = 0, name: Optional[str] = None) -> ParityResult:
+    """Measure verify-vs-step parity of `model` on the current device (see the module docstring).
+
+    context: prompt length (default: the sliding window + 32, so every compared row is past the window);
+    trace: "greedy" (the model's own continuation) or "random" (pseudo-random tokens, teacher-forced);
+    padding: measure strict mode's padded parity too: True, False, or None (only when unpadded rows differ);
+    cost_reps: timed passes per kind for the padding cost (0: not timed)."""
+    started = time.perf_counter()
+    ks = check_ks(ks)
+    if tokens < 2:
+        raise ParityError(f"--tokens must be at least 2, got {tokens}")
+    if trace not in ("greedy", "random"):
+        raise ParityError(f"the trace is 'greedy' or 'random', got {trace!r}")
+    args = getattr(model, "text_args", None) or getattr(model, "args", None)
+    window = getattr(args, "sliding_window", None)
+    if context is None:
+        context = window + PAST_WINDOW if window else DEFAULT_CONTEXT_NO_WINDOW
+    if context < 1:
+        raise ParityError(f"--context must be at least 1, got {context}")
+    vocab = _vocab(model)
+    if vocab is None:
+        raise ParityError("cannot tell the model's vocabulary size from its config")
+    rows = ks[-1] + 1
+    forward = lambda x, c: base_forward(model, x, c)
+    make_cache = lambda: make_base_cache(model, MAX_DRAFT_TOKENS + 1)  # the engine's cache, the engine's slack
+
+    rng = np.random.default_rng(seed)
+    draw = lambda n: rng.integers(4, vocab, size=n).tolist()
+    path = draw(context) + ([] if trace == "greedy" else draw(tokens))
+    reference = _steps(forward, make_cache, path, context, tokens, trace == "greedy", None)
+    unpadded = [_verify_rounds(forward, make_cache, path, context, reference, k, None) for k in ks]
+    ops = check_ops(model, ks, context, seed)
+    result = ParityResult(device=str(mx.default_device()), mlx_version=mx.__version__,
+                          model=name or getattr(model, "source_path", type(model).__name__),
+                          dtype=_dtype_name(reference[0].dtype), quantization=describe_quantization(model),
+                          sliding_window=window, context=context, tokens=tokens, trace=trace,
+                          unpadded=unpadded, ops=ops)
+    if padding or (padding is None and not result.row_invariant):
+        padded_ref = _steps(forward, make_cache, path, context, tokens, False, rows)
+        result.padded_rows = rows
+        result.padded = [_verify_rounds(forward, make_cache, path, context, padded_ref, k, rows) for k in ks]
+    if cost_reps > 0:
+        cache = make_cache()
+        _prefill(forward, cache, path[:-1])
+        result.cost = measure_strict_cost(model, cache, path[-1], ks, rows, cost_reps)
+    result.seconds = time.perf_counter() - started
+    return result
