@@ -33,7 +33,7 @@ def k_list(value: str):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="mlx_spec.doctor", description=__doc__.splitlines()[0],
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, or hub repo id")
+    p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, hub repo id, or .gguf file")
     p.add_argument("--num-draft-tokens", type=k_list, default=list(DEFAULT_KS), metavar="K,K,..",
                    help=f"draft lengths k to verify (k+1 rows a pass; default: {','.join(map(str, DEFAULT_KS))})")
     p.add_argument("--tokens", type=int, default=DEFAULT_TOKENS, help="positions compared per k")
@@ -63,7 +63,12 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--cost-reps must be >= 0, got {args.cost_reps}")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise MlxSpecError(f"--json {args.json}: its directory does not exist")
-    model, _, _ = load_model(args.model, dtype=args.dtype)
+    if args.model.endswith(".gguf"):
+        from .gguf import load_gguf_model
+
+        model = load_gguf_model(args.model, dtype=args.dtype)[0]
+    else:
+        model = load_model(args.model, dtype=args.dtype)[0]
     print(f"probing {args.model}: {args.tokens} positions x k = {','.join(map(str, args.num_draft_tokens))} ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -8,11 +8,14 @@ that such a perturbation flips.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import TINY_CODE
+from conftest import ROOT, TINY_CODE
 from tiny_models import WINDOW, make_base, make_drafter
 
 from mlx_spec.doctor import main
@@ -181,3 +184,21 @@ def test_missing_model_is_one_line(capsys):
     assert main(["--model", "/nonexistent/model"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_gpu_script_measures_parity_on_the_tiny_shape(tmp_path):
+    """The device call's shape script runs the probe (strict off and on, and strict's cost) per shape; here on
+    the CPU with the tiny stand-in shape."""
+    out = tmp_path / "shapes.json"
+    r = subprocess.run([sys.executable, "examples/gpu/measure_shapes.py", "--shapes", "tiny", "--q-bits", "4",
+                        "--context", "32", "--reps", "1", "--parity", "--parity-tokens", "12", "--parity-ks", "1,2",
+                        "--parity-cost-reps", "1", "--out", str(out)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr
+    shape = json.loads(out.read_text())["shapes"][0]
+    p = shape["parity"]
+    assert shape["q_bits"] == 4 and len(shape["verify_cost"]) == 9
+    assert p["row_invariant"] and p["strict_exact"] and p["strict_rows"] == 3
+    assert set(p["strict_off"]) == set(p["strict_on"]) == {"1", "2"}
+    assert p["strict_off"]["1"]["flips_per_1000"] == 0 and p["strict_cost"]["plain_ratio"] > 0
