@@ -22,7 +22,7 @@ from mlx_spec.doctor import main
 from mlx_spec.engine import Engine
 from mlx_spec.parity import padded_forward
 from mlx_spec.parity.perturb import row_dependent
-from mlx_spec.parity.probe import check_ops, probe
+from mlx_spec.parity.probe import check_ops, ops_row_invariant, probe
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.oracle import OracleProposer
 
@@ -91,9 +91,10 @@ def test_probe_reports_an_injected_row_count_dependence(kind):
 
 def test_check_ops_uses_the_models_own_layers():
     model = make_base("dense_keqv")
-    assert all(o.row_invariant for o in check_ops(model, ks=(1, 3)))
+    assert all(o.row_invariant for o in check_ops(model, ks=(1, 3))) and ops_row_invariant(model, rows=5)
     with row_dependent(model):
         ops = check_ops(model, ks=(1, 3))
+        assert not ops_row_invariant(model, rows=5)
     bad = {o.kind for o in ops if not o.row_invariant}
     assert bad == {"matmul"}, f"only the perturbed linear layers may depend on the row count, got {bad}"
     assert all(o.differs_at == [2, 4] for o in ops if o.kind == "matmul" and "tied head" not in o.shape)

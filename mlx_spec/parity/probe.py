@@ -488,6 +488,12 @@ def check_ops(model, ks: Sequence[int] = DEFAULT_KS, context: int = DEFAULT_CONT
     return sorted(checks.values(), key=lambda o: OP_ORDER.index(o.kind))
 
 
+def ops_row_invariant(model, rows: int) -> bool:
+    """The probe's op check alone, for a quick decision (no trace; a few calls per distinct shape): whether
+    every op kind the model uses gives each row the same bits in a call of 2..rows rows as alone, here."""
+    return all(o.row_invariant for o in check_ops(model, ks=range(1, rows)))
+
+
 def _vocab(model) -> Optional[int]:
     args = getattr(model, "text_args", None) or getattr(model, "args", None)
     v = getattr(args, "vocab_size", None)
