@@ -534,7 +534,7 @@ def measure_strict_cost(model, cache: list, token: int, ks: Sequence[int], rows:
             if rep:  # pass 0 warms up (compilation, allocation)
                 times[c].append(t)
     median = {c: float(np.median(t)) for c, t in times.items()}
-    median.update({(rows, True): median[(rows, False)]} if (rows, False) in median else {})
+    median[(rows, True)] = median.get((rows, False), float("nan"))
     return StrictCost(rows, median[(1, False)], median[(1, True)], {k: median[(k + 1, False)] for k in ks},
                       {k: median[(k + 1, True)] for k in ks})
 
