@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
-from .errors import PairingError
+from .errors import MlxSpecError, PairingError
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
 from .memory import resident
 from .paths import cache_root
@@ -18,8 +18,11 @@ from .proposers import DRAFTER_PROPOSERS, make_proposer
 from .proposers.base import Proposer
 from .sampling import DEFAULT_ACCEPTANCE, SamplingParams
 from .stats import GenerationStats
-from .tuning.policy import DraftPolicy
+from .tuning.costs import K_MAX
+from .tuning.policy import DraftPolicy, FixedK
 from .tuning.tuner import AutoTuner, draft_policy
+
+STRICT_ROWS = K_MAX + 1  # strict mode pads every decode pass to this many rows: a verify of auto's largest k
 
 Prompt = Union[str, List[int]]
 
@@ -125,8 +128,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                     seed: Optional[int] = None,
                     num_draft_tokens: Union[int, str, DraftPolicy] = DEFAULT_NUM_DRAFT_TOKENS,
                     tuner: Optional[AutoTuner] = None, logits_processors: Sequence = (),
-                    prompt_cache: Optional[list] = None,
-                    should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
+                    prompt_cache: Optional[list] = None, should_stop: Optional[Callable[[], bool]] = None,
+                    strict: bool = False) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
 
     Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
@@ -139,6 +142,11 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     SamplingParams) replaces temp/top_p/top_k/min_p/acceptance. `should_stop()` is asked during a long
     prefill (between its 2048-token chunks): True ends the request there, with no tokens. Between tokens,
     stop by closing the generator.
+
+    `strict=True` makes speculative output byte-identical to plain decoding (also with strict) on a device
+    whose kernels change with the row count: every decode pass runs at STRICT_ROWS rows. Where this
+    device computes rows alike (the op check says so; MLX's CPU backend does), it changes nothing and costs
+    nothing. `r.stats.strict_rows` says which (0: no padding).
     """
     ids = encode_prompt(tokenizer, prompt)
     sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
@@ -146,9 +154,12 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     policy = draft_policy(num_draft_tokens, model, proposer, tuner) if proposer is not None else None
     if policy is None:
         proposer = None  # k = 0: plain decoding (a draft model is not even prefilled)
+    rows = strict_rows(model, policy) if strict else None
     eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, seed=seed,
                  max_tokens=max_tokens, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 cache=prompt_cache, should_stop=should_stop)
+                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows)
+    eng.stats.strict = strict
+    eng.stats.strict_rows = rows or 0
     detok = tokenizer.detokenizer
     detok.reset()
     with resident(model, proposer.weights if proposer is not None else None):
@@ -160,6 +171,16 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                 if ev.finish_reason:
                     detok.finalize()
             yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason)
+
+
+def strict_rows(model, policy: Optional[DraftPolicy]) -> Optional[int]:
+    """The row count strict mode pads to on this device, or None where rows already compute alike."""
+    from .parity.verdict import row_invariant
+
+    if isinstance(policy, FixedK) and policy.k >= STRICT_ROWS:
+        raise MlxSpecError(f"strict mode verifies at most {STRICT_ROWS - 1} drafts per round; lower "
+                           "--num-draft-tokens (or use auto)")
+    return None if row_invariant(model, STRICT_ROWS) else STRICT_ROWS
 
 
 def generate(model, tokenizer, prompt: Prompt, **kwargs) -> str:

@@ -61,7 +61,8 @@ class ChatSession:
     def __init__(self, model, tokenizer, *, proposer: Optional[Proposer] = None, system_prompt: Optional[str] = None,
                  max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None,
                  sampling: SamplingParams = SamplingParams(), seed: Optional[int] = None, num_draft_tokens=3,
-                 drafting: Optional[bool] = None, reuse_cache: bool = True, tuner: Optional[AutoTuner] = None):
+                 drafting: Optional[bool] = None, reuse_cache: bool = True, tuner: Optional[AutoTuner] = None,
+                 strict: bool = False):
         if not getattr(tokenizer, "has_chat_template", False):
             raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "
                                "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")
@@ -74,6 +75,7 @@ class ChatSession:
         self.sampling = sampling.validate()
         self.seed = seed
         self.num_draft_tokens = num_draft_tokens
+        self.strict = strict
         self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner, reuse_cache=reuse_cache)
         self._slot_tokens: List[int] = []
         self.reset()
@@ -129,7 +131,7 @@ class ChatSession:
         seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
         turn = self.conversations.turn(tokens, sampling=self.sampling, max_tokens=max_tokens, seed=seed,
                                        num_draft_tokens=self.num_draft_tokens, drafting=self.drafting,
-                                       should_stop=should_stop)
+                                       should_stop=should_stop, strict=self.strict)
         self.turns += 1
         self.last = TurnInfo(prompt_tokens=len(tokens))
         text = []
@@ -323,7 +325,8 @@ def main_args(args) -> int:
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # /draft on can use it after --no-draft
     session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, max_context=args.max_context, sampling=sampling, seed=args.seed,
-                          num_draft_tokens=args.num_draft_tokens, drafting=not args.no_draft, tuner=make_tuner(args))
+                          num_draft_tokens=args.num_draft_tokens, drafting=not args.no_draft, tuner=make_tuner(args),
+                          strict=args.strict)
     return ChatUI(session).loop()
 
 

@@ -52,6 +52,10 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    metavar="K|auto", help="drafts per round, or 'auto': chosen each round from this machine's "
                    f"measured costs, plain decoding when drafting does not pay (default: {DEFAULT_NUM_DRAFT_TOKENS})")
     p.add_argument("--no-draft", action="store_true", help="plain decoding (baseline), ignoring any proposer")
+    p.add_argument("--strict", action="store_true",
+                   help="byte-identical to plain decoding (with --strict) even where the device's kernels change "
+                        "with the row count: every decode pass padded to one row count; free where the device is "
+                        "row-invariant (mlx_spec.doctor tells)")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
 
 
@@ -139,6 +143,11 @@ def print_stats(stats: GenerationStats, file=None, drafting: bool = False) -> No
     elif drafting and stats.generation_tokens > 1:
         print("Speculation: no drafted rounds (auto expected no gain from drafting on this machine, or the "
               "proposer had nothing to offer; mlx_spec.bench shows why)", file=file)
+    if stats.strict:
+        print("Strict: " + (f"every decode pass padded to {stats.strict_rows} rows (this device's kernels change "
+                            "with the row count; mlx_spec.doctor measures the cost)" if stats.strict_rows else
+                            "nothing to pad (this device computes a verify row exactly like a one-token step)"),
+              file=file)
     print(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB", file=file)
 
 

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
 from .models.base import as_base
+from .parity.strict import padded_forward
 from .proposers.base import Draft, Proposer, RoundContext, RoundResult
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats
@@ -47,6 +48,11 @@ def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence
     return logits[0]
 
 
+def _pad_rows(rows: mx.array, n: int) -> mx.array:
+    """(R, V) -> (n, V) with copies of the last row."""
+    return rows if rows.shape[0] >= n else mx.concatenate([rows, mx.repeat(rows[-1:], n - rows.shape[0], axis=0)])
+
+
 class _Stopped(Exception):
     """`should_stop` said so during the prefill."""
 
@@ -58,15 +64,21 @@ class Engine:
                  policy: Optional[DraftPolicy] = None, sampling: SamplingParams = SamplingParams(),
                  seed: Optional[int] = None, max_tokens: int = 256, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), cache: Optional[list] = None,
-                 prefill_step: int = 2048, should_stop: Optional[Callable[[], bool]] = None):
+                 prefill_step: int = 2048, should_stop: Optional[Callable[[], bool]] = None,
+                 strict_rows: Optional[int] = None):
         """`proposer` None decodes plainly; `policy` (default FixedK(DEFAULT_NUM_DRAFT_TOKENS)) says how many
         drafts each round asks for. `seed` fixes every random draw (sampling.py; None: a fresh one).
         `cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
         rest is prefilled. After `run()` it holds exactly the history minus its last token.
         `should_stop` is asked before each prefill chunk: True ends the request with no tokens (a client
-        that went away, a Ctrl-C); the cache then holds the prompt's prefix prefilled so far."""
+        that went away, a Ctrl-C); the cache then holds the prompt's prefix prefilled so far.
+        `strict_rows` (strict mode on a device whose kernels depend on the row count; api.py decides): every
+        decode pass, plain steps and verifies alike, and the sampling over its rows, runs at this many rows,
+        so a row's arithmetic never depends on how many drafts were verified (parity/strict.py)."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
+        if strict_rows is not None and strict_rows < 1:
+            raise ValueError(f"strict_rows must be >= 1, got {strict_rows}")
         self.base = as_base(model)
         self.proposer = proposer
         self.policy = policy if policy is not None else FixedK(DEFAULT_NUM_DRAFT_TOKENS)
@@ -75,6 +87,7 @@ class Engine:
         self.processors = list(logits_processors)
         self.prefill_step = prefill_step
         self.should_stop = should_stop
+        self.strict_rows = strict_rows
         self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK)
         self.history = list(prompt)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
@@ -83,7 +96,18 @@ class Engine:
     def _sample(self, logits: mx.array, history: Optional[mx.array], position: int) -> mx.array:
         """The base's token at `position` from its logits (V,) (the plain path, also the first token)."""
         logits = _process(logits, history, self.processors)
+        if self.strict_rows:  # the same row count as a verify's sampling
+            return self.sampler.sample(_pad_rows(logits[None], self.strict_rows), [position] * self.strict_rows)[0]
         return self.sampler.sample(logits[None], [position])[0]
+
+    def _decode_forward(self, tokens: mx.array):
+        """A decode-phase base pass (a plain step or a verify): (logits (1, L, V), hidden or None)."""
+        if self.strict_rows:
+            if tokens.shape[1] > self.strict_rows:
+                raise ValueError(f"strict mode pads to {self.strict_rows} rows; a round of {tokens.shape[1] - 1} "
+                                 f"drafts does not fit (at most {self.strict_rows - 1})")
+            return padded_forward(self.base.forward, tokens, self.cache, self.strict_rows)
+        return self.base.forward(tokens, self.cache)
 
     def _prefill(self):
         """Run the prompt through the base; return (first token, hidden at the last prompt position)."""
@@ -187,7 +211,7 @@ class Engine:
 
         def step(y, pending: bool):
             """The step after y; pending: y is still being computed, so it is not in self.history yet."""
-            logits, hidden = self.base.forward(y[None], self.cache)
+            logits, hidden = self._decode_forward(y[None])
             history = None
             if self.processors:
                 history = mx.array(self.history, mx.int32)
@@ -222,7 +246,7 @@ class Engine:
         draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
-        logits, vhidden = self.base.forward(verify_in[None], self.cache)  # (1, k+1, V)
+        logits, vhidden = self._decode_forward(verify_in[None])  # (1, k+1, V)
         n, nxt = self._accept(draft, logits[0], verify_in, position)
         result = mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), draft.tokens.astype(mx.int32)])
         mx.async_eval(result)
@@ -255,4 +279,6 @@ class Engine:
             rows = [_process(logits[i], mx.concatenate([prefix, verify_in[: i + 1]]), self.processors)
                     for i in range(draft.k + 1)]
             logits = mx.stack(rows)
+        if self.strict_rows:  # sample over the same row count as a plain step does; the padding is never read
+            logits = _pad_rows(logits, self.strict_rows)
         return self.sampler.accept(draft.tokens.astype(mx.int32), draft.probs, logits, position)

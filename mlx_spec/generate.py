@@ -33,7 +33,8 @@ def main_args(args) -> int:
     text = format_prompt(tokenizer, prompt.replace("\\n", "\n"), args.system_prompt, not args.ignore_chat_template)
     last = None
     for r in stream_generate(model, tokenizer, text, proposer=proposer, max_tokens=args.max_tokens, sampling=sampling,
-                             seed=args.seed, num_draft_tokens=args.num_draft_tokens, tuner=make_tuner(args)):
+                             seed=args.seed, num_draft_tokens=args.num_draft_tokens, tuner=make_tuner(args),
+                             strict=args.strict):
         sys.stdout.write(r.text)
         sys.stdout.flush()
         last = r

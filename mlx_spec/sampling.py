@@ -164,14 +164,16 @@ class Sampler:
     def accept(self, drafts: mx.array, draft_probs: Optional[mx.array], logits: mx.array,
                position: int) -> Tuple[mx.array, mx.array]:
         """(n accepted, next token) for drafts (k,) at positions position+1.., from the base's k+1 rows of
-        (processed) logits (k+1, V); row i predicts position + 1 + i."""
+        (processed) logits (k+1, V); row i predicts position + 1 + i. Rows past k+1 (strict mode's padding,
+        so the sampling runs at a fixed row count) are computed and ignored."""
         k = drafts.shape[0]
         positions = list(range(position + 1, position + k + 2))
+        positions += [positions[-1]] * (logits.shape[0] - k - 1)
         if self.greedy or self.mode in ("coupled", "match"):
-            return acceptance.token_match_accept(drafts, self.sample(logits, positions))
-        p = self.probs(logits)  # (k+1, V)
+            return acceptance.token_match_accept(drafts, self.sample(logits, positions)[: k + 1])
+        p = self.probs(logits)[: k + 1]  # (k+1, V)
         q = draft_probs
         if q is None:  # deterministic drafts: q is one-hot on the draft
             q = (mx.arange(p.shape[-1]) == drafts[:, None]).astype(mx.float32)
         return acceptance.rejection_accept(drafts, q, p, self.uniforms(positions[:k], ACCEPT),
-                                           self.uniforms(positions, RESAMPLE))
+                                           self.uniforms(positions[: k + 1], RESAMPLE))

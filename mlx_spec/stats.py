@@ -18,6 +18,8 @@ class GenerationStats:
     drafted_by_position: List[int] = field(default_factory=list)
     accepted_by_position: List[int] = field(default_factory=list)
     peak_memory_bytes: int = 0
+    strict: bool = False  # strict mode was asked for
+    strict_rows: int = 0  # ... and every decode pass ran padded to this many rows (0: none needed here)
 
     @property
     def prompt_tps(self) -> float:
@@ -91,4 +93,5 @@ class GenerationStats:
             "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tau": self.tau,
             "acceptance_rate": self.acceptance_rate, "acceptance_by_position": self.acceptance_by_position,
             "plain_steps": self.plain_steps, "peak_memory_bytes": self.peak_memory_bytes,
+            "strict": self.strict, "strict_rows": self.strict_rows,
         }

@@ -19,10 +19,14 @@ from conftest import ROOT, TINY_CODE
 from tiny_models import WINDOW, make_base, make_drafter
 
 from mlx_spec.doctor import main
+from mlx_spec import stream_generate
+from mlx_spec.api import STRICT_ROWS
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.parity import padded_forward
 from mlx_spec.parity.perturb import row_dependent
-from mlx_spec.parity.probe import check_ops, ops_row_invariant, probe
+from mlx_spec.parity.ops import check_ops, ops_row_invariant
+from mlx_spec.parity.probe import probe
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.oracle import OracleProposer
 
@@ -40,24 +44,8 @@ def bf16_base(quantized: bool = False):
     return model
 
 
-class StrictModel:
-    """The strict engine, emulated: every pass of at most `rows` tokens (plain steps, verifies, the last
-    prompt token) runs padded to `rows`; longer prefill chunks run as they are."""
-
-    def __init__(self, model, rows: int):
-        self.model, self.rows = model, rows
-
-    def forward(self, tokens, cache):
-        if tokens.shape[1] > self.rows:
-            return self.model.forward(tokens, cache)
-        return padded_forward(self.model.forward, tokens, cache, self.rows)
-
-    def __getattr__(self, name):
-        return getattr(self.model, name)
-
-
-def greedy(model, proposer=None, k=4, max_tokens=48):
-    eng = Engine(model, PROMPT, proposer=proposer, num_draft_tokens=k, max_tokens=max_tokens)
+def greedy(model, proposer=None, k=4, max_tokens=48, strict_rows=None):
+    eng = Engine(model, PROMPT, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, strict_rows=strict_rows)
     return [ev.token for ev in eng.run()]
 
 
@@ -115,10 +103,32 @@ def test_row_dependence_breaks_speculative_greedy_and_strict_padding_restores_it
         plain = greedy(model)
         assert greedy(model, propose(model, plain), k) != plain, \
             "with row-count-dependent kernels, verify rows must flip some near-tie (else this test shows nothing)"
-        strict = StrictModel(model, rows=k + 1)
-        strict_plain = greedy(strict)
-        assert greedy(strict, propose(strict, strict_plain), k) == strict_plain, \
+        strict_plain = greedy(model, strict_rows=k + 1)
+        assert greedy(model, propose(model, strict_plain), k, strict_rows=k + 1) == strict_plain, \
             "with every decode pass padded to one row count, speculative greedy must equal plain greedy"
+
+
+def test_strict_mode_is_decided_by_the_probe_and_restores_byte_identity():
+    """Through the API: on this row-invariant CPU, strict pads nothing; with row-count-dependent kernels the
+    op check says so, every decode pass is padded, and drafting on or off gives the same tokens."""
+    model = bf16_base()
+    drafter = make_drafter(model)
+    drafter.set_dtype(mx.bfloat16)
+    tok = _Ids()
+
+    def run(**kw):
+        out = [(r.token, r.stats) for r in stream_generate(model, tok, PROMPT, max_tokens=48, **kw)]
+        return [t for t, _ in out], out[-1][1]
+
+    plain, stats = run(strict=True)
+    assert stats.strict and stats.strict_rows == 0, "row-invariant here: strict costs nothing"
+    vars(model).pop("_mlx_spec_row_invariance", None)  # the perturbation changes the model's kernels
+    with row_dependent(model):
+        plain, stats = run(strict=True)
+        assert stats.strict_rows == STRICT_ROWS, "row-dependent kernels: every decode pass padded"
+        spec, stats = run(strict=True, drafter=drafter, num_draft_tokens=4)
+        assert spec == plain and stats.rounds > 0, "strict: speculative greedy == plain greedy, byte for byte"
+        assert run(drafter=drafter, num_draft_tokens=4)[0] != run()[0], "... which without strict it is not"
 
 
 def test_padded_forward_gives_the_real_rows_and_gives_the_padding_back():
@@ -203,3 +213,24 @@ def test_gpu_script_measures_parity_on_the_tiny_shape(tmp_path):
     assert p["row_invariant"] and p["strict_exact"] and p["strict_rows"] == 3
     assert set(p["strict_off"]) == set(p["strict_on"]) == {"1", "2"}
     assert p["strict_off"]["1"]["flips_per_1000"] == 0 and p["strict_cost"]["plain_ratio"] > 0
+
+
+class _Ids:
+    """A tokenizer stand-in for token-id prompts: no EOS, no text."""
+
+    eos_token_ids = ()
+
+    class detokenizer:
+        last_segment = ""
+
+        @staticmethod
+        def reset():
+            pass
+
+        @staticmethod
+        def add_token(t):
+            pass
+
+        @staticmethod
+        def finalize():
+            pass

@@ -101,3 +101,11 @@ def test_acceptance_at_a_position_never_drafted_is_undefined_not_zero():
     out = io.StringIO()
     print_stats(total, file=out)
     assert "by position [0.67, 0.00, -]" in out.getvalue()
+
+
+def test_strict_says_what_it_did(capsys):
+    rc, out, err = cli(capsys, "--model", BASE, "--prompt", "def f(x):", "-m", "6", "--ignore-chat-template",
+                       "--strict", "--ngram", "--num-draft-tokens", "3")
+    assert rc == 0 and "Strict: nothing to pad" in err, err
+    rc, _, err = cli(capsys, "--model", BASE, "--prompt", "x", "--strict", "--ngram", "--num-draft-tokens", "12")
+    assert rc == 2 and "strict mode verifies at most 8 drafts" in err

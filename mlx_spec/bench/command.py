@@ -10,12 +10,13 @@ from typing import Dict, List, Union
 import mlx.core as mx
 
 from .. import prompts as prompt_sets
-from ..api import encode_prompt, load, load_drafter
+from ..api import STRICT_ROWS, encode_prompt, load, load_drafter, strict_rows
 from ..cli import ArgumentParser, add_sampling_args, format_prompt, num_draft_tokens, run, sampling_params
 from ..errors import MlxSpecError
 from ..identity import machine_identity, model_identity
 from ..memory import resident, weight_bytes
 from ..models.base import vocab_size
+from ..parity.verdict import row_invariant
 from ..proposers import make_proposer
 from ..proposers.oracle import OracleProposer
 from ..tuning import AutoTuner, CostsStore
@@ -72,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompts as raw text")
     p.add_argument("--json", metavar="PATH", help="write one object per configuration (a JSON list)")
     p.add_argument("--plot", metavar="PATH", help="draw speedup and acceptance by position (needs matplotlib)")
+    p.add_argument("--strict", action="store_true",
+                   help="strict mode for every run (plain ones too): pads where this device needs it")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="wall time (default), or this process's CPU time: steadier on a busy shared machine "
                         "with MLX's CPU backend, but blind to overlap (async_eval) and to GPU time")
@@ -142,7 +145,8 @@ def environment(args, model, n_prompts: int) -> dict:
             "model_path": args.model, "drafter_path": args.drafter, "python": platform.python_version(),
             "mlx_lm": mlx_lm.__version__, "mlx_spec": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "prompts": n_prompts, "prompt_set": args.prompts, "max_tokens": args.max_tokens,
-            "repeats": args.repeats, "seed": args.seed, "clock": args.clock}
+            "repeats": args.repeats, "seed": args.seed, "clock": args.clock,
+            "row_invariant": row_invariant(model, STRICT_ROWS), "strict": args.strict}
 
 
 def main_args(args) -> int:
@@ -161,7 +165,8 @@ def main_args(args) -> int:
     configs = build_configs(args, model, references, vocab_size(model) or 256)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bench = Bench(model, ids, sampling, tokenizer.eos_token_ids, args.seed if args.seed is not None else 0,
-                  args.max_tokens, progress=not args.quiet, tuner=AutoTuner(CostsStore(clock=clock)))
+                  args.max_tokens, progress=not args.quiet, tuner=AutoTuner(CostsStore(clock=clock)),
+                  strict_rows=strict_rows(model, None) if args.strict else None)
     weights = {id(c.weights): c.weights for c in configs if c.weights is not None}
     with resident(model, *weights.values()):  # as stream_generate keeps them, on Apple silicon
         references.update(bench.references())

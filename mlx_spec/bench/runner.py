@@ -92,7 +92,7 @@ class _TimedProposer:
 
 
 def decode(model, ids: List[int], proposer, k_value, sampling: SamplingParams, max_tokens: int, eos_ids,
-           seed: int, tuner: AutoTuner, instrument: bool = False) -> RunResult:
+           seed: int, tuner: AutoTuner, instrument: bool = False, strict_rows: Optional[int] = None) -> RunResult:
     """One request through the engine, as stream_generate runs it but without detokenizing. `tuner` (the
     bench's own) gives auto its policy and the clock every time is read from."""
     clock = tuner.clock
@@ -104,7 +104,7 @@ def decode(model, ids: List[int], proposer, k_value, sampling: SamplingParams, m
         proposer = _TimedProposer(proposer, clock)
         timer = policy = _RoundTimer(policy, clock)
     eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, max_tokens=max_tokens,
-                 eos_ids=eos_ids, seed=seed)
+                 eos_ids=eos_ids, seed=seed, strict_rows=strict_rows)
     mx.clear_cache()
     mx.reset_peak_memory()
     tokens, first = [], None
@@ -126,9 +126,11 @@ class Bench:
     PLAIN = Config(None, 0)
 
     def __init__(self, model, ids, sampling, eos_ids, seed: int, max_tokens: int, progress: bool = False,
-                 tuner: Optional[AutoTuner] = None):
-        """`tuner`: the bench's own (its costs store, the clock, what auto learns across the runs)."""
+                 tuner: Optional[AutoTuner] = None, strict_rows: Optional[int] = None):
+        """`tuner`: the bench's own (its costs store, the clock, what auto learns across the runs);
+        `strict_rows`: strict mode's padding, for plain and speculative runs alike (None: off)."""
         self.model, self.ids, self.sampling, self.eos_ids = model, ids, sampling, eos_ids
+        self.strict_rows = strict_rows
         self.seed, self.max_tokens, self.progress = seed, max_tokens, progress
         self.tuner = tuner or AutoTuner()
         self.plain_s_per_token = 0.0  # measured by references()
@@ -140,7 +142,8 @@ class Bench:
 
     def run(self, cfg: Config, i: int, max_tokens: Optional[int] = None, instrument: bool = False) -> RunResult:
         return decode(self.model, self.ids[i], cfg.make(i), cfg.k if cfg.proposer else 0, self.sampling,
-                      max_tokens or self.max_tokens, self.eos_ids, self.seed + i, self.tuner, instrument)
+                      max_tokens or self.max_tokens, self.eos_ids, self.seed + i, self.tuner, instrument,
+                      self.strict_rows)
 
     def references(self) -> Dict[int, List[int]]:
         """prompt + plain continuation per prompt (the oracle's knowledge; also warms up plain decoding)."""

@@ -49,7 +49,8 @@ def main_args(args) -> int:
                         max_tokens=args.max_tokens, max_context=args.max_context,
                         max_request_bytes=args.max_request_bytes, num_draft_tokens=args.num_draft_tokens,
                         draft_by_default=not args.no_draft, sampling=sampling, log=log, access_log=log,
-                        prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots)
+                        prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
+                        strict=args.strict)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

@@ -245,7 +245,7 @@ class Server(ThreadingHTTPServer):
                  max_context: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True,
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
-                 prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None):
+                 prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False):
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
         self.access_log = access_log
@@ -254,7 +254,7 @@ class Server(ThreadingHTTPServer):
                                         num_draft_tokens)
         self.worker = Worker(model, tokenizer, proposer, max_context=max_context or context_length(model),
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
-                             prompt_cache_slots=prompt_cache_slots, tuner=tuner)
+                             prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)

@@ -69,10 +69,11 @@ class Worker(threading.Thread):
 
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, max_context: Optional[int],
                  max_tokens: int, log=None, prompt_cache: bool = True, prompt_cache_slots: int = 1,
-                 tuner: Optional[AutoTuner] = None):
+                 tuner: Optional[AutoTuner] = None, strict: bool = False):
         super().__init__(name="mlx_spec-generation", daemon=True)
         self.model, self.tokenizer = model, tokenizer
         self.max_context, self.max_tokens = max_context, max_tokens
+        self.strict = strict
         self.log = log
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
         self.current: Optional[Job] = None
@@ -166,7 +167,7 @@ class Worker(threading.Thread):
         stops = StopMatcher(req.stop)
         turn = self.conversations.turn(prompt, sampling=req.sampling, max_tokens=max_tokens, seed=req.seed,
                                        num_draft_tokens=req.num_draft_tokens, drafting=drafting,
-                                       should_stop=job.cancelled.is_set)
+                                       should_stop=job.cancelled.is_set, strict=self.strict)
         finish, n, stats = "length", 0, None
         try:
             for r in turn:
