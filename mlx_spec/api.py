@@ -11,7 +11,9 @@ from typing import Callable, Iterator, List, Optional, Sequence, Union
 
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
 from .errors import MlxSpecError, PairingError
+from .checkpoint import read_config
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
+from .models import checkpoint_type
 from .memory import resident
 from .paths import cache_root
 from .proposers import DRAFTER_PROPOSERS, make_proposer
@@ -97,18 +99,23 @@ def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] =
 
 
 def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
-    """Load a drafter (a Gemma 4 MTP assistant) and check that it fits `base`; raises PairingError on a
-    mismatch. "auto" finds the base's published drafter from `base_path` (drafting.find_auto_drafter)."""
+    """Load a drafter and check that it fits `base`; raises PairingError on a mismatch. The family comes
+    from its config: a Gemma 4 MTP assistant (gemma4_assistant, gemma4_unified_assistant), a z-lab DFlash
+    or a DeepSeek DSpark block drafter (gemma4_dflash, gemma4_dspark); `drafter.describe()` says which.
+    "auto" finds the base's published drafter from `base_path` (drafting.find_auto_drafter)."""
     from .drafting import find_auto_drafter
 
     if path_or_repo == "auto":
         path_or_repo = find_auto_drafter(base_path)
-    drafter, config, model_dir = load_model(_model_dir(str(path_or_repo), None), dtype=dtype)
-    if config.get("model_type") not in DRAFTER_PROPOSERS:
+    model_dir = _model_dir(str(path_or_repo), None)
+    config = read_config(resolve_model_path(model_dir))
+    kind = checkpoint_type(config)
+    if kind not in DRAFTER_PROPOSERS:
         raise PairingError(
-            f"{Path(model_dir) / 'config.json'} is a {config.get('model_type')!r} model, not a drafter "
+            f"{Path(model_dir) / 'config.json'} is a {kind!r} model, not a drafter "
             f"({', '.join(DRAFTER_PROPOSERS)}); for an ordinary small model use --draft-model"
         )
+    drafter, _, _ = load_model(model_dir, dtype=dtype)
     make_proposer(base, drafter=drafter)  # validates the pairing
     return drafter
 

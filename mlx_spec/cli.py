@@ -43,8 +43,8 @@ def num_draft_tokens(value: str):
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="MLX or Hugging Face model directory, or hub repo id")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--drafter", help="Gemma 4 MTP assistant drafter (directory or hub repo id; 'auto' finds "
-                   "<base>-assistant)")
+    g.add_argument("--drafter", help="a Gemma 4 drafter: MTP assistant, DFlash or DSpark block drafter (directory or "
+                   "hub repo id; the family is read from its config; 'auto' finds <base>-assistant)")
     g.add_argument("--draft-model", help="a smaller model with the same tokenizer, used as the proposer")
     g.add_argument("--ngram", nargs="?", const=3, type=int, metavar="N",
                    help="prompt-lookup drafts from the last N tokens (default N: 3)")
@@ -100,7 +100,9 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
     if not (with_proposer if with_proposer is not None else not args.no_draft):
         return model, tokenizer, None
     if args.drafter:
-        return model, tokenizer, make_proposer(model, drafter=load_drafter(args.drafter, model, base_path=args.model))
+        drafter = load_drafter(args.drafter, model, base_path=args.model)
+        print(f"[mlx_spec] drafter: {drafter.describe()}", file=sys.stderr, flush=True)
+        return model, tokenizer, make_proposer(model, drafter=drafter)
     if args.draft_model:
         return model, tokenizer, make_proposer(model, draft_model=load(args.draft_model)[0])
     if args.ngram is not None:

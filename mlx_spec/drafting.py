@@ -1,5 +1,6 @@
-"""Checking that an MTP drafter fits its base model (before any token is drafted), and finding a base's
-published drafter for `--drafter auto`."""
+"""Checking that a drafter fits its base model (before any token is drafted): MTP assistants read the base's
+K/V, block drafters (DFlash, DSpark) its decoder layers' outputs; and finding a base's published drafter
+for `--drafter auto`."""
 
 from pathlib import Path
 from typing import Optional
@@ -41,6 +42,34 @@ def validate_pairing(drafter, base) -> None:
             mismatch(f"{t} (head_dim, kv heads)", got, want)
         if d.num_attention_heads % want[1]:
             mismatch(f"num_attention_heads ({d.num_attention_heads}) for GQA over kv heads", d.num_attention_heads, want[1])
+
+
+def validate_block_pairing(drafter, base) -> None:
+    """The layers a block drafter reads must exist in the base (not its last: the final norm follows it),
+    its width must be the base's (its fc reads len(ids) * H_base features) and so must its vocabulary."""
+    if not hasattr(base, "forward_layers") or not hasattr(base, "check_layers"):
+        raise PairingError(f"a {drafter.family} block drafter reads a Gemma 4 base's decoder layers; this base is "
+                           f"{getattr(base, 'model_type', type(base).__name__)}. Use --draft-model or --ngram with "
+                           "other models")
+    text, d = base.text_args, drafter.args
+
+    def mismatch(what, drafter_value, base_value):
+        raise PairingError(f"{drafter.family} drafter {what} is {drafter_value} but the base model's is {base_value}; "
+                           "use the drafter made for this base")
+
+    n = text.num_hidden_layers
+    if d.num_target_layers is not None and d.num_target_layers != n:
+        mismatch("num_target_layers", d.num_target_layers, f"num_hidden_layers {n}")
+    try:
+        base.check_layers(drafter.target_layer_ids)
+    except ValueError:
+        mismatch("target_layer_ids", drafter.target_layer_ids, f"range of readable layers [0, {n - 2}] (or -1)")
+    if d.hidden_size != text.hidden_size:
+        mismatch("hidden_size", d.hidden_size, text.hidden_size)
+    if d.vocab_size != text.vocab_size:
+        mismatch("vocab_size", d.vocab_size, text.vocab_size)
+    if not 0 <= d.mask_token_id < text.vocab_size:
+        mismatch("mask_token_id", d.mask_token_id, f"vocabulary [0, {text.vocab_size})")
 
 
 QUANT_SUFFIXES = ("-4bit", "-8bit", "-bf16", "-fp16", "-mlx", "-qat", "-q4_0", "-6bit", "-3bit", "-5bit", "-mxfp4")

@@ -8,6 +8,10 @@ Exactness: the base verifies [bonus, d1..dk] in one forward pass; greedy keeps t
 the coupled and match modes keep drafts while they equal the base's own sample, rejection sampling keeps
 the base's distribution; then the caches give back exactly the k - n rejected positions (checked, see
 cache.py). One host synchronisation per round: the `.tolist()` of the round result.
+
+Base features: for a proposer that reads decoder-layer outputs (proposers/base.py, FeatureReader), every
+base pass captures them and hands them to the proposer, and every rollback of the base's cache rolls its
+context cache back too, so the two always cover the same positions.
 """
 
 import time
@@ -17,9 +21,10 @@ from typing import Callable, Iterator, List, Optional, Sequence
 import mlx.core as mx
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
+from .errors import CacheRollbackError
 from .models.base import as_base
 from .parity.strict import padded_forward
-from .proposers.base import Draft, Proposer, RoundContext, RoundResult
+from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats
 from .tuning.policy import DraftPolicy, FixedK
@@ -89,6 +94,7 @@ class Engine:
         self.should_stop = should_stop
         self.strict_rows = strict_rows
         self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK)
+        self.reads = feature_layers(proposer) if proposer is not None else ()  # base layers the proposer reads
         self.history = list(prompt)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.emitted = 0
@@ -102,38 +108,74 @@ class Engine:
 
     def _decode_forward(self, tokens: mx.array):
         """A decode-phase base pass (a plain step or a verify): (logits (1, L, V), hidden or None)."""
-        if self.strict_rows:
-            if tokens.shape[1] > self.strict_rows:
-                raise ValueError(f"strict mode pads to {self.strict_rows} rows; a round of {tokens.shape[1] - 1} "
-                                 f"drafts does not fit (at most {self.strict_rows - 1})")
-            return padded_forward(self.base.forward, tokens, self.cache, self.strict_rows)
-        return self.base.forward(tokens, self.cache)
+        if self.strict_rows and tokens.shape[1] > self.strict_rows:
+            raise ValueError(f"strict mode pads to {self.strict_rows} rows; a round of {tokens.shape[1] - 1} "
+                             f"drafts does not fit (at most {self.strict_rows - 1})")
+        return self._forward(tokens, padded=bool(self.strict_rows))
+
+    def _forward(self, tokens: mx.array, padded: bool = False):
+        """A base pass over tokens (1, L): (logits, hidden or None). A proposer that reads base features
+        gets this pass's rows of them, so its context grows with the base's cache."""
+        if self.reads:
+            forward = lambda t, c: self.base.forward_layers(t, c, self.reads)  # noqa: E731
+        else:
+            forward = self.base.forward
+        out = padded_forward(forward, tokens, self.cache, self.strict_rows) if padded else forward(tokens, self.cache)
+        if self.reads:
+            self.proposer.extend(out[2])
+        return out[0], out[1]
+
+    def _rollback(self, n: int) -> None:
+        """Give back the newest n positions of the base's cache, and of the proposer's context with it."""
+        rollback_all(self.cache, n)
+        if self.reads:
+            rollback_all(self.proposer.context_cache, n)
+
+    def _state(self) -> list:
+        """What a prefill chunk evaluates: the base's K/V, and the proposer's context with them."""
+        caches = self.cache + (self.proposer.context_cache if self.reads else [])
+        return [(c.keys, c.values) for c in caches]
 
     def _prefill(self):
         """Run the prompt through the base; return (first token, hidden at the last prompt position)."""
         tokens = mx.array(self.history)[None]  # (1, T)
-        start = time.perf_counter()
         T = tokens.shape[1]
         cached = self.cache[0].offset if self.cache else 0  # a reused prompt cache holds history[:cached]
         if cached >= T:
             rollback_all(self.cache, cached - T + 1)  # the last prompt token must run to give logits
             cached = T - 1
+        if self.reads:
+            cached = self._align_context(cached)
         for s in range(cached, T - 1, self.prefill_step):  # chunks bound the attention matrix size
             if self.should_stop is not None and self.should_stop():
                 raise _Stopped
             e = min(s + self.prefill_step, T - 1)
-            self.base.forward(tokens[:, s:e], self.cache)
-            mx.eval([(c.keys, c.values) for c in self.cache])
-        logits, hidden = self.base.forward(tokens[:, T - 1 :], self.cache)
+            self._forward(tokens[:, s:e])
+            mx.eval(self._state())
+        logits, hidden = self._forward(tokens[:, T - 1 :])
         first = self._sample(logits[0, -1], tokens[0], T)
         mx.eval(first, hidden if hidden is not None else first)
-        self.stats.prompt_time = time.perf_counter() - start
         return first, (hidden[:, -1:] if hidden is not None else None)
+
+    def _align_context(self, cached: int) -> int:
+        """Bring the base's reused cache (history[:cached]) and the proposer's context (after its start(),
+        a prefix of the prompt too) to the same length, the shorter one's; where a sliding window cannot
+        roll back that far, both start over. Returns the positions both hold."""
+        have = self.proposer.context_length
+        keep = min(have, cached)
+        try:
+            rollback_all(self.cache, cached - keep)
+            rollback_all(self.proposer.context_cache, have - keep)
+        except CacheRollbackError:
+            self.cache[:] = self.base.make_cache(DEFAULT_MAX_ROLLBACK)  # in place: a prompt-cache slot holds this list
+            self.proposer.reset()
+            keep = 0
+        return keep
 
     def _trim_cache_to_history(self) -> None:
         """After a stop inside accepted drafts, forget the positions past the last emitted token, so the
         cache holds exactly history[:-1] (a chat can then continue from it)."""
-        rollback_all(self.cache, self.cache[0].offset - (len(self.history) - 1))
+        self._rollback(self.cache[0].offset - (len(self.history) - 1))
 
     def _finish(self, token: int) -> Optional[str]:
         if token in self.eos_ids:
@@ -151,14 +193,14 @@ class Engine:
     def run(self) -> Iterator[TokenEvent]:
         if self.max_tokens <= 0:
             return
+        start = time.perf_counter()
+        if self.proposer is not None:  # before the prefill: a feature reader's context must know the prompt
+            self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here
         try:
             first, hidden = self._prefill()
         except _Stopped:
             return
-        if self.proposer is not None:
-            start = time.perf_counter()
-            self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here
-            self.stats.prompt_time += time.perf_counter() - start
+        self.stats.prompt_time = time.perf_counter() - start
         gen_start = time.perf_counter()
         event = self._emit(int(first.item()), False)
         self._time(gen_start)
@@ -231,7 +273,7 @@ class Engine:
             self._time(gen_start)
             if event.finish_reason:
                 if k == 0:
-                    rollback_all(self.cache, 1)  # the step queued past the end: the cache holds history[:-1]
+                    self._rollback(1)  # the step queued past the end: the cache holds history[:-1]
                 yield event
                 return None
             yield event
@@ -257,7 +299,7 @@ class Engine:
         and emit. Returns (the round's TokenEvents, the hidden state for the next round)."""
         asked, k, result, vhidden = pending
         n, nxt, *drafts = result.tolist()
-        rollback_all(self.cache, k - n)
+        self._rollback(k - n)
         outcome = RoundResult(drafted=k, accepted=n)
         self.proposer.observe(outcome)
         if asked:  # the policy learns from what the proposer gave, even 0 drafts

@@ -1,6 +1,6 @@
 """`mlx_spec.bench`: plain and speculative decoding on the same model and prompts, in one process.
 
-    mlx_spec.bench --model M [--drafter D [--random-drafter]] [--draft-model M2] [--ngram [N]]
+    mlx_spec.bench --model M [--drafter D [--drafter D2 ...] [--random-drafter]] [--draft-model M2] [--ngram [N]]
                    [--oracle RATE[,RATE...]] [--num-draft-tokens 1,2,3,auto] [--max-tokens N]
                    [--repeats R] [--prompts all|chat|code|summarize|structured|FILE] [--temp T]
                    [--json PATH] [--plot PATH]

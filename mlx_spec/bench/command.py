@@ -54,8 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="mlx_spec.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, or hub repo id")
-    p.add_argument("--drafter", help="Gemma 4 MTP assistant drafter (directory or hub repo id; 'auto' finds "
-                   "<base>-assistant)")
+    p.add_argument("--drafter", action="append", help="a Gemma 4 drafter: MTP assistant, DFlash or DSpark (directory "
+                   "or hub repo id; 'auto' finds <base>-assistant); repeat it to compare drafters")
     p.add_argument("--random-drafter", action="store_true",
                    help="also run the drafter with random weights (a drafter that never agrees)")
     p.add_argument("--draft-model", help="a smaller model with the same tokenizer, used as the proposer")
@@ -113,13 +113,15 @@ def build_configs(args, model, references: Dict[int, List[int]], vocab: int) -> 
     in later, before the oracle proposes anything."""
 
     families = []  # (name, factory(prompt index) -> Proposer, oracle rate, weights)
-    if args.drafter:
-        drafter = load_drafter(args.drafter, model, base_path=args.model)
-        families.append(("mtp", lambda i, d=drafter: make_proposer(model, drafter=d), None, drafter))
+    for path in args.drafter or []:
+        drafter = load_drafter(path, model, base_path=args.model)
+        name = make_proposer(model, drafter=drafter).name  # mtp, dflash, dspark
+        name = name if all(f[0] != name for f in families) else f"{name}-{len(families)}"
+        families.append((name, lambda i, d=drafter: make_proposer(model, drafter=d), None, drafter))
         if args.random_drafter:
             rnd = _random_weights(drafter)
-            families.append(("mtp-random", lambda i, d=rnd: make_proposer(model, drafter=d), None, rnd))
-    elif args.random_drafter:
+            families.append((f"{name}-random", lambda i, d=rnd: make_proposer(model, drafter=d), None, rnd))
+    if args.random_drafter and not args.drafter:
         raise MlxSpecError("--random-drafter needs --drafter (it randomizes that drafter's weights)")
     if args.draft_model:
         small = load(args.draft_model)[0]

@@ -8,7 +8,7 @@ from typing import Callable, Dict, List, Optional, Union
 import mlx.core as mx
 
 from ..engine import Engine
-from ..proposers.base import RoundResult
+from ..proposers.base import RoundResult, feature_layers
 from ..sampling import SamplingParams
 from ..stats import GenerationStats
 from ..tuning import AutoTuner, Costs, measure_costs
@@ -73,6 +73,22 @@ class _TimedProposer:
     def __init__(self, inner, clock):
         self.inner, self.clock, self.draft_time = inner, clock, 0.0
         self.name, self.identity, self.weights = inner.name, inner.identity, inner.weights
+        self.base_layers = feature_layers(inner)
+
+    # a FeatureReader's context (block drafters) is the inner proposer's
+    @property
+    def context_cache(self):
+        return self.inner.context_cache
+
+    @property
+    def context_length(self) -> int:
+        return self.inner.context_length
+
+    def extend(self, features) -> None:
+        self.inner.extend(features)
+
+    def reset(self) -> None:
+        self.inner.reset()
 
     def start(self, prompt) -> None:
         self.inner.start(prompt)

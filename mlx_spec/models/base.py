@@ -1,17 +1,20 @@
 """What the engine needs of a base model, and an adapter that gives it to any mlx-lm model.
 
-The engine calls two things: `forward(tokens (1, L), cache) -> (logits (1, L, V), hidden (1, L, H) or
-None)` and `make_cache(max_rollback) -> [rewindable caches]` (cache.py). Our Gemma 4 models implement both
+The engine calls `forward(tokens (1, L), cache) -> (logits (1, L, V), hidden (1, L, H) or None)` and
+`make_cache(max_rollback) -> [rewindable caches]` (cache.py), and, for a proposer that reads decoder-layer
+outputs (block drafters), `forward_layers(tokens, cache, layers) -> (logits, hidden, features (1, L, n*H))`:
+the same pass, with those layers' outputs captured. Our Gemma 4 models implement all three
 (`SpeculativeBase`; they also return the final-normed hidden state the MTP drafter reads). Any other
 architecture mlx-lm loads (llama, qwen, gemma3, ...) is wrapped by `as_base`: no hidden state, and
 mlx-lm's caches swapped for rewindable ones, which is all n-gram and draft-model speculation need.
 """
 
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
 from ..cache import DEFAULT_MAX_ROLLBACK, make_rewindable
+from ..errors import UnsupportedModelError
 
 
 class SpeculativeBase:
@@ -22,6 +25,12 @@ class SpeculativeBase:
 
     def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
         raise NotImplementedError
+
+    def forward_layers(self, inputs: mx.array, cache, layers: Sequence[int]):
+        """forward() plus the outputs of decoder `layers` (B, L, len(layers) * H); bases that cannot say
+        which layer is which raise."""
+        raise UnsupportedModelError(f"{type(self).__name__} does not expose its decoder layers' outputs; "
+                                    "block drafters need a Gemma 4 base")
 
 
 class MlxLmBase(SpeculativeBase):

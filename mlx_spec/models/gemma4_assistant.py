@@ -114,6 +114,13 @@ class Model(nn.Module):
         self.freeze(keys=["token_ordering"], strict=False)
         gemma4_text.compile_norms(self)
 
+    family = "mtp"
+
+    def describe(self) -> str:
+        t = self.text_args
+        head = "centroid head" if self.args.use_ordered_embeddings else "dense head"
+        return f"MTP assistant ({self.model_type}): {t.num_hidden_layers} layers, hidden {t.hidden_size}, {head}"
+
     def stepper(self) -> "DraftStepper":
         """Compiled draft steps bound to this model's current weights (cheap to build: one per request)."""
         return DraftStepper(self)

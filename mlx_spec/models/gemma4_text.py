@@ -6,12 +6,14 @@ double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
   head-geometry forms (`global_head_dim`/`num_global_key_value_heads`, or `per_layer_config`).
 - `forward()` returns the final-normed hidden state next to the logits, which the MTP drafter consumes,
   and `producer_layers` names the last non-shared layer of each type, whose K/V the drafter reads.
+- `forward_layers()` also returns the outputs of chosen decoder layers from the same pass, which block
+  drafters (DFlash, DSpark) read.
 - `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly.
 """
 
 import functools
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,6 +24,13 @@ from ..errors import UnsupportedModelError
 from .base import SpeculativeBase
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+UNIFIED_TEXT = "gemma4_unified_text"  # the text config of gemma4_unified (12B): gemma4_text without PLE keys
+# transformers' defaults where the two text configs differ (a key missing from config.json means these);
+# gemma4_unified_text has no per-layer inputs at all, so a missing PLE key means 0 there, not 256
+GEMMA4_TEXT_DEFAULTS = (("hidden_size_per_layer_input", 256), ("vocab_size_per_layer_input", 262144))
+UNIFIED_DEFAULTS = (("hidden_size_per_layer_input", 0), ("vocab_size_per_layer_input", 0), ("sliding_window", 1024),
+                    ("max_position_embeddings", 262144))
+EMBEDDING_OUTPUT = -1  # a captured "layer" id: the scaled embedding that enters layer 0 (DeepSpec's -1)
 
 
 @dataclass
@@ -101,7 +110,7 @@ def normalize_text_config(config: dict) -> dict:
             )
         config["global_head_dim"] = full_hd
         config["num_global_key_value_heads"] = full_kv if k_eq_v else None
-    for key, default in (("hidden_size_per_layer_input", 256), ("vocab_size_per_layer_input", 262144)):
+    for key, default in (UNIFIED_DEFAULTS if config.get("model_type") == UNIFIED_TEXT else GEMMA4_TEXT_DEFAULTS):
         config.setdefault(key, default)
     return config
 
@@ -131,6 +140,12 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
     """mlx-lm's trunk; `__call__` is rewritten only to build masks from our caches per layer type."""
 
     def __call__(self, inputs: mx.array, cache=None, per_layer_inputs: Optional[mx.array] = None):
+        return self.run(inputs, cache, per_layer_inputs)[0]
+
+    def run(self, inputs: mx.array, cache=None, per_layer_inputs: Optional[mx.array] = None,
+            capture: Sequence[int] = ()):
+        """(final-normed hidden (B, L, H), [the output of decoder layer i (B, L, H), before the final norm,
+        for i in `capture`, in that order; EMBEDDING_OUTPUT: the scaled embedding])."""
         h = self.embed_tokens(inputs) * self.embed_scale  # (B, L, H); the scalar is cast to h.dtype, as HF does
         if self.hidden_size_per_layer_input:
             if per_layer_inputs is None:
@@ -138,13 +153,16 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
             per_layer_inputs = self._project_per_layer_inputs(h, per_layer_inputs)  # (B, L, n_layers, P)
         cache = list(cache or []) + [None] * (len(self.layers) - len(cache or []))
         masks = self._make_masks(h, cache)
+        captured = {EMBEDDING_OUTPUT: h} if EMBEDDING_OUTPUT in capture else {}
         intermediates = [(None, None)] * len(self.layers)
         for i, (layer, c, mask, prev) in enumerate(zip(self.layers, cache, masks, self.previous_kvs)):
             kvs, offset = intermediates[prev]  # KV-shared layers reuse their producer's K/V and offset
             pli = per_layer_inputs[:, :, i, :] if per_layer_inputs is not None else None
             h, kvs, offset = layer(h, mask, c, per_layer_input=pli, shared_kv=kvs, offset=offset)
             intermediates[i] = (kvs, offset)
-        return self.norm(h)
+            if i in capture:
+                captured[i] = h
+        return self.norm(h), [captured[i] for i in capture]
 
 
 class Model(nn.Module, SpeculativeBase):
@@ -160,13 +178,34 @@ class Model(nn.Module, SpeculativeBase):
     def forward(self, inputs: mx.array, cache=None):
         """Return (logits (B, L, V) softcapped, hidden (B, L, H) after the final norm)."""
         hidden = self.model(inputs, cache=cache)
+        return self._softcap(self.head(hidden)), hidden
+
+    def forward_layers(self, inputs: mx.array, cache, layers: Sequence[int]):
+        """forward() that also returns the outputs of decoder `layers` (0-based; EMBEDDING_OUTPUT for the
+        embedding) at every position, concatenated in the order given: (logits, hidden, (B, L, n*H))."""
+        self.check_layers(layers)
+        hidden, captured = self.model.run(inputs, cache, capture=tuple(layers))
+        return self._softcap(self.head(hidden)), hidden, mx.concatenate(captured, axis=-1)
+
+    def check_layers(self, layers: Sequence[int]) -> None:
+        """Raise ValueError unless every id names a decoder layer before the last (whose output the final
+        norm would follow) or the embedding."""
+        n = self.args.num_hidden_layers
+        bad = [i for i in layers if not (i == EMBEDDING_OUTPUT or 0 <= i < n - 1)]
+        if bad or not layers:
+            raise ValueError(f"layers {list(layers)}: ids must be in [0, {n - 2}] (or {EMBEDDING_OUTPUT}, the "
+                             f"embedding) for a base of {n} decoder layers")
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """The output layer (the tied embedding, or lm_head), without the softcap: (..., H) -> (..., V)."""
         if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(hidden)
-        else:
-            logits = self.lm_head(hidden)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def _softcap(self, logits: mx.array) -> mx.array:
         if self.args.final_logit_softcapping:
-            logits = mlx_gemma4.logit_softcap(self.args.final_logit_softcapping, logits)
-        return logits, hidden
+            return mlx_gemma4.logit_softcap(self.args.final_logit_softcapping, logits)
+        return logits
 
     def __call__(self, inputs: mx.array, cache=None):
         return self.forward(inputs, cache)[0]

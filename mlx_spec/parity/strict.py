@@ -20,7 +20,8 @@ Forward = Callable[[mx.array, list], Tuple[mx.array, Optional[mx.array]]]  # (1,
 
 def padded_forward(model_forward: Forward, tokens: mx.array, cache: list, rows: int):
     """Run L <= rows real tokens (1, L) as a (1, rows) pass padded with copies of the last token, then roll
-    the padding back out of `cache`. Returns (logits (1, L, V), hidden (1, L, H) or None) of the real rows.
+    the padding back out of `cache`. Returns what the forward returns ((logits (1, L, V), hidden (1, L, H)
+    or None), and captured layer outputs for `forward_layers`), cut to the real rows.
 
     The cache must be able to roll back rows - 1 positions on top of what the caller rolls back itself
     (cache.py's max_rollback)."""
@@ -29,6 +30,6 @@ def padded_forward(model_forward: Forward, tokens: mx.array, cache: list, rows: 
         raise ValueError(f"padded_forward needs 1 <= L <= rows tokens, got L={L} for rows={rows}")
     if L < rows:
         tokens = mx.concatenate([tokens, mx.repeat(tokens[:, -1:], rows - L, axis=1)], axis=1)  # (1, rows)
-    logits, hidden = model_forward(tokens, cache)
+    out = model_forward(tokens, cache)
     rollback_all(cache, rows - L)
-    return logits[:, :L], (hidden[:, :L] if hidden is not None else None)
+    return tuple(x[:, :L] if x is not None else None for x in out)

@@ -1,6 +1,8 @@
 """Ways of proposing drafts, one module each, all behind the `Proposer` contract in base.py:
 
-    mtp.py          Gemma 4 MTP assistant drafters (gemma4_assistant)
+    mtp.py          Gemma 4 MTP assistant drafters (gemma4_assistant, gemma4_unified_assistant)
+    dflash.py       z-lab DFlash block drafters (gemma4_dflash); dspark.py: DeepSeek DSpark (gemma4_dspark);
+                    block.py: what the two share (a context of the base's layer outputs)
     draft_model.py  any smaller model that shares the base's tokenizer
     ngram.py        prompt lookup, no weights
     oracle.py       benchmark only: the known continuation, corrupted at a set rate
@@ -11,7 +13,7 @@ top of a request; a drafter module finds its proposer by its `model_type`.
 
 from typing import Optional
 
-from .base import Draft, Proposer, RoundContext, RoundResult
+from .base import Draft, FeatureReader, Proposer, RoundContext, RoundResult
 from .ngram import NgramProposer
 
 
@@ -21,8 +23,21 @@ def _mtp(drafter, model):
     return MTPProposer(drafter, model)
 
 
-# drafter model_type -> proposer factory(drafter, base)
-DRAFTER_PROPOSERS = {"gemma4_assistant": _mtp}
+def _dflash(drafter, model):
+    from .dflash import DFlashProposer
+
+    return DFlashProposer(drafter, model)
+
+
+def _dspark(drafter, model):
+    from .dspark import DSparkProposer
+
+    return DSparkProposer(drafter, model)
+
+
+# drafter model_type (models.checkpoint_type) -> proposer factory(drafter, base)
+DRAFTER_PROPOSERS = {"gemma4_assistant": _mtp, "gemma4_unified_assistant": _mtp, "gemma4_dflash": _dflash,
+                     "gemma4_dspark": _dspark}
 
 
 def drafter_proposer(drafter, model) -> Proposer:
@@ -54,4 +69,4 @@ def make_proposer(model, *, proposer: Optional[Proposer] = None, drafter=None, d
     return None
 
 
-__all__ = ["Draft", "Proposer", "RoundContext", "RoundResult", "NgramProposer", "make_proposer", "drafter_proposer"]
+__all__ = ["Draft", "FeatureReader", "Proposer", "RoundContext", "RoundResult", "NgramProposer", "make_proposer", "drafter_proposer"]

@@ -8,10 +8,18 @@ A proposer says what it is: `name` (for stats and logs), `identity` (what its me
 acceptance are filed under: its kind and its weights) and `weights` (the module to keep resident next to
 the base, or None). `fork()` gives a proposer for another conversation: the same weights, none of the
 per-conversation state (a draft model's KV cache), so a chat or a server slot owns its own.
+
+Base features. A proposer may read the outputs of some of the base's decoder layers (`base_layers`; block
+drafters do): it is then a `FeatureReader`. The engine captures those layers in the base's own passes
+(prefill chunks, plain steps, verifies; never a second pass) and hands every pass's rows to `extend`, in
+order, so the reader's context cache holds one entry per position the base's cache holds; whenever the
+base's cache rolls back n positions (rejected drafts, a stop inside accepted drafts, a reused prompt cache),
+so does `context_cache` (cache.rollback_all). After each round's rollback the context covers exactly the
+accepted history, as the base's cache does.
 """
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol
+from typing import List, Optional, Protocol, Tuple
 
 import mlx.core as mx
 
@@ -66,6 +74,8 @@ class Proposer(Protocol):
     name: str
     identity: str
     weights: Optional[object]  # an mlx.nn.Module, or None for proposers without weights
+    # decoder layers of the base whose outputs it reads (a FeatureReader); () or absent: none
+    base_layers: Tuple[int, ...]
 
     def start(self, prompt: List[int]) -> None:
         """A new request begins with this prompt (proposers with state bring it up to date here)."""
@@ -78,3 +88,27 @@ class Proposer(Protocol):
 
     def fork(self) -> "Proposer":
         """A proposer for another conversation: shares the weights, not the per-conversation state."""
+
+
+class FeatureReader(Proposer, Protocol):
+    """A proposer with a context of base features (see the module docstring): `base_layers` is not empty."""
+
+    # rewindable caches (cache.py), one entry per base position: the engine rolls them back with the base's
+    context_cache: list
+
+    @property
+    def context_length(self) -> int:
+        """Base positions whose features the context holds (0 .. the base cache's offset)."""
+
+    def extend(self, features: mx.array) -> None:
+        """features (1, L, len(base_layers) * H_base): the outputs of `base_layers` at the next L positions
+        the base ran, continuing the context (lazy: computed in the engine's graph)."""
+
+    def reset(self) -> None:
+        """Forget the context (the engine then re-runs the base from position 0)."""
+
+
+def feature_layers(proposer) -> Tuple[int, ...]:
+    """The base layers a proposer reads; () for one that declares none (proposers written before base
+    features existed need not declare the attribute)."""
+    return tuple(getattr(proposer, "base_layers", ()) or ())

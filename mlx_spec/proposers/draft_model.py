@@ -45,6 +45,7 @@ def check_vocab_pairing(base_vocab: int, draft_vocab: int) -> None:
 
 class DraftModelProposer:
     name = "draft_model"
+    base_layers = ()  # reads no decoder-layer outputs of the base
 
     def __init__(self, draft_model, base_model=None, *, base_vocab: Optional[int] = None,
                  max_rollback: int = DEFAULT_MAX_ROLLBACK, prefill_step: int = DEFAULT_PREFILL_STEP):

@@ -16,6 +16,7 @@ from .base import Draft, RoundContext, RoundResult
 
 class MTPProposer:
     name = "mtp"
+    base_layers = ()  # reads no decoder-layer outputs of the base
 
     def __init__(self, drafter, base):
         validate_pairing(drafter, base)

@@ -28,6 +28,7 @@ def lookup(history: List[int], n: int, k: int, min_n: int = 1) -> List[int]:
 
 class NgramProposer:
     name = "ngram"
+    base_layers = ()  # reads no decoder-layer outputs of the base
     weights = None
 
     def __init__(self, n: int = DEFAULT_NGRAM):

@@ -16,6 +16,7 @@ from .base import Draft, RoundContext, RoundResult
 
 class OracleProposer:
     name = "oracle"
+    base_layers = ()  # reads no decoder-layer outputs of the base
     weights = None
 
     def __init__(self, reference: Sequence[int], rate: float = 0.0, vocab_size: int = 256, seed: int = 0):

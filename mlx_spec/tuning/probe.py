@@ -15,7 +15,7 @@ import numpy as np
 from .. import acceptance
 from ..cache import rollback_all
 from ..models.base import as_base, vocab_size
-from ..proposers.base import RoundContext, RoundResult
+from ..proposers.base import RoundContext, RoundResult, feature_layers
 from ..sampling import Sampler, SamplingParams
 from .costs import K_MAX, Costs, fit_line, isotonic
 
@@ -28,11 +28,11 @@ PROBE_DRAFT_KS = (1, 2, 4, 8)  # draft lengths timed; draft cost is fitted as fi
 PROBE_VERIFY_KS = (0, 1, 2, 3, 4, 6, 8)  # verify passes timed; k = 5, 7 are interpolated (cost grows smoothly)
 
 
-def _time_plain(base, cache, token: int, steps: int, clock) -> float:
+def _time_plain(forward, cache, token: int, steps: int, clock) -> float:
     """Seconds per plain step, fully pipelined (mlx-lm's generate_step): step i+1 is queued on the lazy
     token i before the host reads token i, so graph building overlaps compute. The unit of every cost."""
     def step(y):
-        logits, _ = base.forward(y[None], cache)
+        logits = forward(y[None], cache)[0]
         return mx.argmax(logits[0, -1], axis=-1).astype(mx.int32).reshape(1)
 
     start = clock()
@@ -49,12 +49,12 @@ def _time_plain(base, cache, token: int, steps: int, clock) -> float:
     return elapsed / steps
 
 
-def _time_verify(base, cache, token: int, drafts: mx.array, clock) -> float:
+def _time_verify(forward, cache, token: int, drafts: mx.array, clock) -> float:
     """Seconds for one (k+1)-token verify pass with greedy acceptance and the round's one host sync."""
     k = drafts.shape[0]
     start = clock()
     verify_in = mx.concatenate([mx.array([token], mx.int32), drafts])
-    logits, _ = base.forward(verify_in[None], cache)  # (1, k+1, V)
+    logits = forward(verify_in[None], cache)[0]  # (1, k+1, V)
     n, nxt = acceptance.greedy_accept(drafts, mx.argmax(logits[0], axis=-1).astype(mx.int32))
     mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), drafts]).tolist()
     elapsed = clock() - start
@@ -90,11 +90,19 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
     base = as_base(model)
     vocab = vocab_size(model) or 256
 
+    # a proposer that reads decoder-layer outputs gets them from every base pass, as in the engine
+    layers = feature_layers(proposer) if proposer is not None else ()
+    forward = (lambda t, c: base.forward_layers(t, c, layers)) if layers else base.forward
+
     rng = np.random.default_rng(seed)
     history = rng.integers(4, vocab, size=max(context, 2)).tolist()
     cache = base.make_cache(max(plain_steps, k_max) + 1)
-    _, hidden = base.forward(mx.array(history[:-1], mx.int32)[None], cache)  # cache holds history[:-1]
-    hidden = hidden[:, -1:] if hidden is not None else None  # (1, 1, H) at the bonus token's predecessor
+    out = forward(mx.array(history[:-1], mx.int32)[None], cache)  # cache holds history[:-1]
+    hidden = out[1][:, -1:] if out[1] is not None else None  # (1, 1, H) at the bonus token's predecessor
+    if layers:  # its context then holds history[:-1] too; the timed passes below capture but do not extend it
+        proposer.start(history[:-1])
+        proposer.extend(out[2])
+        mx.eval([(c.keys, c.values) for c in proposer.context_cache])
     mx.eval([(c.keys, c.values) for c in cache], *([hidden] if hidden is not None else []))
     drafts = mx.array(rng.integers(4, vocab, size=k_max).tolist(), mx.int32)
     probe_ks = {k for k in PROBE_VERIFY_KS if k <= k_max} | {k_max}  # the largest is always measured
@@ -108,13 +116,13 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
         if rep > min(MIN_PROBE_REPS, reps) and time.perf_counter() - started > budget_s:
             break
         if rep == 0:  # warm-up (compilation, allocation): each kind of work once, at its largest
-            _time_plain(base, cache, history[-1], 2, clock)
-            _time_verify(base, cache, history[-1], drafts, clock)
+            _time_plain(forward, cache, history[-1], 2, clock)
+            _time_verify(forward, cache, history[-1], drafts, clock)
             if proposer is not None and draft_ks:
                 _time_draft(proposer, ctx, draft_ks[-1], clock)
             continue
-        p = _time_plain(base, cache, history[-1], plain_steps, clock)
-        v = [_time_verify(base, cache, history[-1], drafts[:k], clock) if k in probe_ks else None
+        p = _time_plain(forward, cache, history[-1], plain_steps, clock)
+        v = [_time_verify(forward, cache, history[-1], drafts[:k], clock) if k in probe_ks else None
              for k in range(k_max + 1)]
         d = [_time_draft(proposer, ctx, k, clock) for k in draft_ks] if proposer is not None else []
         s = _time_sync(clock)
