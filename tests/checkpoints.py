@@ -525,3 +525,28 @@ def make_dspark_checkpoint(tmp_path: Path, base_dir: Path, *, layers: int = 2, b
     write_json(out / "config.json", config)
     write_safetensors(out, w.tensors)
     return out
+
+
+BLOCK_IDS = (0, 2)  # the layers of the unified base the block drafters below read
+
+
+def build_block_checkpoints(out: Path) -> dict:
+    """The checkpoints of the block-drafter goldens (tests/fixtures/make_block_goldens.py), by name."""
+    base = make_unified_checkpoint(out, window=16)
+    return {
+        "unified": base,
+        "dflash": make_dflash_checkpoint(out, base, block_size=6, target_layer_ids=BLOCK_IDS),
+        # a sliding drafter layer whose window (6) the prompt's 21 context rows pass; a flat rope_theta
+        "dflash_sliding": make_dflash_checkpoint(out, base, layers=(S, F), window=6, block_size=6,
+                                                 target_layer_ids=BLOCK_IDS, seed=5, rope_form="theta",
+                                                 name="dflash_sliding"),
+        "dspark": make_dspark_checkpoint(out, base, block_size=5, target_layer_ids=BLOCK_IDS),
+        "dspark_v": make_dspark_checkpoint(out, base, block_size=5, target_layer_ids=BLOCK_IDS, k_eq_v=False,
+                                           markov_rank=4, confidence_head=False, nested=True, seed=6, name="dspark_v"),
+    }
+
+
+def checksum(path: Path) -> float:
+    """Sum of |w| over a checkpoint's tensors (float64): the same files, or not."""
+    weights = mx.load(str(Path(path) / "model.safetensors"))
+    return float(sum(np.abs(np.array(w, dtype=np.float64)).sum() for w in weights.values()))

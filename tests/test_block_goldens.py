@@ -7,6 +7,7 @@ demonstrably not mlx-vlm's own; speculative decoding with each equals mlx-vlm's 
 import mlx.core as mx
 import numpy as np
 import pytest
+from checkpoints import build_block_checkpoints, checksum
 from conftest import FIXTURES
 
 from mlx_spec import load, load_drafter
@@ -16,7 +17,6 @@ from mlx_spec.proposers.base import RoundContext
 from mlx_spec.sampling import Sampler, SamplingParams
 from mlx_spec.tuning import FixedK
 
-BLOCK = FIXTURES / "block"
 ATOL = 2e-4  # fp32 on both sides; sums may be ordered differently
 
 
@@ -26,8 +26,18 @@ def gold():
 
 
 @pytest.fixture(scope="module")
-def base():
-    model, _ = load(str(BLOCK / "unified"))
+def ckpt(tmp_path_factory, gold):
+    """The checkpoints the goldens were made from, rebuilt (same helper, same seeds) and checked."""
+    paths = build_block_checkpoints(tmp_path_factory.mktemp("block"))
+    for name, path in paths.items():
+        assert abs(checksum(path) - float(gold[f"{name}_checksum"])) < 1e-6 * float(gold[f"{name}_checksum"]), \
+            f"{name}: tests/checkpoints.py no longer builds the checkpoint the goldens were made from"
+    return paths
+
+
+@pytest.fixture(scope="module")
+def base(ckpt):
+    model, _ = load(str(ckpt["unified"]))
     return model
 
 
@@ -60,8 +70,8 @@ def _block_logits(proposer, width: int, family: str) -> mx.array:
 
 
 @pytest.mark.parametrize("name", ["dflash", "dflash_sliding"])
-def test_dflash_block_matches_mlx_vlm(base, gold, name):
-    drafter = load_drafter(str(BLOCK / name), base)
+def test_dflash_block_matches_mlx_vlm(base, gold, ckpt, name):
+    drafter = load_drafter(str(ckpt[name]), base)
     proposer = make_proposer(base, drafter=drafter)
     widths = sorted(int(k.split("_bs")[1].split("_")[0]) for k in gold if k.startswith(f"{name}_bs") and k.endswith("_logits"))
     assert widths, "goldens for several block widths"
@@ -75,10 +85,10 @@ def test_dflash_block_matches_mlx_vlm(base, gold, name):
 
 
 @pytest.mark.parametrize("name", ["dspark", "dspark_v"])
-def test_dspark_block_matches_deepspec(base, gold, name):
+def test_dspark_block_matches_deepspec(base, gold, ckpt, name):
     """DeepSpec norms the values (v_norm); mlx-vlm 0.7.10 does not. We follow DeepSpec: equal to mlx-vlm with
     v_norm patched in, different from mlx-vlm as shipped."""
-    proposer = make_proposer(base, drafter=load_drafter(str(BLOCK / name), base))
+    proposer = make_proposer(base, drafter=load_drafter(str(ckpt[name]), base))
     for width in (2, 4, 6):
         ctx = _context(proposer, gold)
         got = np.array(_block_logits(proposer, width, "dspark"))
@@ -91,10 +101,10 @@ def test_dspark_block_matches_deepspec(base, gold, name):
             f"{name} width {width}: the Markov chain must pick DeepSpec's drafts"
 
 
-def test_a_cut_block_is_not_a_prefix_of_the_full_one(base, gold):
+def test_a_cut_block_is_not_a_prefix_of_the_full_one(base, gold, ckpt):
     """Attention inside a block is bidirectional: the rows of a shorter block differ from the first rows of
     the full block, and mlx-vlm (the reference for short blocks) computes the shorter one, as we do."""
-    proposer = make_proposer(base, drafter=load_drafter(str(BLOCK / "dflash"), base))
+    proposer = make_proposer(base, drafter=load_drafter(str(ckpt["dflash"]), base))
     _context(proposer, gold)
     full = _block_logits(proposer, 6, "dflash")
     cut = _block_logits(proposer, 3, "dflash")
@@ -103,8 +113,8 @@ def test_a_cut_block_is_not_a_prefix_of_the_full_one(base, gold):
 
 
 @pytest.mark.parametrize("name", ["dflash", "dflash_sliding", "dspark", "dspark_v"])
-def test_speculative_equals_mlx_vlm_plain(base, gold, name):
-    proposer = make_proposer(base, drafter=load_drafter(str(BLOCK / name), base))
+def test_speculative_equals_mlx_vlm_plain(base, gold, ckpt, name):
+    proposer = make_proposer(base, drafter=load_drafter(str(ckpt[name]), base))
     for k in (1, 3, 5):
         eng = Engine(base, gold["prompt"].tolist(), proposer=proposer.fork(), policy=FixedK(k),
                      max_tokens=len(gold["plain"]))
