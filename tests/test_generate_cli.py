@@ -51,7 +51,7 @@ def test_python_dash_m_subprocess():
 
 @pytest.mark.parametrize("argv, needle", [
     (["--model", "/nonexistent/model", "--prompt", "x"], "does not exist"),
-    (["--model", BASE, "--drafter", BASE, "--prompt", "x"], "not a drafter (gemma4_assistant)"),
+    (["--model", BASE, "--drafter", BASE, "--prompt", "x"], "not a drafter (gemma4_assistant, gemma4_unified_assistant"),
     (["--model", BASE, "--prompt", "x", "--temp", "-1"], "--temp"),
     (["--model", BASE, "--prompt", "x", "--top-p", "0"], "--top-p"),
 ])
