@@ -1,8 +1,14 @@
-"""Measure verify cost by k, MTP drafter step cost and verify-vs-step parity on Gemma 4-shaped models with
-random weights.
+"""Measure verify cost by k, MTP drafter step cost, block drafters' cost by block size (DFlash, DSpark,
+where one is published for the shape) and verify-vs-step parity on Gemma 4-shaped models with random
+weights.
 
-    python examples/gpu/measure_shapes.py --shapes e2b,e4b --q-bits 4,0 [--context 512] [--parity]
-                                          [--budget-s 300] --out costs.json
+    python examples/gpu/measure_shapes.py --shapes e2b,12b,31b --q-bits 4,0 [--context 512] [--parity]
+                                          [--block-sizes 2,3,5,9,16] [--layers N] [--budget-s 300] --out costs.json
+
+Block drafters: verify_cost is measured up to the largest block (k = its drafts), and each drafter's cost
+of proposing k drafts (one pass over a block of k+1 rows for DFlash, k for DSpark) for every block size in
+--block-sizes, in plain steps. `--layers N` keeps N of the base's decoder layers (its pattern), for a
+machine that cannot hold the whole model; the ratios then weigh the head more than the full model does.
 
 Random weights are enough for costs (a (k+1)-token base pass and a drafter step cost the same whatever the
 weights); acceptance needs real weights. Parity (--parity: mlx_spec.doctor's probe, strict off and on, and
@@ -23,12 +29,13 @@ import mlx.core as mx
 
 from mlx_spec.loading import DTYPES
 from mlx_spec.parity.probe import probe
+from mlx_spec.proposers import make_proposer
 from mlx_spec.proposers.mtp import MTPProposer
-from mlx_spec.shapes import BASE_SHAPES, random_pair
+from mlx_spec.shapes import BASE_SHAPES, BLOCK_DRAFTER_SHAPES, random_block_drafter, random_pair
 from mlx_spec.tuning import measure_costs
+from mlx_spec.tuning.probe import measure_drafting
 
-# TODO(lead): the 12B shape is being added to mlx_spec/shapes.py by another engineer; once BASE_SHAPES has
-# it, add it to run_on_nvidia.sh's --shapes (nothing here needs to change).
+DEFAULT_BLOCK_SIZES = (2, 3, 5, 9, 16)  # rows of a DFlash block (drafts + 1); DSpark: the drafts
 DEFAULT_PARITY_KS = (1, 2, 4, 8)
 DEFAULT_PARITY_TOKENS = 128
 DEFAULT_PARITY_COST_REPS = 3
@@ -62,17 +69,46 @@ def parity(base, name: str, ks, tokens: int, cost_reps: int) -> dict:
     return out
 
 
-def measure(shape: str, q_bits: int, context: int, reps: int, dtype: str, parity_args=None) -> dict:
+def block_drafters(shape: str, base, dtype: str, layers: int, block_sizes, context: int, reps: int,
+                   plain_step_s: float) -> dict:
+    """family -> {drafts k: cost of proposing k drafts in plain steps}, for the block drafters published
+    for the shape (DSpark drafters at 8 bits, as their authors recommend)."""
+    out = {}
+    for (s, family), d in BLOCK_DRAFTER_SHAPES.items():
+        if s != shape:
+            continue
+        drafter = random_block_drafter(shape, family, dtype=DTYPES[dtype], layers=layers,
+                                       q_bits=8 if family == "dspark" else 0)
+        proposer = make_proposer(base, drafter=drafter)
+        ks = sorted({min(b - 1 if family == "dflash" else b, drafter.max_drafts) for b in block_sizes} - {0})
+        seconds = measure_drafting(base, proposer, ks, context=context, reps=reps)
+        out[family] = {"block_size": d["block_size"], "max_drafts": drafter.max_drafts,
+                       "draft_cost": {k: round(t / plain_step_s, 4) for k, t in seconds.items()}}
+        print(f"  {family}: draft cost by drafts {out[family]['draft_cost']}", file=sys.stderr, flush=True)
+        del drafter, proposer
+        mx.clear_cache()
+    return out
+
+
+def measure(shape: str, q_bits: int, context: int, reps: int, dtype: str, parity_args=None, layers: int = 0,
+            block_sizes=DEFAULT_BLOCK_SIZES) -> dict:
     start = time.perf_counter()
-    base, drafter = random_pair(shape, dtype=DTYPES[dtype], q_bits=q_bits)
+    base, drafter = random_pair(shape, dtype=DTYPES[dtype], q_bits=q_bits, layers=layers)
     built = time.perf_counter() - start
-    costs = measure_costs(base, MTPProposer(drafter, base), context=context, reps=reps)
+    has_block = any(s == shape for s, _ in BLOCK_DRAFTER_SHAPES)
+    k_max = max(8, max(block_sizes) - 1) if has_block else 8
+    costs = measure_costs(base, MTPProposer(drafter, base), context=context, reps=reps, k_max=k_max)
     best = {k: round((k + 1) / costs.round_cost(k), 3) for k in range(1, costs.k_max + 1)}
     result = {"shape": shape, "q_bits": q_bits, "dtype": dtype, "context": context, "build_s": round(built, 1),
+              "layers": layers or BASE_SHAPES[shape]["num_hidden_layers"],
               "plain_step_ms": round(costs.plain_step_s * 1e3, 3),
               "verify_cost": {k: round(v, 3) for k, v in enumerate(costs.verify)},
               "draft_fixed_cost": round(costs.draft_fixed, 4), "draft_step_cost": round(costs.draft_step, 4),
               "speedup_if_all_accepted": best}
+    del drafter
+    if has_block:
+        result["block_drafters"] = block_drafters(shape, base, dtype, layers, block_sizes, context, reps,
+                                                  costs.plain_step_s)
     if parity_args is not None:
         name = f"random {shape}, {f'{q_bits}-bit' if q_bits else 'unquantized'}"
         result["parity"] = parity(base, name, *parity_args)
@@ -89,6 +125,9 @@ def main() -> None:
     p.add_argument("--shapes", default="e2b", help=f"comma-separated, of {', '.join(BASE_SHAPES)}")
     p.add_argument("--q-bits", type=int_list, default=[4], help="base quantization, comma-separated (0 = bf16)")
     p.add_argument("--context", type=int, default=512)
+    p.add_argument("--layers", type=int, default=0, help="keep this many decoder layers (0: all)")
+    p.add_argument("--block-sizes", type=int_list, default=list(DEFAULT_BLOCK_SIZES),
+                   help="block drafters: block sizes to time (DFlash rows = drafts + 1)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype(),
                    help="weights (of a quantized base: scales, biases, norms) and the drafter "
@@ -113,7 +152,7 @@ def main() -> None:
                 results["skipped"].append({"shape": shape, "q_bits": q_bits, "reason": f"budget: {elapsed:.0f} s gone"})
                 continue
             print(f"[{elapsed:.0f} s] {shape} {f'{q_bits}-bit' if q_bits else 'unquantized'} ...", file=sys.stderr, flush=True)
-            r = measure(shape, q_bits, args.context, args.reps, args.dtype, parity_args)
+            r = measure(shape, q_bits, args.context, args.reps, args.dtype, parity_args, args.layers, args.block_sizes)
             print(json.dumps({k: v for k, v in r.items() if k != "parity"}), file=sys.stderr, flush=True)
             results["shapes"].append(r)
             mx.clear_cache()

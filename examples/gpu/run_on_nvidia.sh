@@ -13,9 +13,10 @@
 #    own time limit so the whole call stays under ~8 minutes (the device tool allows 10):
 #      OUT/parity_smollm2.{txt,json}  mlx_spec.doctor on SmolLM2 (real weights): verify rows vs one-token
 #                                     steps, strict off and on, the row-count-dependent ops, strict's cost
-#      OUT/shapes.json, shapes.log    random-weight E2B/E4B/26B-A4B/31B shapes, 4-bit then bf16: verify cost by
-#                                     k, drafter step cost, and the same parity probe (shapes not reached in
-#                                     the time budget are listed under "skipped")
+#      OUT/shapes.json, shapes.log    random-weight E2B/E4B/12B/26B-A4B/31B shapes, 4-bit then bf16: verify cost
+#                                     by k, MTP drafter step cost, block drafters' (DFlash 31B, DSpark 12B,
+#                                     DFlash-proportioned E2B) cost by block size, and the same parity probe
+#                                     (shapes not reached in the time budget are listed under "skipped")
 #      OUT/smollm2.{txt,json}         mlx_spec.bench: plain vs n-gram vs SmolLM2 as its own draft model
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -89,9 +90,9 @@ step() { local limit=$1; shift; echo "[$SECONDS s] $*" >&2; timeout "$limit" "$@
 # 1. parity on real weights first: cheap (135M), and the one real-weights answer
 step 75 $py -m mlx_spec.doctor --model "$gguf" --padding on --json "$out/parity_smollm2.json" > "$out/parity_smollm2.txt"
 cat "$out/parity_smollm2.txt" || true
-# 2. the published shapes with random weights, 4-bit then bf16 (TODO(lead): add 12b once shapes.py has it);
-#    measure_shapes starts no shape after --budget-s and rewrites shapes.json after each one
-step 280 $py examples/gpu/measure_shapes.py --shapes e2b,e4b,26b,31b --q-bits 4,0 --reps 3 --parity \
+# 2. the published shapes with random weights, 4-bit then bf16; measure_shapes starts no shape after
+#    --budget-s and rewrites shapes.json after each one
+step 280 $py examples/gpu/measure_shapes.py --shapes e2b,12b,e4b,26b,31b --q-bits 4,0 --reps 3 --parity \
     --budget-s 210 --out "$out/shapes.json" 2> "$out/shapes.log"
 tail -n 40 "$out/shapes.log" || true
 # 3. speculation with real weights: n-gram and SmolLM2 as its own draft model

@@ -7,7 +7,7 @@ the Proposer protocol; nothing of text, files or policies.
 """
 
 import time
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 import mlx.core as mx
 import numpy as np
@@ -79,6 +79,40 @@ def _time_draft(proposer, ctx: RoundContext, k: int, clock) -> float:
     return elapsed
 
 
+def _synthetic_context(model, proposer, context: int, max_rollback: int, rng, seed: int):
+    """(the base's forward as the engine calls it, its cache over history[:-1], the round's RoundContext)
+    for a random history of `context` tokens; a proposer that reads decoder-layer outputs has them for
+    history[:-1] too (the timed passes capture them but do not extend its context)."""
+    base = as_base(model)
+    layers = feature_layers(proposer) if proposer is not None else ()
+    forward = (lambda t, c: base.forward_layers(t, c, layers)) if layers else base.forward
+    history = rng.integers(4, vocab_size(model) or 256, size=max(context, 2)).tolist()
+    cache = base.make_cache(max_rollback)
+    out = forward(mx.array(history[:-1], mx.int32)[None], cache)  # cache holds history[:-1]
+    hidden = out[1][:, -1:] if out[1] is not None else None  # (1, 1, H) at the bonus token's predecessor
+    if layers:
+        proposer.start(history[:-1])
+        proposer.extend(out[2])
+        mx.eval([(c.keys, c.values) for c in proposer.context_cache])
+    mx.eval([(c.keys, c.values) for c in cache], *([hidden] if hidden is not None else []))
+    return forward, cache, RoundContext(history, len(history) - 1, hidden, cache, Sampler(SamplingParams(), seed))
+
+
+def measure_drafting(model, proposer, ks, *, context: int = DEFAULT_PROBE_CONTEXT, reps: int = DEFAULT_PROBE_REPS,
+                     seed: int = 0, clock: Callable[[], float] = time.perf_counter) -> Dict[int, float]:
+    """Seconds to propose k drafts for each k in `ks` (median of `reps` after a warm-up, less an empty host
+    sync): a drafter's cost by draft length (for a block drafter, by block size). A proposer that gives
+    fewer than k is timed at what it gives."""
+    forward, cache, ctx = _synthetic_context(model, proposer, context, 1, np.random.default_rng(seed), seed)
+    times = {k: [] for k in ks}
+    for rep in range(reps + 1):
+        for k in ks:
+            t = _time_draft(proposer, ctx, k, clock) - _time_sync(clock)
+            if rep:
+                times[k].append(max(0.0, t))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DEFAULT_PROBE_CONTEXT,
                   reps: Optional[int] = None, plain_steps: int = PROBE_PLAIN_STEPS, seed: int = 0,
                   budget_s: float = PROBE_BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> Costs:
@@ -87,27 +121,12 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
     fewer (at least MIN_PROBE_REPS) once `budget_s` seconds have gone; return medians as ratios to the
     plain step. Without a proposer the draft cost is 0. `clock` is what the seconds are read from."""
     reps = DEFAULT_PROBE_REPS if reps is None else reps
-    base = as_base(model)
-    vocab = vocab_size(model) or 256
-
-    # a proposer that reads decoder-layer outputs gets them from every base pass, as in the engine
-    layers = feature_layers(proposer) if proposer is not None else ()
-    forward = (lambda t, c: base.forward_layers(t, c, layers)) if layers else base.forward
-
     rng = np.random.default_rng(seed)
-    history = rng.integers(4, vocab, size=max(context, 2)).tolist()
-    cache = base.make_cache(max(plain_steps, k_max) + 1)
-    out = forward(mx.array(history[:-1], mx.int32)[None], cache)  # cache holds history[:-1]
-    hidden = out[1][:, -1:] if out[1] is not None else None  # (1, 1, H) at the bonus token's predecessor
-    if layers:  # its context then holds history[:-1] too; the timed passes below capture but do not extend it
-        proposer.start(history[:-1])
-        proposer.extend(out[2])
-        mx.eval([(c.keys, c.values) for c in proposer.context_cache])
-    mx.eval([(c.keys, c.values) for c in cache], *([hidden] if hidden is not None else []))
-    drafts = mx.array(rng.integers(4, vocab, size=k_max).tolist(), mx.int32)
+    forward, cache, ctx = _synthetic_context(model, proposer, context, max(plain_steps, k_max) + 1, rng, seed)
+    history = ctx.history
+    drafts = mx.array(rng.integers(4, vocab_size(model) or 256, size=k_max).tolist(), mx.int32)
     probe_ks = {k for k in PROBE_VERIFY_KS if k <= k_max} | {k_max}  # the largest is always measured
     draft_ks = [k for k in PROBE_DRAFT_KS if k <= k_max]
-    ctx = RoundContext(history, len(history) - 1, hidden, cache, Sampler(SamplingParams(), seed))
 
     plain, verify = [], [[] for _ in range(k_max + 1)]
     draft, sync = [[] for _ in draft_ks], []
