@@ -226,3 +226,42 @@ def test_a_shorter_block_is_its_own_input():
     assert draft.tokens.tolist() == want.tolist(), "k=2 drafts come from the 3-row block"
     assert proposer.propose(ctx, 50).k == drafter.max_drafts, "never more drafts than the native block gives"
     assert isinstance(make_proposer(base, drafter=pair("e2b", "dspark")[1]), DSparkProposer)
+
+
+@pytest.mark.parametrize("family", ["dflash", "dspark"])
+def test_seeded_coupled_sampling_is_plain_sampling_for_any_k(family):
+    """Drafts are drawn through the request's sampler at their own positions, so in the coupled mode a
+    seeded run gives plain sampling's tokens whatever the block size (DSpark's Markov chain included)."""
+    from mlx_spec.sampling import SamplingParams
+
+    base, drafter = pair("e2b", family)
+    sampling = SamplingParams(temp=0.9, top_k=20, acceptance="coupled")
+    plain, _ = run(base, PROMPTS["long"], sampling=sampling, seed=5, max_tokens=30)
+    for k in (1, 3, drafter.max_drafts):
+        spec, _ = run(base, PROMPTS["long"], make_proposer(base, drafter=drafter), k=k, sampling=sampling, seed=5,
+                      max_tokens=30)
+        assert spec == plain, f"{family} k={k}: coupled seeded output must be plain sampling's"
+
+
+def test_auto_sizes_the_block_with_the_cost_model():
+    """The policy's k is the block's drafts: with verification about free, auto grows the block while the
+    drafts are right (capped by the drafter's native block) and stays exact; with a drafter that never
+    agrees it turns drafting off (plain steps, the context still in step)."""
+    from mlx_spec.tuning.costs import Costs
+    from mlx_spec.tuning.policy import AutoDraftPolicy
+
+    base, drafter = pair("e2b", "dflash")
+    prompt = PROMPTS["long"]
+    plain, _ = run(base, prompt)
+    cheap = Costs(verify=[1.0 + 0.01 * k for k in range(9)], draft_fixed=0.05, draft_step=0.01, plain_step_s=1e-3)
+    right = Scripted(make_proposer(base, drafter=drafter), list(prompt) + plain, wrong_at=99)
+    eng = Engine(base, prompt, proposer=right, policy=AutoDraftPolicy(cheap), max_tokens=MAX_TOKENS)
+    assert [e.token for e in eng.run()] == plain
+    assert max(i + 1 for i, d in enumerate(eng.stats.drafted_by_position) if d) == drafter.max_drafts, \
+        "all-correct drafts: auto reaches the native block"
+    cpu = Costs(verify=[1.0 + 0.4 * k for k in range(9)], draft_fixed=0.2, draft_step=0.05, plain_step_s=1e-3)
+    wrong = make_proposer(base, drafter=drafter)  # random weights: accepts ~nothing
+    eng = Engine(base, prompt, proposer=wrong, policy=AutoDraftPolicy(cpu), max_tokens=MAX_TOKENS)
+    assert [e.token for e in eng.run()] == plain
+    assert eng.stats.plain_steps > MAX_TOKENS // 2, "a drafter that never agrees: auto decodes plainly"
+    assert_same_context(wrong.context_cache, fresh_context(base, drafter, eng.history), "auto-off")
