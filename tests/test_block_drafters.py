@@ -265,3 +265,26 @@ def test_auto_sizes_the_block_with_the_cost_model():
     assert [e.token for e in eng.run()] == plain
     assert eng.stats.plain_steps > MAX_TOKENS // 2, "a drafter that never agrees: auto decodes plainly"
     assert_same_context(wrong.context_cache, fresh_context(base, drafter, eng.history), "auto-off")
+
+
+def test_dspark_rejection_q_is_the_markov_conditional():
+    """Rejection sampling divides by the distribution each draft was drawn from: for DSpark that is row j's
+    logits plus the Markov bias of draft j-1 (the anchor for j = 0), filtered and tempered as the base's."""
+    from mlx_spec.proposers.base import RoundContext
+    from mlx_spec.sampling import Sampler, SamplingParams
+
+    base, drafter = pair("e2b", "dspark")
+    head = drafter.markov_head.markov_w2
+    head.weight = head.weight * 40  # a bias that matters
+    proposer = make_proposer(base, drafter=drafter)
+    history = PROMPTS["short"] + [11]
+    proposer.start(history[:-1])
+    proposer.extend(base.forward_layers(mx.array(history[:-1])[None], base.make_cache(), proposer.base_layers)[2])
+    sampler = Sampler(SamplingParams(temp=1.3, top_k=5, acceptance="rejection"), 7)
+    draft = proposer.propose(RoundContext(history, len(history) - 1, None, [], sampler), 4)
+    block = mx.array([[11] + [drafter.args.mask_token_id] * 3], mx.int32)
+    logits = drafter.block_logits(drafter.block_hidden(drafter.embed(block), proposer.context_cache)[0])
+    previous = [11] + draft.tokens.tolist()[:-1]
+    want = mx.stack([sampler.probs(logits[j] + drafter.markov_bias(mx.array([previous[j]]))[0]) for j in range(4)])
+    assert np.allclose(np.array(draft.probs), np.array(want), atol=1e-5), "q_j: the Markov conditional on d_{j-1}"
+    head.weight = head.weight / 40

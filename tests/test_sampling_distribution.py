@@ -89,3 +89,31 @@ def test_speculative_samples_have_the_plain_distribution(trained_pair, plain, pr
     spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule), make)
     stat, dof = two_sample_chi2(plain, spec)
     assert stat < chi2_bound(dof), f"{proposer}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"
+
+
+def _block_proposer(model, family):
+    """DFlash: the trained tiny drafter for this base; DSpark: random weights (its Markov chain draws each
+    draft from a distribution that depends on the previous draft: q_j is that conditional)."""
+    from conftest import TINY_CODE
+    from tiny_models import dspark_config, make_block_drafter
+
+    from mlx_spec import load_drafter
+    from mlx_spec.proposers import make_proposer
+
+    if family == "dflash":
+        drafter = load_drafter(str(TINY_CODE / "dflash"), model)
+    else:
+        drafter = make_block_drafter(dspark_config(model, block_size=3, markov_rank=8), seed=3)
+        head = drafter.markov_head.markov_w2
+        head.weight = head.weight * 40  # a bias that moves q (random weights give a negligible one)
+    return lambda: make_proposer(model, drafter=drafter)
+
+
+@pytest.mark.parametrize("family, rule", [("dflash", "rejection"), ("dflash", "coupled"), ("dspark", "rejection"),
+                                          ("dspark", "match")])
+def test_block_drafter_samples_have_the_plain_distribution(trained_pair, plain, family, rule):
+    model, tokenizer, _ = trained_pair
+    spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule),
+                   _block_proposer(model, family))
+    stat, dof = two_sample_chi2(plain, spec)
+    assert stat < chi2_bound(dof), f"{family}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"

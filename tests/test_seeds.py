@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import mlx.core as mx
 import pytest
 
 from conftest import ROOT, TINY_CODE
@@ -97,3 +98,17 @@ def test_the_command_prints_the_same_text_with_drafts_on_or_off():
     for extra in (["--drafter", assistant], ["--drafter", assistant, "--num-draft-tokens", "1"],
                   ["--drafter", assistant, "--num-draft-tokens", "auto"]):
         assert _cli(*extra) == plain, f"{extra}: the same seed prints the same text (another process too)"
+
+
+@pytest.mark.parametrize("temp, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (2.0, 3, 1.0), (1.0, 5, 0.9)])
+def test_a_drafts_q_is_the_normalized_distribution_it_was_drawn_from(temp, top_k, top_p):
+    """Rejection sampling divides by q(x) and subtracts q from p: q must sum to 1. The scores a draft is
+    drawn with are log-probabilities only up to a constant once tempered or filtered (exp(scores) summed
+    to 1.19 at temp 1.3, top-k 5), so q is their softmax: the base's own probs() for the same logits."""
+    from mlx_spec.sampling import Sampler
+
+    sampler = Sampler(SamplingParams(temp=temp, top_k=top_k, top_p=top_p, acceptance="rejection"), 3)
+    logits = mx.random.normal((64,), key=mx.random.key(1)) * 3
+    _, q = sampler.draft(logits, 10)
+    assert abs(float(q.sum()) - 1.0) < 1e-5, "q sums to 1"
+    assert mx.allclose(q, sampler.probs(logits), atol=1e-6), "q is the distribution the draft was drawn from"
