@@ -95,8 +95,9 @@ def measure(shape: str, q_bits: int, context: int, reps: int, dtype: str, parity
     start = time.perf_counter()
     base, drafter = random_pair(shape, dtype=DTYPES[dtype], q_bits=q_bits, layers=layers)
     built = time.perf_counter() - start
-    has_block = any(s == shape for s, _ in BLOCK_DRAFTER_SHAPES)
-    k_max = max(8, max(block_sizes) - 1) if has_block else 8
+    native = [d["block_size"] - (f == "dflash") for (s, f), d in BLOCK_DRAFTER_SHAPES.items() if s == shape]
+    has_block = bool(native)
+    k_max = max(8, min(max(block_sizes) - 1, max(native))) if has_block else 8  # verify the largest block too
     costs = measure_costs(base, MTPProposer(drafter, base), context=context, reps=reps, k_max=k_max)
     best = {k: round((k + 1) / costs.round_cost(k), 3) for k in range(1, costs.k_max + 1)}
     result = {"shape": shape, "q_bits": q_bits, "dtype": dtype, "context": context, "build_s": round(built, 1),
