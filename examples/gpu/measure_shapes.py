@@ -70,19 +70,20 @@ def parity(base, name: str, ks, tokens: int, cost_reps: int) -> dict:
 
 
 def block_drafters(shape: str, base, dtype: str, layers: int, block_sizes, context: int, reps: int,
-                   plain_step_s: float) -> dict:
+                   plain_step_s: float, q_bits: int = 0) -> dict:
     """family -> {drafts k: cost of proposing k drafts in plain steps}, for the block drafters published
-    for the shape (DSpark drafters at 8 bits, as their authors recommend)."""
+    for the shape, quantized to q_bits (0: DSpark at 8 bits, as its authors recommend, DFlash unquantized)."""
     out = {}
     for (s, family), d in BLOCK_DRAFTER_SHAPES.items():
         if s != shape:
             continue
-        drafter = random_block_drafter(shape, family, dtype=DTYPES[dtype], layers=layers,
-                                       q_bits=8 if family == "dspark" else 0)
+        bits = q_bits or (8 if family == "dspark" else 0)
+        drafter = random_block_drafter(shape, family, dtype=DTYPES[dtype], layers=layers, q_bits=bits)
         proposer = make_proposer(base, drafter=drafter)
         ks = sorted({min(b - 1 if family == "dflash" else b, drafter.max_drafts) for b in block_sizes} - {0})
         seconds = measure_drafting(base, proposer, ks, context=context, reps=reps)
-        out[family] = {"block_size": d["block_size"], "max_drafts": drafter.max_drafts,
+        out[family] = {"block_size": d["block_size"], "max_drafts": drafter.max_drafts, "q_bits": bits,
+                       "draft_ms": {k: round(t * 1e3, 2) for k, t in seconds.items()},
                        "draft_cost": {k: round(t / plain_step_s, 4) for k, t in seconds.items()}}
         print(f"  {family}: draft cost by drafts {out[family]['draft_cost']}", file=sys.stderr, flush=True)
         del drafter, proposer
@@ -91,7 +92,7 @@ def block_drafters(shape: str, base, dtype: str, layers: int, block_sizes, conte
 
 
 def measure(shape: str, q_bits: int, context: int, reps: int, dtype: str, parity_args=None, layers: int = 0,
-            block_sizes=DEFAULT_BLOCK_SIZES) -> dict:
+            block_sizes=DEFAULT_BLOCK_SIZES, block_q_bits: int = 0) -> dict:
     start = time.perf_counter()
     base, drafter = random_pair(shape, dtype=DTYPES[dtype], q_bits=q_bits, layers=layers)
     built = time.perf_counter() - start
@@ -109,7 +110,7 @@ def measure(shape: str, q_bits: int, context: int, reps: int, dtype: str, parity
     del drafter
     if has_block:
         result["block_drafters"] = block_drafters(shape, base, dtype, layers, block_sizes, context, reps,
-                                                  costs.plain_step_s)
+                                                  costs.plain_step_s, block_q_bits)
     if parity_args is not None:
         name = f"random {shape}, {f'{q_bits}-bit' if q_bits else 'unquantized'}"
         result["parity"] = parity(base, name, *parity_args)
@@ -129,6 +130,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=0, help="keep this many decoder layers (0: all)")
     p.add_argument("--block-sizes", type=int_list, default=list(DEFAULT_BLOCK_SIZES),
                    help="block drafters: block sizes to time (DFlash rows = drafts + 1)")
+    p.add_argument("--block-q-bits", type=int, default=0,
+                   help="quantize the block drafters to this many bits (0: DSpark 8, DFlash unquantized)")
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--dtype", choices=sorted(DTYPES), default=default_dtype(),
                    help="weights (of a quantized base: scales, biases, norms) and the drafter "
@@ -153,7 +156,8 @@ def main() -> None:
                 results["skipped"].append({"shape": shape, "q_bits": q_bits, "reason": f"budget: {elapsed:.0f} s gone"})
                 continue
             print(f"[{elapsed:.0f} s] {shape} {f'{q_bits}-bit' if q_bits else 'unquantized'} ...", file=sys.stderr, flush=True)
-            r = measure(shape, q_bits, args.context, args.reps, args.dtype, parity_args, args.layers, args.block_sizes)
+            r = measure(shape, q_bits, args.context, args.reps, args.dtype, parity_args, args.layers, args.block_sizes,
+                        args.block_q_bits)
             print(json.dumps({k: v for k, v in r.items() if k != "parity"}), file=sys.stderr, flush=True)
             results["shapes"].append(r)
             mx.clear_cache()
