@@ -5,7 +5,10 @@
 What it does, on the CPU in minutes:
 1. Data: windows of CPython's standard library (the source the base was trained on; its held-out
    prompts come from other packages, examples/measure/heldout.py), each continued greedily by the base, so
-   the text is what speculative greedy decoding will be asked to draft.
+   the text is what speculative greedy decoding will be asked to draft; and, for variety (the greedy
+   continuations repeat themselves, and 600 of them are learnt by heart within 500 steps), more windows
+   of the library's own text, labelled with the base's greedy choice at every position. The base's layer
+   outputs are captured once, while generating or labelling.
 2. A z-lab-layout DFlash drafter (models/gemma4_dflash.py) as wide as the base, reading three of its
    layers. Training follows DFlash: random anchors per sequence; the block [x_a, mask, ...] at positions
    a.. attends to the base's features before a and to its own rows; row j learns the token at a+j, the
@@ -56,20 +59,35 @@ def drafter_config(base, block_size: int, layers: int, intermediate: int) -> dic
 
 # --- data -----------------------------------------------------------------------------------------
 
-def prompts(tokenizer, n: int, seed: int):
+def windows(tokenizer, n: int, length: int, seed: int):
+    """n random windows of `length` tokens of the standard library's source."""
     files = sorted(p for p in STDLIB.rglob("*.py") if not {"test", "tests", "idlelib"} & set(p.parts))
     rng = np.random.default_rng(seed)
     streams = []
     for p in files:
         ids = tokenizer.encode(p.read_text(errors="replace"))
-        if len(ids) > PROMPT + 1:
+        if len(ids) > length + 1:
             streams.append(ids)
     out = []
     while len(out) < n:
         ids = streams[rng.integers(len(streams))]
-        s = int(rng.integers(0, len(ids) - PROMPT))
-        out.append(ids[s : s + PROMPT])
+        s = int(rng.integers(0, len(ids) - length))
+        out.append(ids[s : s + length])
     return np.array(out, np.int32)
+
+
+def label_windows(base, ids: np.ndarray, layers, batch: int = 16):
+    """(labels (N, LENGTH): the base's greedy choice for each position given the text before it (the token
+    itself at position 0), features (N, LENGTH, n*H) float16) for windows of text."""
+    labels, features = [], []
+    for s in range(0, len(ids), batch):
+        x = mx.array(ids[s : s + batch])
+        logits, _, f = base.forward_layers(x, base.make_cache(), layers)
+        choice = mx.argmax(logits[:, :-1], axis=-1).astype(mx.int32)
+        labels.append(np.array(mx.concatenate([x[:, :1], choice], axis=1)))
+        features.append(np.array(f.astype(mx.float16)))
+        print(f"  labelled {s + len(labels[-1])}/{len(ids)}", file=sys.stderr, flush=True)
+    return np.concatenate(labels), np.concatenate(features)
 
 
 def greedy_continue(base, prompt_ids: np.ndarray, layers, batch: int = 64):
@@ -158,14 +176,13 @@ def sample_blocks(rng, B: int, N: int, block: int):
     return mx.array(anchors, mx.int32), mx.array(lengths, mx.int32)
 
 
-def loss_fn(drafter, base, features, tokens, anchors, lengths, block, head_t=None):
-    """Cross-entropy of each present row j >= 1 against the token at a+j (the data is the base's greedy
-    output, so that is the base's argmax there), rows weighted towards the first drafts; and top-1
-    agreement by row."""
+def loss_fn(drafter, base, features, tokens, labels, anchors, lengths, block, head_t=None):
+    """Cross-entropy of each present row j >= 1 against labels[a+j], the base's greedy choice there, rows
+    weighted towards the first drafts; and top-1 agreement by row."""
     logits = block_logits(drafter, base, features.astype(mx.float32), tokens, anchors, lengths, block, head_t)
     B, N = anchors.shape
     j = mx.arange(1, block)
-    labels = mx.take_along_axis(tokens, (anchors[:, :, None] + j).reshape(B, -1), axis=1).reshape(B, N, -1)
+    labels = mx.take_along_axis(labels, (anchors[:, :, None] + j).reshape(B, -1), axis=1).reshape(B, N, -1)
     ce = nn.losses.cross_entropy(logits.astype(mx.float32), labels)  # (B, N, S-1)
     present = j[None, None] < lengths[:, :, None]
     w = mx.exp(-(j - 1) / GAMMA)[None, None] * present
@@ -191,7 +208,8 @@ def check_against_inference(drafter, base, layers, tokens: np.ndarray, block: in
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
-    p.add_argument("--sequences", type=int, default=2048)
+    p.add_argument("--sequences", type=int, default=640, help="greedy continuations of library windows")
+    p.add_argument("--text-windows", type=int, default=2048, help="windows of library text, labelled by the base")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--anchors", type=int, default=16)
@@ -216,12 +234,27 @@ def main():
         tokens, features = np.load(args.data + ".tokens.npy"), np.load(args.data + ".features.npy")
     else:
         t0 = time.perf_counter()
-        tokens, features = greedy_continue(base, prompts(tokenizer, args.sequences, args.seed), layers)
+        tokens, features = greedy_continue(base, windows(tokenizer, args.sequences, PROMPT, args.seed), layers)
         print(f"data: {tokens.shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         if args.data:
             np.save(args.data + ".tokens.npy", tokens)
             np.save(args.data + ".features.npy", features)
-    n_held = max(16, len(tokens) // 32)
+    labels = tokens  # greedy continuations: the next token is the base's choice
+    if args.text_windows:
+        real = args.data + f".text{args.text_windows}" if args.data else None
+        if real and Path(real + ".tokens.npy").exists():
+            text, text_labels, text_features = (np.load(real + f".{k}.npy") for k in ("tokens", "labels", "features"))
+        else:
+            t0 = time.perf_counter()
+            text = windows(tokenizer, args.text_windows, LENGTH, args.seed + 1)
+            text_labels, text_features = label_windows(base, text, layers)
+            print(f"text: {text.shape} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+            if real:
+                for k, v in (("tokens", text), ("labels", text_labels), ("features", text_features)):
+                    np.save(real + f".{k}.npy", v)
+        tokens, labels = np.concatenate([tokens, text]), np.concatenate([labels, text_labels])
+        features = np.concatenate([features, text_features])
+    n_held = max(16, args.sequences // 32)  # held out: greedy continuations, what decoding will ask for
 
     steps, warm = args.steps, max(1, args.steps // 20)
     schedule = lambda s: args.lr * mx.minimum(1.0, (s + 1) / warm) * 0.5 * (1 + mx.cos(math.pi * mx.minimum(1.0, s / steps)))  # noqa: E731
@@ -232,13 +265,14 @@ def main():
 
     rng = np.random.default_rng(args.seed)
     held_blocks = sample_blocks(np.random.default_rng(1), 16, args.anchors, args.block_size)
-    held = (mx.array(features[:16]), mx.array(tokens[:16]), held_blocks[0],
+    held = (mx.array(features[:16]), mx.array(tokens[:16]), mx.array(labels[:16]), held_blocks[0],
             mx.full(held_blocks[1].shape, args.block_size, mx.int32))
     t0 = time.perf_counter()
     for step in range(steps):
         rows = rng.integers(n_held, len(tokens), size=args.batch)
         anchors, lengths = sample_blocks(rng, args.batch, args.anchors, args.block_size)
-        loss, grads = loss_and_grad(drafter, mx.array(features[rows]), mx.array(tokens[rows]), anchors, lengths)
+        loss, grads = loss_and_grad(drafter, mx.array(features[rows]), mx.array(tokens[rows]), mx.array(labels[rows]),
+                                    anchors, lengths)
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         opt.update(drafter, grads)  # (mx.compile of the step measured no faster here: matmul-bound)
         mx.eval(drafter.parameters(), opt.state, loss)
