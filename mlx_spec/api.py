@@ -7,7 +7,7 @@ default is stateless and silent: a fixed k, and a fresh seed per call unless one
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
 from .errors import MlxSpecError, PairingError
@@ -30,13 +30,17 @@ Prompt = Union[str, List[int]]
 @dataclass
 class GenerationResponse:
     """One streamed step. `text` is the new text segment (may be empty mid-character); `from_draft` says
-    whether the token was a draft the base accepted (False for the base's own bonus token)."""
+    whether the token was a draft the base accepted (False for the base's own bonus token). With
+    `logprobs=N`: `logprob` is log p(token) under the base model (temperature 1, after logits processors)
+    and `top_logprobs` the N most likely [(token id, log p)], best first; None otherwise."""
 
     text: str
     token: int
     from_draft: bool
     stats: GenerationStats
     finish_reason: Optional[str] = None
+    logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
     # mlx-lm's GenerationResponse field names, so code written for it keeps working
     @property
@@ -129,7 +133,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                     num_draft_tokens: Union[int, str, DraftPolicy] = DEFAULT_NUM_DRAFT_TOKENS,
                     tuner: Optional[AutoTuner] = None, logits_processors: Sequence = (),
                     prompt_cache: Optional[list] = None, should_stop: Optional[Callable[[], bool]] = None,
-                    strict: bool = False) -> Iterator[GenerationResponse]:
+                    strict: bool = False, logprobs: int = 0) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
 
     Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
@@ -147,6 +151,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     whose kernels change with the row count: every decode pass runs at STRICT_ROWS rows. Where this
     device computes rows alike (the op check says so; MLX's CPU backend does), it changes nothing and costs
     nothing. `r.stats.strict_rows` says which (0: no padding).
+
+    `logprobs=N` (N >= 1) fills each response's `logprob` and `top_logprobs` (N alternatives) from the base
+    model's distribution, the same with drafting on or off; computed only when asked.
     """
     ids = encode_prompt(tokenizer, prompt)
     sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
@@ -157,7 +164,7 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     rows = strict_rows(model, policy) if strict else None
     eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, seed=seed,
                  max_tokens=max_tokens, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows)
+                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows, logprobs=logprobs)
     eng.stats.strict = strict
     eng.stats.strict_rows = rows or 0
     detok = tokenizer.detokenizer
@@ -170,7 +177,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                 detok.add_token(ev.token)
                 if ev.finish_reason:
                     detok.finalize()
-            yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason)
+            yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason,
+                                     ev.logprob, ev.top_logprobs)
 
 
 def strict_rows(model, policy: Optional[DraftPolicy]) -> Optional[int]:
