@@ -30,9 +30,10 @@ class Conversations:
 
     def turn(self, ids: List[int], *, sampling: SamplingParams, max_tokens: int, seed: Optional[int] = None,
              num_draft_tokens: Union[int, str] = 3, drafting: bool = True,
-             should_stop: Optional[Callable[[], bool]] = None, strict: bool = False) -> "Turn":
+             should_stop: Optional[Callable[[], bool]] = None, strict: bool = False, logprobs: int = 0) -> "Turn":
         return Turn(self, ids, sampling=sampling, max_tokens=max_tokens, seed=seed, num_draft_tokens=num_draft_tokens,
-                    drafting=drafting and self.proposer is not None, should_stop=should_stop, strict=strict)
+                    drafting=drafting and self.proposer is not None, should_stop=should_stop, strict=strict,
+                    logprobs=logprobs)
 
 
 class Turn:
@@ -40,10 +41,10 @@ class Turn:
     slot), `received` (token ids handed out), `stats`, `finish_reason` (None when stopped early)."""
 
     def __init__(self, owner: Conversations, ids: List[int], *, sampling, max_tokens, seed, num_draft_tokens,
-                 drafting, should_stop, strict):
+                 drafting, should_stop, strict, logprobs=0):
         self.owner, self.ids = owner, list(ids)
         self.settings = dict(sampling=sampling, max_tokens=max_tokens, seed=seed, num_draft_tokens=num_draft_tokens,
-                             should_stop=should_stop, strict=strict)
+                             should_stop=should_stop, strict=strict, logprobs=logprobs)
         self.drafting = drafting
         self.reused = 0
         self.received: List[int] = []

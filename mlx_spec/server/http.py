@@ -1,16 +1,23 @@
 """HTTP: standard-library handler threads parse and validate requests, queue them for the worker, and write
 out what it produces (JSON, or server-sent events when streaming); a client that goes away cancels its
 request, queued or running. `Server` is the HTTP server plus the worker.
+
+What a client cannot do: hold a connection without sending its request (each read waits at most
+--request-timeout, and the whole request must arrive within it: a 408 or a closed connection), hold more
+than --max-connections at once (beyond them a 503 with Retry-After, answered by the accepting thread, with
+no handler thread), or make the server fail on malformed JSON (too deep, too long a number: a 400).
 """
 
 import json
 import queue
 import select
 import socket
+import threading
 import time
 import uuid
+from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Optional
+from typing import List, Optional
 
 from ..cli import DEFAULT_MAX_TOKENS, DEFAULT_NUM_DRAFT_TOKENS
 from ..models.base import context_length
@@ -18,13 +25,18 @@ from ..proposers.base import Proposer
 from ..sampling import SamplingParams
 from ..tuning.tuner import AutoTuner
 from .requests import GenerationRequest, RequestDefaults, RequestError, parse_request
-from .worker import Job, JobResult, Worker, _log
+from .worker import Job, JobResult, TokenLogprob, Worker, _log
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
+DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a request to arrive, and for each write to a client to go out
+DEFAULT_MAX_CONNECTIONS = 64
 POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) at most this much of a refused body, so the client sees the 413
+RETRY_AFTER_S = 1  # what a 503 (connection limit) tells the client
+REFUSED_LINGER_S = 1.0  # a refused connection stays open this long, so the client can read its 503
+MAX_LINGERING = 256  # refused connections held at once for that; beyond, the oldest is closed at once
 
 
 class ClientGone(Exception):
@@ -38,6 +50,10 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         if self.server.access_log is not None:
             _log(self.server.access_log, f"{self.address_string()} - {format % args}")
+
+    def setup(self):
+        self.timeout = self.server.request_timeout  # StreamRequestHandler sets it on the socket: every read and write
+        super().setup()
 
     # -- plumbing
     def _send_json(self, status: int, obj: dict) -> None:
@@ -53,14 +69,16 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(e.status, e.body())
 
     def _client_gone(self) -> bool:
-        """The client closed its end (readable with nothing to read), checked without blocking."""
+        """The client closed its end (readable with nothing to read), checked without blocking. Polled first:
+        on a socket with a timeout, recv waits for data however it is flagged."""
         try:
-            if hasattr(socket, "MSG_DONTWAIT"):  # no fd-number limit, unlike select (the socket has no timeout)
-                return self.connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except BlockingIOError:
-            return False  # nothing to read: still connected
+            if hasattr(select, "poll"):  # no fd-number limit, unlike select
+                poller = select.poll()
+                poller.register(self.connection, select.POLLIN)
+                readable = bool(poller.poll(0))
+            else:
+                readable = bool(select.select([self.connection], [], [], 0)[0])
+            return readable and self.connection.recv(1, socket.MSG_PEEK) == b""
         except (OSError, ValueError):
             return True
 
@@ -84,6 +102,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes
     def do_GET(self):
+        self.server.request_arrived(self.connection)
         path = self.path.split("?")[0].rstrip("/")
         if path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [self.server.model_card()]})
@@ -107,6 +126,8 @@ class Handler(BaseHTTPRequestHandler):
         except RequestError as e:
             self._send_error(e)
             return
+        finally:
+            self.server.request_arrived(self.connection)
         self._generate(req)
 
     def _read_json(self):
@@ -126,11 +147,22 @@ class Handler(BaseHTTPRequestHandler):
                                           "(--max-request-bytes)", status=413))
             self._drain(length)
             raise _AlreadyAnswered
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except (TimeoutError, ConnectionError):
+            raw = b""
+        if len(raw) < length:  # the client stopped sending, or --request-timeout ran out
+            self.close_connection = True
+            late = time.monotonic() - self._started >= self.server.request_timeout - POLL_S
+            raise RequestError(f"the request body stopped at {len(raw)} of {length} bytes (Content-Length)"
+                               + (f" for {self.server.request_timeout:g} s (--request-timeout)" if late else ""),
+                               status=408 if late else 400)
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(f"the request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise RequestError("the request body is nested too deeply") from None
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a number over Python's digit limit
+            raise RequestError(f"the request body is not valid JSON: {str(e)[:200]}") from None
 
     def _drain(self, length: int) -> None:
         """Read and drop a refused body (bounded), so that closing does not reset the connection under the 413."""
@@ -146,12 +178,16 @@ class Handler(BaseHTTPRequestHandler):
             pass
 
     def handle_one_request(self):
+        self._started = time.monotonic()
+        self.server.request_expected(self.connection)  # the whole request must arrive within --request-timeout
         try:
             super().handle_one_request()
         except _AlreadyAnswered:
             self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # BrokenPipe, ConnectionReset, a write that timed out: nobody to answer
             self.close_connection = True
+        finally:
+            self.server.request_arrived(self.connection)
 
     def _generate(self, req: GenerationRequest) -> None:
         job = Job(req)
@@ -173,16 +209,18 @@ class Handler(BaseHTTPRequestHandler):
             job.cancelled.set()  # no-op when done; stops the worker when the client went away
 
     def _complete(self, req: GenerationRequest, job: Job, prompt_tokens: int) -> None:
-        text = []
+        text, logprobs = [], []
         while True:
             kind, value = self._next_event(job)
             if kind == "text":
                 text.append(value)
+            elif kind == "logprobs":
+                logprobs += value
             elif kind == "error":
                 self._send_error(value)
                 return
             elif kind == "done":
-                self._send_json(200, self.server.response(req, "".join(text), value))
+                self._send_json(200, self.server.response(req, "".join(text), value, logprobs))
                 return
 
     def _stream(self, req: GenerationRequest, job: Job) -> None:
@@ -196,23 +234,32 @@ class Handler(BaseHTTPRequestHandler):
         ident, created = srv.new_id(req), int(time.time())
         if req.kind == "chat":
             self._sse(srv.chunk(req, ident, created, {"role": "assistant", "content": ""}))
-        pending = None
+        pending, offset = None, 0
         while True:
             kind, value = pending or self._next_event(job)
             pending = None
-            if kind == "text":
-                pieces = [value]
+            if kind in ("text", "logprobs"):
+                pieces, logprobs = [], []
                 while True:  # a verify round emits several tokens at once: send them as one chunk
+                    if kind == "text":
+                        pieces.append(value)
+                    elif kind == "logprobs":  # the text event that releases these tokens comes right after
+                        logprobs += value
+                        kind, value = self._next_event(job)
+                        continue
+                    else:
+                        pending = (kind, value)
+                        break
                     try:
-                        more = job.events.get_nowait()
+                        kind, value = job.events.get_nowait()
                     except queue.Empty:
                         break
-                    if more[0] != "text":
-                        pending = more
-                        break
-                    pieces.append(more[1])
                 text = "".join(pieces)
-                self._sse(srv.chunk(req, ident, created, {"content": text} if req.kind == "chat" else text))
+                if not text and not logprobs:
+                    continue
+                self._sse(srv.chunk(req, ident, created, {"content": text} if req.kind == "chat" else text,
+                                    logprobs=srv.logprobs(req, logprobs, offset)))
+                offset += len(text)
             elif kind == "error":
                 self._sse(value.body())
                 break
@@ -239,15 +286,27 @@ class Server(ThreadingHTTPServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: connections past --max-connections still get their 503
 
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, host: str = DEFAULT_HOST,
                  port: int = DEFAULT_PORT, model_name: str = "default", max_tokens: int = DEFAULT_MAX_TOKENS,
                  max_context: Optional[int] = None, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
                  num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True,
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
-                 prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False):
+                 prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False,
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+        if not request_timeout > 0:
+            raise ValueError(f"request_timeout must be > 0, got {request_timeout}")
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
+        self.request_timeout, self.max_connections = request_timeout, max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._lock = threading.Lock()
+        self._deadlines = {}  # socket -> when its request must have arrived
+        self._lingering: deque = deque()  # (close at, socket) of refused connections
+        self.refused = 0  # connections answered 503 (tests and logs read it)
         self.access_log = access_log
         self.created = int(time.time())
         self.defaults = RequestDefaults(sampling.validate(), draft_by_default and proposer is not None,
@@ -264,8 +323,79 @@ class Server(ThreadingHTTPServer):
         """Stop serving and join the worker: an MLX thread still running at interpreter exit aborts the process."""
         self.shutdown()
         self.server_close()
+        self._close_lingering(everything=True)
         self.worker.stop()
         self.worker.join(timeout=60)
+
+    # -- connections: a bounded number, each with a deadline for its request
+    def process_request(self, request, client_address):
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # a handler thread
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, sock) -> None:
+        """503 on the accepting thread: never blocks (non-blocking send of a small response), and the socket
+        is closed by service_actions once the client had time to read it."""
+        body = json.dumps(RequestError(f"the server is at its limit of {self.max_connections} connections "
+                                       "(--max-connections); retry shortly", status=503).body()).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {RETRY_AFTER_S}\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        self.refused += 1
+        try:
+            sock.setblocking(False)
+            sock.send(head + body)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self._lingering.append((time.monotonic() + REFUSED_LINGER_S, sock))
+        self._close_lingering()
+
+    def _close_lingering(self, everything: bool = False) -> None:
+        now = time.monotonic()
+        while self._lingering and (everything or self._lingering[0][0] <= now or len(self._lingering) > MAX_LINGERING):
+            _, sock = self._lingering.popleft()
+            try:  # read what the client sent (bounded), so closing sends FIN, not a reset that may eat the 503
+                for _ in range(16):
+                    if not sock.recv(1 << 16):
+                        break
+            except OSError:
+                pass
+            sock.close()
+
+    def request_expected(self, sock) -> None:
+        with self._lock:
+            self._deadlines[sock] = time.monotonic() + self.request_timeout
+
+    def request_arrived(self, sock) -> None:
+        with self._lock:
+            self._deadlines.pop(sock, None)
+
+    def service_actions(self) -> None:
+        """Called by serve_forever between accepts (every poll interval): connections whose request did not
+        arrive in time stop being read (their handler sees the end of the input and answers 408 or closes),
+        and refused connections are closed."""
+        now = time.monotonic()
+        with self._lock:
+            late = [sock for sock, deadline in self._deadlines.items() if deadline <= now]
+            for sock in late:
+                del self._deadlines[sock]
+        for sock in late:
+            try:
+                sock.shutdown(socket.SHUT_RD)
+            except OSError:
+                pass
+        self._close_lingering()
 
     # -- response bodies (OpenAI schema + "speculative")
     def model_card(self) -> dict:
@@ -281,21 +411,41 @@ class Server(ThreadingHTTPServer):
                           "prompt_tokens_details": {"cached_tokens": result.cached_tokens}},
                 "speculative": result.speculative}
 
-    def response(self, req: GenerationRequest, text: str, result: JobResult) -> dict:
+    def response(self, req: GenerationRequest, text: str, result: JobResult,
+                 logprobs: Optional[List[TokenLogprob]] = None) -> dict:
+        lp = self.logprobs(req, logprobs or [], 0)
         if req.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": result.finish_reason}
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": result.finish_reason}
         body = {"id": self.new_id(req), "object": "chat.completion" if req.kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": [choice]}
         body.update(self.usage(result))
         return body
 
-    def chunk(self, req: GenerationRequest, ident: str, created: int, delta, finish_reason=None) -> dict:
+    def chunk(self, req: GenerationRequest, ident: str, created: int, delta, finish_reason=None,
+              logprobs: Optional[dict] = None) -> dict:
         if req.kind == "chat":
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": delta, "logprobs": logprobs, "finish_reason": finish_reason}
         return {"id": ident, "object": "chat.completion.chunk" if req.kind == "chat" else "text_completion",
                 "created": created, "model": self.model_name, "choices": [choice]}
+
+    @staticmethod
+    def logprobs(req: GenerationRequest, tokens: List[TokenLogprob], offset: int) -> Optional[dict]:
+        """OpenAI's logprobs object for these tokens (None when the request did not ask): chat's
+        {"content": [...]}, or the completions API's parallel lists; `offset`: characters of text before."""
+        if req.logprobs is None:
+            return None
+        if req.kind == "chat":
+            return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
+                                 "top_logprobs": [{"token": s, "logprob": v, "bytes": b} for s, b, v in t.top]}
+                                for t in tokens]}
+        offsets = []
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t.token)
+        return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [{s: v for s, _, v in t.top} for t in tokens], "text_offset": offsets}
