@@ -101,8 +101,28 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     # -- routes
+    def _late(self) -> bool:
+        """This request took --request-timeout to arrive (the deadline cut it off, or it is about to)."""
+        return time.monotonic() - self._started >= self.server.request_timeout - POLL_S
+
+    def _timed_out(self, what: str) -> RequestError:
+        self.close_connection = True
+        return RequestError(f"{what} did not arrive within {self.server.request_timeout:g} s (--request-timeout)",
+                            status=408)
+
+    def parse_request(self):
+        if self._late():  # the deadline cut the request line off: answer as HTTP/1.0 (a cut line has no version)
+            self.command, self.request_version, self.close_connection = None, "HTTP/1.0", True
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")[:200]
+            self._send_error(self._timed_out("the request"))
+            return False
+        return super().parse_request()
+
     def do_GET(self):
         self.server.request_arrived(self.connection)
+        if self._late():  # its headers were cut off at the deadline
+            self._send_error(self._timed_out("the request"))
+            return
         path = self.path.split("?")[0].rstrip("/")
         if path == "/v1/models":
             self._send_json(200, {"object": "list", "data": [self.server.model_card()]})
@@ -118,9 +138,12 @@ class Handler(BaseHTTPRequestHandler):
         kind = {"/v1/chat/completions": "chat", "/chat/completions": "chat", "/v1/completions": "text",
                 "/completions": "text"}.get(path)
         if kind is None:
+            self.server.request_arrived(self.connection)
             self._send_error(RequestError(f"no such endpoint: POST {path}", status=404))
             return
         try:
+            if self._late():
+                raise self._timed_out("the request")
             body = self._read_json()
             req = parse_request(body, kind, self.server.defaults)
         except RequestError as e:
@@ -153,10 +176,9 @@ class Handler(BaseHTTPRequestHandler):
             raw = b""
         if len(raw) < length:  # the client stopped sending, or --request-timeout ran out
             self.close_connection = True
-            late = time.monotonic() - self._started >= self.server.request_timeout - POLL_S
-            raise RequestError(f"the request body stopped at {len(raw)} of {length} bytes (Content-Length)"
-                               + (f" for {self.server.request_timeout:g} s (--request-timeout)" if late else ""),
-                               status=408 if late else 400)
+            if self._late():
+                raise self._timed_out(f"the request body ({len(raw)} of {length} bytes, Content-Length)")
+            raise RequestError(f"the request body ended at {len(raw)} of {length} bytes (Content-Length)")
         try:
             return json.loads(raw)
         except RecursionError:
