@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional
 
 from .api import GenerationResponse, encode_prompt
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
-                  load_models, make_tuner, print_stats, run, sampling_params)
+                  load_models, make_tuner, print_stats, run, sampling_params, tolerate_stdin, valid_text)
 from .conversation import Conversations
 from .errors import MlxSpecError
 from .models.base import context_length
@@ -194,14 +194,14 @@ class ChatUI:
         print(line, file=self.err, flush=True)
 
     def read(self) -> Optional[str]:
-        """The next line, or None at end of input."""
+        """The next line, or None at end of input (bytes that are not UTF-8 replaced, with a warning)."""
         if self.interactive:
             try:
-                return input(PROMPT)
+                return valid_text(input(PROMPT), "this line")
             except EOFError:
                 return None
         line = self.stdin.readline()
-        return line.rstrip("\r\n") if line else None
+        return valid_text(line.rstrip("\r\n"), "this line") if line else None
 
     def loop(self) -> int:
         if self.interactive:
@@ -322,8 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main_args(args) -> int:
     sampling = sampling_params(args)
     check_length_args(args)
+    system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
+    tolerate_stdin()
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # /draft on can use it after --no-draft
-    session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=args.system_prompt,
+    session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=system,
                           max_tokens=args.max_tokens, max_context=args.max_context, sampling=sampling, seed=args.seed,
                           num_draft_tokens=args.num_draft_tokens, drafting=not args.no_draft, tuner=make_tuner(args),
                           strict=args.strict)

@@ -2,15 +2,21 @@
 
     mlx_spec.generate --model M [--drafter D | --draft-model M2 | --ngram [N]] --prompt P
                       [--max-tokens N] [--temp T] [--seed S] [--num-draft-tokens K|auto] [--no-draft]
+                      [--max-context N]
+
+The context (the model's max_position_embeddings, or --max-context) bounds prompt + output, as llama.cpp
+does: a prompt that fills it is refused with one line; otherwise --max-tokens is cut to what fits, with a
+note on stderr.
 """
 
 import argparse
 import sys
 
-from .api import generate, stream_generate  # noqa: F401  (re-exported: `from mlx_spec import generate`)
+from .api import encode_prompt, generate, stream_generate  # noqa: F401  (`from mlx_spec import generate`)
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, format_prompt, load_models,
-                  make_tuner, print_stats, run, sampling_params)
+                  make_tuner, print_stats, read_stdin, run, sampling_params, valid_text)
 from .errors import MlxSpecError
+from .models.base import context_length
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", "-p", default="-", help="prompt text, or '-' to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="most prompt + generated tokens (default: the model's max_position_embeddings)")
     p.add_argument("--system-prompt", default=None, help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
     add_sampling_args(p)
@@ -28,11 +36,17 @@ def main_args(args) -> int:
     sampling = sampling_params(args)
     if args.max_tokens < 0:
         raise MlxSpecError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.max_context is not None and args.max_context < 2:
+        raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+    prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
+    system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
     model, tokenizer, proposer = load_models(args)
-    text = format_prompt(tokenizer, prompt.replace("\\n", "\n"), args.system_prompt, not args.ignore_chat_template)
+    text = format_prompt(tokenizer, prompt.replace("\\n", "\n"), system, not args.ignore_chat_template)
+    ids = encode_prompt(tokenizer, text)
+    max_tokens = fit_context(len(ids), args.max_tokens, args.max_context or context_length(model),
+                             "--max-context" if args.max_context else "the model's max_position_embeddings")
     last = None
-    for r in stream_generate(model, tokenizer, text, proposer=proposer, max_tokens=args.max_tokens, sampling=sampling,
+    for r in stream_generate(model, tokenizer, ids, proposer=proposer, max_tokens=max_tokens, sampling=sampling,
                              seed=args.seed, num_draft_tokens=args.num_draft_tokens, tuner=make_tuner(args),
                              strict=args.strict):
         sys.stdout.write(r.text)
@@ -42,6 +56,22 @@ def main_args(args) -> int:
     if last is not None:
         print_stats(last.stats, drafting=proposer is not None)
     return 0
+
+
+def fit_context(n_prompt: int, max_tokens: int, context, source: str) -> int:
+    """--max-tokens cut to what fits the context after the prompt (with a note); a prompt that leaves no
+    room is an error. Past the context the model runs on positions it was never trained on."""
+    if not context or max_tokens == 0:
+        return max_tokens
+    room = context - n_prompt
+    if room <= 0:
+        raise MlxSpecError(f"the prompt is {n_prompt} tokens and the context holds {context} ({source}): no room to "
+                           "generate; shorten the prompt")
+    if max_tokens > room:
+        print(f"note: the prompt is {n_prompt} tokens and the context holds {context} ({source}), so at most {room} "
+              f"of --max-tokens {max_tokens} are generated", file=sys.stderr)
+        return room
+    return max_tokens
 
 
 def main(argv=None) -> int:
