@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_weights, read_config, read_weights, unwrap_language_model, weight_files
+from .checkpoint import check_dtypes, check_weights, read_config, read_weights, unwrap_language_model, weight_files
 from .errors import ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
@@ -96,8 +96,9 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     weights = cast_weights(weights, dtype)
     if config.get("quantization"):
         _quantize_like_checkpoint(model, config, weights)
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights(expected, weights, source)
+    params = dict(tree_flatten(model.parameters()))
+    check_weights({k: v.shape for k, v in params.items()}, weights, source)
+    check_dtypes({k: v.dtype for k, v in params.items()}, weights, source)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:
