@@ -10,8 +10,8 @@ from ..cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampl
                    load_models, run, sampling_params)
 from ..errors import MlxSpecError
 from ..loading import is_hub_id
-from .http import (DEFAULT_HOST, DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT,
-                   DEFAULT_REQUEST_TIMEOUT, Server)
+from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
+from .http import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server
 
 
 def build_parser() -> argparse.ArgumentParser:

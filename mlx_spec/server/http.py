@@ -4,18 +4,16 @@ request, queued or running. `Server` is the HTTP server plus the worker.
 
 What a client cannot do: hold a connection without sending its request (each read waits at most
 --request-timeout, and the whole request must arrive within it: a 408 or a closed connection), hold more
-than --max-connections at once (beyond them a 503 with Retry-After, answered by the accepting thread, with
-no handler thread), or make the server fail on malformed JSON (too deep, too long a number: a 400).
+than --max-connections at once (connections.py: beyond them a 503 with Retry-After), or make the server
+fail on malformed JSON (too deep, too long a number: a 400).
 """
 
 import json
 import queue
 import select
 import socket
-import threading
 import time
 import uuid
-from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
 
@@ -24,19 +22,15 @@ from ..models.base import context_length
 from ..proposers.base import Proposer
 from ..sampling import SamplingParams
 from ..tuning.tuner import AutoTuner
+from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, ConnectionGuard
 from .requests import GenerationRequest, RequestDefaults, RequestError, parse_request
 from .worker import Job, JobResult, TokenLogprob, Worker, _log
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
-DEFAULT_REQUEST_TIMEOUT = 30.0  # seconds for a request to arrive, and for each write to a client to go out
-DEFAULT_MAX_CONNECTIONS = 64
 POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) at most this much of a refused body, so the client sees the 413
-RETRY_AFTER_S = 1  # what a 503 (connection limit) tells the client
-REFUSED_LINGER_S = 1.0  # a refused connection stays open this long, so the client can read its 503
-MAX_LINGERING = 256  # refused connections held at once for that; beyond, the oldest is closed at once
 
 
 class ClientGone(Exception):
@@ -303,12 +297,11 @@ class _AlreadyAnswered(Exception):
     """The handler has sent its answer already (a refused body); nothing more to do."""
 
 
-class Server(ThreadingHTTPServer):
+class Server(ConnectionGuard, ThreadingHTTPServer):
     """The HTTP server plus the generation worker; `serve_forever()` in any thread, `close()` to stop."""
 
     daemon_threads = True
     allow_reuse_address = True
-    request_queue_size = 128  # the listen backlog: connections past --max-connections still get their 503
 
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, host: str = DEFAULT_HOST,
                  port: int = DEFAULT_PORT, model_name: str = "default", max_tokens: int = DEFAULT_MAX_TOKENS,
@@ -317,18 +310,9 @@ class Server(ThreadingHTTPServer):
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
                  prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS):
-        if not request_timeout > 0:
-            raise ValueError(f"request_timeout must be > 0, got {request_timeout}")
-        if max_connections < 1:
-            raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+        self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
-        self.request_timeout, self.max_connections = request_timeout, max_connections
-        self._slots = threading.BoundedSemaphore(max_connections)
-        self._lock = threading.Lock()
-        self._deadlines = {}  # socket -> when its request must have arrived
-        self._lingering: deque = deque()  # (close at, socket) of refused connections
-        self.refused = 0  # connections answered 503 (tests and logs read it)
         self.access_log = access_log
         self.created = int(time.time())
         self.defaults = RequestDefaults(sampling.validate(), draft_by_default and proposer is not None,
@@ -345,79 +329,9 @@ class Server(ThreadingHTTPServer):
         """Stop serving and join the worker: an MLX thread still running at interpreter exit aborts the process."""
         self.shutdown()
         self.server_close()
-        self._close_lingering(everything=True)
+        self.close_refused()
         self.worker.stop()
         self.worker.join(timeout=60)
-
-    # -- connections: a bounded number, each with a deadline for its request
-    def process_request(self, request, client_address):
-        if not self._slots.acquire(blocking=False):
-            self._refuse(request)
-            return
-        try:
-            super().process_request(request, client_address)  # a handler thread
-        except BaseException:
-            self._slots.release()
-            raise
-
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self._slots.release()
-
-    def _refuse(self, sock) -> None:
-        """503 on the accepting thread: never blocks (non-blocking send of a small response), and the socket
-        is closed by service_actions once the client had time to read it."""
-        body = json.dumps(RequestError(f"the server is at its limit of {self.max_connections} connections "
-                                       "(--max-connections); retry shortly", status=503).body()).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nRetry-After: {RETRY_AFTER_S}\r\nContent-Type: "
-                f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
-        self.refused += 1
-        try:
-            sock.setblocking(False)
-            sock.send(head + body)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        self._lingering.append((time.monotonic() + REFUSED_LINGER_S, sock))
-        self._close_lingering()
-
-    def _close_lingering(self, everything: bool = False) -> None:
-        now = time.monotonic()
-        while self._lingering and (everything or self._lingering[0][0] <= now or len(self._lingering) > MAX_LINGERING):
-            _, sock = self._lingering.popleft()
-            try:  # read what the client sent (bounded), so closing sends FIN, not a reset that may eat the 503
-                for _ in range(16):
-                    if not sock.recv(1 << 16):
-                        break
-            except OSError:
-                pass
-            sock.close()
-
-    def request_expected(self, sock) -> None:
-        with self._lock:
-            self._deadlines[sock] = time.monotonic() + self.request_timeout
-
-    def request_arrived(self, sock) -> None:
-        with self._lock:
-            self._deadlines.pop(sock, None)
-
-    def service_actions(self) -> None:
-        """Called by serve_forever between accepts (every poll interval): connections whose request did not
-        arrive in time stop being read (their handler sees the end of the input and answers 408 or closes),
-        and refused connections are closed."""
-        now = time.monotonic()
-        with self._lock:
-            late = [sock for sock, deadline in self._deadlines.items() if deadline <= now]
-            for sock in late:
-                del self._deadlines[sock]
-        for sock in late:
-            try:
-                sock.shutdown(socket.SHUT_RD)
-            except OSError:
-                pass
-        self._close_lingering()
 
     # -- response bodies (OpenAI schema + "speculative")
     def model_card(self) -> dict:
