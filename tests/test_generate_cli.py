@@ -170,5 +170,5 @@ def test_max_tokens_past_the_context_is_cut_with_a_note(capsys):
     n = len(tok.encode(PROMPT))
     rc, out, err = cli(capsys, "--model", BASE, "--prompt", PROMPT, "--max-context", str(n + 5), "-m", "40",
                        "--ignore-chat-template", "--no-draft")
-    assert rc == 0 and f"so at most 5 of --max-tokens 40 are generated" in err
+    assert rc == 0 and "so at most 5 of --max-tokens 40 are generated" in err
     assert out == generate(model, tok, PROMPT, max_tokens=5) + "\n" and "Generation: 5 tokens" in err
