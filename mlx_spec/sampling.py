@@ -158,7 +158,9 @@ class Sampler:
         stream = BASE if self.mode == "coupled" else DRAFT  # coupled: the base's own noise at that position
         scores = self.scores(logits)
         token = mx.argmax(scores + self.gumbel([position], logits.shape[-1], stream)[0]).astype(mx.int32).reshape(1)
-        return token, (mx.exp(scores) if self.mode == "rejection" else None)
+        # q must be the normalized distribution the draft was drawn from: scores are log-probabilities only up
+        # to a constant (tempered and filtered, not renormalized), so exp(scores) would inflate or shrink q
+        return token, (mx.softmax(scores) if self.mode == "rejection" else None)
 
     # -- verification
     def accept(self, drafts: mx.array, draft_probs: Optional[mx.array], logits: mx.array,
