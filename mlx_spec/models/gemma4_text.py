@@ -6,7 +6,8 @@ double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
   head-geometry forms (`global_head_dim`/`num_global_key_value_heads`, or `per_layer_config`).
 - `forward()` returns the final-normed hidden state next to the logits, which the MTP drafter consumes,
   and `producer_layers` names the last non-shared layer of each type, whose K/V the drafter reads.
-- `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly.
+- `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly,
+  optionally with quantized K/V; KV-shared layers then attend through their producer's quantization.
 """
 
 from dataclasses import dataclass, fields
@@ -16,7 +17,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as mlx_gemma4
 
-from ..cache import DEFAULT_MAX_ROLLBACK, FullKVCache, SlidingKVCache
+from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache,
+                     quantization_split)
 from ..errors import UnsupportedModelError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -144,10 +146,23 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
         intermediates = [(None, None)] * len(self.layers)
         for i, (layer, c, mask, prev) in enumerate(zip(self.layers, cache, masks, self.previous_kvs)):
             kvs, offset = intermediates[prev]  # KV-shared layers reuse their producer's K/V and offset
+            if c is None and prev != i and getattr(cache[prev], "quantized", False):
+                c = _SharedQuantizedKV(cache[prev])  # the producer's K/V are quantized triples
             pli = per_layer_inputs[:, :, i, :] if per_layer_inputs is not None else None
             h, kvs, offset = layer(h, mask, c, per_layer_input=pli, shared_kv=kvs, offset=offset)
             intermediates[i] = (kvs, offset)
         return self.norm(h)
+
+
+class _SharedQuantizedKV:
+    """Stands in for a KV-shared layer's cache when its producer's K/V are quantized: mlx-lm's attention then
+    takes its quantized path (it looks for `bits` on the cache) and stores nothing (update is identity)."""
+
+    def __init__(self, producer):
+        self.bits, self.group_size = producer.bits, producer.group_size
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
 
 
 class Model(nn.Module):
@@ -162,6 +177,10 @@ class Model(nn.Module):
 
     def forward(self, inputs: mx.array, cache=None):
         """Return (logits (B, L, V) softcapped, hidden (B, L, H) after the final norm)."""
+        split = quantization_split(cache or [], inputs.shape[1])
+        if split:  # the caches switch to quantized K/V at a position inside this pass: run it in two
+            first, rest = self.forward(inputs[:, :split], cache), self.forward(inputs[:, split:], cache)
+            return tuple(mx.concatenate([a, b], axis=1) for a, b in zip(first, rest))
         hidden = self.model(inputs, cache=cache)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(hidden)
@@ -199,11 +218,15 @@ class Model(nn.Module):
         attn = self.layers[self.producer_layers[layer_type]].self_attn
         return attn.head_dim, attn.n_kv_heads
 
-    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK):
-        return [
-            FullKVCache() if t == FULL else SlidingKVCache(self.args.sliding_window, max_rollback)
-            for t in self.args.layer_types[: self.first_kv_shared]
-        ]
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,
+                   kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0):
+        """One rewindable cache per non-shared layer; kv_bits (4 or 8) quantizes K/V as mlx-lm's --kv-bits
+        does, from the update after the cache holds `quantized_kv_start` positions."""
+        types = self.args.layer_types[: self.first_kv_shared]
+        head_dims = [self.attention_geometry(t)[0] for t in set(types)]
+        kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start, head_dims)
+        return [FullKVCache(kv) if t == FULL else SlidingKVCache(self.args.sliding_window, max_rollback, kv)
+                for t in types]
 
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:  # some exports store the tied head too; it is embed_tokens
