@@ -421,11 +421,24 @@ def _copy(cache):
 def quantization_split(caches: list, n: int) -> Optional[int]:
     """How many of n new positions to run before a cache switches to quantized K/V (it switches at the
     start of an update), or None when no switch falls strictly inside the n positions."""
-    for c in caches:
+    for c in caches or ():
         kv = getattr(c, "kv", None)
         if kv is not None and not c.quantized and c.offset < kv.start < c.offset + n:
             return kv.start - c.offset
     return None
+
+
+def forward_split_at_switch(forward, tokens: mx.array, caches: list):
+    """forward(tokens) -> array or tuple of arrays (B, L, ...), run as two passes when the caches switch to
+    quantized K/V inside it, so that which queries saw full precision depends on positions, not on how
+    the tokens were batched (a verify pass gives what one-token steps give)."""
+    split = quantization_split(caches, tokens.shape[1])
+    if not split:
+        return forward(tokens)
+    first, rest = forward(tokens[:, :split]), forward(tokens[:, split:])
+    if isinstance(first, tuple):
+        return tuple(None if a is None else mx.concatenate([a, b], axis=1) for a, b in zip(first, rest))
+    return mx.concatenate([first, rest], axis=1)
 
 
 def make_rewindable(caches: list, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,

@@ -13,8 +13,8 @@ import mlx.core as mx
 import pytest
 from tiny_models import WINDOW, _redraw, make_base, make_drafter, text_config
 
-from mlx_spec.cache import (FullKVCache, KVQuant, SlidingKVCache, dequantize, make_rewindable, quantize,
-                            rollback_all)
+from mlx_spec.cache import (FullKVCache, KVQuant, SlidingKVCache, dequantize, forward_split_at_switch,
+                            make_rewindable, quantize, rollback_all)
 from mlx_spec.engine import Engine
 from mlx_spec.errors import CacheRollbackError, MlxSpecError
 from mlx_spec.models import gemma4_text
@@ -57,15 +57,16 @@ class ScriptedProposer:
 
     name = "scripted"
 
-    def __init__(self, reference, wrong_at, prompt=PROMPT):
-        self.full, self.wrong_at = list(prompt) + list(reference), wrong_at
+    def __init__(self, reference, wrong_at, prompt=PROMPT, vocab=256):
+        self.full, self.wrong_at, self.vocab = list(prompt) + list(reference), wrong_at, vocab
 
     def start(self, prompt):
         pass
 
     def propose(self, ctx, k):
         nxt = self.full[len(ctx.history) : len(ctx.history) + k]
-        return Draft(mx.array([(t + 1) % 256 if i == self.wrong_at else t for i, t in enumerate(nxt)], mx.int32))
+        return Draft(mx.array([(t + 1) % self.vocab if i == self.wrong_at else t for i, t in enumerate(nxt)],
+                              mx.int32))
 
     def observe(self, n, k):
         pass
@@ -195,18 +196,54 @@ def test_rollback_below_start_restores_full_precision_then_raises_once_gone(make
         c.rollback(2)
 
 
-def test_matches_mlx_lm_quantized_kv_cache():
-    """An mlx-lm model: make_rewindable(kv_bits=8) gives the same logits, bit for bit, as mlx-lm's own
-    KVCache -> QuantizedKVCache switch (maybe_quantize_kv_cache after every step) in one-token decoding."""
-    from mlx_lm.generate import maybe_quantize_kv_cache
+def _llama():
     from mlx_lm.models import llama
-    from mlx_lm.models.cache import make_prompt_cache
 
     mx.random.seed(0)
     model = llama.Model(llama.ModelArgs(
         model_type="llama", hidden_size=128, num_hidden_layers=2, intermediate_size=64, num_attention_heads=4,
         num_key_value_heads=2, rms_norm_eps=1e-5, vocab_size=96, tie_word_embeddings=False))
     mx.eval(model.parameters())
+    return model
+
+
+class SplitAtSwitch:
+    """An mlx-lm model called the way the engine's base_forward should call one (forward_split_at_switch),
+    as gemma4_text's forward does itself."""
+
+    def __init__(self, model):
+        self.model, self.layers = model, model.layers
+
+    def __call__(self, tokens, cache=None):
+        return forward_split_at_switch(lambda x: self.model(x, cache=cache), tokens, cache)
+
+
+def test_mlx_lm_model_speculative_equals_plain_across_the_switch():
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = SplitAtSwitch(_llama())
+    prompt = [3, 17, 42, 5, 88, 9, 61, 23, 7, 50, 11, 74]
+
+    def go(proposer=None, k=3):
+        cache = make_rewindable(make_prompt_cache(model.model), 17, kv_bits=4, kv_group_size=32,
+                                quantized_kv_start=len(prompt) + 2)
+        eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=30, cache=cache)
+        return [e.token for e in eng.run()], eng
+
+    plain, eng = go()
+    assert all(c.quantized for c in eng.cache)
+    for k in (2, 4, 7):
+        spec, _ = go(ScriptedProposer(plain, k // 2, prompt, vocab=96), k)
+        assert spec == plain, f"mlx-lm model, scripted k={k}: speculative greedy must equal plain across the switch"
+
+
+def test_matches_mlx_lm_quantized_kv_cache():
+    """An mlx-lm model: make_rewindable(kv_bits=8) gives the same logits, bit for bit, as mlx-lm's own
+    KVCache -> QuantizedKVCache switch (maybe_quantize_kv_cache after every step) in one-token decoding."""
+    from mlx_lm.generate import maybe_quantize_kv_cache
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model = _llama()
     prompt, start = mx.array([[3, 17, 42, 5, 88, 9]]), 9
     theirs = make_prompt_cache(model)
     ours = make_rewindable(make_prompt_cache(model), 4, kv_bits=8, kv_group_size=32, quantized_kv_start=start)

@@ -18,7 +18,7 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4_text as mlx_gemma4
 
 from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache,
-                     quantization_split)
+                     forward_split_at_switch, quantization_split)
 from ..errors import UnsupportedModelError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -177,10 +177,8 @@ class Model(nn.Module):
 
     def forward(self, inputs: mx.array, cache=None):
         """Return (logits (B, L, V) softcapped, hidden (B, L, H) after the final norm)."""
-        split = quantization_split(cache or [], inputs.shape[1])
-        if split:  # the caches switch to quantized K/V at a position inside this pass: run it in two
-            first, rest = self.forward(inputs[:, :split], cache), self.forward(inputs[:, split:], cache)
-            return tuple(mx.concatenate([a, b], axis=1) for a, b in zip(first, rest))
+        if quantization_split(cache, inputs.shape[1]):  # a switch to quantized K/V inside this pass
+            return forward_split_at_switch(lambda x: self.forward(x, cache), inputs, cache)
         hidden = self.model(inputs, cache=cache)
         if self.args.tie_word_embeddings:
             logits = self.model.embed_tokens.as_linear(hidden)
