@@ -162,7 +162,7 @@ class _Quantizable:
         if self._fallback is not None and self.offset > self._fallback[1]:
             self._fallback = None  # the engine never rolls back past the start of the last pass
         if self.kv is not None and not self.quantized and self.offset >= self.kv.start:
-            self._switch_to_quantized()
+            self._quantize_buffers()
 
     def _quantize_buffers(self) -> None:
         self._fallback = (self._snapshot(), self.offset) if self.offset else None
@@ -210,9 +210,6 @@ class FullKVCache(_Quantizable, KVCache):
 
     def _snapshot(self):
         return self.keys, self.values
-
-    def _switch_to_quantized(self) -> None:
-        self._quantize_buffers()
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._before_update()
@@ -298,9 +295,6 @@ class SlidingKVCache(_Quantizable):
 
     def _snapshot(self):
         return self.keys, self.values, self._start, self._end
-
-    def _switch_to_quantized(self) -> None:
-        self._quantize_buffers()
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._before_update()

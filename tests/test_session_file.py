@@ -257,3 +257,19 @@ def test_write_is_atomic(tmp_path, monkeypatch):
     monkeypatch.setattr(mx, "save_safetensors", real)
     saved(tmp_path, model, 8)
     assert load_prompt_cache(path, model)[0][0].quantized, "a successful save replaces it"
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_bfloat16_caches_round_trip_byte_for_byte(tmp_path, bits):
+    """bf16 (as on a Mac): the file holds the cache's exact bytes, and loading gives them back."""
+    model = gemma4_text.Model(qbase().args)
+    model.update(qbase().parameters())
+    model.set_dtype(mx.bfloat16)
+    cache = prefill(model, PREFIX, model.make_cache(17, **flags(bits)))
+    path = save_prompt_cache(tmp_path / "bf16", cache, PREFIX, session_identity(model))
+    loaded, _ = load_prompt_cache(path, model)
+    flat = lambda c: [x for b in c.state for x in (b if isinstance(b, tuple) else (b,))]
+    for a, b in zip(cache, loaded):
+        n = min(a.size(), a.keep) if hasattr(a, "keep") else a.offset  # what a sliding layer keeps
+        for x, y in zip(flat(a), flat(b)):
+            assert y.dtype == x.dtype and mx.array_equal(x[..., x.shape[2] - n :, :], y).item()
