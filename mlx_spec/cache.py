@@ -158,6 +158,11 @@ class _Quantizable:
             raise AttributeError("group_size")
         return self.kv.group_size
 
+    @property
+    def quantized_next(self) -> bool:
+        """Whether the next update stores, and returns, quantized K/V."""
+        return self.quantized or (self.kv is not None and self.offset >= self.kv.start)
+
     def _before_update(self) -> None:
         if self._fallback is not None and self.offset > self._fallback[1]:
             self._fallback = None  # the engine never rolls back past the start of the last pass
