@@ -7,7 +7,9 @@ double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
 - `forward()` returns the final-normed hidden state next to the logits, which the MTP drafter consumes,
   and `producer_layers` names the last non-shared layer of each type, whose K/V the drafter reads.
 - `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly,
-  optionally with quantized K/V; KV-shared layers then attend through their producer's quantization.
+  optionally with quantized K/V (mlx-lm's --kv-bits). `Attention` is mlx-lm's except for quantized K/V,
+  which it attends without a per-head copy (`quantized_attention`); KV-shared layers attend their
+  producer's quantized K/V, and a pass that straddles --quantized-kv-start runs as two.
 """
 
 from dataclasses import dataclass, fields
