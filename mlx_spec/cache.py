@@ -194,10 +194,9 @@ class _Quantizable:
 
     def _for_drafter(self, view):
         """The drafter's (K, V): arrays, or `QuantizedKV` when the cache is quantized. The drafter attends
-        through quantized matmuls rather than dequantizing on read: a k=3 round (begin_round + 3 greedy
-        steps, CPU, medians of 40 interleaved rounds, ratio to an fp32 cache) on the trained tiny pair at
-        1024 tokens 8-bit 0.99 vs dequantized 1.38, 4-bit 0.95 vs 1.35; on the E2B drafter shape at 4096
-        tokens 8-bit 0.87 vs 1.22, 4-bit 0.82 vs 1.15 (at 1024: 0.96 / 0.93 vs 1.03 / 1.08)."""
+        through quantized matmuls rather than dequantizing on read: a k=3 round, CPU, as a ratio to a
+        full-precision cache (examples/kv_cache/drafter_reads.py, two runs): trained tiny pair at 1024 tokens
+        0.95-0.99 vs 1.35-1.40 dequantized; E2B drafter shape at 4096 tokens 0.82-0.87 vs 1.15-1.30."""
         if not self.quantized:
             return view
         return tuple(QuantizedKV(*b, self.kv.group_size, self.kv.bits) for b in view)
