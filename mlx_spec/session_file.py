@@ -210,8 +210,9 @@ def _expected(kind: str, quantized: bool, layer, T: int, dtype, q: Optional[KVQu
     def kv(j: int, hd: int) -> dict:
         if not quantized:
             return {f"{j}": ((1, n_kv, T, hd), dtype)}
-        return {f"{j}.0": ((1, n_kv, T, hd * q.bits // 32), mx.uint32),
-                f"{j}.1": ((1, n_kv, T, hd // q.group_size), dtype), f"{j}.2": ((1, n_kv, T, hd // q.group_size), dtype)}
+        groups = (1, n_kv, T, hd // q.group_size)
+        return {f"{j}.0": ((1, n_kv, T, hd * q.bits // 32), mx.uint32), f"{j}.1": (groups, dtype),
+                f"{j}.2": (groups, dtype)}
 
     tensors = {**kv(0, hd_k), **kv(1, hd_v)}
     if kind == "full":
