@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from .cache import DEFAULT_KV_GROUP_SIZE, KVQuant
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
 from .errors import MlxSpecError, PairingError
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
@@ -133,7 +134,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                     num_draft_tokens: Union[int, str, DraftPolicy] = DEFAULT_NUM_DRAFT_TOKENS,
                     tuner: Optional[AutoTuner] = None, logits_processors: Sequence = (),
                     prompt_cache: Optional[list] = None, should_stop: Optional[Callable[[], bool]] = None,
-                    strict: bool = False, logprobs: int = 0) -> Iterator[GenerationResponse]:
+                    strict: bool = False, logprobs: int = 0, kv_bits: Optional[int] = None,
+                    kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0,
+                    on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
 
     Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
@@ -154,17 +157,24 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
 
     `logprobs=N` (N >= 1) fills each response's `logprob` and `top_logprobs` (N alternatives) from the base
     model's distribution, the same with drafting on or off; computed only when asked.
+    
+    `kv_bits` (4 or 8), `kv_group_size`, `quantized_kv_start`: quantized K/V as mlx-lm spells them (the
+    cache holds full precision until it holds `quantized_kv_start` positions); rollback stays exact.
+    Speculative greedy equals plain greedy with the same settings. A given `prompt_cache` brings its own.
+    `on_prefill(done, total)` is called after each prefill chunk.
     """
     ids = encode_prompt(tokenizer, prompt)
     sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
-    policy = draft_policy(num_draft_tokens, model, proposer, tuner) if proposer is not None else None
+    kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start)
+    policy = draft_policy(num_draft_tokens, model, proposer, tuner, kv) if proposer is not None else None
     if policy is None:
         proposer = None  # k = 0: plain decoding (a draft model is not even prefilled)
     rows = strict_rows(model, policy) if strict else None
     eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, seed=seed,
                  max_tokens=max_tokens, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows, logprobs=logprobs)
+                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows, logprobs=logprobs, kv=kv,
+                 on_prefill=on_prefill)
     eng.stats.strict = strict
     eng.stats.strict_rows = rows or 0
     detok = tokenizer.detokenizer

@@ -21,7 +21,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
+from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
 from .models.base import as_base
 from .parity.strict import padded_forward
 from .proposers.base import Draft, Proposer, RoundContext, RoundResult
@@ -94,7 +94,8 @@ class Engine:
                  seed: Optional[int] = None, max_tokens: int = 256, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), cache: Optional[list] = None,
                  prefill_step: int = 2048, should_stop: Optional[Callable[[], bool]] = None,
-                 strict_rows: Optional[int] = None, logprobs: int = 0):
+                 strict_rows: Optional[int] = None, logprobs: int = 0, kv: Optional[KVQuant] = None,
+                 on_prefill: Optional[Callable[[int, int], None]] = None):
         """`proposer` None decodes plainly; `policy` (default FixedK(DEFAULT_NUM_DRAFT_TOKENS)) says how many
         drafts each round asks for. `seed` fixes every random draw (sampling.py; None: a fresh one).
         `cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
@@ -104,7 +105,9 @@ class Engine:
         `strict_rows` (strict mode on a device whose kernels depend on the row count; api.py decides): every
         decode pass, plain steps and verifies alike, and the sampling over its rows, runs at this many rows,
         so a row's arithmetic never depends on how many drafts were verified (parity/strict.py).
-        `logprobs` > 0: every TokenEvent carries its log-probability and the top `logprobs` alternatives."""
+        `logprobs` > 0: every TokenEvent carries its log-probability and the top `logprobs` alternatives.
+        `kv`: quantized K/V for the cache the engine makes (a given `cache` brings its own).
+        `on_prefill(done, total)`: called after each prefill chunk (progress for long prompts)."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if strict_rows is not None and strict_rows < 1:
@@ -121,7 +124,9 @@ class Engine:
         self.should_stop = should_stop
         self.strict_rows = strict_rows
         self.logprobs = logprobs
-        self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK)
+        self.on_prefill = on_prefill
+        flags = kv.as_dict() if kv is not None else {}
+        self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK, **flags)
         self.history = list(prompt)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.emitted = 0
@@ -162,6 +167,8 @@ class Engine:
             e = min(s + self.prefill_step, T - 1)
             self.base.forward(tokens[:, s:e], self.cache)
             mx.eval([(c.keys, c.values) for c in self.cache])
+            if self.on_prefill is not None:
+                self.on_prefill(e, T)
         logits, hidden = self.base.forward(tokens[:, T - 1 :], self.cache)
         first = self._sample(logits[0, -1], tokens[0], T)
         mx.eval(first, hidden if hidden is not None else first)

@@ -34,7 +34,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import FullKVCache, KVQuant, SlidingKVCache, make_rewindable
+from .cache import DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache, make_rewindable
 from .errors import MlxSpecError
 
 FORMAT = 1
@@ -242,12 +242,10 @@ def load_prompt_cache(path: Union[str, Path], model, *, kv: Union[KVQuant, None,
     kv: the quantization the caller runs with (a KVQuant, or None for full precision); a file saved with
     another is refused. The default accepts the file's. max_rollback: as for `make_cache` (default: the
     engine's). Raises SessionFileError (one line: the file and what is wrong) for any mismatch or damage."""
-    from .engine import MAX_DRAFT_TOKENS
-
     path = Path(path)
     if not path.exists() and path.suffix != SUFFIX and path.with_name(path.name + SUFFIX).exists():
         path = path.with_name(path.name + SUFFIX)
-    max_rollback = MAX_DRAFT_TOKENS + 1 if max_rollback is None else max_rollback
+    max_rollback = DEFAULT_MAX_ROLLBACK if max_rollback is None else max_rollback
     try:
         f = open(path, "rb")
     except OSError as e:

@@ -13,9 +13,10 @@ import mlx.core as mx
 import pytest
 from tiny_models import WINDOW, _redraw, make_base, make_drafter, text_config
 
-from mlx_spec.cache import (FullKVCache, KVQuant, SlidingKVCache, dequantize, forward_split_at_switch,
+from mlx_spec.cache import (FullKVCache, KVQuant, SlidingKVCache, dequantize,
                             make_rewindable, quantize, rollback_all)
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.errors import CacheRollbackError, MlxSpecError
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers.base import Draft
@@ -48,7 +49,7 @@ def qdrafter(variant: str):
 
 def run(model, proposer=None, k=3, bits=8, start=0, prompt=PROMPT, max_tokens=MAX_TOKENS):
     cache = model.make_cache(17, kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=start)
-    eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=max_tokens, cache=cache)
+    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, cache=cache)
     return [ev.token for ev in eng.run()], eng
 
 
@@ -68,7 +69,7 @@ class ScriptedProposer:
         return Draft(mx.array([(t + 1) % self.vocab if i == self.wrong_at else t for i, t in enumerate(nxt)],
                               mx.int32))
 
-    def observe(self, n, k):
+    def observe(self, result):
         pass
 
 
@@ -207,27 +208,16 @@ def _llama():
     return model
 
 
-class SplitAtSwitch:
-    """An mlx-lm model called the way the engine's base_forward should call one (forward_split_at_switch),
-    as gemma4_text's forward does itself."""
-
-    def __init__(self, model):
-        self.model, self.layers = model, model.layers
-
-    def __call__(self, tokens, cache=None):
-        return forward_split_at_switch(lambda x: self.model(x, cache=cache), tokens, cache)
-
-
 def test_mlx_lm_model_speculative_equals_plain_across_the_switch():
     from mlx_lm.models.cache import make_prompt_cache
 
-    model = SplitAtSwitch(_llama())
+    model = _llama()  # the engine's adapter (models/base.py) splits a pass at the switch, as gemma4_text does
     prompt = [3, 17, 42, 5, 88, 9, 61, 23, 7, 50, 11, 74]
 
     def go(proposer=None, k=3):
-        cache = make_rewindable(make_prompt_cache(model.model), 17, kv_bits=4, kv_group_size=32,
+        cache = make_rewindable(make_prompt_cache(model), 17, kv_bits=4, kv_group_size=32,
                                 quantized_kv_start=len(prompt) + 2)
-        eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=30, cache=cache)
+        eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=30, cache=cache)
         return [e.token for e in eng.run()], eng
 
     plain, eng = go()
@@ -309,7 +299,7 @@ def test_trained_pair_quantized_speculative_equals_plain(trained_pair):
     for bits in (8, 4):
         kw = dict(kv_bits=bits, kv_group_size=32)
         plain = [e.token for e in Engine(model, prompt, max_tokens=96, cache=model.make_cache(17, **kw)).run()]
-        eng = Engine(model, prompt, proposer=MTPProposer(drafter, model), num_draft_tokens=3, max_tokens=96,
+        eng = Engine(model, prompt, proposer=MTPProposer(drafter, model), policy=FixedK(3), max_tokens=96,
                      cache=model.make_cache(17, **kw))
         assert [e.token for e in eng.run()] == plain, f"trained pair kv_bits={bits}: spec must equal plain"
         assert eng.stats.acceptance_by_position[0] > 0.5, "the drafter reads the quantized K/V correctly"

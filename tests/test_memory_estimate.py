@@ -9,6 +9,7 @@ from tiny_models import _redraw, make_base, make_drafter, text_config
 from mlx_spec import memory
 from mlx_spec.cache import KVQuant
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers.mtp import MTPProposer
 
@@ -61,7 +62,7 @@ def test_estimate_holds_after_speculative_decoding():
     """Rounds append k+1 positions and roll back: capacity follows the context, not the rounds."""
     model = make_base("e2b")
     prompt = [(i * 37) % 250 + 3 for i in range(250)]
-    eng = Engine(model, prompt, proposer=MTPProposer(make_drafter(model), model), num_draft_tokens=5,
+    eng = Engine(model, prompt, proposer=MTPProposer(make_drafter(model), model), policy=FixedK(5),
                  max_tokens=40)
     list(eng.run())
     n = eng.cache[0].offset

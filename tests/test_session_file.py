@@ -12,6 +12,7 @@ from tiny_models import WINDOW, _redraw, make_drafter, text_config
 
 from mlx_spec.cache import KVQuant, make_rewindable
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.errors import MlxSpecError
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers.mtp import MTPProposer
@@ -51,7 +52,7 @@ def saved(tmp_path, model, bits=None, start=0, tokens=PREFIX, name="session"):
 
 
 def generate(model, prompt, cache, proposer=None, k=3, max_tokens=40):
-    eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=max_tokens, cache=cache)
+    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, cache=cache)
     return [e.token for e in eng.run()]
 
 

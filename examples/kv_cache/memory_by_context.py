@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from mlx_spec import memory, shapes
 from mlx_spec.cache import KVQuant, rollback_all
-from mlx_spec.engine import SamplingParams
+from mlx_spec.sampling import Sampler, SamplingParams
 from mlx_spec.loading import DTYPES
 from mlx_spec.proposers.base import RoundContext
 from mlx_spec.proposers.mtp import MTPProposer
@@ -56,7 +56,7 @@ def main() -> None:
             mx.eval(logits, hidden)
             verify_s = time.perf_counter() - t
             rollback_all(cache, 3)
-            ctx = RoundContext(list(range(n + 1)), n, hidden[:, :1], cache, SamplingParams(), mx.random.key(0))
+            ctx = RoundContext(list(range(n + 1)), n, hidden[:, :1], cache, Sampler(SamplingParams(), 0))
             mx.eval(proposer.propose(ctx, 3).tokens)
             peak = mx.get_peak_memory()
             print(json.dumps({"context": n, "kv_bits": bits, "kv_bytes": kv_bytes,

@@ -1,7 +1,8 @@
 """What the engine needs of a base model, and an adapter that gives it to any mlx-lm model.
 
 The engine calls two things: `forward(tokens (1, L), cache) -> (logits (1, L, V), hidden (1, L, H) or
-None)` and `make_cache(max_rollback) -> [rewindable caches]` (cache.py). Our Gemma 4 models implement both
+None)` and `make_cache(max_rollback, kv_bits=None, kv_group_size=64, quantized_kv_start=0) -> [rewindable
+caches]` (cache.py; the K/V flags as mlx-lm spells them). Our Gemma 4 models implement both
 (`SpeculativeBase`; they also return the final-normed hidden state the MTP drafter reads). Any other
 architecture mlx-lm loads (llama, qwen, gemma3, ...) is wrapped by `as_base`: no hidden state, and
 mlx-lm's caches swapped for rewindable ones, which is all n-gram and draft-model speculation need.
@@ -11,7 +12,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from ..cache import DEFAULT_MAX_ROLLBACK, make_rewindable
+from ..cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, forward_split_at_switch, make_rewindable
 
 
 class SpeculativeBase:
@@ -20,7 +21,8 @@ class SpeculativeBase:
     def forward(self, inputs: mx.array, cache=None) -> Tuple[mx.array, Optional[mx.array]]:
         raise NotImplementedError
 
-    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,
+                   kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0) -> list:
         raise NotImplementedError
 
 
@@ -31,12 +33,15 @@ class MlxLmBase(SpeculativeBase):
         self.model = model
 
     def forward(self, inputs: mx.array, cache=None):
-        return self.model(inputs, cache=cache), None
+        # a switch to quantized K/V inside this pass runs as two passes, as gemma4_text's forward does
+        return forward_split_at_switch(lambda x: self.model(x, cache=cache), inputs, cache or []), None
 
-    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,
+                   kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0) -> list:
         from mlx_lm.models.cache import make_prompt_cache
 
-        return make_rewindable(make_prompt_cache(self.model), max_rollback)
+        return make_rewindable(make_prompt_cache(self.model), max_rollback, kv_bits, kv_group_size,
+                               quantized_kv_start)
 
 
 def as_base(model) -> SpeculativeBase:

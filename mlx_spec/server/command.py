@@ -9,6 +9,7 @@ from pathlib import Path
 from ..cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
                    load_models, run, sampling_params)
 from ..errors import MlxSpecError
+from ..long_context import add_kv_args, check_memory, kv_settings, load_session, model_dir_context
 from ..loading import is_hub_id
 from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
 from .http import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server
@@ -43,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-slots", type=int, default=1,
                    help="conversations whose K/V are kept at once, least recently used dropped first (default: 1; "
                    "each holds up to a context's worth of K/V)")
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="a saved prompt (mlx_spec.cache_prompt): requests that start with it continue from it")
+    add_kv_args(p)
     return p
 
 
@@ -59,7 +63,11 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     if args.max_connections < 1:
         raise MlxSpecError(f"--max-connections must be >= 1, got {args.max_connections}")
+    kv = kv_settings(args)
+    check_memory(args.model, args.drafter, (args.max_context or model_dir_context(args.model) or 0)
+                 * args.prompt_cache_slots, kv)  # every slot can hold a context's worth of K/V
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # requests can turn drafting on
+    saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
     log = None if args.quiet else sys.stderr
     try:
         server = Server(model, tokenizer, proposer, host=args.host, port=args.port,
@@ -69,7 +77,7 @@ def main_args(args) -> int:
                         draft_by_default=not args.no_draft, sampling=sampling, log=log, access_log=log,
                         prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
                         strict=args.strict, request_timeout=args.request_timeout,
-                        max_connections=args.max_connections)
+                        max_connections=args.max_connections, kv=kv, session=saved)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

@@ -17,6 +17,7 @@ import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import List, Optional
 
+from ..cache import KVQuant
 from ..cli import DEFAULT_MAX_TOKENS, DEFAULT_NUM_DRAFT_TOKENS
 from ..models.base import context_length
 from ..proposers.base import Proposer
@@ -309,7 +310,8 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                  num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, draft_by_default: bool = True,
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
                  prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False,
-                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS):
+                 request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None):
         self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -319,7 +321,8 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                                         num_draft_tokens)
         self.worker = Worker(model, tokenizer, proposer, max_context=max_context or context_length(model),
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
-                             prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict)
+                             prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict, kv=kv,
+                             session=session)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from ..api import encode_prompt
+from ..cache import KVQuant
 from ..conversation import Conversations
 from ..loading import materialize
 from ..models.base import vocab_size
@@ -91,7 +92,8 @@ class Worker(threading.Thread):
 
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, max_context: Optional[int],
                  max_tokens: int, log=None, prompt_cache: bool = True, prompt_cache_slots: int = 1,
-                 tuner: Optional[AutoTuner] = None, strict: bool = False):
+                 tuner: Optional[AutoTuner] = None, strict: bool = False, kv: Optional[KVQuant] = None,
+                 session: Optional[tuple] = None):
         super().__init__(name="mlx_spec-generation", daemon=True)
         self.model, self.tokenizer = model, tokenizer
         self.max_context, self.max_tokens = max_context, max_tokens
@@ -108,7 +110,9 @@ class Worker(threading.Thread):
         # and a draft model's, per slot) and prefill only what is new. Exact: see PromptCache.
         self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner or AutoTuner(log=log and
                                            (lambda line: _log(log, line))), reuse_cache=prompt_cache,
-                                           slots=prompt_cache_slots)
+                                           slots=prompt_cache_slots, kv=kv)
+        if session is not None:  # a saved prompt (--prompt-cache-file): requests that start with it continue it
+            self.conversations.prompt_cache.pin(*session)
 
     @property
     def proposer(self) -> Optional[str]:

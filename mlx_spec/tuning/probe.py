@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import acceptance
-from ..cache import rollback_all
+from ..cache import KVQuant, rollback_all
 from ..models.base import as_base, vocab_size
 from ..proposers.base import RoundContext, RoundResult
 from ..sampling import Sampler, SamplingParams
@@ -81,7 +81,8 @@ def _time_draft(proposer, ctx: RoundContext, k: int, clock) -> float:
 
 def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DEFAULT_PROBE_CONTEXT,
                   reps: Optional[int] = None, plain_steps: int = PROBE_PLAIN_STEPS, seed: int = 0,
-                  budget_s: float = PROBE_BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> Costs:
+                  budget_s: float = PROBE_BUDGET_S, clock: Callable[[], float] = time.perf_counter,
+                  kv: Optional[KVQuant] = None) -> Costs:
     """Time plain steps, (k+1)-token verify passes (k = 0..k_max) and the proposer's drafting on a
     synthetic context, interleaved over `reps` passes (default DEFAULT_PROBE_REPS) after one warm-up pass,
     fewer (at least MIN_PROBE_REPS) once `budget_s` seconds have gone; return medians as ratios to the
@@ -92,7 +93,7 @@ def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DE
 
     rng = np.random.default_rng(seed)
     history = rng.integers(4, vocab, size=max(context, 2)).tolist()
-    cache = base.make_cache(max(plain_steps, k_max) + 1)
+    cache = base.make_cache(max(plain_steps, k_max) + 1, **(kv.as_dict() if kv is not None else {}))
     _, hidden = base.forward(mx.array(history[:-1], mx.int32)[None], cache)  # cache holds history[:-1]
     hidden = hidden[:, -1:] if hidden is not None else None  # (1, 1, H) at the bonus token's predecessor
     mx.eval([(c.keys, c.values) for c in cache], *([hidden] if hidden is not None else []))
