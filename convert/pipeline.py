@@ -14,7 +14,9 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_spec.checkpoint import read_config, read_weights
 from mlx_spec.errors import ConversionError, ModelLoadError, UnsupportedModelError
@@ -112,6 +114,22 @@ def _save(model: nn.Module, config: dict, src: Path, out: Path) -> None:
             shutil.copy2(src / name, out / name)
 
 
+def check_finite(model: nn.Module, src: Path, dtype: Optional[str]) -> None:
+    """Refuse NaN or infinite weights, naming the tensor: a model converted with them decodes garbage (or
+    only <pad>) without a word. One streaming read of the (cast) weights, tensor by tensor."""
+    for name, w in tree_flatten(model.parameters()):
+        if not mx.issubdtype(w.dtype, mx.floating):
+            continue
+        nan, inf = mx.isnan(w).sum(), mx.isinf(w).sum()
+        mx.eval(nan, inf)
+        if nan.item() or inf.item():
+            what = " and ".join(f"{n} {kind}" for n, kind in ((nan.item(), "NaN"), (inf.item(), "infinite"))
+                                if n)
+            cast = f", or its values overflow {dtype} (try --dtype float32)" if dtype else ""
+            raise ConversionError(f"tensor {name!r} from {src} holds {what} value(s){cast}; the checkpoint is corrupt, "
+                                  "re-download it")
+
+
 def _check_tokenizer(src: Path, config: dict) -> None:
     """Fail before converting, with one line, if the tokenizer is missing or does not load."""
     if not any((src / name).is_file() for name in TOKENIZER_DATA):
@@ -164,6 +182,7 @@ def convert(hf_path, mlx_path, *, quantize: bool = False, q_bits: int = 4, q_gro
     weights = read_weights(src)
     model = build_model(config, weights, src, DTYPES[dtype] if dtype else None, lazy=True)
     del weights
+    check_finite(model, src, dtype)
     out_config = output_config(config, model, dtype)
     if quantize:
         info(f"Quantizing: {q_bits}-bit, group size {q_group_size}, recipe {recipe or 'uniform'}")
@@ -171,8 +190,12 @@ def convert(hf_path, mlx_path, *, quantize: bool = False, q_bits: int = 4, q_gro
 
     info(f"Writing {dest}")
     try:
-        with atomic_directory(dest, force) as tmp:
+        with atomic_directory(dest, force) as tmp:  # a full disk is its ConversionError
             _save(model, out_config, src, tmp)
     except OSError as e:
         raise ConversionError(f"cannot write {dest}: {e}; nothing was written") from e
+    except RuntimeError as e:
+        if "Unable to write" not in str(e):  # MLX's message for a failed write; anything else is a bug
+            raise
+        raise ConversionError(f"cannot write {dest} ({e}); nothing was written") from e
     return dest

@@ -7,8 +7,9 @@ default is stateless and silent: a fixed k, and a fresh seed per call unless one
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
+from .cache import DEFAULT_KV_GROUP_SIZE, KVQuant
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
 from .errors import MlxSpecError, PairingError
 from .checkpoint import read_config
@@ -32,13 +33,17 @@ Prompt = Union[str, List[int]]
 @dataclass
 class GenerationResponse:
     """One streamed step. `text` is the new text segment (may be empty mid-character); `from_draft` says
-    whether the token was a draft the base accepted (False for the base's own bonus token)."""
+    whether the token was a draft the base accepted (False for the base's own bonus token). With
+    `logprobs=N`: `logprob` is log p(token) under the base model (temperature 1, after logits processors)
+    and `top_logprobs` the N most likely [(token id, log p)], best first; None otherwise."""
 
     text: str
     token: int
     from_draft: bool
     stats: GenerationStats
     finish_reason: Optional[str] = None
+    logprob: Optional[float] = None
+    top_logprobs: Optional[List[Tuple[int, float]]] = None
 
     # mlx-lm's GenerationResponse field names, so code written for it keeps working
     @property
@@ -136,7 +141,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                     num_draft_tokens: Union[int, str, DraftPolicy] = DEFAULT_NUM_DRAFT_TOKENS,
                     tuner: Optional[AutoTuner] = None, logits_processors: Sequence = (),
                     prompt_cache: Optional[list] = None, should_stop: Optional[Callable[[], bool]] = None,
-                    strict: bool = False) -> Iterator[GenerationResponse]:
+                    strict: bool = False, logprobs: int = 0, kv_bits: Optional[int] = None,
+                    kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0,
+                    on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
 
     Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
@@ -154,17 +161,27 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     whose kernels change with the row count: every decode pass runs at STRICT_ROWS rows. Where this
     device computes rows alike (the op check says so; MLX's CPU backend does), it changes nothing and costs
     nothing. `r.stats.strict_rows` says which (0: no padding).
+
+    `logprobs=N` (N >= 1) fills each response's `logprob` and `top_logprobs` (N alternatives) from the base
+    model's distribution, the same with drafting on or off; computed only when asked.
+    
+    `kv_bits` (4 or 8), `kv_group_size`, `quantized_kv_start`: quantized K/V as mlx-lm spells them (the
+    cache holds full precision until it holds `quantized_kv_start` positions); rollback stays exact.
+    Speculative greedy equals plain greedy with the same settings. A given `prompt_cache` brings its own.
+    `on_prefill(done, total)` is called after each prefill chunk.
     """
     ids = encode_prompt(tokenizer, prompt)
     sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
-    policy = draft_policy(num_draft_tokens, model, proposer, tuner) if proposer is not None else None
+    kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start)
+    policy = draft_policy(num_draft_tokens, model, proposer, tuner, kv) if proposer is not None else None
     if policy is None:
         proposer = None  # k = 0: plain decoding (a draft model is not even prefilled)
     rows = strict_rows(model, policy) if strict else None
     eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, seed=seed,
                  max_tokens=max_tokens, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows)
+                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows, logprobs=logprobs, kv=kv,
+                 on_prefill=on_prefill)
     eng.stats.strict = strict
     eng.stats.strict_rows = rows or 0
     detok = tokenizer.detokenizer
@@ -177,7 +194,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                 detok.add_token(ev.token)
                 if ev.finish_reason:
                     detok.finalize()
-            yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason)
+            yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason,
+                                     ev.logprob, ev.top_logprobs)
 
 
 def strict_rows(model, policy: Optional[DraftPolicy]) -> Optional[int]:

@@ -21,8 +21,10 @@ from typing import Callable, Iterator, List, Optional
 
 from .api import GenerationResponse, encode_prompt
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
-                  load_models, make_tuner, print_stats, run, sampling_params)
+                  load_models, make_tuner, print_stats, run, sampling_params, tolerate_stdin, valid_text)
+from .cache import KVQuant
 from .conversation import Conversations
+from .long_context import PrefillProgress, add_kv_args, check_memory, kv_settings, load_session, model_dir_context
 from .errors import MlxSpecError
 from .models.base import context_length
 from .proposers.base import Proposer
@@ -62,7 +64,11 @@ class ChatSession:
                  max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None,
                  sampling: SamplingParams = SamplingParams(), seed: Optional[int] = None, num_draft_tokens=3,
                  drafting: Optional[bool] = None, reuse_cache: bool = True, tuner: Optional[AutoTuner] = None,
-                 strict: bool = False):
+                 strict: bool = False, kv: Optional[KVQuant] = None, session: Optional[tuple] = None,
+                 on_prefill: Optional[Callable[[int, int], None]] = None):
+        """`kv`: quantized K/V (--kv-bits ...); `session`: (caches, token ids) of a saved prompt
+        (--prompt-cache-file) that every conversation starting with those tokens continues from;
+        `on_prefill(done, total)`: progress of a long turn's prefill."""
         if not getattr(tokenizer, "has_chat_template", False):
             raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "
                                "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")
@@ -75,8 +81,10 @@ class ChatSession:
         self.sampling = sampling.validate()
         self.seed = seed
         self.num_draft_tokens = num_draft_tokens
-        self.strict = strict
-        self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner, reuse_cache=reuse_cache)
+        self.strict, self.session, self.on_prefill = strict, session, on_prefill
+        self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner, reuse_cache=reuse_cache, kv=kv)
+        if session is not None:  # kept whole: every conversation that starts with it continues from a copy
+            self.conversations.prompt_cache.pin(*session)
         self._slot_tokens: List[int] = []
         self.reset()
 
@@ -131,7 +139,7 @@ class ChatSession:
         seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
         turn = self.conversations.turn(tokens, sampling=self.sampling, max_tokens=max_tokens, seed=seed,
                                        num_draft_tokens=self.num_draft_tokens, drafting=self.drafting,
-                                       should_stop=should_stop, strict=self.strict)
+                                       should_stop=should_stop, strict=self.strict, on_prefill=self.on_prefill)
         self.turns += 1
         self.last = TurnInfo(prompt_tokens=len(tokens))
         text = []
@@ -194,14 +202,14 @@ class ChatUI:
         print(line, file=self.err, flush=True)
 
     def read(self) -> Optional[str]:
-        """The next line, or None at end of input."""
+        """The next line, or None at end of input (bytes that are not UTF-8 replaced, with a warning)."""
         if self.interactive:
             try:
-                return input(PROMPT)
+                return valid_text(input(PROMPT), "this line")
             except EOFError:
                 return None
         line = self.stdin.readline()
-        return line.rstrip("\r\n") if line else None
+        return valid_text(line.rstrip("\r\n"), "this line") if line else None
 
     def loop(self) -> int:
         if self.interactive:
@@ -315,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="longest reply, in tokens")
     p.add_argument("--max-context", type=int, default=None,
                    help="most tokens a conversation may hold (default: the model's max_position_embeddings)")
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="a saved prompt (mlx_spec.cache_prompt) that conversations starting with it continue from")
+    add_kv_args(p)
     add_sampling_args(p)
     return p
 
@@ -322,11 +333,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main_args(args) -> int:
     sampling = sampling_params(args)
     check_length_args(args)
+    system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
+    tolerate_stdin()
+    kv = kv_settings(args)
+    check_memory(args.model, args.drafter, args.max_context or model_dir_context(args.model), kv)
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # /draft on can use it after --no-draft
-    session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=args.system_prompt,
+    saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
+    session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=system,
                           max_tokens=args.max_tokens, max_context=args.max_context, sampling=sampling, seed=args.seed,
                           num_draft_tokens=args.num_draft_tokens, drafting=not args.no_draft, tuner=make_tuner(args),
-                          strict=args.strict)
+                          strict=args.strict, kv=kv, session=saved, on_prefill=PrefillProgress())
     return ChatUI(session).loop()
 
 

@@ -2,9 +2,12 @@
 the chat-template prompt, the statistics lines, and error handling.
 
 A user mistake prints one `error: ...` line to stderr and exits 2; `--verbose` shows the traceback.
+Text from the command line or stdin that is not valid UTF-8 is decoded with U+FFFD for the bad bytes, and
+a warning says so (the tokenizer cannot encode the surrogates Python uses for them).
 """
 
 import argparse
+import re
 import sys
 from typing import Callable, Optional, Tuple
 
@@ -19,6 +22,7 @@ from .tuning.tuner import AutoTuner
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
 DEFAULT_NUM_DRAFT_TOKENS = "auto"  # commands own an AutoTuner; the library's default is a fixed k
+_SURROGATE = re.compile("[\ud800-\udfff]")  # how Python carries bytes that are not UTF-8 (surrogateescape)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -81,6 +85,29 @@ def sampling_params(args) -> SamplingParams:
         return SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.acceptance).validate()
     except SamplingError as e:
         raise MlxSpecError(f"--{e.field.replace('_', '-')} {e.message}") from None
+
+
+def valid_text(text: str, where: str) -> str:
+    """`text` with each byte that was not UTF-8 (a surrogate, in argv or a surrogateescape stream) replaced
+    by U+FFFD, saying so on stderr."""
+    cleaned, n = _SURROGATE.subn("\ufffd", text)
+    if n:
+        print(f"warning: {where} is not valid UTF-8: {n} byte{'s' if n > 1 else ''} replaced with U+FFFD",
+              file=sys.stderr)
+    return cleaned
+
+
+def read_stdin(where: str = "stdin") -> str:
+    """All of stdin as text (bytes that are not UTF-8 replaced, with a warning)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    data = buffer.read().decode("utf-8", "surrogateescape") if buffer is not None else sys.stdin.read()
+    return valid_text(data, where)
+
+
+def tolerate_stdin() -> None:
+    """Read stdin with surrogateescape, so a line that is not UTF-8 reaches `valid_text` instead of raising."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def check_length_args(args) -> None:

@@ -10,41 +10,39 @@ prompt plus what the caller received, or is dropped when an exception left its c
 Knows the API's stream_generate and the prompt cache; nothing of chat templates, terminals or HTTP.
 """
 
-from typing import Callable, Iterator, List, Optional, Union
+from typing import Iterator, List, Optional
 
 from .api import GenerationResponse, stream_generate
+from .cache import KVQuant
 from .prompt_cache import PromptCache
 from .proposers.base import Proposer
-from .sampling import SamplingParams
 from .stats import GenerationStats
 from .tuning.tuner import AutoTuner
 
 
 class Conversations:
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, tuner: Optional[AutoTuner] = None,
-                 reuse_cache: bool = True, slots: int = 1):
+                 reuse_cache: bool = True, slots: int = 1, kv: Optional[KVQuant] = None):
         """`proposer`: what drafting uses (each slot gets its own `fork()`); `tuner`: kept across turns for
-        num_draft_tokens="auto"; reuse_cache=False prefills every turn from scratch (same output)."""
+        num_draft_tokens="auto"; reuse_cache=False prefills every turn from scratch (same output); `kv`:
+        quantized K/V (--kv-bits ...) for every slot's cache."""
         self.model, self.tokenizer, self.proposer, self.tuner = model, tokenizer, proposer, tuner
-        self.prompt_cache = PromptCache(model, enabled=reuse_cache, slots=slots)
+        self.kv_flags = kv.as_dict() if kv is not None else {}
+        self.prompt_cache = PromptCache(model, enabled=reuse_cache, slots=slots, kv=kv)
 
-    def turn(self, ids: List[int], *, sampling: SamplingParams, max_tokens: int, seed: Optional[int] = None,
-             num_draft_tokens: Union[int, str] = 3, drafting: bool = True,
-             should_stop: Optional[Callable[[], bool]] = None, strict: bool = False) -> "Turn":
-        return Turn(self, ids, sampling=sampling, max_tokens=max_tokens, seed=seed, num_draft_tokens=num_draft_tokens,
-                    drafting=drafting and self.proposer is not None, should_stop=should_stop, strict=strict)
+    def turn(self, ids: List[int], *, drafting: bool = True, **settings) -> "Turn":
+        """A turn for prompt `ids`. `settings`: stream_generate's (sampling, max_tokens, seed,
+        num_draft_tokens, should_stop, strict, logprobs, on_prefill, ...); drafting=False decodes plainly."""
+        return Turn(self, ids, drafting and self.proposer is not None, settings)
 
 
 class Turn:
     """One request; iterate it once. After iteration: `reused` (prompt tokens whose K/V came from the
     slot), `received` (token ids handed out), `stats`, `finish_reason` (None when stopped early)."""
 
-    def __init__(self, owner: Conversations, ids: List[int], *, sampling, max_tokens, seed, num_draft_tokens,
-                 drafting, should_stop, strict):
-        self.owner, self.ids = owner, list(ids)
-        self.settings = dict(sampling=sampling, max_tokens=max_tokens, seed=seed, num_draft_tokens=num_draft_tokens,
-                             should_stop=should_stop, strict=strict)
-        self.drafting = drafting
+    def __init__(self, owner: Conversations, ids: List[int], drafting: bool, settings: dict):
+        self.owner, self.ids, self.drafting = owner, list(ids), drafting
+        self.settings = {**owner.kv_flags, **settings}  # kv: auto's costs are filed by it; the slot's cache has it
         self.reused = 0
         self.received: List[int] = []
         self.stats: Optional[GenerationStats] = None

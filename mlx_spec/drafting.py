@@ -5,7 +5,7 @@ for `--drafter auto`."""
 from pathlib import Path
 from typing import Optional
 
-from .errors import ModelLoadError, PairingError
+from .errors import HubUnreachableError, ModelLoadError, PairingError
 from .loading import is_hub_id, resolve_model_path
 
 
@@ -107,6 +107,8 @@ def find_auto_drafter(base_path: Optional[str]) -> str:
             try:
                 resolve_model_path(c)
                 return c
+            except HubUnreachableError:
+                raise  # asking the next candidate would wait as long again
             except ModelLoadError:
                 continue
     raise ModelLoadError(f"--drafter auto found no drafter for {base_path} (tried {', '.join(candidates)}); "

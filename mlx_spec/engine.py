@@ -9,6 +9,10 @@ the coupled and match modes keep drafts while they equal the base's own sample, 
 the base's distribution; then the caches give back exactly the k - n rejected positions (checked, see
 cache.py). One host synchronisation per round: the `.tolist()` of the round result.
 
+Log-probabilities (`logprobs=N`): per emitted token, its log-probability and the top N under the base's
+distribution (log-softmax of the processed logits at temperature 1, as mlx-lm's server reports them),
+computed in the round's graph and read with the round's one `.tolist()` (bit-cast into its int32 result).
+
 Base features: for a proposer that reads decoder-layer outputs (proposers/base.py, FeatureReader), every
 base pass captures them and hands them to the proposer, and every rollback of the base's cache rolls its
 context cache back too, so the two always cover the same positions.
@@ -16,11 +20,12 @@ context cache back too, so the two always cover the same positions.
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
+import numpy as np
 
-from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
+from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
 from .errors import CacheRollbackError
 from .models.base import as_base
 from .parity.strict import padded_forward
@@ -41,6 +46,8 @@ class TokenEvent:
     token: int
     from_draft: bool
     finish_reason: Optional[str] = None  # "stop" (EOS) or "length" (max_tokens) on the last token
+    logprob: Optional[float] = None  # with Engine(logprobs=N): log p(token) under the base
+    top_logprobs: Optional[List[Tuple[int, float]]] = None  # ... and the N most likely (id, log p), best first
 
 
 def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence[LogitsProcessor]) -> mx.array:
@@ -58,6 +65,28 @@ def _pad_rows(rows: mx.array, n: int) -> mx.array:
     return rows if rows.shape[0] >= n else mx.concatenate([rows, mx.repeat(rows[-1:], n - rows.shape[0], axis=0)])
 
 
+def _logprob_rows(rows: mx.array, chosen: mx.array, n: int) -> mx.array:
+    """Per row of processed logits (R, V): log p(chosen token) and the top n (ids, log p; best first) under
+    softmax at temperature 1, packed as int32 (R, 1 + 2n) with the floats bit-cast, so they travel in the
+    round's one host read."""
+    n = min(n, rows.shape[-1])
+    lp = rows.astype(mx.float32)
+    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)  # (R, V)
+    token_lp = mx.take_along_axis(lp, chosen.astype(mx.int32)[:, None], axis=-1)  # (R, 1)
+    top = mx.argpartition(-lp, kth=n - 1, axis=-1)[:, :n]  # (R, n), unordered
+    top_lp = mx.take_along_axis(lp, top, axis=-1)
+    order = mx.argsort(-top_lp, axis=-1)
+    top, top_lp = mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(top_lp, order, axis=-1)
+    return mx.concatenate([mx.view(token_lp, mx.int32), top.astype(mx.int32), mx.view(top_lp, mx.int32)], axis=1)
+
+
+def _unpack_logprobs(values: List[int]) -> Tuple[float, List[Tuple[int, float]]]:
+    """One row of `_logprob_rows`, read back: (log p(token), [(id, log p)] * n)."""
+    n = (len(values) - 1) // 2
+    floats = np.array(values, np.int32).view(np.float32).tolist()
+    return floats[0], list(zip(values[1 : 1 + n], floats[1 + n :]))
+
+
 class _Stopped(Exception):
     """`should_stop` said so during the prefill."""
 
@@ -70,7 +99,8 @@ class Engine:
                  seed: Optional[int] = None, max_tokens: int = 256, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), cache: Optional[list] = None,
                  prefill_step: int = 2048, should_stop: Optional[Callable[[], bool]] = None,
-                 strict_rows: Optional[int] = None):
+                 strict_rows: Optional[int] = None, logprobs: int = 0, kv: Optional[KVQuant] = None,
+                 on_prefill: Optional[Callable[[int, int], None]] = None):
         """`proposer` None decodes plainly; `policy` (default FixedK(DEFAULT_NUM_DRAFT_TOKENS)) says how many
         drafts each round asks for. `seed` fixes every random draw (sampling.py; None: a fresh one).
         `cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
@@ -79,11 +109,16 @@ class Engine:
         that went away, a Ctrl-C); the cache then holds the prompt's prefix prefilled so far.
         `strict_rows` (strict mode on a device whose kernels depend on the row count; api.py decides): every
         decode pass, plain steps and verifies alike, and the sampling over its rows, runs at this many rows,
-        so a row's arithmetic never depends on how many drafts were verified (parity/strict.py)."""
+        so a row's arithmetic never depends on how many drafts were verified (parity/strict.py).
+        `logprobs` > 0: every TokenEvent carries its log-probability and the top `logprobs` alternatives.
+        `kv`: quantized K/V for the cache the engine makes (a given `cache` brings its own).
+        `on_prefill(done, total)`: called after each prefill chunk (progress for long prompts)."""
         if not prompt:
             raise ValueError("the prompt is empty: give at least one token")
         if strict_rows is not None and strict_rows < 1:
             raise ValueError(f"strict_rows must be >= 1, got {strict_rows}")
+        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
+            raise ValueError(f"logprobs must be an integer >= 0, got {logprobs!r}")
         self.base = as_base(model)
         self.proposer = proposer
         self.policy = policy if policy is not None else FixedK(DEFAULT_NUM_DRAFT_TOKENS)
@@ -93,18 +128,26 @@ class Engine:
         self.prefill_step = prefill_step
         self.should_stop = should_stop
         self.strict_rows = strict_rows
-        self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK)
+        self.logprobs = logprobs
+        self.on_prefill = on_prefill
+        self.kv_flags = kv.as_dict() if kv is not None else {}
+        self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK, **self.kv_flags)
         self.reads = feature_layers(proposer) if proposer is not None else ()  # base layers the proposer reads
         self.history = list(prompt)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.emitted = 0
 
     def _sample(self, logits: mx.array, history: Optional[mx.array], position: int) -> mx.array:
-        """The base's token at `position` from its logits (V,) (the plain path, also the first token)."""
+        """The base's token at `position` from its logits (V,) (the plain path, also the first token): (1,)
+        int32, followed by its packed log-probabilities when asked (one array: one host read)."""
         logits = _process(logits, history, self.processors)
         if self.strict_rows:  # the same row count as a verify's sampling
-            return self.sampler.sample(_pad_rows(logits[None], self.strict_rows), [position] * self.strict_rows)[0]
-        return self.sampler.sample(logits[None], [position])[0]
+            token = self.sampler.sample(_pad_rows(logits[None], self.strict_rows), [position] * self.strict_rows)[:1]
+        else:
+            token = self.sampler.sample(logits[None], [position])
+        if self.logprobs:
+            token = mx.concatenate([token, _logprob_rows(logits[None], token, self.logprobs)[0]])
+        return token
 
     def _decode_forward(self, tokens: mx.array):
         """A decode-phase base pass (a plain step or a verify): (logits (1, L, V), hidden or None)."""
@@ -152,6 +195,8 @@ class Engine:
             e = min(s + self.prefill_step, T - 1)
             self._forward(tokens[:, s:e])
             mx.eval(self._state())
+            if self.on_prefill is not None:
+                self.on_prefill(e, T)
         logits, hidden = self._forward(tokens[:, T - 1 :])
         first = self._sample(logits[0, -1], tokens[0], T)
         mx.eval(first, hidden if hidden is not None else first)
@@ -167,7 +212,8 @@ class Engine:
             rollback_all(self.cache, cached - keep)
             rollback_all(self.proposer.context_cache, have - keep)
         except CacheRollbackError:
-            self.cache[:] = self.base.make_cache(DEFAULT_MAX_ROLLBACK)  # in place: a prompt-cache slot holds this list
+            # in place: a prompt-cache slot holds this list
+            self.cache[:] = self.base.make_cache(DEFAULT_MAX_ROLLBACK, **self.kv_flags)
             self.proposer.reset()
             keep = 0
         return keep
@@ -184,11 +230,19 @@ class Engine:
             return "length"
         return None
 
-    def _emit(self, token: int, from_draft: bool) -> TokenEvent:
+    def _emit(self, token: int, from_draft: bool, logprobs: Optional[List[int]] = None) -> TokenEvent:
+        """`logprobs`: the token's packed row of `_logprob_rows`, when asked for."""
         self.emitted += 1
         self.history.append(token)
         self.stats.generation_tokens = self.emitted
-        return TokenEvent(token, from_draft, self._finish(token))
+        event = TokenEvent(token, from_draft, self._finish(token))
+        if logprobs is not None:
+            event.logprob, event.top_logprobs = _unpack_logprobs(logprobs)
+        return event
+
+    def _emit_sampled(self, values: List[int]) -> TokenEvent:
+        """Emit a `_sample` result read back: [token] + its packed log-probabilities when asked."""
+        return self._emit(values[0], False, values[1:] if self.logprobs else None)
 
     def run(self) -> Iterator[TokenEvent]:
         if self.max_tokens <= 0:
@@ -202,7 +256,7 @@ class Engine:
             return
         self.stats.prompt_time = time.perf_counter() - start
         gen_start = time.perf_counter()
-        event = self._emit(int(first.item()), False)
+        event = self._emit_sampled(first.tolist())
         self._time(gen_start)
         yield event
         if event.finish_reason:
@@ -252,14 +306,16 @@ class Engine:
         y = mx.array([self.history[-1]], mx.int32)
 
         def step(y, pending: bool):
-            """The step after y; pending: y is still being computed, so it is not in self.history yet."""
+            """The step after y (its token first: y[:1]); pending: y is still being computed, so it is not
+            in self.history yet."""
+            y = y[:1]
             logits, hidden = self._decode_forward(y[None])
             history = None
             if self.processors:
                 history = mx.array(self.history, mx.int32)
                 history = mx.concatenate([history, y]) if pending else history
             position = len(self.history) + int(pending)  # of the token this step produces
-            return self._sample(logits[0, -1], history, position).reshape(1), hidden
+            return self._sample(logits[0, -1], history, position), hidden
 
         nxt, h = step(y, pending=False)
         mx.async_eval(nxt)
@@ -269,7 +325,7 @@ class Engine:
             if k == 0:
                 nxt, h = step(y, pending=True)
                 mx.async_eval(nxt)
-            event = self._emit(int(y.item()), False)
+            event = self._emit_sampled(y.tolist())
             self._time(gen_start)
             if event.finish_reason:
                 if k == 0:
@@ -289,8 +345,12 @@ class Engine:
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = self._decode_forward(verify_in[None])  # (1, k+1, V)
-        n, nxt = self._accept(draft, logits[0], verify_in, position)
+        n, nxt, rows = self._accept(draft, logits[0], verify_in, position)
         result = mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), draft.tokens.astype(mx.int32)])
+        if self.logprobs:  # row i predicts the i-th token emitted: draft i while accepted, then the bonus
+            drafts = draft.tokens.astype(mx.int32)
+            chosen = mx.where(mx.arange(draft.k + 1) < n, mx.concatenate([drafts, nxt.astype(mx.int32)[None]]), nxt)
+            result = mx.concatenate([result, _logprob_rows(rows, chosen, self.logprobs).reshape(-1)])
         mx.async_eval(result)
         return asked, draft.k, result, vhidden
 
@@ -298,7 +358,10 @@ class Engine:
         """Wait for a queued round (the round's one host synchronisation), roll back what the base rejected,
         and emit. Returns (the round's TokenEvents, the hidden state for the next round)."""
         asked, k, result, vhidden = pending
-        n, nxt, *drafts = result.tolist()
+        values = result.tolist()
+        n, nxt, drafts = values[0], values[1], values[2 : 2 + k]
+        rows = values[2 + k :]  # (k+1) packed log-probability rows when asked, else empty
+        width = len(rows) // (k + 1)
         self._rollback(k - n)
         outcome = RoundResult(drafted=k, accepted=n)
         self.proposer.observe(outcome)
@@ -308,19 +371,21 @@ class Engine:
             self.stats.record_round(k, n)
         events = []
         for i, tok in enumerate(drafts[:n] + [nxt]):
-            events.append(self._emit(tok, i < n))
+            events.append(self._emit(tok, i < n, rows[i * width : (i + 1) * width] if width else None))
             if events[-1].finish_reason:
                 self._trim_cache_to_history()
                 break
         return events, (vhidden[:, n : n + 1] if vhidden is not None else None)
 
     def _accept(self, draft: Draft, logits: mx.array, verify_in: mx.array, position: int):
-        """(n_accepted, next token) from the base's k+1 rows of logits (k+1, V)."""
+        """(n_accepted, next token, the processed rows (k+1, V)) from the base's k+1 rows of logits (k+1, V)."""
         if self.processors:  # row i continues history + d1..di, so processors see that prefix
             prefix = mx.array(self.history[:-1], mx.int32)
             rows = [_process(logits[i], mx.concatenate([prefix, verify_in[: i + 1]]), self.processors)
                     for i in range(draft.k + 1)]
             logits = mx.stack(rows)
+        processed = logits
         if self.strict_rows:  # sample over the same row count as a plain step does; the padding is never read
             logits = _pad_rows(logits, self.strict_rows)
-        return self.sampler.accept(draft.tokens.astype(mx.int32), draft.probs, logits, position)
+        n, nxt = self.sampler.accept(draft.tokens.astype(mx.int32), draft.probs, logits, position)
+        return n, nxt, processed

@@ -6,6 +6,7 @@ a hub checkpoint once to disk is the API's business (api.load), not this module'
 imports the converter (the converter imports this).
 """
 
+import importlib
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -14,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_weights, read_config, read_weights, unwrap_language_model, weight_files
-from .errors import ModelLoadError, WeightMismatchError
+from .checkpoint import check_dtypes, check_weights, read_config, read_weights, unwrap_language_model, weight_files
+from .errors import HubUnreachableError, ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
 
@@ -23,6 +24,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Never cast: an index table (cast to float it would silently corrupt the drafter's vocabulary order).
 INTEGER_TENSORS = ("token_ordering",)
+DEFAULT_HUB_TIMEOUT = 10.0  # seconds for the hub to answer a lookup (huggingface_hub's etag default)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
@@ -34,18 +37,83 @@ def resolve_model_path(path_or_repo: str) -> Path:
         raise ModelLoadError(f"{path} is a file; pass the model directory that holds config.json")
     if not is_hub_id(path_or_repo):
         raise ModelLoadError(f"model directory {path_or_repo} does not exist (and it is not a hub repo id 'org/name')")
-    from huggingface_hub import snapshot_download
+    return _download(path_or_repo)
+
+
+def hub_timeout() -> float:
+    """Seconds a hub lookup may wait for an answer: HF_HUB_ETAG_TIMEOUT (read now, not at import), else 10."""
+    try:
+        value = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_HUB_TIMEOUT)
+    except ValueError:
+        return DEFAULT_HUB_TIMEOUT
+    return value if value > 0 else DEFAULT_HUB_TIMEOUT
+
+
+def _transport_errors() -> Tuple[tuple, tuple, tuple]:
+    """(timeout, proxy, any transport) exception classes of the HTTP library huggingface_hub uses (httpx2 in
+    2.x, httpx in 1.x, requests before)."""
+    for name, timeout, proxy, transport in (("httpx2", "TimeoutException", "ProxyError", "TransportError"),
+                                            ("httpx", "TimeoutException", "ProxyError", "TransportError"),
+                                            ("requests", "Timeout", "ProxyError", "ConnectionError")):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        return (getattr(mod, timeout), TimeoutError), (getattr(mod, proxy),), (getattr(mod, transport), ConnectionError)
+    return (TimeoutError,), (), (ConnectionError,)
+
+
+def _hub_problem(e: BaseException, endpoint: str, timeout: float) -> Optional[str]:
+    """What kept the hub from answering (a timeout, a proxy, the network), or None for another error."""
+    timeouts, proxies, transport = _transport_errors()
+    if isinstance(e, proxies):  # before transport: a ProxyError is one
+        return (f"the proxy in HTTPS_PROXY/HTTP_PROXY refused the connection to {endpoint} ({e}); fix or unset the "
+                "proxy")
+    if isinstance(e, timeouts):
+        return (f"{endpoint} did not answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT); check the network, HF_ENDPOINT "
+                "and any proxy")
+    if isinstance(e, transport):
+        return f"cannot reach {endpoint} ({type(e).__name__}: {e}); check the network, HF_ENDPOINT and any proxy"
+    return None
+
+
+def _download(repo: str) -> Path:
+    """The repo's files from the hub cache, downloaded first where needed. The lookup that resolves the
+    revision (huggingface_hub sends it without a timeout: an endpoint that accepts and never answers hangs
+    it forever) is made here with hub_timeout(); when the hub cannot be asked, the cache still serves, as
+    huggingface_hub does offline."""
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    timeout, endpoint = hub_timeout(), constants.ENDPOINT
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    revision, problem = None, None
+    if not offline:
+        try:
+            revision = HfApi().repo_info(repo, timeout=timeout).sha
+        except HfHubHTTPError:
+            pass  # the hub answered (not found, gated, down): snapshot_download says which, or uses the cache
+        except Exception as e:
+            problem = _hub_problem(e, endpoint, timeout)
+            if problem is None:
+                raise
     try:
-        return Path(snapshot_download(path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, etag_timeout=timeout,
+                                      local_files_only=offline or problem is not None))
     except LocalEntryNotFoundError:
+        if problem:
+            raise HubUnreachableError(f"cannot get {repo}: {problem}; it is not in the local hub cache") from None
         raise ModelLoadError(
-            f"{path_or_repo} is not in the local hub cache and cannot be downloaded"
-            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else " (no network?)")
+            f"{repo} is not in the local hub cache and cannot be downloaded"
+            + (" (HF_HUB_OFFLINE is set)" if offline else " (no network?)")
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot download {path_or_repo} from the Hugging Face hub: {e}") from None
+        raise ModelLoadError(f"cannot download {repo} from the Hugging Face hub: {e}") from None
+    except Exception as e:
+        problem = _hub_problem(e, endpoint, timeout)
+        if problem is None:
+            raise
+        raise HubUnreachableError(f"cannot download {repo}: {problem}") from None
 
 
 def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
@@ -96,8 +164,9 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     weights = cast_weights(weights, dtype)
     if config.get("quantization"):
         _quantize_like_checkpoint(model, config, weights)
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights(expected, weights, source)
+    params = dict(tree_flatten(model.parameters()))
+    check_weights({k: v.shape for k, v in params.items()}, weights, source)
+    check_dtypes({k: v.dtype for k, v in params.items()}, weights, source)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:

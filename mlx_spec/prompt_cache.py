@@ -10,13 +10,10 @@ or torn. A slot also carries its conversation's own proposer (a draft model's ca
 Knows caches and token ids; nothing of chat templates, threads or HTTP.
 """
 
-import copy
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
-import mlx.core as mx
-
-from .cache import DEFAULT_MAX_ROLLBACK, rollback_all
+from .cache import DEFAULT_MAX_ROLLBACK, KVQuant, rollback_all
 from .errors import CacheRollbackError
 from .models.base import as_base
 
@@ -30,16 +27,9 @@ def common_prefix(a: List[int], b: List[int]) -> int:
 
 
 def _clone(caches: list) -> list:
-    """Independent copies of rewindable caches: new handles on the same K/V (MLX writes through a handle
-    create new data; the original's handles keep theirs), so neither copy's updates reach the other."""
-    out = []
-    for c in caches:
-        d = copy.copy(c)
-        for name in ("keys", "values"):
-            if getattr(c, name, None) is not None:
-                setattr(d, name, mx.array(getattr(c, name)))
-        out.append(d)
-    return out
+    """Independent copies of rewindable caches (new handles on the same K/V, quantized or not), so neither
+    copy's updates reach the other."""
+    return [c.copy() for c in caches]
 
 
 @dataclass(eq=False)  # slots are compared by identity
@@ -56,10 +46,12 @@ class PromptCache:
     """`slots` conversations, least recently used evicted first: a request continues the one holding the
     longest prefix of its prompt, or takes a fresh one (a second conversation need not evict the first)."""
 
-    def __init__(self, model, enabled: bool = True, slots: int = 1):
-        """enabled=False: every request gets a fresh slot (prepare always reuses 0 tokens)."""
-        self.base, self.enabled, self.slots = as_base(model), enabled, max(1, slots)
+    def __init__(self, model, enabled: bool = True, slots: int = 1, kv: Optional[KVQuant] = None):
+        """enabled=False: every request gets a fresh slot (prepare always reuses 0 tokens); `kv`: quantized
+        K/V for the caches it makes."""
+        self.base, self.enabled, self.slots, self.kv = as_base(model), enabled, max(1, slots), kv
         self._slots: List[Slot] = []  # most recently used last
+        self._pinned: Optional[Slot] = None
 
     def drop(self) -> None:
         """Forget every conversation."""
@@ -67,6 +59,11 @@ class PromptCache:
 
     def __len__(self) -> int:
         return len(self._slots)
+
+    def pin(self, caches: list, tokens: List[int]) -> None:
+        """Keep a saved prompt (session_file.load_prompt_cache) whole for as long as this lives: a request that
+        starts with its tokens continues from a copy of it (it is never rolled back, extended or evicted)."""
+        self._pinned = Slot(caches, list(tokens))
 
     @property
     def latest(self) -> Optional[Slot]:
@@ -76,15 +73,19 @@ class PromptCache:
     def prepare(self, tokens: List[int]) -> Tuple[Slot, int]:
         """(the slot to hand the engine, how many leading tokens of `tokens` its cache holds; 0: fresh)."""
         best, keep = None, 0
-        if self.enabled:
-            for slot in self._slots:
-                n = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # the last token must run
-                if n > keep:
-                    best, keep = slot, n
+        # a pinned prompt serves even with reuse off (it is what the user saved for every request)
+        candidates = (self._slots if self.enabled else []) + ([self._pinned] if self._pinned is not None else [])
+        for slot in candidates:
+            n = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # the last token must run
+            if n > keep:
+                best, keep = slot, n
         if best is not None:
             # Rolling back would cut another conversation short (a shared system prompt, then diverging): with
-            # a slot free, continue from a copy and keep that one whole.
-            share = len(best.tokens) > keep and len(self._slots) < self.slots
+            # a slot free, continue from a copy and keep that one whole. A pinned prompt is always copied.
+            share = best is self._pinned or len(best.tokens) > keep and len(self._slots) < self.slots
+            if best is self._pinned:
+                while len(self._slots) >= self.slots:
+                    self._slots.pop(0)
             slot = Slot(_clone(best.cache), list(best.tokens)) if share else best
             if not share:
                 self._slots.remove(best)
@@ -99,7 +100,8 @@ class PromptCache:
             self._slots = []
         while len(self._slots) >= self.slots:
             self._slots.pop(0)
-        slot = Slot(self.base.make_cache(DEFAULT_MAX_ROLLBACK))  # as the Engine makes its own
+        flags = self.kv.as_dict() if self.kv is not None else {}
+        slot = Slot(self.base.make_cache(DEFAULT_MAX_ROLLBACK, **flags))  # as the Engine makes its own
         self._slots.append(slot)
         return slot, 0
 

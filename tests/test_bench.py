@@ -31,7 +31,7 @@ def bench_run(tmp_path_factory):
     out = tmp / "bench.json"
     argv = ["--model", BASE, "--drafter", ASSISTANT, "--random-drafter", "--ngram", "--oracle", "0,0.5",
             "--num-draft-tokens", "1,3,auto", "--prompts", "code", "--max-tokens", "12", "--repeats", "1",
-            "--ignore-chat-template",
+            "--ignore-chat-template", "--memory-contexts", "40,300",
             "--json", str(out)]
     import contextlib
     import io
@@ -41,7 +41,19 @@ def bench_run(tmp_path_factory):
         rc = bench.main(argv)
     (tmp / "stderr.txt").write_text(err.getvalue())
     mp.undo()
-    return rc, json.loads(out.read_text()), buf.getvalue(), tmp
+    results = json.loads(out.read_text())
+    assert "memory_by_context" in results[-1], "the last JSON entry: peak memory by context"
+    return rc, results[:-1], buf.getvalue(), tmp
+
+
+def test_peak_memory_by_context_is_measured_with_the_kv_estimate(bench_run):
+    _, _, table, tmp = bench_run
+    rows = json.loads((tmp / "bench.json").read_text())[-1]["memory_by_context"]
+    assert [r["context"] for r in rows] == [40, 300]
+    for r in rows:
+        assert r["kv_bytes"] == r["kv_estimate_bytes"], "the estimate the commands check is the measured K/V"
+        assert r["plain_peak_bytes"] > 0 and r["mtp_peak_bytes"] > 0
+    assert rows[1]["kv_bytes"] > rows[0]["kv_bytes"] and "peak memory by context" in table, "K/V grows with context"
 
 
 def by(results, proposer, k, rate=None):

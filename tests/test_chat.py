@@ -255,3 +255,15 @@ def test_subprocess_reads_stdin(pair):
     assert p.stdout.strip(), "the reply is on stdout"
     assert "τ" in p.stderr and "Conversation: 1 replies" in p.stderr
     assert "Traceback" not in p.stderr and "Warning" not in p.stderr
+
+
+def test_input_that_is_not_utf8_is_replaced_not_a_crash(pair, monkeypatch, capsys):
+    """A strict UTF-8 stdin (a UTF-8 locale) raised on the first bad byte; the chat reads it with
+    surrogateescape and replaces what is not UTF-8, with a warning."""
+    path, model, tokenizer, _ = pair
+    stdin = io.TextIOWrapper(io.BytesIO(b"def f(\xff):\n/quit\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc = chat_mod.main(["--model", str(path), "-m", "6", "--seed", "-1", "--temp", "0.5"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "this line is not valid UTF-8: 1 byte replaced with U+FFFD" in captured.err, captured.err
+    assert captured.out.strip(), "the line was answered"

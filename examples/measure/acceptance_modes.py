@@ -5,6 +5,7 @@ coupled (the drafter draws with the base's own noise; output = plain sampling wi
 Prints τ and acceptance by position per mode: the median over prompts with its interquartile range.
 
     python examples/measure/acceptance_modes.py [--prompts 24] [--seeds 2] [--tokens 128] [--k 3]
+                                                [--temps 0.7,1.0] [--modes rejection,coupled,match]
 """
 
 import argparse
@@ -39,6 +40,7 @@ def main():
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--k", type=int, default=3)
     p.add_argument("--temps", default="0.7,1.0")
+    p.add_argument("--modes", default="rejection,coupled,match")
     a = p.parse_args()
     model, tok = load(str(PAIR / "base"))
     drafter = load_drafter(str(PAIR / "assistant"), model)
@@ -46,7 +48,7 @@ def main():
     print(f"{len(prompts)} held-out prompts x {a.seeds} seeds x {a.tokens} tokens, k={a.k}")
     print(f"{'temp':>5} {'mode':<10} {'tau median (IQR)':<22} {'acceptance by position (pooled)'}")
     for temp in [float(t) for t in a.temps.split(",")]:
-        for mode in ("rejection", "coupled", "match"):
+        for mode in a.modes.split(","):
             taus, total = [], GenerationStats()
             for ids in prompts:
                 per_prompt = GenerationStats.total(run(model, tok, drafter, ids, mode, temp, s, a.k, a.tokens)

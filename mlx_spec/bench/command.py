@@ -21,6 +21,8 @@ from ..proposers import make_proposer
 from ..proposers.oracle import OracleProposer
 from ..tuning import AutoTuner, CostsStore
 from ..version import __version__
+from ..long_context import add_kv_args, kv_settings
+from .memory import format_memory, peak_by_context
 from .report import format_table, plot, summarize
 from .runner import Bench, Config, baseline_label
 
@@ -37,6 +39,16 @@ def k_list(value: str) -> List[Union[int, str]]:
             out.append(num_draft_tokens(part.strip()))
     if not out:
         raise argparse.ArgumentTypeError("give at least one k, e.g. 1,2,3,auto")
+    return out
+
+
+def context_list(value: str) -> List[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected context lengths, e.g. 1024,8192; got {value!r}") from None
+    if not out or any(n < 1 for n in out):
+        raise argparse.ArgumentTypeError(f"context lengths must be >= 1, got {value!r}")
     return out
 
 
@@ -73,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompts as raw text")
     p.add_argument("--json", metavar="PATH", help="write one object per configuration (a JSON list)")
     p.add_argument("--plot", metavar="PATH", help="draw speedup and acceptance by position (needs matplotlib)")
+    p.add_argument("--memory-contexts", type=context_list, default=None, metavar="N,N,..",
+                   help="also measure peak memory after prefilling contexts of these lengths (e.g. 1024,8192,32768)")
+    add_kv_args(p)
     p.add_argument("--strict", action="store_true",
                    help="strict mode for every run (plain ones too): pads where this device needs it")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
@@ -148,7 +163,8 @@ def environment(args, model, n_prompts: int) -> dict:
             "mlx_lm": mlx_lm.__version__, "mlx_spec": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "prompts": n_prompts, "prompt_set": args.prompts, "max_tokens": args.max_tokens,
             "repeats": args.repeats, "seed": args.seed, "clock": args.clock,
-            "row_invariant": row_invariant(model, STRICT_ROWS), "strict": args.strict}
+            "row_invariant": row_invariant(model, STRICT_ROWS), "strict": args.strict,
+            "kv": kv_settings(args).as_dict() if args.kv_bits is not None else None}
 
 
 def main_args(args) -> int:
@@ -159,6 +175,7 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--repeats must be >= 1, got {args.repeats}")
     if args.oracle and args.temp > 0:
         raise MlxSpecError("--oracle proposes the greedy continuation; use it with --temp 0")
+    kv = kv_settings(args)
     model, tokenizer = load(args.model)
     prompt_list = prompt_sets.resolve(args.prompts)
     ids = [encode_prompt(tokenizer, format_prompt(tokenizer, p.text, None, not args.ignore_chat_template))
@@ -168,21 +185,23 @@ def main_args(args) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bench = Bench(model, ids, sampling, tokenizer.eos_token_ids, args.seed if args.seed is not None else 0,
                   args.max_tokens, progress=not args.quiet, tuner=AutoTuner(CostsStore(clock=clock)),
-                  strict_rows=strict_rows(model, None) if args.strict else None)
+                  strict_rows=strict_rows(model, None) if args.strict else None, kv=kv)
     weights = {id(c.weights): c.weights for c in configs if c.weights is not None}
     with resident(model, *weights.values()):  # as stream_generate keeps them, on Apple silicon
         references.update(bench.references())
         bench.estimate(configs, args.repeats)
         bench.probe(configs)
         results, instrumented, probes = bench.measure(configs, args.repeats)
+        by_context = peak_by_context(model, configs, args.memory_contexts or [], kv, bench.log)
     env = environment(args, model, len(ids))
     kinds = [p.kind for p in prompt_list]
     out = [summarize(c, results[c.label], results[baseline_label(c)], kinds, probes.get(c.family, []),
                      instrumented[c.label], args.temp, env, _param_bytes(c.weights) if c.weights is not None else 0)
            for c in configs]
-    print(format_table(out))
+    print(format_table(out) + format_memory(by_context))
     if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+        Path(args.json).write_text(json.dumps(out + ([{"memory_by_context": by_context}] if by_context else []),
+                                              indent=1))
     if args.plot:
         plot(out, args.plot)
     return 0

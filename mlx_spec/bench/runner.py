@@ -7,6 +7,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import mlx.core as mx
 
+from ..cache import KVQuant
 from ..engine import Engine
 from ..proposers.base import RoundResult, feature_layers
 from ..sampling import SamplingParams
@@ -108,11 +109,12 @@ class _TimedProposer:
 
 
 def decode(model, ids: List[int], proposer, k_value, sampling: SamplingParams, max_tokens: int, eos_ids,
-           seed: int, tuner: AutoTuner, instrument: bool = False, strict_rows: Optional[int] = None) -> RunResult:
+           seed: int, tuner: AutoTuner, instrument: bool = False, strict_rows: Optional[int] = None,
+           kv: Optional[KVQuant] = None) -> RunResult:
     """One request through the engine, as stream_generate runs it but without detokenizing. `tuner` (the
     bench's own) gives auto its policy and the clock every time is read from."""
     clock = tuner.clock
-    policy = draft_policy(k_value, model, proposer, tuner) if proposer is not None else None
+    policy = draft_policy(k_value, model, proposer, tuner, kv) if proposer is not None else None
     if policy is None:
         proposer = None
     timer = None
@@ -120,7 +122,7 @@ def decode(model, ids: List[int], proposer, k_value, sampling: SamplingParams, m
         proposer = _TimedProposer(proposer, clock)
         timer = policy = _RoundTimer(policy, clock)
     eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, max_tokens=max_tokens,
-                 eos_ids=eos_ids, seed=seed, strict_rows=strict_rows)
+                 eos_ids=eos_ids, seed=seed, strict_rows=strict_rows, kv=kv)
     mx.clear_cache()
     mx.reset_peak_memory()
     tokens, first = [], None
@@ -142,11 +144,11 @@ class Bench:
     PLAIN = Config(None, 0)
 
     def __init__(self, model, ids, sampling, eos_ids, seed: int, max_tokens: int, progress: bool = False,
-                 tuner: Optional[AutoTuner] = None, strict_rows: Optional[int] = None):
+                 tuner: Optional[AutoTuner] = None, strict_rows: Optional[int] = None, kv: Optional[KVQuant] = None):
         """`tuner`: the bench's own (its costs store, the clock, what auto learns across the runs);
         `strict_rows`: strict mode's padding, for plain and speculative runs alike (None: off)."""
         self.model, self.ids, self.sampling, self.eos_ids = model, ids, sampling, eos_ids
-        self.strict_rows = strict_rows
+        self.strict_rows, self.kv = strict_rows, kv
         self.seed, self.max_tokens, self.progress = seed, max_tokens, progress
         self.tuner = tuner or AutoTuner()
         self.plain_s_per_token = 0.0  # measured by references()
@@ -159,7 +161,7 @@ class Bench:
     def run(self, cfg: Config, i: int, max_tokens: Optional[int] = None, instrument: bool = False) -> RunResult:
         return decode(self.model, self.ids[i], cfg.make(i), cfg.k if cfg.proposer else 0, self.sampling,
                       max_tokens or self.max_tokens, self.eos_ids, self.seed + i, self.tuner, instrument,
-                      self.strict_rows)
+                      self.strict_rows, self.kv)
 
     def references(self) -> Dict[int, List[int]]:
         """prompt + plain continuation per prompt (the oracle's knowledge; also warms up plain decoding)."""
@@ -187,14 +189,14 @@ class Bench:
         costs: Dict[str, Costs] = {}
         for cfg in configs:
             if cfg.family not in costs:
-                costs[cfg.family] = self.tuner.store.get(self.model, cfg.make(0), refresh=True)
+                costs[cfg.family] = self.tuner.store.get(self.model, cfg.make(0), refresh=True, kv=self.kv)
         return costs
 
     def reprobe(self, configs: List[Config], samples: Dict[str, List[Costs]]) -> None:
         """One more short probe per family, taken between the measured passes, so the costs that
         efficiency compares with come from the same minutes as the runs (a shared machine drifts)."""
         for family, cfg in {c.family: c for c in configs}.items():
-            samples.setdefault(family, []).append(measure_costs(self.model, cfg.make(0), reps=2,
+            samples.setdefault(family, []).append(measure_costs(self.model, cfg.make(0), reps=2, kv=self.kv,
                                                                 clock=self.tuner.clock))
 
     def measure(self, configs: List[Config], repeats: int):

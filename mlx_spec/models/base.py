@@ -1,9 +1,10 @@
 """What the engine needs of a base model, and an adapter that gives it to any mlx-lm model.
 
 The engine calls `forward(tokens (1, L), cache) -> (logits (1, L, V), hidden (1, L, H) or None)` and
-`make_cache(max_rollback) -> [rewindable caches]` (cache.py), and, for a proposer that reads decoder-layer
-outputs (block drafters), `forward_layers(tokens, cache, layers) -> (logits, hidden, features (1, L, n*H))`:
-the same pass, with those layers' outputs captured. Our Gemma 4 models implement all three
+`make_cache(max_rollback, kv_bits=None, kv_group_size=64, quantized_kv_start=0) -> [rewindable caches]`
+(cache.py; the K/V flags as mlx-lm spells them), and, for a proposer that reads decoder-layer outputs
+(block drafters), `forward_layers(tokens, cache, layers) -> (logits, hidden, features (1, L, n*H))`: the
+same pass, with those layers' outputs captured. Our Gemma 4 models implement all three
 (`SpeculativeBase`; they also return the final-normed hidden state the MTP drafter reads). Any other
 architecture mlx-lm loads (llama, qwen, gemma3, ...) is wrapped by `as_base`: no hidden state, and
 mlx-lm's caches swapped for rewindable ones, which is all n-gram and draft-model speculation need.
@@ -13,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 import mlx.core as mx
 
-from ..cache import DEFAULT_MAX_ROLLBACK, make_rewindable
+from ..cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, forward_split_at_switch, make_rewindable
 from ..errors import UnsupportedModelError
 
 
@@ -23,7 +24,8 @@ class SpeculativeBase:
     def forward(self, inputs: mx.array, cache=None) -> Tuple[mx.array, Optional[mx.array]]:
         raise NotImplementedError
 
-    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,
+                   kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0) -> list:
         raise NotImplementedError
 
     def forward_layers(self, inputs: mx.array, cache, layers: Sequence[int]):
@@ -40,12 +42,15 @@ class MlxLmBase(SpeculativeBase):
         self.model = model
 
     def forward(self, inputs: mx.array, cache=None):
-        return self.model(inputs, cache=cache), None
+        # a switch to quantized K/V inside this pass runs as two passes, as gemma4_text's forward does
+        return forward_split_at_switch(lambda x: self.model(x, cache=cache), inputs, cache or []), None
 
-    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK) -> list:
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,
+                   kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0) -> list:
         from mlx_lm.models.cache import make_prompt_cache
 
-        return make_rewindable(make_prompt_cache(self.model), max_rollback)
+        return make_rewindable(make_prompt_cache(self.model), max_rollback, kv_bits, kv_group_size,
+                               quantized_kv_start)
 
 
 def as_base(model) -> SpeculativeBase:

@@ -35,7 +35,7 @@ def visible_context(cache, window: Optional[int]) -> Optional[Tuple[mx.array, mx
     """(K, V) (1, n_kv, S, hd) of the context a block sees (see the module docstring); None when empty."""
     if cache.offset == 0:
         return None
-    keys, values = cache.state if isinstance(cache, SlidingKVCache) else cache.drafter_view()  # in order
+    keys, values = cache.state  # every retained position, in order (never quantized: made here unquantized)
     if window is not None and keys.shape[2] > window - 1:
         keys, values = keys[..., keys.shape[2] - (window - 1):, :], values[..., values.shape[2] - (window - 1):, :]
     return keys, values

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as mlx_gemma4
 
+from ..cache import QuantizedKV
 from ..errors import UnsupportedModelError
 from . import gemma4_text
 
@@ -174,6 +175,16 @@ def _compute_dtype(linear: nn.Module):
     return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else linear["scales"].dtype
 
 
+def _attend_quantized(q: mx.array, k: QuantizedKV, v: QuantizedKV) -> mx.array:
+    """_attend on quantized K (n_kv, T, *) and V, through quantized matmuls (nothing dequantized)."""
+    n_kv = k.packed.shape[0]
+    qk = dict(group_size=k.group_size, bits=k.bits)
+    scores = mx.quantized_matmul(q.reshape(n_kv, -1, q.shape[-1]).astype(k.scales.dtype), k.packed, k.scales,
+                                 k.biases, transpose=True, **qk)  # (n_kv, rep, T)
+    p = mx.softmax(scores, axis=-1, precise=True)
+    return mx.quantized_matmul(p, v.packed, v.scales, v.biases, transpose=False, **qk).astype(q.dtype)
+
+
 class DraftStepper:
     """The drafter's blocks as fixed-shape compiled segments joined by the attention (see module docstring).
 
@@ -232,15 +243,24 @@ class DraftStepper:
 
     # -- per round / per step
     def begin_round(self, shared_kv: dict, position: int) -> dict:
-        """shared_kv: layer type -> (K, V) (1, n_kv, T, D) as the base caches them. The query sits at
-        `position` for every step of the round (transformers' convention)."""
+        """shared_kv: layer type -> (K, V) (1, n_kv, T, D) as the base caches them, arrays or `QuantizedKV`
+        (then attended through quantized matmuls: see cache.py for why not dequantized). The query sits
+        at `position` for every step of the round (transformers' convention)."""
         R = self._rope_matrices(mx.array(position, mx.int32))
-        return {t: (k[0].swapaxes(-1, -2), v[0], R[t]) for t, (k, v) in shared_kv.items()}
+        out = {}
+        for t, (k, v) in shared_kv.items():
+            if isinstance(k, QuantizedKV):
+                out[t] = (k.first(), v.first(), R[t])
+            else:
+                out[t] = (k[0].swapaxes(-1, -2), v[0], R[t])
+        return out
 
     @staticmethod
     def _attend(q: mx.array, kt: mx.array, v: mx.array) -> mx.array:
         """One query's heads q (n_heads, D) onto K^T (n_kv, D, T), V (n_kv, T, D); scale 1.0 (Gemma 4).
         Head h reads K/V head h // (n_heads / n_kv), as mlx's and transformers' GQA do."""
+        if isinstance(kt, QuantizedKV):
+            return _attend_quantized(q, kt, v)
         scores = q.reshape(kt.shape[0], -1, q.shape[-1]) @ kt
         # the base's K/V may be wider than the drafter's dtype (fp32 base): back to the query's dtype
         return (mx.softmax(scores, axis=-1, precise=True) @ v).astype(q.dtype)

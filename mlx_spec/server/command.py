@@ -1,12 +1,17 @@
 """The `mlx_spec.server` command line: flags, loading, serving until Ctrl-C or SIGTERM."""
 
 import argparse
+import math
 import signal
 import sys
+from pathlib import Path
 
 from ..cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
                    load_models, run, sampling_params)
 from ..errors import MlxSpecError
+from ..long_context import add_kv_args, check_memory, kv_settings, load_session, model_dir_context
+from ..loading import is_hub_id
+from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
 from .http import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server
 
 
@@ -22,6 +27,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most prompt + completion tokens per request (default: the model's max_position_embeddings)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_REQUEST_BYTES,
                    help=f"largest request body accepted; larger ones get 413 (default: {DEFAULT_MAX_REQUEST_BYTES})")
+    p.add_argument("--request-timeout", type=float, default=DEFAULT_REQUEST_TIMEOUT, metavar="SECONDS",
+                   help="a request must arrive within this, and each write to a client go out within it; else 408 "
+                        f"or the connection is closed (default: {DEFAULT_REQUEST_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
+                   help="connections served at once; more get 503 with Retry-After (default: "
+                        f"{DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id /v1/models and responses show (default: the model directory's name, or the "
+                        "hub repo id; never a local path)")
     add_sampling_args(p, seed=False)  # defaults for requests that leave them out
     p.add_argument("--quiet", action="store_true", help="no per-request log lines on stderr")
     p.add_argument("--no-prompt-cache", action="store_true",
@@ -30,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-cache-slots", type=int, default=1,
                    help="conversations whose K/V are kept at once, least recently used dropped first (default: 1; "
                    "each holds up to a context's worth of K/V)")
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="a saved prompt (mlx_spec.cache_prompt): requests that start with it continue from it")
+    add_kv_args(p)
     return p
 
 
@@ -42,15 +59,25 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--prompt-cache-slots must be >= 1, got {args.prompt_cache_slots}")
     if not 0 <= args.port <= 65535:
         raise MlxSpecError(f"--port must be between 0 and 65535, got {args.port}")
+    if not (math.isfinite(args.request_timeout) and args.request_timeout > 0):
+        raise MlxSpecError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
+    if args.max_connections < 1:
+        raise MlxSpecError(f"--max-connections must be >= 1, got {args.max_connections}")
+    kv = kv_settings(args)
+    check_memory(args.model, args.drafter, (args.max_context or model_dir_context(args.model) or 0)
+                 * args.prompt_cache_slots, kv)  # every slot can hold a context's worth of K/V
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # requests can turn drafting on
+    saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
     log = None if args.quiet else sys.stderr
     try:
-        server = Server(model, tokenizer, proposer, host=args.host, port=args.port, model_name=args.model,
+        server = Server(model, tokenizer, proposer, host=args.host, port=args.port,
+                        model_name=args.served_model_name or served_model_name(args.model),
                         max_tokens=args.max_tokens, max_context=args.max_context,
                         max_request_bytes=args.max_request_bytes, num_draft_tokens=args.num_draft_tokens,
                         draft_by_default=not args.no_draft, sampling=sampling, log=log, access_log=log,
                         prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
-                        strict=args.strict)
+                        strict=args.strict, request_timeout=args.request_timeout,
+                        max_connections=args.max_connections, kv=kv, session=saved)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e
@@ -71,6 +98,14 @@ def main_args(args) -> int:
     finally:
         server.close()
     return 0
+
+
+def served_model_name(model: str) -> str:
+    """The id clients see: a hub repo id as given, a local model by its directory's name (a path would tell
+    every client where the server's files are)."""
+    if is_hub_id(model):
+        return model
+    return Path(model).expanduser().resolve().name or "model"
 
 
 def _interrupt(signum, frame):

@@ -13,7 +13,7 @@ import mlx.core as mx
 import numpy as np
 
 from .. import acceptance
-from ..cache import rollback_all
+from ..cache import KVQuant, rollback_all
 from ..models.base import as_base, vocab_size
 from ..proposers.base import RoundContext, RoundResult, feature_layers
 from ..sampling import Sampler, SamplingParams
@@ -79,7 +79,8 @@ def _time_draft(proposer, ctx: RoundContext, k: int, clock) -> float:
     return elapsed
 
 
-def _synthetic_context(model, proposer, context: int, max_rollback: int, rng, seed: int):
+def _synthetic_context(model, proposer, context: int, max_rollback: int, rng, seed: int,
+                       kv: Optional[KVQuant] = None):
     """(the base's forward as the engine calls it, its cache over history[:-1], the round's RoundContext)
     for a random history of `context` tokens; a proposer that reads decoder-layer outputs has them for
     history[:-1] too (the timed passes capture them but do not extend its context)."""
@@ -87,7 +88,7 @@ def _synthetic_context(model, proposer, context: int, max_rollback: int, rng, se
     layers = feature_layers(proposer) if proposer is not None else ()
     forward = (lambda t, c: base.forward_layers(t, c, layers)) if layers else base.forward
     history = rng.integers(4, vocab_size(model) or 256, size=max(context, 2)).tolist()
-    cache = base.make_cache(max_rollback)
+    cache = base.make_cache(max_rollback, **(kv.as_dict() if kv is not None else {}))
     out = forward(mx.array(history[:-1], mx.int32)[None], cache)  # cache holds history[:-1]
     hidden = out[1][:, -1:] if out[1] is not None else None  # (1, 1, H) at the bonus token's predecessor
     if layers:
@@ -115,14 +116,15 @@ def measure_drafting(model, proposer, ks, *, context: int = DEFAULT_PROBE_CONTEX
 
 def measure_costs(model, proposer=None, *, k_max: int = K_MAX, context: int = DEFAULT_PROBE_CONTEXT,
                   reps: Optional[int] = None, plain_steps: int = PROBE_PLAIN_STEPS, seed: int = 0,
-                  budget_s: float = PROBE_BUDGET_S, clock: Callable[[], float] = time.perf_counter) -> Costs:
+                  budget_s: float = PROBE_BUDGET_S, clock: Callable[[], float] = time.perf_counter,
+                  kv: Optional[KVQuant] = None) -> Costs:
     """Time plain steps, (k+1)-token verify passes (k = 0..k_max) and the proposer's drafting on a
     synthetic context, interleaved over `reps` passes (default DEFAULT_PROBE_REPS) after one warm-up pass,
     fewer (at least MIN_PROBE_REPS) once `budget_s` seconds have gone; return medians as ratios to the
     plain step. Without a proposer the draft cost is 0. `clock` is what the seconds are read from."""
     reps = DEFAULT_PROBE_REPS if reps is None else reps
     rng = np.random.default_rng(seed)
-    forward, cache, ctx = _synthetic_context(model, proposer, context, max(plain_steps, k_max) + 1, rng, seed)
+    forward, cache, ctx = _synthetic_context(model, proposer, context, max(plain_steps, k_max) + 1, rng, seed, kv)
     history = ctx.history
     drafts = mx.array(rng.integers(4, vocab_size(model) or 256, size=k_max).tolist(), mx.int32)
     probe_ks = {k for k in PROBE_VERIFY_KS if k <= k_max} | {k_max}  # the largest is always measured

@@ -14,6 +14,7 @@ import weakref
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
+from ..cache import KVQuant
 from ..identity import machine_identity, model_identity, short_hash
 from ..paths import cache_root
 from .costs import Costs
@@ -81,9 +82,13 @@ class CostsStore:
         return short_hash([machine, self.model_identity(model)])
 
     # -- costs
-    def get(self, model, proposer=None, *, refresh: bool = False, **measure_kw) -> Costs:
-        """`refresh=True` measures again (and saves)."""
+    def get(self, model, proposer=None, *, refresh: bool = False, kv: Optional[KVQuant] = None,
+            **measure_kw) -> Costs:
+        """`refresh=True` measures again (and saves). `kv`: costs with quantized K/V (its attention costs
+        differ), measured and filed on their own."""
         key, pid = self.key(model), proposer.identity if proposer is not None else "none"
+        if kv is not None:
+            pid, measure_kw = f"{pid}|kv{kv.bits}g{kv.group_size}s{kv.start}", dict(measure_kw, kv=kv)
         with self._lock:
             if not refresh and (key, pid) in self._costs:
                 return self._costs[key, pid]

@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Callable, Dict, Optional, Tuple, Union
 
-from ..cache import MAX_DRAFT_TOKENS
+from ..cache import MAX_DRAFT_TOKENS, KVQuant
 from ..errors import MlxSpecError
 from .policy import FIRST_PROBE_AFTER, AcceptanceEstimate, AutoDraftPolicy, DraftPolicy, FixedK, PairState
 from .store import CostsStore
@@ -26,12 +26,13 @@ class AutoTuner:
         self.store = store if store is not None else CostsStore(clock=clock or time.perf_counter, log=log)
         self.clock = clock or self.store.clock
         self._lock = threading.Lock()
-        self._states: Dict[Tuple[str, str], PairState] = {}
+        self._states: Dict[Tuple[str, str, Optional[KVQuant]], PairState] = {}
 
-    def pair_state(self, model, proposer) -> PairState:
-        """The learnt state of this pair, down-weighted for a new request: it keeps its verdict, but a new
-        prompt re-probes within FIRST_PROBE_AFTER tokens and moves the estimate quickly."""
-        key = (self.store.model_identity(model)["weights_hash"], proposer.identity)
+    def pair_state(self, model, proposer, kv: Optional[KVQuant] = None) -> PairState:
+        """The learnt state of this pair (with this K/V quantization: it moves acceptance), down-weighted for
+        a new request: it keeps its verdict, but a new prompt re-probes within FIRST_PROBE_AFTER tokens and
+        moves the estimate quickly."""
+        key = (self.store.model_identity(model)["weights_hash"], proposer.identity, kv)
         with self._lock:
             st = self._states.get(key)
             if st is None:
@@ -41,20 +42,21 @@ class AutoTuner:
                 st.plain_left = min(st.plain_left, FIRST_PROBE_AFTER)
             return st
 
-    def policy(self, model, proposer) -> AutoDraftPolicy:
+    def policy(self, model, proposer, kv: Optional[KVQuant] = None) -> AutoDraftPolicy:
         """A policy for one request: measured (first use) or stored costs, and the pair's learnt state."""
-        return AutoDraftPolicy(self.store.get(model, proposer), self.pair_state(model, proposer), clock=self.clock)
+        return AutoDraftPolicy(self.store.get(model, proposer, kv=kv), self.pair_state(model, proposer, kv),
+                               clock=self.clock)
 
 
-def draft_policy(value: Union[int, str, DraftPolicy], model, proposer, tuner: Optional[AutoTuner] = None
-                 ) -> Optional[DraftPolicy]:
+def draft_policy(value: Union[int, str, DraftPolicy], model, proposer, tuner: Optional[AutoTuner] = None,
+                 kv: Optional[KVQuant] = None) -> Optional[DraftPolicy]:
     """The policy for `num_draft_tokens` (--num-draft-tokens): FixedK(k) for an int (None for 0: plain
     decoding), `tuner`'s AutoDraftPolicy for "auto" (a tuner of its own when none is given), or the
     DraftPolicy passed."""
     if isinstance(value, str):
         if value != "auto":
             raise MlxSpecError(f"num_draft_tokens must be an integer or 'auto', got {value!r}")
-        return (tuner or AutoTuner()).policy(model, proposer)
+        return (tuner or AutoTuner()).policy(model, proposer, kv)
     if isinstance(value, bool) or not isinstance(value, int):
         return value
     if not 0 <= value <= MAX_DRAFT_TOKENS:
