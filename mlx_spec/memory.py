@@ -83,7 +83,7 @@ class LayerKV:
 def _gemma4_layers(config: dict) -> List[LayerKV]:
     from .models.gemma4_text import FULL, normalize_text_config
 
-    multimodal = config.get("model_type") == "gemma4"
+    multimodal = config.get("model_type") in ("gemma4", "gemma4_unified")
     text = normalize_text_config((config.get("text_config") or config) if multimodal else config)
     n_cached = text.get("num_hidden_layers", 30) - (text.get("num_kv_shared_layers") or 0)
     window = text.get("sliding_window", 512)
@@ -100,9 +100,10 @@ def _gemma4_layers(config: dict) -> List[LayerKV]:
 
 
 def kv_layers_from_config(config: dict) -> List[LayerKV]:
-    """The cached layers of a model from its config.json: exact for Gemma 4 (gemma4, gemma4_text), mlx-lm's
-    usual fields otherwise (num_key_value_heads, head_dim, layer_types + sliding_window)."""
-    if config.get("model_type") in ("gemma4", "gemma4_text"):
+    """The cached layers of a model from its config.json: exact for Gemma 4 (gemma4, gemma4_unified,
+    gemma4_text), mlx-lm's usual fields otherwise (num_key_value_heads, head_dim, layer_types +
+    sliding_window)."""
+    if config.get("model_type") in ("gemma4", "gemma4_unified", "gemma4_text"):
         return _gemma4_layers(config)
     heads = config.get("num_attention_heads", 1)
     n_kv = config.get("num_key_value_heads") or heads
