@@ -14,17 +14,19 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_spec.checkpoint import read_config, read_weights
 from mlx_spec.errors import ConversionError, ModelLoadError, UnsupportedModelError
 from mlx_spec.loading import DTYPES, build_model, load_tokenizer, resolve_model_path
-from mlx_spec.models import GEMMA4_TYPES
+from mlx_spec.models import DRAFTER_TYPES, GEMMA4_TYPES, checkpoint_type
 
 from .recipes import Q_BITS, Q_GROUP_SIZES, RECIPES, make_predicate
 from .writer import atomic_directory, check_destination
 
-DRAFTER_TYPES = ("gemma4_assistant",)
+BLOCK_DRAFTER_TYPES = ("gemma4_dflash", "gemma4_dspark")  # their config is their published layout: kept as is
 MULTIMODAL_TYPES = ("gemma4", "gemma4_unified")
 DEFAULT_DRAFTER_DTYPE = "bfloat16"
 # Copied verbatim: the tokenizer, its chat template and the generation defaults (eos ids).
@@ -54,7 +56,7 @@ def _check_options(quantize: bool, q_bits: int, q_group_size: int, dtype: Option
 
 def _default_dtype(config: dict) -> Optional[str]:
     """Drafters: bf16 (Google ships and tests them so); bases: the dtype the checkpoint says it holds."""
-    if config.get("model_type") in DRAFTER_TYPES:
+    if checkpoint_type(config) in DRAFTER_TYPES:
         return DEFAULT_DRAFTER_DTYPE
     for where in (config, config.get("text_config") or {}):
         for key in DTYPE_KEYS:
@@ -73,8 +75,10 @@ def _explicit_text_config(original: dict, args) -> dict:
 def output_config(config: dict, model: nn.Module, dtype: Optional[str]) -> dict:
     """config.json for the MLX layout, loadable by both mlx_spec and mlx-lm 0.32."""
     out = {k: v for k, v in config.items() if k not in TOWER_CONFIGS}
-    model_type = config["model_type"]
-    if model_type == "gemma4_text":
+    model_type = checkpoint_type(config)
+    if model_type in BLOCK_DRAFTER_TYPES:
+        pass  # flat fields the loaders (ours, mlx-vlm's, z-lab's, DeepSpec's) read as they are
+    elif model_type == "gemma4_text":
         out = _explicit_text_config(out, model.text_args)
     else:
         # gemma4/gemma4_unified stay multimodal-typed with the text config nested and weights named
@@ -108,6 +112,22 @@ def _save(model: nn.Module, config: dict, src: Path, out: Path) -> None:
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, out / name)
+
+
+def check_finite(model: nn.Module, src: Path, dtype: Optional[str]) -> None:
+    """Refuse NaN or infinite weights, naming the tensor: a model converted with them decodes garbage (or
+    only <pad>) without a word. One streaming read of the (cast) weights, tensor by tensor."""
+    for name, w in tree_flatten(model.parameters()):
+        if not mx.issubdtype(w.dtype, mx.floating):
+            continue
+        nan, inf = mx.isnan(w).sum(), mx.isinf(w).sum()
+        mx.eval(nan, inf)
+        if nan.item() or inf.item():
+            what = " and ".join(f"{n} {kind}" for n, kind in ((nan.item(), "NaN"), (inf.item(), "infinite"))
+                                if n)
+            cast = f", or its values overflow {dtype} (try --dtype float32)" if dtype else ""
+            raise ConversionError(f"tensor {name!r} from {src} holds {what} value(s){cast}; the checkpoint is corrupt, "
+                                  "re-download it")
 
 
 def _check_tokenizer(src: Path, config: dict) -> None:
@@ -146,7 +166,7 @@ def convert(hf_path, mlx_path, *, quantize: bool = False, q_bits: int = 4, q_gro
         config = read_config(src)
     except OSError as e:  # permissions, a directory named config.json, ...; read_config covers bad JSON
         raise ModelLoadError(f"cannot read {src / 'config.json'}: {e.strerror or e}") from e
-    model_type = config["model_type"]
+    model_type = checkpoint_type(config)
     if model_type not in GEMMA4_TYPES:
         raise UnsupportedModelError(
             f"{src / 'config.json'} has model_type {model_type!r}, which this converter does not support; "
@@ -162,6 +182,7 @@ def convert(hf_path, mlx_path, *, quantize: bool = False, q_bits: int = 4, q_gro
     weights = read_weights(src)
     model = build_model(config, weights, src, DTYPES[dtype] if dtype else None, lazy=True)
     del weights
+    check_finite(model, src, dtype)
     out_config = output_config(config, model, dtype)
     if quantize:
         info(f"Quantizing: {q_bits}-bit, group size {q_group_size}, recipe {recipe or 'uniform'}")
@@ -169,8 +190,12 @@ def convert(hf_path, mlx_path, *, quantize: bool = False, q_bits: int = 4, q_gro
 
     info(f"Writing {dest}")
     try:
-        with atomic_directory(dest, force) as tmp:
+        with atomic_directory(dest, force) as tmp:  # a full disk is its ConversionError
             _save(model, out_config, src, tmp)
     except OSError as e:
         raise ConversionError(f"cannot write {dest}: {e}; nothing was written") from e
+    except RuntimeError as e:
+        if "Unable to write" not in str(e):  # MLX's message for a failed write; anything else is a bug
+            raise
+        raise ConversionError(f"cannot write {dest} ({e}); nothing was written") from e
     return dest

@@ -12,12 +12,14 @@ import warnings
 # does); runpy warns about that, harmlessly.
 warnings.filterwarnings("ignore", message=r".*'mlx_spec\.\w+' found in sys.modules", category=RuntimeWarning)
 
-from .api import GenerationResponse, load  # noqa: E402
-from .drafting import load_drafter  # noqa: E402
-from .engine import GenerationStats, SamplingParams  # noqa: E402
-from .errors import MlxSpecError  # noqa: E402
+from .api import GenerationResponse, load, load_drafter  # noqa: E402
+# via the command's module, so that importing `mlx_spec.generate` (the module) cannot shadow the function
 from .generate import generate, stream_generate  # noqa: E402
+from .errors import MlxSpecError  # noqa: E402
+from .sampling import SamplingParams  # noqa: E402
+from .stats import GenerationStats  # noqa: E402
+from .tuning import AutoTuner, FixedK  # noqa: E402
+from .version import __version__  # noqa: E402
 
-__version__ = "0.1.0"
 __all__ = ["load", "load_drafter", "generate", "stream_generate", "GenerationResponse", "GenerationStats",
-           "SamplingParams", "MlxSpecError"]
+           "SamplingParams", "AutoTuner", "FixedK", "MlxSpecError", "__version__"]

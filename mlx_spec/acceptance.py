@@ -24,18 +24,20 @@ import math
 import mlx.core as mx
 
 
-def probs_from_logits(
+def scores_from_logits(
     logits: mx.array,
     temp: float,
     top_p: float = 1.0,
     top_k: int = 0,
     min_p: float = 0.0,
 ) -> mx.array:
-    """The distribution the plain sampler draws from, float32, row-wise over (..., V).
+    """Log-probabilities of the distribution the sampler draws from, up to a constant per row: float32
+    (..., V), filtered tokens -inf. softmax(scores) is `probs_from_logits`; argmax(scores + Gumbel noise)
+    is a sample from it.
 
     Matches `mlx_lm.sample_utils.make_sampler(temp, top_p, min_p, top_k=top_k)`: the filters run on
     the temperature-1 log-probs in mlx-lm's order (top-p, min-p, top-k), then survivors are scaled
-    by 1/temp. temp == 0 gives a one-hot on the argmax, the greedy sampler's choice.
+    by 1/temp. temp == 0 keeps only the argmax, the greedy sampler's choice.
     Differences from mlx-lm: everything here is float32 (mlx-lm filters in the logits' dtype, so
     a bf16 token sitting exactly on a threshold may fall the other way); top_k >= V means "no
     filter" instead of an error; min_tokens_to_keep is fixed at 1 (mlx-lm's default); no XTC.
@@ -51,7 +53,7 @@ def probs_from_logits(
     vocab = logits.shape[-1]
     if temp == 0:
         best = mx.argmax(logits, axis=-1, keepdims=True)  # (..., 1)
-        return (mx.arange(vocab) == best).astype(mx.float32)
+        return mx.where(mx.arange(vocab) == best, 0.0, -mx.inf)
 
     # Filters see temperature-1 log-probs, as mlx-lm's sampler does (generate_step normalizes first).
     logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
@@ -61,7 +63,19 @@ def probs_from_logits(
         logprobs = _apply_min_p(logprobs, min_p)
     if 0 < top_k < vocab:
         logprobs = _apply_top_k(logprobs, top_k)
-    return mx.softmax(logprobs * (1.0 / temp), axis=-1)
+    return logprobs * (1.0 / temp)
+
+
+def probs_from_logits(
+    logits: mx.array,
+    temp: float,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+) -> mx.array:
+    """The distribution the plain sampler draws from, float32, row-wise over (..., V) (see
+    `scores_from_logits`). temp == 0 gives a one-hot on the argmax."""
+    return mx.softmax(scores_from_logits(logits, temp, top_p, top_k, min_p), axis=-1)
 
 
 def _apply_top_p(logprobs: mx.array, top_p: float) -> mx.array:
@@ -148,12 +162,13 @@ def rejection_accept(
     draft_probs: mx.array,
     target_probs: mx.array,
     accept_uniforms: mx.array,
-    resample_uniform,
+    resample_uniforms,
 ) -> tuple[mx.array, mx.array]:
     """Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): emitted tokens follow p exactly.
 
     draft_tokens (k,), draft_probs q (k, V), target_probs p (k+1, V), accept_uniforms (k,) and
-    resample_uniform () in [0, 1). Draft i is kept while u_i < min(1, p_i(x_i) / q_i(x_i)). At the
+    resample_uniforms in [0, 1): one () for the resample, or (k+1,) with entry n used after n acceptances
+    (so each position has its own draw). Draft i is kept while u_i < min(1, p_i(x_i) / q_i(x_i)). At the
     first rejection i the next token is drawn from normalize(max(p_i - q_i, 0)), or from p_i if that
     residual is all zero (p_i <= q_i everywhere: only rounding gets there); after k acceptances the
     bonus is drawn from p_k. A greedy proposer passes a one-hot q.
@@ -175,4 +190,5 @@ def rejection_accept(
     p_n = mx.take(p, n, axis=0)  # (V,)
     residual = mx.maximum(p_n - mx.take(q, n, axis=0), 0.0)  # (V,)
     residual = mx.where(mx.sum(residual) > 0, residual, p_n)
-    return n, sample_from_probs(residual, resample_uniform)
+    u = mx.array(resample_uniforms, dtype=mx.float32)
+    return n, sample_from_probs(residual, mx.take(u, n) if u.ndim else u)

@@ -1,15 +1,15 @@
 """`mlx_spec.chat`: a multi-turn terminal chat with speculative decoding.
 
     mlx_spec.chat --model M [--drafter D | --draft-model M2 | --ngram [N]] [--system-prompt S]
-                  [--max-tokens N] [--temp T] [--num-draft-tokens K|auto] [--no-draft] [--max-context N]
+                  [--max-tokens N] [--temp T] [--seed S] [--num-draft-tokens K|auto] [--no-draft] [--max-context N]
 
 Replies stream to stdout; prompts, the one-line summary after each reply and command output go to stderr.
 Commands: /reset, /stats, /draft on|off, /temp X, /help, /quit. Ctrl-C stops the current reply.
 
-`ChatSession` owns the conversation and one prompt cache. Each turn it renders the whole conversation with
-the chat template, keeps the longest prefix the cache already holds (rolling the rest back) and prefills only
-the new tokens; a rollback the sliding-window cache cannot make falls back to a fresh cache, so the tokens
-are always those of a full re-prefill. It knows nothing of terminals; `ChatUI` does the I/O.
+`ChatSession` owns the conversation. Each turn it renders the whole conversation with the chat template
+and runs it as a conversation turn (conversation.py): the kept cache's longest prefix is reused and only the
+new tokens are prefilled, so the tokens are always those of a full re-prefill. It knows nothing of
+terminals; `ChatUI` does the I/O.
 """
 
 import argparse
@@ -19,12 +19,18 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
-from .api import GenerationResponse, encode_prompt, stream_generate
+from .api import GenerationResponse, encode_prompt
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
-                  check_sampling_args, load_models, run)
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, GenerationStats
+                  load_models, make_tuner, print_stats, run, sampling_params, tolerate_stdin, valid_text)
+from .cache import KVQuant
+from .conversation import Conversations
+from .long_context import PrefillProgress, add_kv_args, check_memory, kv_settings, load_session, model_dir_context
 from .errors import MlxSpecError
-from .prompt_cache import PromptCache
+from .models.base import context_length
+from .proposers.base import Proposer
+from .sampling import SamplingParams
+from .stats import GenerationStats
+from .tuning.tuner import AutoTuner
 
 PROMPT = ">>> "
 HELP = """commands:
@@ -40,12 +46,6 @@ class ContextFullError(MlxSpecError):
     """The conversation (plus the new message) no longer fits the model's context."""
 
 
-def model_context(model) -> Optional[int]:
-    """The longest sequence the model was trained for (config max_position_embeddings), if it says."""
-    args = getattr(model, "text_args", None) or getattr(model, "args", None)
-    return getattr(args, "max_position_embeddings", None)
-
-
 @dataclass
 class TurnInfo:
     """What the last reply cost: tokens prefilled vs. reused from the cache, and how it ended."""
@@ -57,58 +57,59 @@ class TurnInfo:
     context_full: bool = False  # the reply was cut because the context ran out
 
 
-PROPOSER_NAMES = {"drafter": "mtp", "draft_model": "draft model", "ngram": "ngram"}
-
-
 class ChatSession:
-    """A conversation with one model and one reusable prompt cache."""
+    """A conversation with one model, its kept K/V and (optionally) a proposer."""
 
-    def __init__(self, model, tokenizer, *, draft: Optional[dict] = None, system_prompt: Optional[str] = None,
-                 max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None, temp: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0, seed: Optional[int] = None,
-                 num_draft_tokens=DEFAULT_NUM_DRAFT_TOKENS, acceptance: str = "rejection",
-                 drafting: Optional[bool] = None, reuse_cache: bool = True):
+    def __init__(self, model, tokenizer, *, proposer: Optional[Proposer] = None, system_prompt: Optional[str] = None,
+                 max_tokens: int = DEFAULT_MAX_TOKENS, max_context: Optional[int] = None,
+                 sampling: SamplingParams = SamplingParams(), seed: Optional[int] = None, num_draft_tokens=3,
+                 drafting: Optional[bool] = None, reuse_cache: bool = True, tuner: Optional[AutoTuner] = None,
+                 strict: bool = False, kv: Optional[KVQuant] = None, session: Optional[tuple] = None,
+                 on_prefill: Optional[Callable[[int, int], None]] = None):
+        """`kv`: quantized K/V (--kv-bits ...); `session`: (caches, token ids) of a saved prompt
+        (--prompt-cache-file) that every conversation starting with those tokens continues from;
+        `on_prefill(done, total)`: progress of a long turn's prefill."""
         if not getattr(tokenizer, "has_chat_template", False):
             raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "
                                "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")
         self.model, self.tokenizer = model, tokenizer
-        self.draft = dict(draft or {})  # stream_generate's drafter / draft_model / ngram keyword
-        self._proposer_name = next((PROPOSER_NAMES[k] for k in self.draft), None)
-        if "draft_model" in self.draft:  # one proposer for the session: its cache carries over between turns
-            from .proposers.draft_model import DraftModelProposer
-
-            self.draft = {"drafter": DraftModelProposer(self.draft["draft_model"], model)}
-        self.drafting = bool(self.draft) if drafting is None else drafting and bool(self.draft)
+        self.proposer = proposer
+        self.drafting = proposer is not None if drafting is None else drafting and proposer is not None
         self.system_prompt = system_prompt
         self.max_tokens = max_tokens
-        self.max_context = max_context or model_context(model)
-        self.sampling = dict(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, acceptance=acceptance)
+        self.max_context = max_context or context_length(model)
+        self.sampling = sampling.validate()
         self.seed = seed
         self.num_draft_tokens = num_draft_tokens
-        self.prompt_cache = PromptCache(model, enabled=reuse_cache)
+        self.strict, self.session, self.on_prefill = strict, session, on_prefill
+        self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner, reuse_cache=reuse_cache, kv=kv)
+        if session is not None:  # kept whole: every conversation that starts with it continues from a copy
+            self.conversations.prompt_cache.pin(*session)
+        self._slot_tokens: List[int] = []
         self.reset()
 
     @property
     def proposer_name(self) -> Optional[str]:
-        return self._proposer_name
+        return self.proposer.name if self.proposer is not None else None
 
     def reset(self) -> None:
         self.messages: List[dict] = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
         self.turns = 0
         self.last = TurnInfo()
-        self._drop_cache()
+        self.conversations.prompt_cache.drop()
 
-    def _drop_cache(self) -> None:
-        self.prompt_cache.drop()
+    @property
+    def _slot(self):
+        return self.conversations.prompt_cache.latest
 
     @property
     def cache(self) -> Optional[list]:
-        return self.prompt_cache.cache
+        return self._slot.cache if self._slot else None
 
     @property
     def cached_tokens(self) -> List[int]:
         """The tokens whose K/V the cache holds, in order."""
-        return self.prompt_cache.tokens
+        return list(self._slot.tokens) if self._slot else []
 
     def conversation_tokens(self, messages: List[dict]) -> List[int]:
         text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -135,40 +136,24 @@ class ChatSession:
                 should_stop: Optional[Callable[[], bool]] = None) -> Iterator[GenerationResponse]:
         # nothing changes until the first token is asked for, so a reply closed before it starts leaves no trace
         self.messages = messages
-        inner, generated, text = None, [], []
-        torn = False  # an exception escaped the engine mid-step: its cache may be half-updated
+        seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
+        turn = self.conversations.turn(tokens, sampling=self.sampling, max_tokens=max_tokens, seed=seed,
+                                       num_draft_tokens=self.num_draft_tokens, drafting=self.drafting,
+                                       should_stop=should_stop, strict=self.strict, on_prefill=self.on_prefill)
+        self.turns += 1
+        self.last = TurnInfo(prompt_tokens=len(tokens))
+        text = []
         try:
-            self.last = TurnInfo(prompt_tokens=len(tokens), reused_tokens=self.prompt_cache.prepare(tokens))
-            draft = self.draft if self.drafting else {}
-            seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
-            inner = stream_generate(self.model, self.tokenizer, tokens, max_tokens=max_tokens, seed=seed,
-                                    num_draft_tokens=self.num_draft_tokens, prompt_cache=self.cache,
-                                    should_stop=should_stop, **self.sampling, **draft)
-            self.turns += 1
-            while True:
-                try:
-                    r = next(inner)
-                except StopIteration:
-                    break
-                except BaseException:
-                    torn = True
-                    raise
-                generated.append(r.token)
+            for r in turn:
+                self.last.reused_tokens = turn.reused
                 text.append(r.text)
                 self.last.stats, self.last.finish_reason = r.stats, r.finish_reason
                 self.last.context_full = context_limited and r.finish_reason == "length"
                 yield r
         finally:
-            if inner is not None:
-                inner.close()
+            turn.close()
+            self.last.reused_tokens = turn.reused
             self.messages.append({"role": "assistant", "content": "".join(text)})
-            self._settle(tokens + generated, torn or inner is None)
-
-    def _settle(self, known: List[int], torn: bool) -> None:
-        """Record what the caches hold after a reply, finished or not (see PromptCache.settle)."""
-        if torn and hasattr(self.draft.get("drafter"), "forget"):
-            self.draft["drafter"].forget()  # the draft model's cache may be half-updated too
-        self.prompt_cache.settle(known, torn)
 
 
 class _StopOnSigint:
@@ -217,14 +202,14 @@ class ChatUI:
         print(line, file=self.err, flush=True)
 
     def read(self) -> Optional[str]:
-        """The next line, or None at end of input."""
+        """The next line, or None at end of input (bytes that are not UTF-8 replaced, with a warning)."""
         if self.interactive:
             try:
-                return input(PROMPT)
+                return valid_text(input(PROMPT), "this line")
             except EOFError:
                 return None
         line = self.stdin.readline()
-        return line.rstrip("\r\n") if line else None
+        return valid_text(line.rstrip("\r\n"), "this line") if line else None
 
     def loop(self) -> int:
         if self.interactive:
@@ -293,7 +278,7 @@ class ChatUI:
         elif name == "/draft":
             if arg not in ("on", "off"):
                 self.say(f"usage: /draft on|off (drafting is {'on' if s.drafting else 'off'})")
-            elif arg == "on" and not s.draft:
+            elif arg == "on" and s.proposer is None:
                 self.say("no proposer loaded: start the chat with --drafter, --draft-model or --ngram")
             else:
                 s.drafting = arg == "on"
@@ -301,20 +286,18 @@ class ChatUI:
         elif name == "/temp":
             try:
                 temp = float(arg)
-                if not temp >= 0:
+                if not 0 <= temp < float("inf"):
                     raise ValueError
             except ValueError:
-                self.say(f"usage: /temp X with X >= 0, e.g. /temp 0.7 (now {s.sampling['temp']})")
+                self.say(f"usage: /temp X with X >= 0, e.g. /temp 0.7 (now {s.sampling.temp})")
                 return None
-            s.sampling["temp"] = temp
+            s.sampling = s.sampling.with_temp(temp)
             self.say(f"temperature {temp}" + (" (greedy)" if temp == 0 else ""))
         else:
             self.say(f"unknown command {name}; /help lists the commands")
         return None
 
     def stats(self) -> None:
-        from .generate import print_stats
-
         s = self.session
         if s.last.stats is not None:
             print_stats(s.last.stats, file=self.err, drafting=s.drafting)
@@ -323,7 +306,7 @@ class ChatUI:
         draft = f"on ({s.proposer_name}, k={s.num_draft_tokens})" if s.drafting else "off"
         context = f"{len(s.cached_tokens)} of {s.max_context}" if s.max_context else f"{len(s.cached_tokens)}"
         self.say(f"Conversation: {s.turns} replies, {context} context tokens cached; drafting {draft}; "
-                 f"temperature {s.sampling['temp']}")
+                 f"temperature {s.sampling.temp}")
 
 
 def _isatty(stream) -> bool:
@@ -340,20 +323,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="longest reply, in tokens")
     p.add_argument("--max-context", type=int, default=None,
                    help="most tokens a conversation may hold (default: the model's max_position_embeddings)")
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="a saved prompt (mlx_spec.cache_prompt) that conversations starting with it continue from")
+    add_kv_args(p)
     add_sampling_args(p)
     return p
 
 
 def main_args(args) -> int:
-    check_sampling_args(args)
+    sampling = sampling_params(args)
     check_length_args(args)
-    # load the proposer even with --no-draft, so that /draft on can use it
-    model, tokenizer, draft = load_models(argparse.Namespace(**{**vars(args), "no_draft": False}))
-    session = ChatSession(model, tokenizer, draft=draft, system_prompt=args.system_prompt,
-                          max_tokens=args.max_tokens, max_context=args.max_context, temp=args.temp,
-                          top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-                          num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance,
-                          drafting=not args.no_draft)
+    system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
+    tolerate_stdin()
+    kv = kv_settings(args)
+    check_memory(args.model, args.drafter, args.max_context or model_dir_context(args.model), kv)
+    model, tokenizer, proposer = load_models(args, with_proposer=True)  # /draft on can use it after --no-draft
+    saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
+    session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=system,
+                          max_tokens=args.max_tokens, max_context=args.max_context, sampling=sampling, seed=args.seed,
+                          num_draft_tokens=args.num_draft_tokens, drafting=not args.no_draft, tuner=make_tuner(args),
+                          strict=args.strict, kv=kv, session=saved, on_prefill=PrefillProgress())
     return ChatUI(session).loop()
 
 

@@ -115,6 +115,17 @@ def check_weights(expected: Dict[str, tuple], weights: Dict[str, mx.array], sour
             )
 
 
+def check_dtypes(expected: Dict[str, "mx.Dtype"], weights: Dict[str, mx.array], source: Path) -> None:
+    """Integers where the model computes in floats (or floats where it expects packed integers) are a corrupt
+    or mislabeled checkpoint: MLX would load them and compute garbage. Raise naming the first."""
+    for name, want in expected.items():
+        w = weights.get(name)
+        if w is not None and mx.issubdtype(w.dtype, mx.floating) != mx.issubdtype(want, mx.floating):
+            kind = "floating-point" if mx.issubdtype(want, mx.floating) else f"{want} (quantized)"
+            raise WeightMismatchError(f"tensor {name!r} in {source} is stored as {w.dtype}, but the model expects "
+                                      f"{kind} values there; the checkpoint is corrupt or mislabeled, re-download it")
+
+
 WRAPPER_PREFIX = "language_model."
 
 

@@ -1,17 +1,28 @@
-"""Pieces every command line shares: model/draft/sampling flags (mlx-lm spellings) and error handling.
+"""What every command line shares: model/draft/sampling flags (mlx-lm spellings), loading what they name,
+the chat-template prompt, the statistics lines, and error handling.
 
 A user mistake prints one `error: ...` line to stderr and exits 2; `--verbose` shows the traceback.
+Text from the command line or stdin that is not valid UTF-8 is decoded with U+FFFD for the bad bytes, and
+a warning says so (the tokenizer cannot encode the surrogates Python uses for them).
 """
 
 import argparse
+import re
 import sys
-from typing import Callable
+from typing import Callable, Optional, Tuple
 
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, MAX_DRAFT_TOKENS
+from .cache import MAX_DRAFT_TOKENS
 from .errors import MlxSpecError
+from .proposers import make_proposer
+from .proposers.base import Proposer
+from .sampling import ACCEPTANCE_MODES, DEFAULT_ACCEPTANCE, SamplingError, SamplingParams, check_seed
+from .stats import GenerationStats
+from .tuning.tuner import AutoTuner
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_TEMP = 0.0
+DEFAULT_NUM_DRAFT_TOKENS = "auto"  # commands own an AutoTuner; the library's default is a fixed k
+_SURROGATE = re.compile("[\ud800-\udfff]")  # how Python carries bytes that are not UTF-8 (surrogateescape)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -36,8 +47,8 @@ def num_draft_tokens(value: str):
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="MLX or Hugging Face model directory, or hub repo id")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--drafter", help="Gemma 4 MTP assistant drafter (directory or hub repo id; 'auto' finds "
-                   "<base>-assistant)")
+    g.add_argument("--drafter", help="a Gemma 4 drafter: MTP assistant, DFlash or DSpark block drafter (directory or "
+                   "hub repo id; the family is read from its config; 'auto' finds <base>-assistant)")
     g.add_argument("--draft-model", help="a smaller model with the same tokenizer, used as the proposer")
     g.add_argument("--ngram", nargs="?", const=3, type=int, metavar="N",
                    help="prompt-lookup drafts from the last N tokens (default N: 3)")
@@ -45,28 +56,58 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                    metavar="K|auto", help="drafts per round, or 'auto': chosen each round from this machine's "
                    f"measured costs, plain decoding when drafting does not pay (default: {DEFAULT_NUM_DRAFT_TOKENS})")
     p.add_argument("--no-draft", action="store_true", help="plain decoding (baseline), ignoring any proposer")
+    p.add_argument("--strict", action="store_true",
+                   help="byte-identical to plain decoding (with --strict) even where the device's kernels change "
+                        "with the row count: every decode pass padded to one row count; free where the device is "
+                        "row-invariant (mlx_spec.doctor tells)")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
     p.add_argument("--temp", type=float, default=DEFAULT_TEMP, help="sampling temperature (0 = greedy)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--acceptance", choices=("rejection", "match"), default="rejection",
-                   help="T>0 acceptance rule: rejection sampling (default) or token match")
+    if seed:
+        p.add_argument("--seed", type=int, default=None,
+                       help="fixes every random draw: the same seed gives the same text (any integer)")
+    p.add_argument("--acceptance", choices=ACCEPTANCE_MODES, default=DEFAULT_ACCEPTANCE,
+                   help="T>0 acceptance rule: coupled (output is exactly plain sampling with the seed, for any k), "
+                        "rejection (Leviathan/Chen: accepts the most), match (token match, for comparison); "
+                        "auto (default): coupled with --seed, rejection without")
 
 
-def check_sampling_args(args) -> None:
-    if args.temp < 0:
-        raise MlxSpecError(f"--temp must be >= 0, got {args.temp}")
-    if not 0 < args.top_p <= 1:
-        raise MlxSpecError(f"--top-p must be in (0, 1], got {args.top_p}")
-    if args.top_k < 0:
-        raise MlxSpecError(f"--top-k must be >= 0, got {args.top_k}")
-    if not 0 <= args.min_p <= 1:
-        raise MlxSpecError(f"--min-p must be in [0, 1], got {args.min_p}")
+def sampling_params(args) -> SamplingParams:
+    """The SamplingParams the flags say, validated; a bad value is one error naming its flag."""
+    try:
+        if getattr(args, "seed", None) is not None:
+            check_seed(args.seed)
+        return SamplingParams(args.temp, args.top_p, args.top_k, args.min_p, args.acceptance).validate()
+    except SamplingError as e:
+        raise MlxSpecError(f"--{e.field.replace('_', '-')} {e.message}") from None
+
+
+def valid_text(text: str, where: str) -> str:
+    """`text` with each byte that was not UTF-8 (a surrogate, in argv or a surrogateescape stream) replaced
+    by U+FFFD, saying so on stderr."""
+    cleaned, n = _SURROGATE.subn("\ufffd", text)
+    if n:
+        print(f"warning: {where} is not valid UTF-8: {n} byte{'s' if n > 1 else ''} replaced with U+FFFD",
+              file=sys.stderr)
+    return cleaned
+
+
+def read_stdin(where: str = "stdin") -> str:
+    """All of stdin as text (bytes that are not UTF-8 replaced, with a warning)."""
+    buffer = getattr(sys.stdin, "buffer", None)
+    data = buffer.read().decode("utf-8", "surrogateescape") if buffer is not None else sys.stdin.read()
+    return valid_text(data, where)
+
+
+def tolerate_stdin() -> None:
+    """Read stdin with surrogateescape, so a line that is not UTF-8 reaches `valid_text` instead of raising."""
+    if hasattr(sys.stdin, "reconfigure"):
+        sys.stdin.reconfigure(errors="surrogateescape")
 
 
 def check_length_args(args) -> None:
@@ -77,21 +118,66 @@ def check_length_args(args) -> None:
         raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
 
 
-def load_models(args):
-    """(model, tokenizer, drafter kwargs for stream_generate) from the model/draft flags."""
-    from .api import load
-    from .drafting import load_drafter
+def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, object, Optional[Proposer]]:
+    """(model, tokenizer, proposer or None) from the model/draft flags. `with_proposer` (default: not
+    --no-draft) loads the proposer even with --no-draft, for surfaces that can turn drafting on later."""
+    from .api import load, load_drafter
 
     model, tokenizer = load(args.model)
-    draft = {}
-    if not args.no_draft:
-        if args.drafter:
-            draft["drafter"] = load_drafter(args.drafter, model, base_path=args.model)
-        elif args.draft_model:
-            draft["draft_model"] = load(args.draft_model)[0]
-        elif args.ngram is not None:
-            draft["ngram"] = args.ngram
-    return model, tokenizer, draft
+    if not (with_proposer if with_proposer is not None else not args.no_draft):
+        return model, tokenizer, None
+    if args.drafter:
+        drafter = load_drafter(args.drafter, model, base_path=args.model)
+        print(f"[mlx_spec] drafter: {drafter.describe()}", file=sys.stderr, flush=True)
+        return model, tokenizer, make_proposer(model, drafter=drafter)
+    if args.draft_model:
+        return model, tokenizer, make_proposer(model, draft_model=load(args.draft_model)[0])
+    if args.ngram is not None:
+        if args.ngram < 1:
+            raise MlxSpecError(f"--ngram N must be >= 1, got {args.ngram}")
+        return model, tokenizer, make_proposer(model, ngram=args.ngram)
+    return model, tokenizer, None
+
+
+def make_tuner(args) -> Optional[AutoTuner]:
+    """An AutoTuner for --num-draft-tokens auto (it says on stderr when a first use stops to measure)."""
+    if args.num_draft_tokens != "auto":
+        return None
+    return AutoTuner(log=lambda line: print(line, file=sys.stderr, flush=True))
+
+
+def format_prompt(tokenizer, prompt: str, system: str = None, use_template: bool = True):
+    """Apply the tokenizer's chat template (as mlx-lm does) unless asked not to or there is none."""
+    if not use_template or not getattr(tokenizer, "has_chat_template", False):
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def format_positions(rates) -> str:
+    """Acceptance by draft position; '-' where nothing was drafted (undefined, not 0)."""
+    return ", ".join("-" if a is None else f"{a:.2f}" for a in rates)
+
+
+def print_stats(stats: GenerationStats, file=None, drafting: bool = False) -> None:
+    """mlx-lm's summary lines, plus one for speculation when a proposer was in use (`drafting`)."""
+    file = file or sys.stderr
+    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens-per-sec", file=file)
+    print(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens-per-sec", file=file)
+    plain = f"; {stats.plain_steps} tokens without drafts" if stats.plain_steps else ""
+    if stats.rounds:
+        print(f"Speculation: {stats.rounds} rounds, tau {stats.tau:.2f}, accepted {stats.accepted}/{stats.drafted} "
+              f"({stats.acceptance_rate:.1%}); by position [{format_positions(stats.acceptance_by_position)}]{plain}",
+              file=file)
+    elif drafting and stats.generation_tokens > 1:
+        print("Speculation: no drafted rounds (auto expected no gain from drafting on this machine, or the "
+              "proposer had nothing to offer; mlx_spec.bench shows why)", file=file)
+    if stats.strict:
+        print("Strict: " + (f"every decode pass padded to {stats.strict_rows} rows (this device's kernels change "
+                            "with the row count; mlx_spec.doctor measures the cost)" if stats.strict_rows else
+                            "nothing to pad (this device computes a verify row exactly like a one-token step)"),
+              file=file)
+    print(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB", file=file)
 
 
 def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentParser, argv=None) -> int:

@@ -1,10 +1,12 @@
-"""Loading an MTP drafter and checking that it fits its base model (before any token is drafted)."""
+"""Checking that a drafter fits its base model (before any token is drafted): MTP assistants read the base's
+K/V, block drafters (DFlash, DSpark) its decoder layers' outputs; and finding a base's published drafter
+for `--drafter auto`."""
 
 from pathlib import Path
 from typing import Optional
 
-from .errors import ModelLoadError, PairingError
-from .loading import load_model, resolve_model_path
+from .errors import HubUnreachableError, ModelLoadError, PairingError
+from .loading import is_hub_id, resolve_model_path
 
 
 def base_text_args(base):
@@ -42,6 +44,34 @@ def validate_pairing(drafter, base) -> None:
             mismatch(f"num_attention_heads ({d.num_attention_heads}) for GQA over kv heads", d.num_attention_heads, want[1])
 
 
+def validate_block_pairing(drafter, base) -> None:
+    """The layers a block drafter reads must exist in the base (not its last: the final norm follows it),
+    its width must be the base's (its fc reads len(ids) * H_base features) and so must its vocabulary."""
+    if not hasattr(base, "forward_layers") or not hasattr(base, "check_layers"):
+        raise PairingError(f"a {drafter.family} block drafter reads a Gemma 4 base's decoder layers; this base is "
+                           f"{getattr(base, 'model_type', type(base).__name__)}. Use --draft-model or --ngram with "
+                           "other models")
+    text, d = base.text_args, drafter.args
+
+    def mismatch(what, drafter_value, base_value):
+        raise PairingError(f"{drafter.family} drafter {what} is {drafter_value} but the base model's is {base_value}; "
+                           "use the drafter made for this base")
+
+    n = text.num_hidden_layers
+    if d.num_target_layers is not None and d.num_target_layers != n:
+        mismatch("num_target_layers", d.num_target_layers, f"num_hidden_layers {n}")
+    try:
+        base.check_layers(drafter.target_layer_ids)
+    except ValueError:
+        mismatch("target_layer_ids", drafter.target_layer_ids, f"range of readable layers [0, {n - 2}] (or -1)")
+    if d.hidden_size != text.hidden_size:
+        mismatch("hidden_size", d.hidden_size, text.hidden_size)
+    if d.vocab_size != text.vocab_size:
+        mismatch("vocab_size", d.vocab_size, text.vocab_size)
+    if not 0 <= d.mask_token_id < text.vocab_size:
+        mismatch("mask_token_id", d.mask_token_id, f"vocabulary [0, {text.vocab_size})")
+
+
 QUANT_SUFFIXES = ("-4bit", "-8bit", "-bf16", "-fp16", "-mlx", "-qat", "-q4_0", "-6bit", "-3bit", "-5bit", "-mxfp4")
 
 
@@ -73,25 +103,13 @@ def find_auto_drafter(base_path: Optional[str]) -> str:
         if Path(c).is_dir():
             return c
     for c in candidates:
-        if not Path(c).exists() and c.count("/") == 1 and not c.startswith((".", "/", "~")):
+        if is_hub_id(c):
             try:
                 resolve_model_path(c)
                 return c
+            except HubUnreachableError:
+                raise  # asking the next candidate would wait as long again
             except ModelLoadError:
                 continue
     raise ModelLoadError(f"--drafter auto found no drafter for {base_path} (tried {', '.join(candidates)}); "
                          "pass --drafter PATH")
-
-
-def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
-    """Load a `gemma4_assistant` drafter and validate it against `base`; raises PairingError on a mismatch."""
-    if path_or_repo == "auto":
-        path_or_repo = find_auto_drafter(base_path)
-    drafter, config, model_dir = load_model(path_or_repo, dtype=dtype)
-    if config.get("model_type") != "gemma4_assistant":
-        raise PairingError(
-            f"{Path(model_dir) / 'config.json'} is a {config.get('model_type')!r} model, not a gemma4_assistant "
-            "drafter; for an ordinary small model use --draft-model"
-        )
-    validate_pairing(drafter, base)
-    return drafter

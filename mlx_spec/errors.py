@@ -13,6 +13,10 @@ class ModelLoadError(MlxSpecError):
     """A model directory, config, tokenizer or weight file cannot be used."""
 
 
+class HubUnreachableError(ModelLoadError):
+    """The Hugging Face hub could not be asked (a timeout, a proxy, no network), as opposed to answering no."""
+
+
 class UnsupportedModelError(ModelLoadError):
     """The checkpoint's model_type (or a feature of its config) is not supported."""
 

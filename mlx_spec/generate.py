@@ -1,15 +1,27 @@
 """`mlx_spec.generate`: one prompt in, generated text out on stdout; statistics on stderr.
 
     mlx_spec.generate --model M [--drafter D | --draft-model M2 | --ngram [N]] --prompt P
-                      [--max-tokens N] [--temp T] [--num-draft-tokens K|auto] [--no-draft]
+                      [--max-tokens N] [--temp T] [--seed S] [--num-draft-tokens K|auto] [--no-draft]
+                      [--max-context N] [--kv-bits 4|8] [--prompt-cache-file F]
+
+The context (the model's max_position_embeddings, or --max-context) bounds prompt + output, as llama.cpp
+does: a prompt that fills it is refused with one line; otherwise --max-tokens is cut to what fits, with a
+note on stderr. Before loading, weights + drafter + K/V at that context are checked against the device's
+memory, and a warning names the flag that would fit (--kv-bits, a shorter --max-context). With
+--prompt-cache-file (from mlx_spec.cache_prompt) the prompt continues the cached one, as in mlx-lm.
 """
 
 import argparse
 import sys
 
-from .api import generate, stream_generate  # noqa: F401  (re-exported: `from mlx_spec import generate`)
-from .cli import DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_sampling_args, load_models, run
+from .api import encode_prompt, generate, stream_generate  # noqa: F401  (`from mlx_spec import generate`)
+from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, format_prompt, load_models,
+                  make_tuner, print_stats, read_stdin, run, sampling_params, valid_text)
 from .errors import MlxSpecError
+from .long_context import PrefillProgress, add_kv_args, check_memory, kv_flags, kv_settings, load_session
+from .models.base import context_length
+
+QUERY = "<query>"  # where --prompt goes in the chat template's rendering, after a cached prefix (mlx-lm's trick)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,54 +29,75 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--prompt", "-p", default="-", help="prompt text, or '-' to read it from stdin")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS)
+    p.add_argument("--max-context", type=int, default=None,
+                   help="most prompt + generated tokens (default: the model's max_position_embeddings)")
     p.add_argument("--system-prompt", default=None, help="system message for the chat template")
     p.add_argument("--ignore-chat-template", action="store_true", help="feed the prompt as raw text")
+    p.add_argument("--prompt-cache-file", default=None,
+                   help="continue from a saved prompt (mlx_spec.cache_prompt): --prompt is appended to it")
+    add_kv_args(p)
     add_sampling_args(p)
     return p
 
 
-def format_prompt(tokenizer, prompt: str, system: str = None, use_template: bool = True):
-    """Apply the tokenizer's chat template (as mlx-lm does) unless asked not to or there is none."""
-    if not use_template or not getattr(tokenizer, "has_chat_template", False):
-        return prompt
-    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-
-def print_stats(stats, file=None, drafting: bool = False) -> None:
-    """mlx-lm's summary lines, plus one for speculation when a proposer was in use (`drafting`)."""
-    file = file or sys.stderr
-    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.1f} tokens-per-sec", file=file)
-    print(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens-per-sec", file=file)
-    plain = f"; {stats.plain_steps} tokens without drafts" if stats.plain_steps else ""
-    if stats.rounds:
-        by_pos = ", ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
-        print(f"Speculation: {stats.rounds} rounds, tau {stats.tau:.2f}, accepted {stats.accepted}/{stats.drafted} "
-              f"({stats.acceptance_rate:.1%}); by position [{by_pos}]{plain}", file=file)
-    elif drafting and stats.generation_tokens > 1:
-        print("Speculation: no drafted rounds (auto expected no gain from drafting on this machine, or the "
-              "proposer had nothing to offer; mlx_spec.bench shows why)", file=file)
-    print(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB", file=file)
+def continuation_ids(tokenizer, cached: list, prompt: str, use_template: bool) -> list:
+    """The full prompt after a cached one: its tokens, then --prompt and (with a chat template) the end of
+    the user turn and the model's turn, which is what the template renders after a user message's text."""
+    if use_template and getattr(tokenizer, "has_chat_template", False):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": QUERY}], add_generation_prompt=True,
+                                                 tokenize=False)
+        prompt += rendered[rendered.index(QUERY) + len(QUERY):]
+    return list(cached) + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def main_args(args) -> int:
-    check_sampling_args(args)
+    sampling = sampling_params(args)
     if args.max_tokens < 0:
         raise MlxSpecError(f"--max-tokens must be >= 0, got {args.max_tokens}")
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    model, tokenizer, draft = load_models(args)
-    text = format_prompt(tokenizer, prompt.replace("\\n", "\n"), args.system_prompt, not args.ignore_chat_template)
+    if args.max_context is not None and args.max_context < 2:
+        raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+    prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
+    system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
+    kv = kv_settings(args)
+    # the prompt's length in characters bounds its tokens (unknown before the tokenizer is loaded)
+    check_memory(args.model, args.drafter, args.max_context or args.max_tokens + len(prompt), kv)
+    model, tokenizer, proposer = load_models(args)
+    cache = None
+    if args.prompt_cache_file:
+        cache, cached = load_session(args.prompt_cache_file, model, kv)
+        ids = continuation_ids(tokenizer, cached, prompt.replace("\\n", "\n"), not args.ignore_chat_template)
+    else:
+        text = format_prompt(tokenizer, prompt.replace("\\n", "\n"), system, not args.ignore_chat_template)
+        ids = encode_prompt(tokenizer, text)
+    max_tokens = fit_context(len(ids), args.max_tokens, args.max_context or context_length(model),
+                             "--max-context" if args.max_context else "the model's max_position_embeddings")
     last = None
-    for r in stream_generate(model, tokenizer, text, max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
-                             top_k=args.top_k, min_p=args.min_p, seed=args.seed,
-                             num_draft_tokens=args.num_draft_tokens, acceptance=args.acceptance, **draft):
+    for r in stream_generate(model, tokenizer, ids, proposer=proposer, max_tokens=max_tokens, sampling=sampling,
+                             seed=args.seed, num_draft_tokens=args.num_draft_tokens, tuner=make_tuner(args),
+                             strict=args.strict, prompt_cache=cache, on_prefill=PrefillProgress(), **kv_flags(kv)):
         sys.stdout.write(r.text)
         sys.stdout.flush()
         last = r
     sys.stdout.write("\n")
     if last is not None:
-        print_stats(last.stats, drafting=bool(draft))
+        print_stats(last.stats, drafting=proposer is not None)
     return 0
+
+
+def fit_context(n_prompt: int, max_tokens: int, context, source: str) -> int:
+    """--max-tokens cut to what fits the context after the prompt (with a note); a prompt that leaves no
+    room is an error. Past the context the model runs on positions it was never trained on."""
+    if not context or max_tokens == 0:
+        return max_tokens
+    room = context - n_prompt
+    if room <= 0:
+        raise MlxSpecError(f"the prompt is {n_prompt} tokens and the context holds {context} ({source}): no room to "
+                           "generate; shorten the prompt")
+    if max_tokens > room:
+        print(f"note: the prompt is {n_prompt} tokens and the context holds {context} ({source}), so at most {room} "
+              f"of --max-tokens {max_tokens} are generated", file=sys.stderr)
+        return room
+    return max_tokens
 
 
 def main(argv=None) -> int:

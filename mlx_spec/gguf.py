@@ -25,8 +25,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .errors import ModelLoadError, UnsupportedModelError
-
-DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+from .loading import DTYPES, default_dtype
 GGUF_GROUP_SIZE = 32  # the block size of every GGUF type MLX keeps quantized (Q4_0, Q4_1, Q8_0)
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -164,11 +163,6 @@ def rename_tensor(name: str) -> str:
     return ".".join(prefix + [TENSOR_NAMES[parts[0]]] + parts[1:])
 
 
-def default_dtype():
-    """float32 on the CPU backend (float16 scales make its quantized matmul slow), else the file's dtypes."""
-    return mx.float32 if mx.default_device() == mx.cpu else None
-
-
 def build_model(tensors: dict, config: dict, path="the GGUF file", dtype=None) -> nn.Module:
     """The mlx-lm llama model for `config`, quantized where the file is, with the file's tensors loaded.
     `dtype` casts every floating tensor (scales, biases, norms, float16-dequantized weights)."""
@@ -251,26 +245,13 @@ def build_tokenizer(meta: dict, path="the GGUF file"):
 
 
 def _cast(dtype: Optional[str]):
+    """The dtype to compute in: as asked, else float32 on the CPU backend (its half-precision matmuls,
+    quantized or not, are slow), else the file's."""
     if dtype is None:
-        return default_dtype()
+        return default_dtype(quantized=True)
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     return DTYPES[dtype]
-
-
-def load_gguf_model(path, dtype: Optional[str] = None):
-    """(model, config, path), the shape of `mlx_spec.loading.load_model`. `dtype` ("float16", "bfloat16",
-    "float32") casts floating tensors; default: float32 on the CPU backend, as stored elsewhere."""
-    path = gguf_path(path)
-    tensors, meta = read_gguf(path)
-    config = model_config(meta, tensors, path)
-    return build_model(tensors, config, path, _cast(dtype)), config, path
-
-
-def load_gguf_tokenizer(path):
-    path = gguf_path(path)
-    _, meta = read_gguf(path)
-    return build_tokenizer(meta, path)
 
 
 def load_gguf(path, dtype: Optional[str] = None):

@@ -1,9 +1,12 @@
 """Turning a path or hub id into a ready model: resolve, read, sanitize, quantize, check, load.
 
 An MLX-layout directory (from our converter, mlx-lm's, or mlx-community) and an unconverted Hugging Face
-directory go through the same steps; an HF checkpoint is simply sanitized and cast in memory.
+directory go through the same steps; an HF checkpoint is simply sanitized and cast in memory. Converting
+a hub checkpoint once to disk is the API's business (api.load), not this module's: the runtime never
+imports the converter (the converter imports this).
 """
 
+import importlib
 import os
 from pathlib import Path
 from typing import Optional, Tuple
@@ -12,8 +15,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .checkpoint import check_weights, is_mlx_layout, read_config, read_weights, unwrap_language_model, weight_files
-from .errors import ModelLoadError, WeightMismatchError
+from .checkpoint import check_dtypes, check_weights, read_config, read_weights, unwrap_language_model, weight_files
+from .errors import HubUnreachableError, ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import get_model_classes
 
@@ -21,6 +24,8 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 # Never cast: an index table (cast to float it would silently corrupt the drafter's vocabulary order).
 INTEGER_TENSORS = ("token_ordering",)
+DEFAULT_HUB_TIMEOUT = 10.0  # seconds for the hub to answer a lookup (huggingface_hub's etag default)
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
@@ -30,20 +35,85 @@ def resolve_model_path(path_or_repo: str) -> Path:
         return path
     if path.exists():
         raise ModelLoadError(f"{path} is a file; pass the model directory that holds config.json")
-    if path_or_repo.startswith((".", "/", "~")) or path_or_repo.count("/") != 1:
+    if not is_hub_id(path_or_repo):
         raise ModelLoadError(f"model directory {path_or_repo} does not exist (and it is not a hub repo id 'org/name')")
-    from huggingface_hub import snapshot_download
+    return _download(path_or_repo)
+
+
+def hub_timeout() -> float:
+    """Seconds a hub lookup may wait for an answer: HF_HUB_ETAG_TIMEOUT (read now, not at import), else 10."""
+    try:
+        value = float(os.environ.get("HF_HUB_ETAG_TIMEOUT") or DEFAULT_HUB_TIMEOUT)
+    except ValueError:
+        return DEFAULT_HUB_TIMEOUT
+    return value if value > 0 else DEFAULT_HUB_TIMEOUT
+
+
+def _transport_errors() -> Tuple[tuple, tuple, tuple]:
+    """(timeout, proxy, any transport) exception classes of the HTTP library huggingface_hub uses (httpx2 in
+    2.x, httpx in 1.x, requests before)."""
+    for name, timeout, proxy, transport in (("httpx2", "TimeoutException", "ProxyError", "TransportError"),
+                                            ("httpx", "TimeoutException", "ProxyError", "TransportError"),
+                                            ("requests", "Timeout", "ProxyError", "ConnectionError")):
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        return (getattr(mod, timeout), TimeoutError), (getattr(mod, proxy),), (getattr(mod, transport), ConnectionError)
+    return (TimeoutError,), (), (ConnectionError,)
+
+
+def _hub_problem(e: BaseException, endpoint: str, timeout: float) -> Optional[str]:
+    """What kept the hub from answering (a timeout, a proxy, the network), or None for another error."""
+    timeouts, proxies, transport = _transport_errors()
+    if isinstance(e, proxies):  # before transport: a ProxyError is one
+        return (f"the proxy in HTTPS_PROXY/HTTP_PROXY refused the connection to {endpoint} ({e}); fix or unset the "
+                "proxy")
+    if isinstance(e, timeouts):
+        return (f"{endpoint} did not answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT); check the network, HF_ENDPOINT "
+                "and any proxy")
+    if isinstance(e, transport):
+        return f"cannot reach {endpoint} ({type(e).__name__}: {e}); check the network, HF_ENDPOINT and any proxy"
+    return None
+
+
+def _download(repo: str) -> Path:
+    """The repo's files from the hub cache, downloaded first where needed. The lookup that resolves the
+    revision (huggingface_hub sends it without a timeout: an endpoint that accepts and never answers hangs
+    it forever) is made here with hub_timeout(); when the hub cannot be asked, the cache still serves, as
+    huggingface_hub does offline."""
+    from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    timeout, endpoint = hub_timeout(), constants.ENDPOINT
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    revision, problem = None, None
+    if not offline:
+        try:
+            revision = HfApi().repo_info(repo, timeout=timeout).sha
+        except HfHubHTTPError:
+            pass  # the hub answered (not found, gated, down): snapshot_download says which, or uses the cache
+        except Exception as e:
+            problem = _hub_problem(e, endpoint, timeout)
+            if problem is None:
+                raise
     try:
-        return Path(snapshot_download(path_or_repo, allow_patterns=["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]))
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=HUB_FILES, etag_timeout=timeout,
+                                      local_files_only=offline or problem is not None))
     except LocalEntryNotFoundError:
+        if problem:
+            raise HubUnreachableError(f"cannot get {repo}: {problem}; it is not in the local hub cache") from None
         raise ModelLoadError(
-            f"{path_or_repo} is not in the local hub cache and cannot be downloaded"
-            + (" (HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else " (no network?)")
+            f"{repo} is not in the local hub cache and cannot be downloaded"
+            + (" (HF_HUB_OFFLINE is set)" if offline else " (no network?)")
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot download {path_or_repo} from the Hugging Face hub: {e}") from None
+        raise ModelLoadError(f"cannot download {repo} from the Hugging Face hub: {e}") from None
+    except Exception as e:
+        problem = _hub_problem(e, endpoint, timeout)
+        if problem is None:
+            raise
+        raise HubUnreachableError(f"cannot download {repo}: {problem}") from None
 
 
 def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
@@ -94,8 +164,9 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     weights = cast_weights(weights, dtype)
     if config.get("quantization"):
         _quantize_like_checkpoint(model, config, weights)
-    expected = {k: v.shape for k, v in tree_flatten(model.parameters())}
-    check_weights(expected, weights, source)
+    params = dict(tree_flatten(model.parameters()))
+    check_weights({k: v.shape for k, v in params.items()}, weights, source)
+    check_dtypes({k: v.dtype for k, v in params.items()}, weights, source)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:
@@ -120,28 +191,13 @@ def materialize(*models) -> None:
     mx.eval(arrays)
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mlx_spec"
-
-
 def is_hub_id(path_or_repo: str) -> bool:
+    """'org/name' that is not a local path."""
     return not Path(path_or_repo).expanduser().exists() and path_or_repo.count("/") == 1 \
         and not path_or_repo.startswith((".", "/", "~"))
 
 
-def converted_from_hub(repo_id: str, model_dir: Path, config: dict, q_bits: Optional[int]) -> Path:
-    """An unconverted hub checkpoint is converted (and quantized) once into our cache; later loads reuse it."""
-    if is_mlx_layout(model_dir, config):
-        return model_dir  # mlx-community and other MLX repos load as they are
-    dest = cache_root() / "models" / (repo_id.replace("/", "--") + (f"-{q_bits}bit" if q_bits else ""))
-    if not (dest / "config.json").exists():
-        from convert import convert
-
-        convert(model_dir, dest, quantize=bool(q_bits), q_bits=q_bits or 4)
-    return dest
-
-
-def default_dtype(config: dict):
+def default_dtype(quantized: bool):
     """float32 for a quantized model on MLX's CPU backend, else None (the file's dtypes).
 
     The CPU quantized matmul computes in the scales' dtype, and with bfloat16 / float16 scales it is ~9x /
@@ -149,22 +205,22 @@ def default_dtype(config: dict):
     bf16 4-bit model decodes 2-5x faster cast. What gets cast is small in a quantized model (scales,
     biases, norms); its packed weights stay as they are. Metal and CUDA have fast half-precision kernels,
     so elsewhere nothing changes."""
-    return mx.float32 if config.get("quantization") and mx.default_device() == mx.cpu else None
+    return mx.float32 if quantized and mx.default_device() == mx.cpu else None
 
 
-def load_model(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] = None
-               ) -> Tuple[nn.Module, dict, Path]:
-    """(model, config, resolved directory). `dtype` casts the float weights (of a quantized model: scales,
-    biases and the unquantized rest; default: `default_dtype`); `q_bits` quantizes an unconverted hub
-    checkpoint once, into the local cache (~/.cache/mlx_spec/models)."""
+def load_model(path_or_repo: str, dtype: Optional[str] = None) -> Tuple[nn.Module, dict, Path]:
+    """(model, config, resolved directory) from a local directory or a hub repo id (downloaded as is).
+    `dtype` casts the float weights (of a quantized model: scales, biases and the unquantized rest;
+    default: `default_dtype`)."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model_dir = resolve_model_path(path_or_repo)
-    if is_hub_id(path_or_repo):
-        model_dir = converted_from_hub(path_or_repo, model_dir, read_config(model_dir), q_bits)
     config = read_config(model_dir)
     warn_if_too_big(sum(f.stat().st_size for f in weight_files(model_dir)), f"loading {model_dir}")
     weights = read_weights(model_dir)
-    model = build_model(config, weights, model_dir, DTYPES[dtype] if dtype else default_dtype(config))
-    model.source_path = str(model_dir)  # identifies the model in tuning's cost cache and bench records
+    cast = DTYPES[dtype] if dtype else default_dtype(bool(config.get("quantization")))
+    model = build_model(config, weights, model_dir, cast)
+    model.source_path = str(model_dir)  # identifies the model in the costs file and bench records
     return model, config, model_dir
 
 

@@ -1,22 +1,21 @@
-"""A base model's KV cache kept between requests, with the token ids it holds.
+"""Base-model K/V kept between requests, with the token ids it holds, in least-recently-used slots.
 
 A chat's next turn, or a client's next request to the server, repeats the conversation so far. `prepare`
-rolls the cache back to the longest prefix of the new prompt it holds, so the engine prefills only the
-rest; a rollback the sliding-window cache cannot make (the window already dropped what it needs) gives a
-fresh cache instead. Either way the tokens are exactly those of a full re-prefill (tested in test_chat.py
-and test_server.py). `settle` records what the cache holds after a request, finished, stopped or torn.
+picks the slot holding the longest prefix of the new prompt and rolls it back to that prefix, so the engine
+prefills only the rest; a rollback the sliding-window cache cannot make (the window already dropped what it
+needs) gives a fresh cache instead. Either way the tokens are exactly those of a full re-prefill (tested in
+test_chat.py and test_server.py). `settle` records what the slot holds after a request, finished, stopped
+or torn. A slot also carries its conversation's own proposer (a draft model's cache follows it).
 
 Knows caches and token ids; nothing of chat templates, threads or HTTP.
 """
 
-import copy
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
 
-import mlx.core as mx
-
-from .cache import rollback_all
-from .engine import MAX_DRAFT_TOKENS, make_base_cache
+from .cache import DEFAULT_MAX_ROLLBACK, KVQuant, rollback_all
 from .errors import CacheRollbackError
+from .models.base import as_base
 
 
 def common_prefix(a: List[int], b: List[int]) -> int:
@@ -28,99 +27,102 @@ def common_prefix(a: List[int], b: List[int]) -> int:
 
 
 def _clone(caches: list) -> list:
-    """Independent copies of rewindable caches: new handles on the same K/V (MLX writes through a handle
-    create new data; the original's handles keep theirs), so neither copy's updates reach the other."""
-    out = []
-    for c in caches:
-        d = copy.copy(c)
-        for name in ("keys", "values"):
-            if getattr(c, name, None) is not None:
-                setattr(d, name, mx.array(getattr(c, name)))
-        out.append(d)
-    return out
+    """Independent copies of rewindable caches (new handles on the same K/V, quantized or not), so neither
+    copy's updates reach the other."""
+    return [c.copy() for c in caches]
+
+
+@dataclass(eq=False)  # slots are compared by identity
+class Slot:
+    """One conversation: the base's caches, the token ids whose K/V they hold, and its own proposer (made
+    on first use with drafting; None until then)."""
+
+    cache: list
+    tokens: List[int] = field(default_factory=list)
+    proposer: Optional[object] = None
 
 
 class PromptCache:
-    """`slots` caches, least recently used evicted first: a request continues the one holding the longest
-    prefix of its prompt, or takes a fresh one (a second conversation need not evict the first)."""
+    """`slots` conversations, least recently used evicted first: a request continues the one holding the
+    longest prefix of its prompt, or takes a fresh one (a second conversation need not evict the first)."""
 
-    def __init__(self, model, enabled: bool = True, slots: int = 1):
-        """enabled=False: every request gets a fresh cache (prepare always returns 0)."""
-        self.model, self.enabled, self.slots = model, enabled, max(1, slots)
-        self.drop()
+    def __init__(self, model, enabled: bool = True, slots: int = 1, kv: Optional[KVQuant] = None):
+        """enabled=False: every request gets a fresh slot (prepare always reuses 0 tokens); `kv`: quantized
+        K/V for the caches it makes."""
+        self.base, self.enabled, self.slots, self.kv = as_base(model), enabled, max(1, slots), kv
+        self._slots: List[Slot] = []  # most recently used last
+        self._pinned: Optional[Slot] = None
 
     def drop(self) -> None:
-        """Forget every cache."""
-        self._entries: List[list] = []  # [cache, token ids, attached dict], most recently used last
-        self._current: Optional[list] = None
+        """Forget every conversation."""
+        self._slots = []
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def pin(self, caches: list, tokens: List[int]) -> None:
+        """Keep a saved prompt (session_file.load_prompt_cache) whole for as long as this lives: a request that
+        starts with its tokens continues from a copy of it (it is never rolled back, extended or evicted)."""
+        self._pinned = Slot(caches, list(tokens))
 
     @property
-    def cache(self) -> Optional[list]:
-        """The cache of the current request (after `prepare`), to hand the engine."""
-        return self._current[0] if self._current else None
+    def latest(self) -> Optional[Slot]:
+        """The most recently used slot (a chat's one conversation), or None."""
+        return self._slots[-1] if self._slots else None
 
-    @property
-    def tokens(self) -> List[int]:
-        """The ids whose K/V the current cache holds, in order."""
-        return self._current[1] if self._current else []
-
-    @property
-    def attached(self) -> dict:
-        """State that belongs with the current cache's conversation (the server keeps a draft model's
-        proposer, with its own cache, here); a fresh or copied cache starts with none."""
-        return self._current[2] if self._current else {}
-
-    def prepare(self, tokens: List[int]) -> int:
-        """Roll the cache holding the longest prefix of `tokens` back to that prefix; return how many tokens
-        it keeps (0: a fresh cache). Afterwards `self.cache` is the cache to hand the engine."""
+    def prepare(self, tokens: List[int]) -> Tuple[Slot, int]:
+        """(the slot to hand the engine, how many leading tokens of `tokens` its cache holds; 0: fresh)."""
         best, keep = None, 0
-        if self.enabled:
-            for entry in self._entries:
-                n = min(common_prefix(entry[1], tokens), len(tokens) - 1)  # the last token must run
-                if n > keep:
-                    best, keep = entry, n
+        # a pinned prompt serves even with reuse off (it is what the user saved for every request)
+        candidates = (self._slots if self.enabled else []) + ([self._pinned] if self._pinned is not None else [])
+        for slot in candidates:
+            n = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # the last token must run
+            if n > keep:
+                best, keep = slot, n
         if best is not None:
             # Rolling back would cut another conversation short (a shared system prompt, then diverging): with
-            # a slot free, continue from a copy and keep that one whole.
-            share = len(best[1]) > keep and len(self._entries) < self.slots
-            entry = [_clone(best[0]), list(best[1]), {}] if share else best
+            # a slot free, continue from a copy and keep that one whole. A pinned prompt is always copied.
+            share = best is self._pinned or len(best.tokens) > keep and len(self._slots) < self.slots
+            if best is self._pinned:
+                while len(self._slots) >= self.slots:
+                    self._slots.pop(0)
+            slot = Slot(_clone(best.cache), list(best.tokens)) if share else best
             if not share:
-                self._entries.remove(best)
+                self._slots.remove(best)
             try:
-                rollback_all(entry[0], len(entry[1]) - keep)
-                entry[1] = entry[1][:keep]
-                self._entries.append(entry)
-                self._current = entry
-                return keep
+                rollback_all(slot.cache, len(slot.tokens) - keep)
+                slot.tokens = slot.tokens[:keep]
+                self._slots.append(slot)
+                return slot, keep
             except CacheRollbackError:
                 pass  # the sliding window already dropped what this rollback needs: start over
         if not self.enabled:
-            self._entries = []
-        while len(self._entries) >= self.slots:
-            self._entries.pop(0)
-        self._current = [make_base_cache(self.model, MAX_DRAFT_TOKENS + 1), [], {}]  # as the Engine makes its own
-        self._entries.append(self._current)
-        return 0
+            self._slots = []
+        while len(self._slots) >= self.slots:
+            self._slots.pop(0)
+        flags = self.kv.as_dict() if self.kv is not None else {}
+        slot = Slot(self.base.make_cache(DEFAULT_MAX_ROLLBACK, **flags))  # as the Engine makes its own
+        self._slots.append(slot)
+        return slot, 0
 
-    def settle(self, known: List[int], torn: bool) -> None:
-        """Record which tokens the current cache holds after a request, finished or not.
+    def settle(self, slot: Slot, known: List[int], torn: bool) -> None:
+        """Record which tokens the slot's cache holds after a request, finished or not.
 
         The engine's cache holds a prefix of its history; `known` (prompt + the tokens the caller received) is
         a prefix of that history too, so anything past `known` (drafts of a round nobody read) is rolled
-        back. torn: an exception escaped the engine mid-step, so the cache may be half-updated: dropped.
-        """
-        if self._current is None:
+        back. torn: an exception escaped the engine mid-step, so the caches (the slot's proposer's too) may be
+        half-updated: the slot is dropped."""
+        if slot not in self._slots:
             return
-        offsets = {c.offset for c in self._current[0]}
+        offsets = {c.offset for c in slot.cache}
         if not torn and len(offsets) == 1:
             offset = offsets.pop()
             try:
                 if offset > len(known):
-                    rollback_all(self._current[0], offset - len(known))
+                    rollback_all(slot.cache, offset - len(known))
                     offset = len(known)
-                self._current[1] = known[:offset]
+                slot.tokens = known[:offset]
                 return
             except CacheRollbackError:
                 pass
-        self._entries.remove(self._current)
-        self._current = None
+        self._slots.remove(slot)

@@ -370,3 +370,183 @@ def tokens(seed: int = 0, n: int = 12) -> list:
     """A prompt of n token ids: BOS then ordinary words."""
     rng = np.random.default_rng(seed)
     return [2] + rng.integers(8, VOCAB, size=n - 1).tolist()
+
+
+# --- Gemma 4 12B "unified" (gemma4_unified) and block drafters (DFlash, DSpark) ------------------------
+
+UNIFIED_TEXT = dict(num_hidden_layers=4, layer_types=[S, F, S, F], num_key_value_heads=2, num_global_key_value_heads=1,
+                    attention_k_eq_v=True)
+UNIFIED_TOWERS = {  # the 12B's encoder-free embedders, dropped by every text-only loader
+    "model.vision_embedder.patch_ln1.weight": (48,), "model.vision_embedder.patch_dense.weight": (HIDDEN, 48),
+    "model.vision_embedder.patch_ln2.weight": (HIDDEN,), "model.vision_embedder.pos_embedding": (16, 2, HIDDEN),
+    "model.embed_vision.embedding_projection.weight": (HIDDEN, HIDDEN),
+    "model.embed_audio.embedding_projection.weight": (HIDDEN, 64),
+}
+
+
+def unified_text_config(window: int = 16) -> dict:
+    """A `gemma4_unified_text` config as transformers 5.24 writes it: `per_layer_config` instead of the global
+    head geometry, and no per-layer-input (PLE) keys at all (a loader that defaults them to 256 breaks)."""
+    cfg = text_config("dense_keqv", window=window)
+    cfg.update(UNIFIED_TEXT, model_type="gemma4_unified_text", use_bidirectional_attention="vision")
+    for key in ("hidden_size_per_layer_input", "vocab_size_per_layer_input", "enable_moe_block", "num_experts",
+                "top_k_experts", "moe_intermediate_size", "architectures", "dtype"):
+        cfg.pop(key, None)
+    return to_config_form(cfg, "per_layer")
+
+
+def make_unified_checkpoint(tmp_path: Path, seed: int = 0, window: int = 16, name: str = "unified") -> Path:
+    """A tiny Gemma 4 12B-style base in Google's `gemma4_unified` layout: text weights under
+    `model.language_model.`, k_eq_v full layers with one global kv head, plus the vision/audio embedders."""
+    text = unified_text_config(window)
+    flat = text_config("dense_keqv", window=window)
+    flat.update(UNIFIED_TEXT, hidden_size_per_layer_input=0)
+    weights = _base_weights(flat, seed, "float32", False, None)
+    weights = {MULTIMODAL_TEXT_PREFIX + k.removeprefix("model."): v for k, v in weights.items()}
+    rng = np.random.default_rng(seed + 1)
+    for k, shape in UNIFIED_TOWERS.items():
+        weights[k] = mx.array(STD * rng.standard_normal(shape, dtype=np.float32))
+    config = dict(architectures=["Gemma4UnifiedForConditionalGeneration"], model_type="gemma4_unified",
+                  dtype="float32", text_config=text, tie_word_embeddings=True, vocab_size=VOCAB,
+                  image_token_id=VOCAB - 1, audio_token_id=VOCAB - 2, boi_token_id=VOCAB - 3, eoi_token_id=VOCAB - 4,
+                  vision_config={"model_type": "gemma4_unified_vision", "hidden_size": HIDDEN, "patch_size": 4},
+                  audio_config={"model_type": "gemma4_unified_audio", "audio_embed_dim": 64})
+    out = Path(tmp_path) / name
+    out.mkdir(parents=True)
+    write_json(out / "config.json", config)
+    write_safetensors(out, weights)
+    write_tokenizer(out)
+    return out
+
+
+def _text_of(base_dir: Path) -> dict:
+    cfg = json.loads((Path(base_dir) / "config.json").read_text())
+    return cfg.get("text_config", cfg)
+
+
+def make_dflash_checkpoint(tmp_path: Path, base_dir: Path, *, layers=(F, F), block_size: int = 6,
+                           target_layer_ids=(0, 2), window: Optional[int] = None, seed: int = 3,
+                           rope_form: str = "parameters", prefix: str = "", name: str = "dflash") -> Path:
+    """A z-lab-layout DFlash drafter for the base in `base_dir`: Qwen3 config fields + `dflash_config`,
+    weights without a prefix (or with `prefix`), no embedding or head. rope_form: "parameters"
+    (transformers 5: `rope_parameters`) or "theta" (a flat `rope_theta`)."""
+    bt = _text_of(base_dir)
+    H, hd, heads, kv, inter = bt["hidden_size"], 16, 4, 2, 96
+    config = {"architectures": ["DFlashDraftModel"], "model_type": "qwen3", "hidden_size": H,
+              "intermediate_size": inter, "num_hidden_layers": len(layers), "num_attention_heads": heads,
+              "num_key_value_heads": kv, "head_dim": hd, "vocab_size": bt["vocab_size"], "rms_norm_eps": 1e-6,
+              "max_position_embeddings": 1024, "block_size": block_size, "num_target_layers": bt["num_hidden_layers"],
+              "layer_types": list(layers), "sliding_window": window, "final_logit_softcapping": 30.0,
+              "tie_word_embeddings": False, "dtype": "float32",
+              "dflash_config": {"target_layer_ids": list(target_layer_ids), "mask_token_id": 4}}
+    if rope_form == "parameters":
+        config["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6}
+    else:
+        config["rope_theta"] = 1e6
+    w = _Weights(seed, "float32")
+    w.matrix("fc.weight", H, len(target_layer_ids) * H)
+    w.scale("hidden_norm.weight", H)
+    w.scale("norm.weight", H)
+    for i in range(len(layers)):
+        p = f"layers.{i}."
+        w.matrix(p + "self_attn.q_proj.weight", heads * hd, H)
+        w.matrix(p + "self_attn.k_proj.weight", kv * hd, H)
+        w.matrix(p + "self_attn.v_proj.weight", kv * hd, H)
+        w.matrix(p + "self_attn.o_proj.weight", H, heads * hd)
+        w.scale(p + "self_attn.q_norm.weight", hd)
+        w.scale(p + "self_attn.k_norm.weight", hd)
+        w.matrix(p + "mlp.gate_proj.weight", inter, H)
+        w.matrix(p + "mlp.up_proj.weight", inter, H)
+        w.matrix(p + "mlp.down_proj.weight", H, inter)
+        w.scale(p + "input_layernorm.weight", H)
+        w.scale(p + "post_attention_layernorm.weight", H)
+    out = Path(tmp_path) / name
+    out.mkdir(parents=True)
+    write_json(out / "config.json", config)
+    write_safetensors(out, {prefix + k: v for k, v in w.tensors.items()})
+    return out
+
+
+def make_dspark_checkpoint(tmp_path: Path, base_dir: Path, *, layers: int = 2, block_size: int = 5,
+                           target_layer_ids=(0, 2), markov_rank: int = 8, k_eq_v: bool = True,
+                           confidence_head: bool = True, nested: bool = False, seed: int = 4,
+                           name: str = "dspark") -> Path:
+    """A DeepSpec-layout DSpark drafter (`Gemma4DSparkModel`) for the base in `base_dir`: a copy of the
+    base's text config with the DSpark fields, flat (or under `dflash_config` with `nested`); own
+    embedding and LM head; full-attention Gemma 4 blocks with the base's global head geometry."""
+    bt = _text_of(base_dir)
+    H, V, inter = bt["hidden_size"], bt["vocab_size"], 96
+    ghd = bt.get("global_head_dim") or next(iter(bt["per_layer_config"].values()))["head_dim"]
+    n_kv = 1 if k_eq_v else bt["num_key_value_heads"]
+    config = {k: v for k, v in bt.items() if k != "per_layer_config"}
+    config.update(architectures=["Gemma4DSparkModel"], num_hidden_layers=layers, layer_types=[F] * layers,
+                  global_head_dim=ghd, attention_k_eq_v=k_eq_v, num_global_key_value_heads=1 if k_eq_v else None,
+                  intermediate_size=inter, hidden_size_per_layer_input=0, enable_moe_block=False,
+                  tie_word_embeddings=False, dtype="float32", target_model_type="gemma4_unified",
+                  num_target_layers=bt["num_hidden_layers"], num_anchors=512)
+    fields = dict(block_size=block_size, mask_token_id=4, target_layer_ids=list(target_layer_ids),
+                  markov_rank=markov_rank, markov_head_type="vanilla", enable_confidence_head=confidence_head,
+                  confidence_head_with_markov=True)
+    if nested:
+        config["dflash_config"] = fields
+    else:
+        config.update(fields)
+    heads = bt["num_attention_heads"]
+    w = _Weights(seed, "float32")
+    w.matrix("embed_tokens.weight", V, H)
+    w.matrix("lm_head.weight", V, H)
+    w.matrix("fc.weight", H, len(target_layer_ids) * H)
+    w.scale("hidden_norm.weight", H)
+    w.scale("norm.weight", H)
+    for i in range(layers):
+        p = f"layers.{i}."
+        w.matrix(p + "self_attn.q_proj.weight", heads * ghd, H)
+        w.matrix(p + "self_attn.k_proj.weight", n_kv * ghd, H)
+        if not k_eq_v:
+            w.matrix(p + "self_attn.v_proj.weight", n_kv * ghd, H)
+        w.matrix(p + "self_attn.o_proj.weight", H, heads * ghd)
+        w.scale(p + "self_attn.q_norm.weight", ghd)
+        w.scale(p + "self_attn.k_norm.weight", ghd)
+        w.matrix(p + "mlp.gate_proj.weight", inter, H)
+        w.matrix(p + "mlp.up_proj.weight", inter, H)
+        w.matrix(p + "mlp.down_proj.weight", H, inter)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            w.scale(p + norm + ".weight", H)
+        w.scale(p + "layer_scalar", 1)
+    if markov_rank:
+        w.matrix("markov_head.markov_w1.weight", V, markov_rank)
+        w.matrix("markov_head.markov_w2.weight", V, markov_rank)
+    if confidence_head:
+        w.matrix("confidence_head.proj.weight", 1, H + markov_rank)
+        w.tensors["confidence_head.proj.bias"] = mx.zeros((1,))
+    out = Path(tmp_path) / name
+    out.mkdir(parents=True)
+    write_json(out / "config.json", config)
+    write_safetensors(out, w.tensors)
+    return out
+
+
+BLOCK_IDS = (0, 2)  # the layers of the unified base the block drafters below read
+
+
+def build_block_checkpoints(out: Path) -> dict:
+    """The checkpoints of the block-drafter goldens (tests/fixtures/make_block_goldens.py), by name."""
+    base = make_unified_checkpoint(out, window=16)
+    return {
+        "unified": base,
+        "dflash": make_dflash_checkpoint(out, base, block_size=6, target_layer_ids=BLOCK_IDS),
+        # a sliding drafter layer whose window (6) the prompt's 21 context rows pass; a flat rope_theta
+        "dflash_sliding": make_dflash_checkpoint(out, base, layers=(S, F), window=6, block_size=6,
+                                                 target_layer_ids=BLOCK_IDS, seed=5, rope_form="theta",
+                                                 name="dflash_sliding"),
+        "dspark": make_dspark_checkpoint(out, base, block_size=5, target_layer_ids=BLOCK_IDS),
+        "dspark_v": make_dspark_checkpoint(out, base, block_size=5, target_layer_ids=BLOCK_IDS, k_eq_v=False,
+                                           markov_rank=4, confidence_head=False, nested=True, seed=6, name="dspark_v"),
+    }
+
+
+def checksum(path: Path) -> float:
+    """Sum of |w| over a checkpoint's tensors (float64): the same files, or not."""
+    weights = mx.load(str(Path(path) / "model.safetensors"))
+    return float(sum(np.abs(np.array(w, dtype=np.float64)).sum() for w in weights.values()))

@@ -10,7 +10,9 @@ import json
 import pytest
 from conftest import FIXTURES
 
-from mlx_spec.engine import Engine, GenerationStats
+from mlx_spec.engine import Engine
+from mlx_spec.stats import GenerationStats
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
 
 REFERENCE = json.loads((FIXTURES / "golden" / "tiny_code_acceptance.json").read_text())
@@ -21,7 +23,7 @@ def measure(model, drafter, k):
     total = GenerationStats()
     for prompt in REFERENCE["prompts"]:
         plain = [e.token for e in Engine(model, prompt, max_tokens=REFERENCE["new_tokens"]).run()]
-        eng = Engine(model, prompt, proposer=MTPProposer(drafter, model), num_draft_tokens=k,
+        eng = Engine(model, prompt, proposer=MTPProposer(drafter, model), policy=FixedK(k),
                      max_tokens=REFERENCE["new_tokens"])
         assert [e.token for e in eng.run()] == plain, "speculative output must equal plain greedy"
         total.merge(eng.stats)

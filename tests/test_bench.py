@@ -9,8 +9,10 @@ import pytest
 from conftest import TINY_CODE
 
 from mlx_spec import bench, prompts, tuning
-from mlx_spec.engine import SamplingParams
+from mlx_spec.bench import command, report, runner
 from mlx_spec.proposers.base import RoundContext
+from mlx_spec.sampling import Sampler, SamplingParams
+from mlx_spec.tuning import probe
 from mlx_spec.proposers.oracle import OracleProposer
 
 BASE, ASSISTANT = str(TINY_CODE / "base"), str(TINY_CODE / "assistant")
@@ -25,12 +27,11 @@ def bench_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
-    mp.setattr(tuning, "DEFAULT_PROBE_REPS", 1)
-    tuning.reset_learnt_state()
+    mp.setattr(probe, "DEFAULT_PROBE_REPS", 1)
     out = tmp / "bench.json"
     argv = ["--model", BASE, "--drafter", ASSISTANT, "--random-drafter", "--ngram", "--oracle", "0,0.5",
             "--num-draft-tokens", "1,3,auto", "--prompts", "code", "--max-tokens", "12", "--repeats", "1",
-            "--ignore-chat-template",
+            "--ignore-chat-template", "--memory-contexts", "40,300",
             "--json", str(out)]
     import contextlib
     import io
@@ -40,8 +41,19 @@ def bench_run(tmp_path_factory):
         rc = bench.main(argv)
     (tmp / "stderr.txt").write_text(err.getvalue())
     mp.undo()
-    tuning.reset_learnt_state()
-    return rc, json.loads(out.read_text()), buf.getvalue(), tmp
+    results = json.loads(out.read_text())
+    assert "memory_by_context" in results[-1], "the last JSON entry: peak memory by context"
+    return rc, results[:-1], buf.getvalue(), tmp
+
+
+def test_peak_memory_by_context_is_measured_with_the_kv_estimate(bench_run):
+    _, _, table, tmp = bench_run
+    rows = json.loads((tmp / "bench.json").read_text())[-1]["memory_by_context"]
+    assert [r["context"] for r in rows] == [40, 300]
+    for r in rows:
+        assert r["kv_bytes"] == r["kv_estimate_bytes"], "the estimate the commands check is the measured K/V"
+        assert r["plain_peak_bytes"] > 0 and r["mtp_peak_bytes"] > 0
+    assert rows[1]["kv_bytes"] > rows[0]["kv_bytes"] and "peak memory by context" in table, "K/V grows with context"
 
 
 def by(results, proposer, k, rate=None):
@@ -66,7 +78,8 @@ def test_values_are_sane_and_consistent(bench_run):
         assert r["plain_tps"] > 0 and r["spec_tps"] > 0, name
         assert math.isclose(r["speedup"], r["spec_tps"] / r["plain_tps"], rel_tol=1e-9), f"{name}: speedup = spec/plain"
         assert r["tau"] >= 1 or r["tau"] == 0, f"{name}: tau counts the bonus token (0 only with no rounds)"
-        assert 0 <= r["acceptance_rate"] <= 1 and all(0 <= a <= 1 for a in r["acceptance_by_position"]), name
+        assert 0 <= r["acceptance_rate"] <= 1, name
+        assert all(a is None or 0 <= a <= 1 for a in r["acceptance_by_position"]), name
         assert r["round_cost"] > 0, name
         assert r["draft_share"] is None or 0 <= r["draft_share"] <= 1, name
         assert r["peak_memory_bytes"] > 0 and r["plain_peak_memory_bytes"] > 0, name
@@ -127,8 +140,8 @@ def test_progress_goes_to_stderr_with_the_time_left_and_quiet_silences_it(bench_
     assert bench.build_parser().parse_args(["--model", "m", "--quiet"]).quiet
     bench.Bench(None, [], None, [], 0, 1, progress=False).log("hidden")
     assert capsys.readouterr().err == ""
-    assert bench._time_left(60.0, 1, 3) == "; about 2 min left" and bench._time_left(10.0, 2, 2) == "; about 2 s left"
-    assert bench._duration(6 * 3600) == "6.0 h"
+    assert runner._time_left(60.0, 1, 3) == "; about 2 min left" and runner._time_left(10.0, 2, 2) == "; about 2 s left"
+    assert runner._duration(6 * 3600) == "6.0 h"
 
 
 def test_tuning_cache_is_written_under_xdg(bench_run):
@@ -160,7 +173,7 @@ def test_bad_k_lists_are_rejected(value):
 
 
 def test_k_list_parses_ints_and_auto():
-    assert bench.k_list("1, 2,auto") == [1, 2, "auto"]
+    assert command.k_list("1, 2,auto") == [1, 2, "auto"]
 
 
 # --- prompt set -------------------------------------------------------------------------------------
@@ -191,7 +204,7 @@ def test_empty_prompt_file_is_an_error(tmp_path):
 # --- oracle proposer --------------------------------------------------------------------------------
 
 def ctx(history):
-    return RoundContext(list(history), len(history) - 1, None, [], SamplingParams())
+    return RoundContext(list(history), len(history) - 1, None, [], Sampler(SamplingParams(), 0))
 
 
 def test_oracle_proposes_the_reference_and_corrupts_at_its_rate():
@@ -212,15 +225,15 @@ def test_oracle_proposes_the_reference_and_corrupts_at_its_rate():
 def test_plot_is_written(bench_run, tmp_path):
     pytest.importorskip("matplotlib")
     _, results, _, _ = bench_run
-    bench.plot(results, str(tmp_path / "p.png"))
+    report.plot(results, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").stat().st_size > 1000
 
 
 def test_efficiency_uses_probe_ratios_and_the_runs_plain_step():
     """Two rounds at k=2 (one accepted 2, one 0) and 3 plain passes: ideal = Σ(verify + draft) + plain
     passes, in plain steps, times the plain step the runs measured (not the probe's seconds)."""
-    from mlx_spec.bench import _ideal_seconds
-    from mlx_spec.engine import GenerationStats
+    from mlx_spec.bench.report import _ideal_seconds
+    from mlx_spec.stats import GenerationStats
     from mlx_spec.tuning import Costs
 
     stats = GenerationStats(generation_tokens=1 + 3 + 1 + 3, rounds=2, drafted=4, accepted=2,
@@ -236,8 +249,9 @@ def test_speedup_pairs_plain_and_spec_of_the_same_pass():
     """The machine is slow in pass 0, fast in pass 1, in between in pass 2; speculation is 1.2x within each
     pass, except one stalled run in pass 1. The median pass's own pair is reported: 1.2, with
     speedup = spec_tps / plain_tps holding exactly."""
-    from mlx_spec.bench import RunResult, _paired_median
-    from mlx_spec.engine import GenerationStats
+    from mlx_spec.bench.report import _paired_median
+    from mlx_spec.bench.runner import RunResult
+    from mlx_spec.stats import GenerationStats
 
     def runs(tps_by_prompt):
         return [RunResult([], GenerationStats(generation_tokens=100, generation_time=100 / t), 0)
@@ -255,9 +269,8 @@ def test_speedup_pairs_plain_and_spec_of_the_same_pass():
 def test_every_configuration_is_timed_between_two_plain_runs_of_its_prompt(monkeypatch):
     """Per prompt: plain, c1, c2, plain, c3, plain; each configuration's baseline is the two plain runs
     beside it, so a machine that changes speed between configurations cannot bias one of them."""
-    from mlx_spec import bench as bench_mod
     from mlx_spec.bench import Bench, Config, RunResult, baseline_label
-    from mlx_spec.engine import GenerationStats
+    from mlx_spec.stats import GenerationStats
 
     calls = []  # (label, prompt, decode seconds): the machine gets faster with every run
 
@@ -268,7 +281,6 @@ def test_every_configuration_is_timed_between_two_plain_runs_of_its_prompt(monke
 
     monkeypatch.setattr(Bench, "run", fake_run)
     monkeypatch.setattr(Bench, "reprobe", lambda self, configs, samples: None)
-    monkeypatch.setattr(bench_mod, "median_costs", lambda samples: None)
     configs = [Config("mtp", k) for k in (1, 2, 3)]
     results, _, _ = Bench(None, [[1], [2]], None, (), 0, 10).measure(configs, repeats=1)
     measured = calls[len(configs) + 1: len(calls) - 2 * len(configs)]  # between the warm-up and instrumented runs

@@ -12,9 +12,12 @@ import sys
 import pytest
 
 from conftest import ROOT, TINY_CODE
+from mlx_spec import conversation as conversation_mod
 from mlx_spec import generate, load, load_drafter, stream_generate
 from mlx_spec import chat as chat_mod
 from mlx_spec.chat import ChatSession, ChatUI
+from mlx_spec.proposers import make_proposer
+from mlx_spec.proposers.draft_model import DraftModelProposer
 
 WINDOW = 32  # the fixture's sliding window
 # Gemma's turn markup: the model's turns are "model" turns, in history as in the generation prompt
@@ -57,7 +60,7 @@ def reference_reply(model, tokenizer, messages):
 @pytest.mark.parametrize("drafting", [False, True], ids=["plain", "mtp"])
 def test_cache_reuse_equals_full_reprefill(pair, drafting):
     _, model, tokenizer, drafter = pair
-    session = ChatSession(model, tokenizer, draft={"drafter": drafter}, drafting=drafting,
+    session = ChatSession(model, tokenizer, proposer=make_proposer(model, drafter=drafter), drafting=drafting,
                           system_prompt="You write Python.", max_tokens=MAX_TOKENS,
                           num_draft_tokens=3)  # fixed: auto may decide, on timing, not to draft
     held = []
@@ -82,28 +85,37 @@ def test_draft_model_keeps_its_cache_across_turns(pair):
     """With --draft-model, one proposer serves the session: each turn prefills only the new tokens into the
     draft model's cache too, and replies stay those of plain decoding from scratch."""
     _, model, tokenizer, _ = pair
-    session = ChatSession(model, tokenizer, draft={"draft_model": model}, max_tokens=MAX_TOKENS,
+    session = ChatSession(model, tokenizer, proposer=make_proposer(model, draft_model=model), max_tokens=MAX_TOKENS,
                           num_draft_tokens=3)
-    proposer = session.draft["drafter"]
-    assert session.proposer_name == "draft model"
+    assert session.proposer_name == "draft_model"
+    real, owners = DraftModelProposer._reusable_prefix, set()
     for turn, text in enumerate(TURNS):
         messages = session.messages + [{"role": "user", "content": text}]
         want = reference_reply(model, tokenizer, messages)
-        reused_before = proposer._reusable_prefix.__func__
         kept = []
-        proposer._reusable_prefix = lambda p, f=reused_before: kept.append(f(proposer, p)) or kept[-1]
-        got = [r.token for r in session.reply(text)]
-        del proposer._reusable_prefix
+
+        def counting(self, prompt):
+            owners.add(id(self))
+            kept.append(real(self, prompt))
+            return kept[-1]
+
+        DraftModelProposer._reusable_prefix = counting
+        try:
+            got = [r.token for r in session.reply(text)]
+        finally:
+            DraftModelProposer._reusable_prefix = real
         assert got == want, f"turn {turn}: draft-model speculation with a carried-over cache == plain"
         assert session.last.stats.rounds > 0 and session.last.stats.tau > 3, "the model drafting for itself"
         if turn:  # the draft cache trails the history by at most a round (its last bonus and drafts)
             assert kept[0] >= session.last.reused_tokens - 4, f"turn {turn}: the draft cache kept the conversation"
+    assert len(owners) == 1 and session._slot.proposer is not session.proposer, \
+        "the conversation's slot keeps one proposer of its own (a fork) across turns"
 
 
 def test_deep_rollback_falls_back_to_full_prefill(pair):
     """An edit early in the conversation needs a rollback the sliding window cannot give: start afresh."""
     _, model, tokenizer, drafter = pair
-    session = ChatSession(model, tokenizer, draft={"drafter": drafter}, system_prompt="You write Python.",
+    session = ChatSession(model, tokenizer, proposer=make_proposer(model, drafter=drafter), system_prompt="You write Python.",
                           max_tokens=MAX_TOKENS)
     list(session.reply(TURNS[0]))
     session.messages[0]["content"] = "You write C."
@@ -142,7 +154,7 @@ class RaiseAfter(io.StringIO):
 @pytest.mark.parametrize("press", [SigintAfter, RaiseAfter], ids=["sigint", "keyboardinterrupt"])
 def test_ctrl_c_stops_the_reply_not_the_chat(pair, press):
     _, model, tokenizer, drafter = pair
-    session = ChatSession(model, tokenizer, draft={"drafter": drafter}, max_tokens=MAX_TOKENS)
+    session = ChatSession(model, tokenizer, proposer=make_proposer(model, drafter=drafter), max_tokens=MAX_TOKENS)
     out, err = press(3), io.StringIO()
     rc = ChatUI(session, io.StringIO(f"{LINES[0]}\n{LINES[1]}\n"), out, err).loop()
     assert rc == 0 and session.turns == 2, "the chat goes on after Ctrl-C"
@@ -164,12 +176,12 @@ def test_interrupt_inside_the_engine_drops_the_cache(pair, monkeypatch):
                 raise KeyboardInterrupt
             yield r
 
-    session = ChatSession(model, tokenizer, draft={"drafter": drafter}, max_tokens=MAX_TOKENS)
-    monkeypatch.setattr(chat_mod, "stream_generate", torn)
+    session = ChatSession(model, tokenizer, proposer=make_proposer(model, drafter=drafter), max_tokens=MAX_TOKENS)
+    monkeypatch.setattr(conversation_mod, "stream_generate", torn)
     err = io.StringIO()
     ChatUI(session, io.StringIO(LINES[0] + "\n"), io.StringIO(), err).loop()
     assert "[stopped]" in err.getvalue() and session.cache is None, "a torn step drops the cache"
-    monkeypatch.setattr(chat_mod, "stream_generate", stream_generate)
+    monkeypatch.setattr(conversation_mod, "stream_generate", stream_generate)
     messages = session.messages + [{"role": "user", "content": TURNS[1]}]
     assert [r.token for r in session.reply(TURNS[1])] == reference_reply(model, tokenizer, messages), \
         "after a dropped cache the next turn is a full re-prefill"
@@ -192,7 +204,7 @@ def test_main_streams_replies_and_runs_commands(pair, monkeypatch, capsys):
     first = generate(model, tokenizer, ChatSession(model, tokenizer).conversation_tokens(
         [{"role": "user", "content": LINES[0]}]), max_tokens=MAX_TOKENS)
     assert out.startswith(first + "\n"), "the first reply (greedy) is mlx_spec.generate's text, on stdout"
-    summaries = [line for line in err.splitlines() if line.startswith("[")]
+    summaries = [line for line in err.splitlines() if line.startswith("[") and not line.startswith("[mlx_spec]")]
     assert len(summaries) == 2, "one summary line after each reply"
     assert "τ" in summaries[0] and "acceptance" in summaries[0] and "tok/s" in summaries[0]
     assert "drafting off" in summaries[1] and "cached" in summaries[1]
@@ -220,7 +232,8 @@ def test_context_full_is_a_message_not_a_crash(pair, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["--model", "/nonexistent/model"], "does not exist"),
-    (["--model", "{base}", "--temp", "-1"], "--temp must be >= 0"),
+    (["--model", "{base}", "--temp", "-1"], "--temp must be a finite number >= 0"),
+    (["--model", "{base}", "--temp", "nan"], "--temp must be a finite number >= 0"),
     (["--model", "{base}", "--max-tokens", "0"], "--max-tokens must be >= 1"),
     (["--model", "{notemplate}"], "no chat template"),
 ])
@@ -242,3 +255,15 @@ def test_subprocess_reads_stdin(pair):
     assert p.stdout.strip(), "the reply is on stdout"
     assert "τ" in p.stderr and "Conversation: 1 replies" in p.stderr
     assert "Traceback" not in p.stderr and "Warning" not in p.stderr
+
+
+def test_input_that_is_not_utf8_is_replaced_not_a_crash(pair, monkeypatch, capsys):
+    """A strict UTF-8 stdin (a UTF-8 locale) raised on the first bad byte; the chat reads it with
+    surrogateescape and replaces what is not UTF-8, with a warning."""
+    path, model, tokenizer, _ = pair
+    stdin = io.TextIOWrapper(io.BytesIO(b"def f(\xff):\n/quit\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    rc = chat_mod.main(["--model", str(path), "-m", "6", "--seed", "-1", "--temp", "0.5"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "this line is not valid UTF-8: 1 byte replaced with U+FFFD" in captured.err, captured.err
+    assert captured.out.strip(), "the line was answered"

@@ -25,6 +25,7 @@ from convert import convert as convert_api
 from convert.__main__ import main as convert_main
 from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 
 VARIANTS = ["e2b", "e4b", "moe", "dense_keqv"]
 PROMPT = tokens(seed=5, n=20)  # longer than the sliding window (16): window masks matter
@@ -174,7 +175,7 @@ def test_a_half_precision_quantized_model_computes_in_float32_on_the_cpu_backend
     from mlx_spec.proposers import make_proposer
 
     proposer = make_proposer(base, drafter=load_drafter(str(drafter), base))
-    spec = [ev.token for ev in Engine(base, PROMPT, proposer=proposer, max_tokens=N_NEW, num_draft_tokens=3).run()]
+    spec = [ev.token for ev in Engine(base, PROMPT, proposer=proposer, max_tokens=N_NEW, policy=FixedK(3)).run()]
     assert spec == mlx_spec_greedy(base), "exact in float32 as well"
 
 
@@ -347,6 +348,19 @@ def _reshape_tensor(d: Path) -> None:
     mx.save_safetensors(str(d / "model.safetensors"), w)
 
 
+def _int32_tensor(d: Path) -> None:
+    w = _read_all(d / "model.safetensors")
+    w["model.layers.0.mlp.gate_proj.weight"] = w["model.layers.0.mlp.gate_proj.weight"].astype(mx.int32)
+    mx.save_safetensors(str(d / "model.safetensors"), w)
+
+
+def _nan_tensor(d: Path) -> None:
+    w = _read_all(d / "model.safetensors")
+    t = w["model.layers.1.self_attn.q_proj.weight"]
+    w["model.layers.1.self_attn.q_proj.weight"] = mx.where(mx.arange(t.size).reshape(t.shape) == 7, mx.nan, t)
+    mx.save_safetensors(str(d / "model.safetensors"), w)
+
+
 def _truncate(d: Path) -> None:
     data = (d / "model.safetensors").read_bytes()
     (d / "model.safetensors").write_bytes(data[: len(data) // 2])
@@ -363,6 +377,9 @@ ERROR_CASES = [
     ("missing tensor", _drop_tensor, ["'model.layers.1.mlp.down_proj.weight'", "missing"]),
     ("shape mismatch", _reshape_tensor, ["'model.layers.0.mlp.gate_proj.weight'", "(64, 64)", "(128, 64)"]),
     ("truncated safetensors", _truncate, ["model.safetensors", "truncated or corrupt"]),
+    ("int32 where floats are expected", _int32_tensor, ["'model.layers.0.mlp.gate_proj.weight'", "int32",
+                                                        "floating-point"]),
+    ("NaN in a weight", _nan_tensor, ["'model.layers.1.self_attn.q_proj.weight'", "1 NaN", "corrupt"]),
     ("missing tokenizer", _remove_tokenizer, ["no tokenizer", "tokenizer.json"]),
     ("bad config JSON", lambda d: (d / "config.json").write_text('{"model_type": '),
      ["config.json", "not valid JSON"]),
@@ -400,6 +417,75 @@ def test_user_errors_are_one_actionable_line(tmp_path, name, breaker, words):
     else:
         assert not (tmp_path / "out").exists(), f"{name}: nothing may be written"
     assert leftovers(tmp_path) == [] and (not (tmp_path / "out").exists() or leftovers(tmp_path / "out") == [])
+
+
+@pytest.mark.parametrize("failure, free", [
+    (OSError(28, "No space left on device"), 10 << 30),
+    (RuntimeError("[write] Unable to write 8 bytes to file."), 1 << 20),  # what mx.save_safetensors raises
+])
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, failure, free):
+    import shutil
+    from collections import namedtuple
+
+    hf = make_checkpoint(tmp_path, "e2b")
+    dest = tmp_path / "out" / "mlx"
+
+    def full(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(mx, "save_safetensors", full)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(100 << 30, (100 << 30) - free, free))
+    code, err = run_cli(["--hf-path", str(hf), "--mlx-path", str(dest)])
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[INFO]")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith(f"error: the disk is full at {dest.parent}") and "nothing was written" in lines[0]
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_a_failed_write_with_room_left_is_not_called_a_full_disk(tmp_path, monkeypatch):
+    hf = make_checkpoint(tmp_path, "e2b")
+
+    def broken(*a, **k):
+        raise RuntimeError("[write] Unable to write 8 bytes to file.")
+
+    monkeypatch.setattr(mx, "save_safetensors", broken)
+    code, err = run_cli(["--hf-path", str(hf), "--mlx-path", str(tmp_path / "mlx")])
+    lines = [ln for ln in err.strip().splitlines() if not ln.startswith("[INFO]")]
+    assert code == 2 and len(lines) == 1 and "cannot write" in lines[0] and "nothing was written" in lines[0], err
+    assert "disk is full" not in lines[0]
+
+
+@pytest.mark.parametrize("umask, dir_mode, file_mode", [(0o022, 0o755, 0o644), (0o077, 0o700, 0o600)])
+def test_output_permissions_follow_the_umask(tmp_path, umask, dir_mode, file_mode):
+    hf = make_checkpoint(tmp_path, "e2b")
+    old = os.umask(umask)
+    try:
+        dest = convert(hf, tmp_path / "mlx")
+    finally:
+        os.umask(old)
+    assert dest.stat().st_mode & 0o777 == dir_mode, "the directory is as mkdir would make it, not mkdtemp's 0700"
+    modes = {f.name: f.stat().st_mode & 0o777 for f in dest.iterdir()}
+    assert modes and set(modes.values()) == {file_mode}, modes
+
+
+def test_weights_that_overflow_the_target_dtype_are_refused(tmp_path):
+    hf = make_checkpoint(tmp_path, "e2b")
+    w = _read_all(hf / "model.safetensors")
+    w["model.layers.0.mlp.up_proj.weight"] = w["model.layers.0.mlp.up_proj.weight"] * 0 + 1e6  # fp16 max: 65504
+    mx.save_safetensors(str(hf / "model.safetensors"), w)
+    code, err = run_cli(["--hf-path", str(hf), "--mlx-path", str(tmp_path / "mlx"), "--dtype", "float16"])
+    assert code == 2 and "'model.layers.0.mlp.up_proj.weight'" in err and "overflow float16" in err, err
+    assert not (tmp_path / "mlx").exists()
+
+
+def test_a_model_with_integer_weights_is_refused_on_load_too(tmp_path):
+    from mlx_spec.errors import WeightMismatchError
+
+    hf = make_checkpoint(tmp_path, "e2b")
+    _int32_tensor(hf)
+    with pytest.raises(WeightMismatchError, match="gate_proj.weight.*int32"):
+        load(str(hf))
 
 
 def test_force_refuses_a_directory_that_is_not_a_model(tmp_path):

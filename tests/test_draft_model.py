@@ -11,10 +11,11 @@ import pytest
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models import gemma3_text, llama
 
-from mlx_spec.engine import Engine, SamplingParams
+from mlx_spec.engine import Engine
+from mlx_spec.sampling import SamplingParams
+from mlx_spec.proposers.base import RoundResult
 from mlx_spec.errors import PairingError
 from mlx_spec.proposers import make_proposer
-from mlx_spec.proposers import draft_model as draft_model_module
 from mlx_spec.proposers.draft_model import DraftModelProposer
 
 VOCAB = 96
@@ -65,13 +66,13 @@ class FixedK:
     def next_k(self) -> int:
         return 0 if len(self.rounds) in self.skip else self.k
 
-    def observe(self, k: int, n: int) -> None:
-        self.rounds.append((k, n))
+    def observe(self, result: RoundResult) -> None:
+        self.rounds.append((result.drafted, result.accepted))
 
 
 def generate(model, proposer=None, k=3, policy=None, max_tokens=MAX_TOKENS, seed=0, **sampling):
     eng = Engine(model, PROMPT, proposer=proposer, sampling=SamplingParams(**sampling), max_tokens=max_tokens,
-                 num_draft_tokens=k, seed=seed, draft_policy=policy)
+                 policy=policy or FixedK(k), seed=seed)
     return [ev.token for ev in eng.run()], eng
 
 
@@ -205,7 +206,7 @@ def test_trained_gemma4_base_drafting_for_itself():
     model, tokenizer = load(str(Path(__file__).parent / "fixtures" / "gemma4-tiny-code" / "base"))
     ids = tokenizer.encode("def fibonacci(n):\n")
     plain = [ev.token for ev in Engine(model, ids, max_tokens=48).run()]
-    eng = Engine(model, ids, proposer=DraftModelProposer(model, model), max_tokens=48, num_draft_tokens=4)
+    eng = Engine(model, ids, proposer=DraftModelProposer(model, model), max_tokens=48, policy=FixedK(4))
     assert [ev.token for ev in eng.run()] == plain, "speculative == plain with a Gemma 4 draft model"
     assert eng.stats.accepted == eng.stats.drafted, "a model drafting for itself has every draft accepted"
 
@@ -219,18 +220,17 @@ def test_a_next_request_reuses_the_draft_cache_up_to_the_common_prefix(kind, sto
     same as with a fresh proposer."""
     base, noisy, _, _ = models(kind)
     reused = DraftModelProposer(noisy, base)
-    events = Engine(base, PROMPT, proposer=reused, num_draft_tokens=4, max_tokens=MAX_TOKENS).run()
+    events = Engine(base, PROMPT, proposer=reused, policy=FixedK(4), max_tokens=MAX_TOKENS).run()
     first = [ev.token for _, ev in zip(range(7 if stop_early else MAX_TOKENS), events)]
     events.close()  # stopping early leaves a queued round's drafts in the draft cache
     turn2 = PROMPT + first + [5, 9, 13]
     known = min(reused.consumed, len(PROMPT) + len(first))  # the cache trails the history by at most a round
     assert known >= len(PROMPT) + len(first) - 5
     forwarded = []
-    real_forward = draft_model_module.base_forward
-    monkeypatch.setattr(draft_model_module, "base_forward",
-                        lambda m, t, c: forwarded.append(t.shape[1]) or real_forward(m, t, c))
+    real_forward = reused.base.forward
+    monkeypatch.setattr(reused.base, "forward", lambda t, c: forwarded.append(t.shape[1]) or real_forward(t, c))
     reused.start(turn2)
-    monkeypatch.setattr(draft_model_module, "base_forward", real_forward)
+    monkeypatch.setattr(reused.base, "forward", real_forward)
     assert sum(forwarded) == len(turn2) - known and reused.consumed == len(turn2), "only the new tokens run"
     fresh = DraftModelProposer(noisy, base)
     fresh.start(turn2)
@@ -240,7 +240,7 @@ def test_a_next_request_reuses_the_draft_cache_up_to_the_common_prefix(kind, sto
             assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item()
     outs = []
     for proposer in (reused, fresh):
-        e = Engine(base, turn2, proposer=proposer, num_draft_tokens=4, max_tokens=30)
+        e = Engine(base, turn2, proposer=proposer, policy=FixedK(4), max_tokens=30)
         outs.append(([ev.token for ev in e.run()], e.stats.accepted))
     plain = [ev.token for ev in Engine(base, turn2, max_tokens=30).run()]
     assert outs[0] == outs[1] and outs[0][0] == plain, "same drafts accepted, output = plain"

@@ -12,6 +12,7 @@ from conftest import FIXTURES
 
 from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
 
 HF, GOLDEN = FIXTURES / "hf", FIXTURES / "golden"
@@ -87,7 +88,7 @@ def test_our_prefill_hands_the_drafter_hfs_kv_and_hidden(pair):
 def test_speculative_output_equals_transformers_assisted_generation(pair, k):
     name, base, drafter, g = pair
     want = g[f"assisted_greedy_k{k}"].tolist()
-    eng = Engine(base, g["prompt_long"].tolist(), proposer=MTPProposer(drafter, base), num_draft_tokens=k,
+    eng = Engine(base, g["prompt_long"].tolist(), proposer=MTPProposer(drafter, base), policy=FixedK(k),
                  max_tokens=len(want))
     got = [ev.token for ev in eng.run()]
     assert got == want, f"{name} k={k}: must equal transformers' assisted generation token for token"

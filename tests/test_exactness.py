@@ -5,7 +5,9 @@ import mlx.core as mx
 import pytest
 from tiny_models import WINDOW, make_base, make_drafter
 
-from mlx_spec.engine import Engine, SamplingParams
+from mlx_spec.engine import Engine
+from mlx_spec.sampling import SamplingParams
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.ngram import NgramProposer
@@ -23,7 +25,7 @@ def base(variant):
 
 
 def run(model, prompt, proposer=None, k=3, max_tokens=MAX_TOKENS, **kw):
-    eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=max_tokens, **kw)
+    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
     return [ev.token for ev in eng.run()], eng.stats
 
 
@@ -44,7 +46,7 @@ class ScriptedProposer:
         drafts = [(t + 1) % 256 if i == self.wrong_at else t for i, t in enumerate(nxt)]
         return Draft(mx.array(drafts, mx.int32))
 
-    def observe(self, n, k):
+    def observe(self, result):
         pass
 
 
@@ -187,6 +189,6 @@ def test_should_stop_ends_the_prefill_between_chunks_and_leaves_a_consistent_cac
                  should_stop=lambda: asked.append(1) or len(asked) > 2)
     assert list(eng.run()) == [], "stopped during the prefill: no tokens"
     assert len(asked) == 3 and all(c.offset == 32 for c in eng.cache), "two chunks of 16 ran, then it stopped"
-    again = Engine(model, prompt, proposer=MTPProposer(drafter, model), num_draft_tokens=3, max_tokens=12,
+    again = Engine(model, prompt, proposer=MTPProposer(drafter, model), policy=FixedK(3), max_tokens=12,
                    cache=eng.cache, prefill_step=16)
     assert [ev.token for ev in again.run()] == want, "the rest of the prompt prefills from there, exactly"

@@ -20,13 +20,13 @@ def model():
 
 def serve(pc: PromptCache, model, prompt, reply=(7, 8, 9)):
     """What a request does: prepare, prefill the rest plus the reply's tokens, settle. Returns reused."""
-    reused = pc.prepare(prompt)
-    model(mx.array([list(prompt[reused:])]), cache=pc.cache)  # the prefill
+    slot, reused = pc.prepare(prompt)
+    model(mx.array([list(prompt[reused:])]), cache=slot.cache)  # the prefill
     for t in reply[:-1]:  # decode steps (the cache ends up holding all but the reply's last token)
-        model(mx.array([[t]]), cache=pc.cache)
-    pc.settle(list(prompt) + list(reply), torn=False)
-    assert pc.tokens == list(prompt) + list(reply[:-1])
-    assert all(c.offset == len(pc.tokens) for c in pc.cache)
+        model(mx.array([[t]]), cache=slot.cache)
+    pc.settle(slot, list(prompt) + list(reply), torn=False)
+    assert slot.tokens == list(prompt) + list(reply[:-1])
+    assert all(c.offset == len(slot.tokens) for c in slot.cache)
     return reused
 
 
@@ -49,7 +49,7 @@ def test_two_conversations_take_turns(model, slots):
     serve(pc, model, B)
     reused = serve(pc, model, A + [7, 8, 9, 50])
     assert reused == (len(A) + 2 if slots == 2 else 1), "with one slot, B took A's (all but their shared BOS)"
-    assert len(pc._entries) == slots
+    assert len(pc) == slots
 
 
 def test_the_least_recently_used_goes_first(model):
@@ -77,7 +77,7 @@ def test_a_shared_prefix_does_not_cut_the_other_conversation_short(model):
     assert serve(pc, model, B) == 1
     fresh = PromptCache(model)
     serve(fresh, model, B)
-    for ours, theirs in zip(pc.cache, fresh.cache):
+    for ours, theirs in zip(pc.latest.cache, fresh.latest.cache):
         for x, y in zip(ours.drafter_view(), theirs.drafter_view()):
             assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item()
     assert serve(pc, model, A + [7, 8, 9, 3]) == len(A) + 2
@@ -86,13 +86,13 @@ def test_a_shared_prefix_does_not_cut_the_other_conversation_short(model):
 def test_torn_drops_only_that_cache(model):
     pc = PromptCache(model, slots=2)
     serve(pc, model, A)
-    pc.prepare(B)
-    pc.settle(B, torn=True)
-    assert pc.cache is None and len(pc._entries) == 1
+    slot, _ = pc.prepare(B)
+    pc.settle(slot, B, torn=True)
+    assert slot not in pc._slots and len(pc) == 1
     assert serve(pc, model, A + [7, 8, 9, 1]) > 0, "the other conversation is still there"
 
 
 def test_disabled_never_reuses(model):
     pc = PromptCache(model, enabled=False, slots=3)
     serve(pc, model, A)
-    assert serve(pc, model, A + [7, 8, 9, 1]) == 0 and len(pc._entries) == 1
+    assert serve(pc, model, A + [7, 8, 9, 1]) == 0 and len(pc) == 1

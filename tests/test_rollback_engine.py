@@ -10,6 +10,7 @@ import pytest
 from tiny_models import make_base, make_drafter
 
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.ngram import NgramProposer
 
@@ -21,8 +22,8 @@ class CheckingProposer:
     def start(self, prompt):
         self.inner.start(prompt)
 
-    def observe(self, n, k):
-        self.inner.observe(n, k)
+    def observe(self, result):
+        self.inner.observe(result)
 
     def propose(self, ctx, k):
         clean = self.model.make_cache()
@@ -46,7 +47,7 @@ def test_cache_after_each_round_equals_never_seen(variant, k):
     prompt = [2] + [(i * 37) % 250 + 3 for i in range(20)]
     for inner in (MTPProposer(drafter, model), NgramProposer(1)):
         proposer = CheckingProposer(inner, model)
-        list(Engine(model, prompt, proposer=proposer, num_draft_tokens=k, max_tokens=48).run())
+        list(Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=48).run())
         assert proposer.checked > 5
 
 
@@ -57,7 +58,7 @@ def test_stopping_early_leaves_the_cache_at_the_history(with_proposer):
     model = make_base("e2b")
     prompt = [2] + [(i * 37) % 250 + 3 for i in range(20)]
     proposer = NgramProposer(1) if with_proposer else None
-    eng = Engine(model, prompt, proposer=proposer, num_draft_tokens=3, max_tokens=60)
+    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(3), max_tokens=60)
     gen = eng.run()
     for _ in range(17):
         next(gen)

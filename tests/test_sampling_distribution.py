@@ -14,7 +14,9 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mlx_spec.engine import Engine, SamplingParams
+from mlx_spec.engine import Engine
+from mlx_spec.sampling import SamplingParams
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.mtp import MTPProposer
 
@@ -33,7 +35,7 @@ class GreedyScript:
     def start(self, prompt):
         pass
 
-    def observe(self, n, k):
+    def observe(self, result):
         pass
 
     def propose(self, ctx, k):
@@ -51,7 +53,7 @@ def samples(model, prompt, sampling, make_proposer=None, n=N):
     out = Counter()
     for seed in range(n):
         eng = Engine(model, prompt, proposer=make_proposer() if make_proposer else None, sampling=sampling,
-                     num_draft_tokens=2, max_tokens=3, seed=seed + (10_000 if make_proposer else 0))
+                     policy=FixedK(2), max_tokens=3, seed=seed + (10_000 if make_proposer else 0))
         out[tuple(e.token for e in eng.run())[1:]] += 1  # tokens 2-3 come from one speculative round
     return out
 
@@ -80,10 +82,38 @@ def plain(trained_pair):
 
 
 @pytest.mark.parametrize("proposer, rule", [("greedy-script", "rejection"), ("greedy-script", "match"),
-                                            ("mtp", "rejection")])
+                                            ("mtp", "rejection"), ("mtp", "coupled")])
 def test_speculative_samples_have_the_plain_distribution(trained_pair, plain, proposer, rule):
     model, tokenizer, drafter = trained_pair
     make = (lambda: GreedyScript(model)) if proposer == "greedy-script" else (lambda: MTPProposer(drafter, model))
     spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule), make)
     stat, dof = two_sample_chi2(plain, spec)
     assert stat < chi2_bound(dof), f"{proposer}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"
+
+
+def _block_proposer(model, family):
+    """DFlash: the trained tiny drafter for this base; DSpark: random weights (its Markov chain draws each
+    draft from a distribution that depends on the previous draft: q_j is that conditional)."""
+    from conftest import TINY_CODE
+    from tiny_models import dspark_config, make_block_drafter
+
+    from mlx_spec import load_drafter
+    from mlx_spec.proposers import make_proposer
+
+    if family == "dflash":
+        drafter = load_drafter(str(TINY_CODE / "dflash"), model)
+    else:
+        drafter = make_block_drafter(dspark_config(model, block_size=3, markov_rank=8), seed=3)
+        head = drafter.markov_head.markov_w2
+        head.weight = head.weight * 40  # a bias that moves q (random weights give a negligible one)
+    return lambda: make_proposer(model, drafter=drafter)
+
+
+@pytest.mark.parametrize("family, rule", [("dflash", "rejection"), ("dflash", "coupled"), ("dspark", "rejection"),
+                                          ("dspark", "match")])
+def test_block_drafter_samples_have_the_plain_distribution(trained_pair, plain, family, rule):
+    model, tokenizer, _ = trained_pair
+    spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule),
+                   _block_proposer(model, family))
+    stat, dof = two_sample_chi2(plain, spec)
+    assert stat < chi2_bound(dof), f"{family}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"

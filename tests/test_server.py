@@ -16,6 +16,7 @@ import pytest
 from conftest import TINY_CODE
 from mlx_spec import generate, load, load_drafter
 from mlx_spec import server as server_mod
+from mlx_spec.proposers import make_proposer
 from mlx_spec.server import Server, StopMatcher
 
 TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
@@ -36,7 +37,7 @@ def served(tmp_path_factory):
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     model, tokenizer = load(str(path))
     drafter = load_drafter(str(TINY_CODE / "assistant"), model)
-    srv = Server(model, tokenizer, {"drafter": drafter}, host="127.0.0.1", port=0, model_name="tiny",
+    srv = Server(model, tokenizer, make_proposer(model, drafter=drafter), host="127.0.0.1", port=0, model_name="tiny",
                  max_tokens=MAX_TOKENS, max_request_bytes=MAX_REQUEST_BYTES)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -305,11 +306,13 @@ def test_no_prompt_cache_prefills_everything(served, enabled):
     from mlx_spec.server import Worker
 
     _, _, model, tokenizer = served
-    cache = Worker(model, tokenizer, {}, max_context=None, max_tokens=8, prompt_cache=enabled).prompt_cache
-    assert cache.prepare([5, 6, 7]) == 0
-    model(mx.array([[5, 6, 7]]), cache=cache.cache)  # what a request's prefill leaves
-    cache.settle([5, 6, 7], torn=False)
-    assert cache.prepare([5, 6, 7, 8]) == (3 if enabled else 0), "--no-prompt-cache: nothing is reused"
+    cache = Worker(model, tokenizer, None, max_context=None, max_tokens=8,
+                   prompt_cache=enabled).conversations.prompt_cache
+    slot, reused = cache.prepare([5, 6, 7])
+    assert reused == 0
+    model(mx.array([[5, 6, 7]]), cache=slot.cache)  # what a request's prefill leaves
+    cache.settle(slot, [5, 6, 7], torn=False)
+    assert cache.prepare([5, 6, 7, 8])[1] == (3 if enabled else 0), "--no-prompt-cache: nothing is reused"
 
 
 def test_draft_model_server_keeps_its_draft_cache_between_requests(served):
@@ -319,19 +322,19 @@ def test_draft_model_server_keeps_its_draft_cache_between_requests(served):
     from mlx_spec.server import GenerationRequest, Job, Worker
 
     _, _, model, tokenizer = served
-    worker = Worker(model, tokenizer, {"draft_model": model}, max_context=None, max_tokens=MAX_TOKENS,
-                    prompt_cache_slots=2)
+    worker = Worker(model, tokenizer, make_proposer(model, draft_model=model), max_context=None,
+                    max_tokens=MAX_TOKENS, prompt_cache_slots=2)
     assert worker.proposer == "draft_model"
 
     def ask(prompt):
-        job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS, temp=0.0))
+        job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS))
         worker._run(job)
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(v for k, v in events if k == "text")
         result = next(v for k, v in events if k == "done")
         assert text == generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS)
         assert result.speculative["rounds"] > 0 and result.speculative["proposer"] == "draft_model"
-        return text, result, worker.prompt_cache.attached["draft_proposer"]
+        return text, result, worker.conversations.prompt_cache.latest.proposer
 
     other = "class Parser:\n    def __init__(self"
     text_a, _, proposer_a = ask(CODE)
@@ -348,10 +351,10 @@ def test_two_clients_alternating_keep_their_caches_with_two_slots(served):
     from mlx_spec.server import GenerationRequest, Job, Worker
 
     _, _, model, tokenizer = served
-    worker = Worker(model, tokenizer, {}, max_context=None, max_tokens=MAX_TOKENS, prompt_cache_slots=2)
+    worker = Worker(model, tokenizer, None, max_context=None, max_tokens=MAX_TOKENS, prompt_cache_slots=2)
 
     def ask(prompt):
-        job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS, temp=0.0))
+        job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS))
         worker._run(job)
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(v for k, v in events if k == "text")
@@ -376,13 +379,13 @@ def test_random_follow_ups_cancels_and_proposers_always_answer_as_from_scratch(s
     _, _, model, tokenizer = served
     rng = random.Random(0)
     seeds = ["def parse(line):\n", "class Config:\n    def __init__(self", "import os\nimport sys\n"]
-    for draft in ({"draft_model": model}, {}):
+    for draft in (make_proposer(model, draft_model=model), None):
         worker = Worker(model, tokenizer, draft, max_context=None, max_tokens=12, prompt_cache_slots=2)
         history = {s: s for s in seeds}
         for step in range(14):
             seed = rng.choice(seeds)
             prompt = history[seed]
-            req = GenerationRequest(kind="text", prompt=prompt, max_tokens=12, temp=0.0, draft=bool(draft)
+            req = GenerationRequest(kind="text", prompt=prompt, max_tokens=12, draft=draft is not None
                                     and rng.random() < 0.8, num_draft_tokens=rng.choice([1, 3, "auto"]))
             action = rng.choice(["plain", "plain", "cancel", "stop"])
             if action == "stop":

@@ -19,6 +19,7 @@ from mlx_lm.models import llama
 
 from mlx_spec import gguf
 from mlx_spec.engine import Engine
+from mlx_spec.tuning import FixedK
 from mlx_spec.proposers import NgramProposer
 from mlx_spec.proposers.draft_model import DraftModelProposer
 
@@ -194,7 +195,7 @@ PROMPTS = [
 
 
 def run(model, ids, proposer=None, k=4):
-    eng = Engine(model, ids, proposer=proposer, max_tokens=MAX_TOKENS, num_draft_tokens=k, eos_ids=[2])
+    eng = Engine(model, ids, proposer=proposer, max_tokens=MAX_TOKENS, policy=FixedK(k), eos_ids=[2])
     return [ev.token for ev in eng.run()], eng.stats
 
 

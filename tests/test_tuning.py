@@ -8,11 +8,18 @@ import numpy as np
 import pytest
 
 from mlx_spec import tuning
-from mlx_spec.bench import _random_weights
+from mlx_spec.bench.command import _random_weights
 from mlx_spec.engine import Engine
+from mlx_spec.identity import model_identity
+from mlx_spec.proposers.base import RoundResult
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.ngram import NgramProposer
-from mlx_spec.tuning import AcceptanceEstimate, AutoDraftPolicy, Costs, PairState
+from mlx_spec.tuning import AutoDraftPolicy, AutoTuner, Costs, CostsStore, FixedK
+from mlx_spec.tuning import costs as cost_model
+from mlx_spec.tuning import policy as policies
+from mlx_spec.tuning import store as stores
+from mlx_spec.tuning import tuner as tuners
+from mlx_spec.tuning.policy import AcceptanceEstimate, PairState
 
 # A typical Apple-silicon profile: verifying k+1 tokens costs little more than one, drafting ~0.1 step.
 CHEAP = Costs(verify=[1.0 + 0.03 * k for k in range(9)], draft_fixed=0.02, draft_step=0.1)
@@ -23,11 +30,8 @@ PROMPT = "import os\nimport sys\n\n\ndef main(argv):\n    "
 
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path, monkeypatch):
-    """Every test gets its own cost-cache file and no learnt state from another test."""
+    """Every test gets its own cost-cache file (learnt state lives in the objects a test makes)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    tuning.reset_learnt_state()
-    yield
-    tuning.reset_learnt_state()
 
 
 # --- cost model maths -------------------------------------------------------------------------------
@@ -81,7 +85,7 @@ BEST_K_CASES = [
 def test_best_k(invariant, alphas, costs, k_max, want):
     k, s = tuning.best_k(alphas, costs, k_max=k_max)
     assert k == want, invariant
-    assert (s >= tuning.MIN_SPEEDUP) if k else s == 1.0, "a drafting choice must clear MIN_SPEEDUP"
+    assert (s >= cost_model.MIN_SPEEDUP) if k else s == 1.0, "a drafting choice must clear MIN_SPEEDUP"
 
 
 def test_best_k_min_k_forces_a_draft():
@@ -91,7 +95,7 @@ def test_best_k_min_k_forces_a_draft():
 
 @pytest.mark.parametrize("costs, pays", [(CHEAP, True), (FLAT, True), (SLOW, False)])
 def test_can_ever_pay(costs, pays):
-    assert tuning.can_ever_pay(costs) is pays
+    assert cost_model.can_ever_pay(costs) is pays
 
 
 ISOTONIC_CASES = [
@@ -103,14 +107,14 @@ ISOTONIC_CASES = [
 
 @pytest.mark.parametrize("invariant, values, want", ISOTONIC_CASES)
 def test_isotonic(invariant, values, want):
-    got = tuning.isotonic(values)
+    got = cost_model.isotonic(values)
     assert all(math.isclose(a, b) for a, b in zip(got, want)), invariant
     assert all(a <= b for a, b in zip(got, got[1:])), "the fit is non-decreasing"
 
 
 def test_fit_line_clamps_at_zero():
-    assert tuning.fit_line([1, 2, 4, 8], [0.12, 0.22, 0.42, 0.82]) == pytest.approx((0.02, 0.1))
-    fixed, step = tuning.fit_line([1, 2, 4, 8], [0.5, 0.4, 0.3, 0.1])
+    assert cost_model.fit_line([1, 2, 4, 8], [0.12, 0.22, 0.42, 0.82]) == pytest.approx((0.02, 0.1))
+    fixed, step = cost_model.fit_line([1, 2, 4, 8], [0.5, 0.4, 0.3, 0.1])
     assert step == 0.0 and fixed > 0, "drafting never gets cheaper with more drafts"
 
 
@@ -141,8 +145,8 @@ def test_acceptance_observe(invariant, k, n, trials, hits):
 def test_acceptance_prior_and_evidence():
     est = AcceptanceEstimate(k_max=3)
     a = est.alphas()
-    assert a[0] == pytest.approx(tuning.PRIOR_ACCEPTANCE), "no evidence: the prior"
-    assert a[1] == pytest.approx(a[0] * tuning.PRIOR_DEPTH_DECAY), "an untried position: a little below the one before"
+    assert a[0] == pytest.approx(policies.PRIOR_ACCEPTANCE), "no evidence: the prior"
+    assert a[1] == pytest.approx(a[0] * policies.PRIOR_DEPTH_DECAY), "an untried position: a little below the one before"
     for _ in range(200):
         est.observe(3, 1)
     a = est.alphas()
@@ -171,7 +175,7 @@ def drive(policy, accept, rounds):
     for _ in range(rounds):
         k = policy.next_k()
         ks.append(k)
-        policy.observe(k, accept(k) if k else 0)
+        policy.observe(RoundResult(k, accept(k) if k else 0))
     return ks
 
 
@@ -185,7 +189,7 @@ def test_policy_turns_off_for_a_drafter_that_never_agrees_and_backs_off():
     runs = "".join("d" if k else "p" for k in ks[first_zero:]).split("d")
     gaps = [len(r) for r in runs[:-1] if r]  # plain steps between probes
     assert gaps and all(b >= a for a, b in zip(gaps, gaps[1:])), f"probe gaps never shrink: {gaps}"
-    assert max(gaps) >= tuning.MAX_PROBE_AFTER, "backoff reaches its cap"
+    assert max(gaps) >= policies.MAX_PROBE_AFTER, "backoff reaches its cap"
     assert max(len(r) for r in "".join("d" if k else "p" for k in ks[first_zero:]).split("p")) <= 2, \
         "a failed probe switches drafting off again within two rounds"
     assert all(k == 1 for k in ks[first_zero:] if k), "a failed drafter is probed with the cheapest draft"
@@ -196,9 +200,9 @@ def test_policy_drafts_long_when_everything_is_accepted():
     policy = AutoDraftPolicy(CHEAP)
     ks = drive(policy, lambda k: k, 200)
     runs = [len(r) for r in "".join("d" if k else "p" for k in ks).split("d") if r]
-    assert policy.probes == 0 and set(runs) == {tuning.CALIBRATION_STEPS}, \
+    assert policy.probes == 0 and set(runs) == {policies.CALIBRATION_STEPS}, \
         "a drafter that always agrees is never switched off: plain steps only to re-time a plain step"
-    assert len(runs) <= 1 + len(ks) // tuning.CALIBRATE_EVERY
+    assert len(runs) <= 1 + len(ks) // cost_model.CALIBRATE_EVERY
     assert ks[-1] == tuning.K_MAX, "cheap verify + full acceptance: the longest k"
 
 
@@ -211,15 +215,15 @@ def test_policy_re_times_rarely_when_drafting_pays_by_far_and_often_when_it_is_c
     it rarely (4 plain steps per 32 rounds would cost a 3x drafter ~7%), one near break-even often."""
     far = AutoDraftPolicy(CHEAP)
     gaps = _drafted_rounds_between_calibrations(drive(far, lambda k: k, 2000))[1:-1]
-    assert far.expected_speedup > 3 and gaps[0] <= 2 * tuning.CALIBRATE_EVERY
-    assert all(b >= a for a, b in zip(gaps, gaps[1:])) and max(gaps) == tuning.CALIBRATE_MAX_EVERY, gaps
+    assert far.expected_speedup > 3 and gaps[0] <= 2 * cost_model.CALIBRATE_EVERY
+    assert all(b >= a for a, b in zip(gaps, gaps[1:])) and max(gaps) == cost_model.CALIBRATE_MAX_EVERY, gaps
 
     close = AutoDraftPolicy(CHEAP)  # the first draft accepted a third of the time, the rest never: S ~ 1.15
     rng = np.random.default_rng(0)
     ks = drive(close, lambda k: int(rng.random() < 0.35), 2000)
     assert 1.02 <= close.expected_speedup < 1.25, close.summary()
     gaps = _drafted_rounds_between_calibrations(ks)[1:-1]
-    assert gaps and max(gaps) <= tuning.CALIBRATE_EVERY + 1, gaps
+    assert gaps and max(gaps) <= cost_model.CALIBRATE_EVERY + 1, gaps
 
 
 def test_policy_recovers_when_acceptance_returns():
@@ -227,7 +231,7 @@ def test_policy_recovers_when_acceptance_returns():
     drive(policy, lambda k: 0, 100)
     assert policy.next_k() == 0
     ks = drive(policy, lambda k: k, 300)
-    assert ks[-1] >= 3 and sum(k > 0 for k in ks[-50:]) >= 50 - tuning.CALIBRATION_STEPS, \
+    assert ks[-1] >= 3 and sum(k > 0 for k in ks[-50:]) >= 50 - policies.CALIBRATION_STEPS, \
         "re-probing finds the drafter good again (plain steps now only to re-time a plain step)"
 
 
@@ -242,14 +246,13 @@ def test_policy_weighs_rounds_and_plain_steps_as_this_engine_runs_them(monkeypat
     take twice the modelled time halve the expected speedup, and the policy goes plain."""
     costs = Costs(CHEAP.verify, CHEAP.draft_fixed, CHEAP.draft_step, plain_step_s=0.01)
     now = [0.0]
-    monkeypatch.setattr(tuning, "clock", lambda: now[0])
-    policy = AutoDraftPolicy(costs)
+    policy = AutoDraftPolicy(costs, clock=lambda: now[0])
     ks = []
     for _ in range(300):
         k = policy.next_k()
         ks.append(k)
         n = min(k, 1)  # only the first draft is ever accepted: tau <= 2
-        policy.observe(k, n) if k else None
+        policy.observe(RoundResult(k, n)) if k else None
         now[0] += 2 * costs.round_cost(k) * 0.01 if k else 0.01  # rounds: twice the model; plain: as modelled
     st = policy.state
     assert st.round_overhead > 1.6 and abs(st.plain_overhead - 1.0) < 0.05, "measured / modelled, smoothed"
@@ -264,14 +267,13 @@ def test_policy_re_times_plain_steps_while_drafting_and_sees_a_stale_costs_file(
     steps it takes while drafting see the ratio and switch drafting off."""
     costs = Costs(CHEAP.verify, CHEAP.draft_fixed, CHEAP.draft_step, plain_step_s=0.01)
     now = [0.0]
-    monkeypatch.setattr(tuning, "clock", lambda: now[0])
-    policy = AutoDraftPolicy(costs)
+    policy = AutoDraftPolicy(costs, clock=lambda: now[0])
     ks, tokens = [], 0
     for _ in range(400):
         k = policy.next_k()
         ks.append(k)
         if k:
-            policy.observe(k, min(k, 1))  # only the first draft is ever accepted: tau <= 2
+            policy.observe(RoundResult(k, min(k, 1)))  # only the first draft is ever accepted: tau <= 2
         tokens += 1 + min(k, 1)
         now[0] += 0.8 * costs.round_cost(k) * 0.01 if k else 0.4 * 0.01
     st = policy.state
@@ -286,27 +288,30 @@ def test_policy_every_zero_is_one_plain_step():
     assert policy.next_k() == 0
     ks = drive(policy, lambda k: 0, 200)
     first_probe = next(i for i, k in enumerate(ks) if k)
-    assert first_probe == tuning.FIRST_PROBE_AFTER - 1, "the decision step plus backoff - 1 plain steps"
+    assert first_probe == policies.FIRST_PROBE_AFTER - 1, "the decision step plus backoff - 1 plain steps"
 
 
 def test_learnt_state_carries_over_down_weighted(trained_pair):
     model, _, drafter = trained_pair
-    state = tuning.pair_state(model, MTPProposer(drafter, model))
+    tuner = AutoTuner()
+    state = tuner.pair_state(model, MTPProposer(drafter, model))
     drive(AutoDraftPolicy(CHEAP, state), lambda k: 0, 300)
-    assert state.plain_left > tuning.FIRST_PROBE_AFTER, "deep in backoff"
-    again = tuning.pair_state(model, MTPProposer(drafter, model))
+    assert state.plain_left > policies.FIRST_PROBE_AFTER, "deep in backoff"
+    again = tuner.pair_state(model, MTPProposer(drafter, model))
     assert again is state, "a new request with the same pair continues what was learnt"
     assert AutoDraftPolicy(CHEAP, again).next_k() == 0, "... starting plain for a drafter that never agreed"
-    assert max(again.estimate.trials) <= tuning.CARRY_WEIGHT + 1e-9, "... trusting the old evidence less"
-    assert again.plain_left < tuning.FIRST_PROBE_AFTER, "... and re-probing early, since the prompt is new"
-    other = tuning.pair_state(model, NgramProposer(3))
+    assert max(again.estimate.trials) <= tuners.CARRY_WEIGHT + 1e-9, "... trusting the old evidence less"
+    assert again.plain_left < policies.FIRST_PROBE_AFTER, "... and re-probing early, since the prompt is new"
+    other = tuner.pair_state(model, NgramProposer(3))
     assert other is not state, "another proposer learns on its own"
+    assert AutoTuner().pair_state(model, MTPProposer(drafter, model)) is not state, \
+        "what a tuner learnt stays with it: another caller starts afresh"
 
 
 # --- decisions on real drafters (the trained tiny pair) ---------------------------------------------
 
 def decode(model, tokens, proposer=None, policy=None, max_tokens=48):
-    eng = Engine(model, tokens, proposer=proposer, max_tokens=max_tokens, num_draft_tokens=3, draft_policy=policy)
+    eng = Engine(model, tokens, proposer=proposer, max_tokens=max_tokens, policy=policy or FixedK(3))
     return [e.token for e in eng.run()], eng.stats
 
 
@@ -338,7 +343,7 @@ class ScriptedPolicy:
         self.i += 1
         return self.pattern[(self.i - 1) % len(self.pattern)]
 
-    def observe(self, k, n):
+    def observe(self, result):
         pass
 
 
@@ -347,24 +352,23 @@ def test_switching_between_plain_and_drafting_keeps_greedy_output_exact(trained_
     model, tokenizer, drafter = trained_pair
     ids = tokenizer.encode(PROMPT)
     plain, _ = decode(model, ids, max_tokens=70)
-    eng = Engine(model, ids, proposer=MTPProposer(drafter, model), max_tokens=70, draft_policy=ScriptedPolicy(pattern))
+    eng = Engine(model, ids, proposer=MTPProposer(drafter, model), max_tokens=70, policy=ScriptedPolicy(pattern))
     out = [e.token for e in eng.run()]
     assert out == plain, f"pattern {pattern}: speculative greedy equals plain, whatever k the policy gives"
     assert eng.cache[0].offset == len(eng.history) - 1, "after the run the cache holds history[:-1]"
 
 
-def test_make_auto_policy_measures_once_and_caches_per_machine_and_model(trained_pair, monkeypatch, tmp_path):
+def test_auto_tuner_measures_once_and_caches_per_machine_and_model(trained_pair, tmp_path):
     model, _, drafter = trained_pair
     calls = []
-    real = tuning.measure_costs
 
     def counting(*a, **kw):
         calls.append(1)
-        return real(*a, **dict(kw, reps=1))
+        return tuning.measure_costs(*a, **dict(kw, reps=1))
 
-    monkeypatch.setattr(tuning, "measure_costs", counting)
     proposer = MTPProposer(drafter, model)
-    policy = tuning.make_auto_policy(model, proposer)
+    tuner = AutoTuner(CostsStore(measure=counting))
+    policy = tuner.policy(model, proposer)
     path = tmp_path / "xdg" / "mlx_spec" / "tuning.json"
     assert path.exists(), "the cost cache lives under $XDG_CACHE_HOME/mlx_spec/"
     costs = policy.costs
@@ -372,17 +376,16 @@ def test_make_auto_policy_measures_once_and_caches_per_machine_and_model(trained
     assert costs.verify == sorted(costs.verify), "verify costs are non-decreasing in k"
     assert costs.draft_step >= 0 and costs.draft_fixed >= 0 and costs.plain_step_s > 0
 
-    tuning.make_auto_policy(model, proposer)
+    tuner.policy(model, proposer)
     assert len(calls) == 1, "a second request uses the in-memory costs"
-    tuning.reset_learnt_state()
-    again = tuning.make_auto_policy(model, proposer)
-    assert len(calls) == 1 and again.costs == costs, "a new process reads the cache file instead of measuring"
+    again = AutoTuner(CostsStore(measure=counting)).policy(model, proposer)
+    assert len(calls) == 1 and again.costs == costs, "a new tuner (a new process) reads the file instead of measuring"
 
-    tuning.make_auto_policy(model, NgramProposer(3))
+    tuner.policy(model, NgramProposer(3))
     assert len(calls) == 2, "another proposer is measured on its own"
     data = json.loads(path.read_text())
     (entry,) = data["entries"].values()
-    assert set(entry["proposers"]) == {tuning.proposer_identity(proposer), "ngram:3"}
+    assert set(entry["proposers"]) == {proposer.identity, "ngram:3"}
     assert entry["machine"]["mlx"] and entry["model"]["dtype"] == "float32"
 
 
@@ -390,25 +393,26 @@ def test_model_identity_tells_models_apart(trained_pair):
     import mlx.nn as nn
 
     model, _, drafter = trained_pair
-    a = tuning.model_identity(drafter)
-    b = tuning.model_identity(_random_weights(drafter))
+    a = model_identity(drafter)
+    b = model_identity(_random_weights(drafter))
     assert a["config_hash"] == b["config_hash"] and a["weights_hash"] != b["weights_hash"], \
         "same config, other weights: another model"
     assert a["quantization"] is None and a["dtype"] == "float32"
     q = _random_weights(drafter)
     nn.quantize(q, group_size=64, bits=4, class_predicate=lambda p, m: isinstance(m, nn.Linear)
                 and m.weight.shape[-1] % 64 == 0)
-    assert tuning.model_identity(q)["quantization"]["bits"] == 4
+    assert model_identity(q)["quantization"]["bits"] == 4
+    assert MTPProposer(drafter, model).identity != MTPProposer(_random_weights(drafter), model).identity, \
+        "a proposer files its costs under its weights"
 
 
-def test_corrupt_cache_file_is_measured_again(trained_pair, monkeypatch, tmp_path):
+def test_corrupt_cache_file_is_measured_again(trained_pair, tmp_path):
     model, _, _ = trained_pair
     path = tmp_path / "xdg" / "mlx_spec" / "tuning.json"
     path.parent.mkdir(parents=True)
     path.write_text("{not json")
-    monkeypatch.setattr(tuning, "measure_costs", lambda *a, **kw: CHEAP)
-    assert tuning.get_costs(model, NgramProposer(3)) == CHEAP
-    assert json.loads(path.read_text())["version"] == tuning.CACHE_VERSION, "rewritten whole"
+    assert CostsStore(measure=lambda *a, **kw: CHEAP).get(model, NgramProposer(3)) == CHEAP
+    assert json.loads(path.read_text())["version"] == stores.CACHE_VERSION, "rewritten whole"
 
 
 def test_costs_can_be_measured_for_a_draft_model_proposer():
@@ -427,11 +431,12 @@ def test_costs_can_be_measured_for_a_draft_model_proposer():
     assert costs.draft_step > 0 and len(costs.verify) == 4
 
 
-def test_first_use_says_it_is_measuring_once(trained_pair, capsys):
+def test_first_use_says_it_is_measuring_once_and_a_library_call_stays_silent(trained_pair, capsys):
     model, _, drafter = trained_pair
-    tuning.get_costs(model, MTPProposer(drafter, model))
-    assert "measuring this machine" in capsys.readouterr().err
-    tuning.reset_learnt_state()  # also forgets the in-memory costs: the file answers now
-    tuning._COSTS.clear()
-    tuning.get_costs(model, MTPProposer(drafter, model))
-    assert "measuring" not in capsys.readouterr().err, "the cached costs are used silently"
+    lines = []
+    AutoTuner(log=lines.append).policy(model, MTPProposer(drafter, model))
+    assert len(lines) == 1 and "measuring this machine" in lines[0]
+    AutoTuner(log=lines.append).policy(model, MTPProposer(drafter, model))
+    assert len(lines) == 1, "the file answers now: nothing to say"
+    AutoTuner().policy(model, NgramProposer(2))  # measures, silently
+    assert capsys.readouterr().err == "", "a library call prints nothing"

@@ -77,3 +77,48 @@ def make_drafter(base: gemma4_text.Model, head: str = "centroid", seed: int = 1)
     if head == "centroid":
         d.masked_embedding.token_ordering = mx.random.permutation(base.args.vocab_size).astype(mx.int32)
     return d
+
+
+# --- block drafters (DFlash, DSpark), in their published config layouts ------------------------------
+
+def dflash_config(base: gemma4_text.Model, layer_types=(F, F), block_size: int = 8, target_layer_ids=(0, 2),
+                  window=None, causal: bool = False) -> dict:
+    """A z-lab-layout DFlash config (Qwen3 fields + dflash_config) that fits `base`."""
+    b = base.args
+    cfg = {"model_type": "gemma4", "architectures": ["DFlashDraftModel"], "hidden_size": b.hidden_size,
+           "intermediate_size": 96, "num_hidden_layers": len(layer_types), "num_attention_heads": 4,
+           "num_key_value_heads": 2, "head_dim": 16, "vocab_size": b.vocab_size, "rms_norm_eps": 1e-6,
+           "max_position_embeddings": 1024, "block_size": block_size, "num_target_layers": b.num_hidden_layers,
+           "layer_types": list(layer_types), "sliding_window": window, "final_logit_softcapping": 30.0,
+           "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+           "dflash_config": {"target_layer_ids": list(target_layer_ids), "mask_token_id": 4}}
+    if causal:
+        cfg["dflash_config"]["causal"] = True
+    return cfg
+
+
+def dspark_config(base: gemma4_text.Model, block_size: int = 5, markov_rank: int = 8, target_layer_ids=(0, 2),
+                  k_eq_v: bool = True, layers: int = 2) -> dict:
+    """A DeepSpec-layout DSpark config: the base's text config with the DSpark fields, flat."""
+    b = base.args
+    return {"architectures": ["Gemma4DSparkModel"], "model_type": "gemma4_text", "hidden_size": b.hidden_size,
+            "intermediate_size": 96, "num_hidden_layers": layers, "num_attention_heads": 4, "head_dim": 16,
+            "global_head_dim": 32, "num_key_value_heads": 2, "num_global_key_value_heads": 1 if k_eq_v else None,
+            "attention_k_eq_v": k_eq_v, "vocab_size": b.vocab_size, "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 1024, "layer_types": [F] * layers, "final_logit_softcapping": 30.0,
+            "hidden_size_per_layer_input": 0, "tie_word_embeddings": False, "num_target_layers": b.num_hidden_layers,
+            "block_size": block_size, "mask_token_id": 4, "target_layer_ids": list(target_layer_ids),
+            "num_anchors": 512, "markov_rank": markov_rank, "markov_head_type": "vanilla",
+            "enable_confidence_head": bool(markov_rank), "confidence_head_with_markov": True,
+            "rope_parameters": {F: {"partial_rotary_factor": 0.25, "rope_theta": 1e6, "rope_type": "proportional"},
+                                S: {"rope_theta": 1e4, "rope_type": "default"}}}
+
+
+def make_block_drafter(config: dict, seed: int = 2):
+    """A block drafter with random weights (large std, so drafts are decided by clear margins)."""
+    from mlx_spec.models import get_model_classes
+
+    model_class, args_class = get_model_classes(config)
+    d = model_class(args_class.from_dict(config))
+    _redraw(d, seed)
+    return d

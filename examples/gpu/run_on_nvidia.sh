@@ -9,9 +9,15 @@
 #    back (a machine left idle is handed back and the next one starts empty); the last call runs:
 #                                  bash examples/gpu/run_on_nvidia.sh run "$OUT"
 #    It joins the pieces, installs the wheels into /tmp/site without an index or dependencies (the CUDA
-#    runtime libraries must already be there: it says which are missing), then writes OUT/costs.json and
-#    OUT/costs_bf16.json (verify cost by k and drafter step cost on a random E2B-shaped model, 4-bit and
-#    bf16) and OUT/smollm2.json (mlx_spec.bench: plain vs n-gram vs SmolLM2 as its own draft model).
+#    runtime libraries must already be there: it says which are missing), then writes, each step under its
+#    own time limit so the whole call stays under ~8 minutes (the device tool allows 10):
+#      OUT/parity_smollm2.{txt,json}  mlx_spec.doctor on SmolLM2 (real weights): verify rows vs one-token
+#                                     steps, strict off and on, the row-count-dependent ops, strict's cost
+#      OUT/shapes.json, shapes.log    random-weight E2B/E4B/12B/26B-A4B/31B shapes, 4-bit then bf16: verify cost
+#                                     by k, MTP drafter step cost, block drafters' (DFlash 31B, DSpark 12B,
+#                                     DFlash-proportioned E2B) cost by block size, and the same parity probe
+#                                     (shapes not reached in the time budget are listed under "skipped")
+#      OUT/smollm2.{txt,json}         mlx_spec.bench: plain vs n-gram vs SmolLM2 as its own draft model
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 mode="${1:-run}"
@@ -77,8 +83,20 @@ print("CUDA runtime packages missing here (mlx-cuda-13 needs them):", missing or
 import mlx.core as mx
 print("device", mx.default_device(), mx.device_info())
 EOF
-$py examples/gpu/measure_shapes.py --shapes e2b --q-bits 4 --out "$out/costs.json"
-$py examples/gpu/measure_shapes.py --shapes e2b --q-bits 0 --out "$out/costs_bf16.json"
 gguf=$(ls /tmp/mlx_spec_gpu_files/*.gguf | head -1)
-$py -m mlx_spec.bench --model "$gguf" --draft-model "$gguf" --ngram --num-draft-tokens 1,2,3,4,auto \
-    --max-tokens 128 --repeats 3 --json "$out/smollm2.json" | tee "$out/smollm2.txt"
+# Each step has a hard limit (timeout) and the next runs regardless, so one slow step costs only itself.
+# Worst case: 75 + 280 + 100 s after the ~40 s of unpacking and installing (first CUDA kernel builds included).
+step() { local limit=$1; shift; echo "[$SECONDS s] $*" >&2; timeout "$limit" "$@" || echo "step ended with rc $? (124: its time limit): $*" >&2; }
+# 1. parity on real weights first: cheap (135M), and the one real-weights answer
+step 75 $py -m mlx_spec.doctor --model "$gguf" --padding on --json "$out/parity_smollm2.json" > "$out/parity_smollm2.txt"
+cat "$out/parity_smollm2.txt" || true
+# 2. the published shapes with random weights, 4-bit then bf16; measure_shapes starts no shape after
+#    --budget-s and rewrites shapes.json after each one
+step 280 $py examples/gpu/measure_shapes.py --shapes e2b,12b,e4b,26b,31b --q-bits 4,0 --reps 3 --parity \
+    --budget-s 210 --out "$out/shapes.json" 2> "$out/shapes.log"
+tail -n 40 "$out/shapes.log" || true
+# 3. speculation with real weights: n-gram and SmolLM2 as its own draft model
+step 100 $py -m mlx_spec.bench --model "$gguf" --draft-model "$gguf" --ngram --num-draft-tokens 2,4,auto \
+    --max-tokens 128 --repeats 2 --prompts code --json "$out/smollm2.json" > "$out/smollm2.txt"
+cat "$out/smollm2.txt" || true
+echo "[$SECONDS s] done" >&2

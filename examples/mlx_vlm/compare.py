@@ -86,8 +86,10 @@ def main():
             info = f"tau {(acc + rounds) / rounds:.2f}, accepted {acc}/{sum(vlm_drafter.draft_lens)}"
         return out, info
 
+    tuner = mlx_spec.AutoTuner()  # kept across runs, as the CLI keeps one across requests
+
     def ours_run(ids, k=None):
-        kw = dict(drafter=ours_drafter, num_draft_tokens=k) if k else {}
+        kw = dict(drafter=ours_drafter, num_draft_tokens=k, tuner=tuner) if k else {}
         out, stats = [], None
         for r in mlx_spec.stream_generate(ours_model, tok, ids, max_tokens=a.max_tokens, **kw):
             out.append(r.token)

@@ -1,7 +1,8 @@
-"""Google's multimodal Gemma 4 layout (`model_type: gemma4`), text path only.
+"""Google's multimodal Gemma 4 layouts (`model_type: gemma4`, and `gemma4_unified`, the 12B with its
+encoder-free vision/audio embedders), text path only.
 
-The checkpoint nests the text model under `model.language_model.` and carries vision/audio towers; the
-towers are dropped (mlx-lm's sanitize) and everything else is the text model of gemma4_text.py. Weight
+The checkpoint nests the text model under `model.language_model.` and carries vision/audio towers (the
+12B: `vision_embedder`, `embed_vision`, `embed_audio`); they are dropped (mlx-lm's sanitize) and everything else is the text model of gemma4_text.py. Weight
 names stay mlx-lm's (`language_model.model.*`), so mlx-community Gemma 4 repos load unchanged.
 """
 
@@ -11,6 +12,7 @@ import mlx.nn as nn
 from mlx_lm.models import gemma4 as mlx_gemma4_mm
 
 from . import gemma4_text
+from .base import SpeculativeBase
 
 
 @dataclass
@@ -26,7 +28,7 @@ class ModelArgs:
         return cls(params.get("model_type", "gemma4"), text, text["vocab_size"])
 
 
-class Model(nn.Module):
+class Model(nn.Module, SpeculativeBase):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -38,6 +40,15 @@ class Model(nn.Module):
 
     def forward(self, inputs, cache=None):
         return self.language_model.forward(inputs, cache)
+
+    def forward_layers(self, inputs, cache, layers):
+        return self.language_model.forward_layers(inputs, cache, layers)
+
+    def check_layers(self, layers):
+        return self.language_model.check_layers(layers)
+
+    def head(self, hidden):
+        return self.language_model.head(hidden)
 
     def embed_scaled(self, tokens):
         return self.language_model.embed_scaled(tokens)

@@ -25,6 +25,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as mlx_gemma4
 
+from ..cache import QuantizedKV
 from ..errors import UnsupportedModelError
 from . import gemma4_text
 
@@ -114,8 +115,12 @@ class Model(nn.Module):
         self.freeze(keys=["token_ordering"], strict=False)
         gemma4_text.compile_norms(self)
 
-    def layer_types(self):
-        return list(self.text_args.layer_types)
+    family = "mtp"
+
+    def describe(self) -> str:
+        t = self.text_args
+        head = "centroid head" if self.args.use_ordered_embeddings else "dense head"
+        return f"MTP assistant ({self.model_type}): {t.num_hidden_layers} layers, hidden {t.hidden_size}, {head}"
 
     def stepper(self) -> "DraftStepper":
         """Compiled draft steps bound to this model's current weights (cheap to build: one per request)."""
@@ -168,6 +173,16 @@ def _compute_dtype(linear: nn.Module):
     """The activation dtype a (possibly quantized) linear layer computes in: its weight's, or its scales'."""
     weight = linear["weight"]
     return weight.dtype if mx.issubdtype(weight.dtype, mx.floating) else linear["scales"].dtype
+
+
+def _attend_quantized(q: mx.array, k: QuantizedKV, v: QuantizedKV) -> mx.array:
+    """_attend on quantized K (n_kv, T, *) and V, through quantized matmuls (nothing dequantized)."""
+    n_kv = k.packed.shape[0]
+    qk = dict(group_size=k.group_size, bits=k.bits)
+    scores = mx.quantized_matmul(q.reshape(n_kv, -1, q.shape[-1]).astype(k.scales.dtype), k.packed, k.scales,
+                                 k.biases, transpose=True, **qk)  # (n_kv, rep, T)
+    p = mx.softmax(scores, axis=-1, precise=True)
+    return mx.quantized_matmul(p, v.packed, v.scales, v.biases, transpose=False, **qk).astype(q.dtype)
 
 
 class DraftStepper:
@@ -228,15 +243,24 @@ class DraftStepper:
 
     # -- per round / per step
     def begin_round(self, shared_kv: dict, position: int) -> dict:
-        """shared_kv: layer type -> (K, V) (1, n_kv, T, D) as the base caches them. The query sits at
-        `position` for every step of the round (transformers' convention)."""
+        """shared_kv: layer type -> (K, V) (1, n_kv, T, D) as the base caches them, arrays or `QuantizedKV`
+        (then attended through quantized matmuls: see cache.py for why not dequantized). The query sits
+        at `position` for every step of the round (transformers' convention)."""
         R = self._rope_matrices(mx.array(position, mx.int32))
-        return {t: (k[0].swapaxes(-1, -2), v[0], R[t]) for t, (k, v) in shared_kv.items()}
+        out = {}
+        for t, (k, v) in shared_kv.items():
+            if isinstance(k, QuantizedKV):
+                out[t] = (k.first(), v.first(), R[t])
+            else:
+                out[t] = (k[0].swapaxes(-1, -2), v[0], R[t])
+        return out
 
     @staticmethod
     def _attend(q: mx.array, kt: mx.array, v: mx.array) -> mx.array:
         """One query's heads q (n_heads, D) onto K^T (n_kv, D, T), V (n_kv, T, D); scale 1.0 (Gemma 4).
         Head h reads K/V head h // (n_heads / n_kv), as mlx's and transformers' GQA do."""
+        if isinstance(kt, QuantizedKV):
+            return _attend_quantized(q, kt, v)
         scores = q.reshape(kt.shape[0], -1, q.shape[-1]) @ kt
         # the base's K/V may be wider than the drafter's dtype (fp32 base): back to the query's dtype
         return (mx.softmax(scores, axis=-1, precise=True) @ v).astype(q.dtype)

@@ -6,20 +6,35 @@ double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
   head-geometry forms (`global_head_dim`/`num_global_key_value_heads`, or `per_layer_config`).
 - `forward()` returns the final-normed hidden state next to the logits, which the MTP drafter consumes,
   and `producer_layers` names the last non-shared layer of each type, whose K/V the drafter reads.
-- `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly.
+- `forward_layers()` also returns the outputs of chosen decoder layers from the same pass, which block
+  drafters (DFlash, DSpark) read.
+- `make_cache()` builds rewindable caches (see cache.py), so rejected drafts can be rolled back exactly,
+  optionally with quantized K/V (mlx-lm's --kv-bits). `Attention` is mlx-lm's except for quantized K/V,
+  which it attends without a per-head copy (`quantized_attention`); KV-shared layers attend their
+  producer's quantized K/V, and a pass that straddles --quantized-kv-start runs as two.
 """
 
+import functools
 from dataclasses import dataclass, fields
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as mlx_gemma4
 
-from ..cache import DEFAULT_MAX_ROLLBACK, FullKVCache, SlidingKVCache
+from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache,
+                     forward_split_at_switch, quantization_split)
 from ..errors import UnsupportedModelError
+from .base import SpeculativeBase
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+UNIFIED_TEXT = "gemma4_unified_text"  # the text config of gemma4_unified (12B): gemma4_text without PLE keys
+# transformers' defaults where the two text configs differ (a key missing from config.json means these);
+# gemma4_unified_text has no per-layer inputs at all, so a missing PLE key means 0 there, not 256
+GEMMA4_TEXT_DEFAULTS = (("hidden_size_per_layer_input", 256), ("vocab_size_per_layer_input", 262144))
+UNIFIED_DEFAULTS = (("hidden_size_per_layer_input", 0), ("vocab_size_per_layer_input", 0), ("sliding_window", 1024),
+                    ("max_position_embeddings", 262144))
+EMBEDDING_OUTPUT = -1  # a captured "layer" id: the scaled embedding that enters layer 0 (DeepSpec's -1)
 
 
 @dataclass
@@ -99,19 +114,14 @@ def normalize_text_config(config: dict) -> dict:
             )
         config["global_head_dim"] = full_hd
         config["num_global_key_value_heads"] = full_kv if k_eq_v else None
-    for key, default in (("hidden_size_per_layer_input", 256), ("vocab_size_per_layer_input", 262144)):
+    for key, default in (UNIFIED_DEFAULTS if config.get("model_type") == UNIFIED_TEXT else GEMMA4_TEXT_DEFAULTS):
         config.setdefault(key, default)
     return config
 
 
-_COMPILED_RMS_NORMS = {}
-
-
+@functools.cache  # one compiled function per eps (a memo of a pure function: same results either way)
 def _rms_norm(eps: float):
-    fn = _COMPILED_RMS_NORMS.get(eps)
-    if fn is None:
-        fn = _COMPILED_RMS_NORMS[eps] = mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
-    return fn
+    return mx.compile(lambda x, w: mx.fast.rms_norm(x, w, eps), shapeless=True)
 
 
 class CompiledRMSNorm(nn.RMSNorm):
@@ -134,6 +144,12 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
     """mlx-lm's trunk; `__call__` is rewritten only to build masks from our caches per layer type."""
 
     def __call__(self, inputs: mx.array, cache=None, per_layer_inputs: Optional[mx.array] = None):
+        return self.run(inputs, cache, per_layer_inputs)[0]
+
+    def run(self, inputs: mx.array, cache=None, per_layer_inputs: Optional[mx.array] = None,
+            capture: Sequence[int] = ()):
+        """(final-normed hidden (B, L, H), [the output of decoder layer i (B, L, H), before the final norm,
+        for i in `capture`, in that order; EMBEDDING_OUTPUT: the scaled embedding])."""
         h = self.embed_tokens(inputs) * self.embed_scale  # (B, L, H); the scalar is cast to h.dtype, as HF does
         if self.hidden_size_per_layer_input:
             if per_layer_inputs is None:
@@ -141,16 +157,84 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
             per_layer_inputs = self._project_per_layer_inputs(h, per_layer_inputs)  # (B, L, n_layers, P)
         cache = list(cache or []) + [None] * (len(self.layers) - len(cache or []))
         masks = self._make_masks(h, cache)
+        captured = {EMBEDDING_OUTPUT: h} if EMBEDDING_OUTPUT in capture else {}
         intermediates = [(None, None)] * len(self.layers)
         for i, (layer, c, mask, prev) in enumerate(zip(self.layers, cache, masks, self.previous_kvs)):
             kvs, offset = intermediates[prev]  # KV-shared layers reuse their producer's K/V and offset
+            if c is None and prev != i and getattr(cache[prev], "quantized", False):
+                c = _SharedQuantizedKV(cache[prev])  # the producer's K/V are quantized triples
             pli = per_layer_inputs[:, :, i, :] if per_layer_inputs is not None else None
             h, kvs, offset = layer(h, mask, c, per_layer_input=pli, shared_kv=kvs, offset=offset)
             intermediates[i] = (kvs, offset)
-        return self.norm(h)
+            if i in capture:
+                captured[i] = h
+        return self.norm(h), [captured[i] for i in capture]
 
 
-class Model(nn.Module):
+class _SharedQuantizedKV:
+    """Stands in for a KV-shared layer's cache when its producer's K/V are quantized: the layer then attends
+    them quantized and stores nothing (update is identity)."""
+
+    quantized_next = True
+
+    def __init__(self, producer):
+        self.bits, self.group_size = producer.bits, producer.group_size
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def quantized_attention(queries: mx.array, q_keys, q_values, scale: float, mask, group_size: int, bits: int):
+    """Attention onto quantized K/V (mlx-lm's triples (B, n_kv, T, *)); queries (B, H, L, D) -> (B, H, L, D).
+
+    mlx-lm's quantized_scaled_dot_product_attention gives each query head of a GQA group its own broadcast
+    of K/V, which MLX's CPU backend materializes: an E2B full layer at 32k tokens took +300 MB and 1.7x the
+    time (8-bit, fp32: 577 vs 336 ms). Here a group's heads and positions are rows of one matmul against
+    the group's K/V: same result, bit for bit (tested), nothing broadcast."""
+    B, H, L, D = queries.shape
+    n_kv = q_keys[0].shape[1]
+    rep = H // n_kv
+    q = (queries * scale).reshape(B, n_kv, rep * L, D)
+    scores = mx.quantized_matmul(q, *q_keys, transpose=True, group_size=group_size, bits=bits)  # (B, n_kv, rep*L, T)
+    if mask is not None:
+        T = scores.shape[-1]
+        scores = scores.reshape(B, n_kv, rep, L, T)
+        if isinstance(mask, str):  # "causal": the L queries are the last L positions
+            mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
+        if mask.dtype == mx.bool_:
+            scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
+        else:
+            scores = scores + mask
+        scores = scores.reshape(B, n_kv, rep * L, T)
+    weights = mx.softmax(scores, axis=-1, precise=True)
+    out = mx.quantized_matmul(weights, *q_values, transpose=False, group_size=group_size, bits=bits)
+    return out.reshape(B, H, L, -1)
+
+
+class Attention(mlx_gemma4.Attention):
+    """mlx-lm's Gemma 4 attention, unchanged for full-precision K/V; with quantized K/V (the cache's next
+    update stores them quantized) it attends through `quantized_attention`."""
+
+    def __call__(self, x, mask=None, cache=None, shared_kv=None, offset=None):
+        if not getattr(cache, "quantized_next", False):
+            return super().__call__(x, mask, cache, shared_kv, offset)
+        B, L, _ = x.shape  # the rest mirrors mlx-lm's Attention.__call__
+        queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
+        if shared_kv is not None:
+            keys, values = shared_kv
+        else:
+            keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+            values = keys if self.use_k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
+            offset = mx.array(cache.offset)
+            keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset=offset)
+            values = self.v_norm(values).transpose(0, 2, 1, 3)
+        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=offset)
+        keys, values = cache.update_and_fetch(keys, values)
+        output = quantized_attention(queries, keys, values, self.scale, mask, cache.group_size, cache.bits)
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values), offset
+
+
+class Model(nn.Module, SpeculativeBase):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
@@ -159,17 +243,44 @@ class Model(nn.Module):
         if not args.tie_word_embeddings:
             self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         compile_norms(self)
+        for layer in self.layers:
+            layer.self_attn.__class__ = Attention  # same parameters; quantized K/V attended without copies
 
     def forward(self, inputs: mx.array, cache=None):
         """Return (logits (B, L, V) softcapped, hidden (B, L, H) after the final norm)."""
+        if quantization_split(cache, inputs.shape[1]):  # a switch to quantized K/V inside this pass
+            return forward_split_at_switch(lambda x: self.forward(x, cache), inputs, cache)
         hidden = self.model(inputs, cache=cache)
+        return self._softcap(self.head(hidden)), hidden
+
+    def forward_layers(self, inputs: mx.array, cache, layers: Sequence[int]):
+        """forward() that also returns the outputs of decoder `layers` (0-based; EMBEDDING_OUTPUT for the
+        embedding) at every position, concatenated in the order given: (logits, hidden, (B, L, n*H))."""
+        self.check_layers(layers)
+        if quantization_split(cache, inputs.shape[1]):  # a switch to quantized K/V inside this pass
+            return forward_split_at_switch(lambda x: self.forward_layers(x, cache, layers), inputs, cache)
+        hidden, captured = self.model.run(inputs, cache, capture=tuple(layers))
+        return self._softcap(self.head(hidden)), hidden, mx.concatenate(captured, axis=-1)
+
+    def check_layers(self, layers: Sequence[int]) -> None:
+        """Raise ValueError unless every id names a decoder layer before the last (whose output the final
+        norm would follow) or the embedding."""
+        n = self.args.num_hidden_layers
+        bad = [i for i in layers if not (i == EMBEDDING_OUTPUT or 0 <= i < n - 1)]
+        if bad or not layers:
+            raise ValueError(f"layers {list(layers)}: ids must be in [0, {n - 2}] (or {EMBEDDING_OUTPUT}, the "
+                             f"embedding) for a base of {n} decoder layers")
+
+    def head(self, hidden: mx.array) -> mx.array:
+        """The output layer (the tied embedding, or lm_head), without the softcap: (..., H) -> (..., V)."""
         if self.args.tie_word_embeddings:
-            logits = self.model.embed_tokens.as_linear(hidden)
-        else:
-            logits = self.lm_head(hidden)
+            return self.model.embed_tokens.as_linear(hidden)
+        return self.lm_head(hidden)
+
+    def _softcap(self, logits: mx.array) -> mx.array:
         if self.args.final_logit_softcapping:
-            logits = mlx_gemma4.logit_softcap(self.args.final_logit_softcapping, logits)
-        return logits, hidden
+            return mlx_gemma4.logit_softcap(self.args.final_logit_softcapping, logits)
+        return logits
 
     def __call__(self, inputs: mx.array, cache=None):
         return self.forward(inputs, cache)[0]
@@ -199,11 +310,15 @@ class Model(nn.Module):
         attn = self.layers[self.producer_layers[layer_type]].self_attn
         return attn.head_dim, attn.n_kv_heads
 
-    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK):
-        return [
-            FullKVCache() if t == FULL else SlidingKVCache(self.args.sliding_window, max_rollback)
-            for t in self.args.layer_types[: self.first_kv_shared]
-        ]
+    def make_cache(self, max_rollback: int = DEFAULT_MAX_ROLLBACK, kv_bits: Optional[int] = None,
+                   kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0):
+        """One rewindable cache per non-shared layer; kv_bits (4 or 8) quantizes K/V as mlx-lm's --kv-bits
+        does, from the update after the cache holds `quantized_kv_start` positions."""
+        types = self.args.layer_types[: self.first_kv_shared]
+        head_dims = [self.attention_geometry(t)[0] for t in set(types)]
+        kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start, head_dims)
+        return [FullKVCache(kv) if t == FULL else SlidingKVCache(self.args.sliding_window, max_rollback, kv)
+                for t in types]
 
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:  # some exports store the tied head too; it is embed_tokens

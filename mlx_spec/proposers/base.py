@@ -1,9 +1,35 @@
-"""The one interface every way of proposing drafts implements; the engine never asks which one it has."""
+"""The contract between the engine and every way of proposing drafts; the engine never asks which one it has.
+
+A round: the engine builds a `RoundContext`, asks the proposer for up to k drafts (`propose`), verifies
+them in one base pass, rolls back what the base rejected and tells the proposer what happened
+(`observe(RoundResult)`), the same `RoundResult` the draft policy observes.
+
+A proposer says what it is: `name` (for stats and logs), `identity` (what its measured costs and learnt
+acceptance are filed under: its kind and its weights) and `weights` (the module to keep resident next to
+the base, or None). `fork()` gives a proposer for another conversation: the same weights, none of the
+per-conversation state (a draft model's KV cache), so a chat or a server slot owns its own.
+
+Base features. A proposer may read the outputs of some of the base's decoder layers (`base_layers`; block
+drafters do): it is then a `FeatureReader`. The engine captures those layers in the base's own passes
+(prefill chunks, plain steps, verifies; never a second pass) and hands every pass's rows to `extend`, in
+order, so the reader's context cache holds one entry per position the base's cache holds; whenever the
+base's cache rolls back n positions (rejected drafts, a stop inside accepted drafts, a reused prompt cache),
+so does `context_cache` (cache.rollback_all). After each round's rollback the context covers exactly the
+accepted history, as the base's cache does.
+"""
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol
+from typing import List, Optional, Protocol, Tuple
 
 import mlx.core as mx
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one round did: the proposer gave `drafted` drafts and the base kept the first `accepted`."""
+
+    drafted: int
+    accepted: int
 
 
 @dataclass
@@ -12,17 +38,19 @@ class RoundContext:
 
     history: every token so far (prompt + emitted), ending with the bonus token, which the base has
         not yet run; its position is `position` (= len(history) - 1 = the base cache's offset).
+        Draft i (0-based) will sit at position `position + 1 + i`.
     hidden: the base's final-normed hidden state at the last accepted position (1, 1, H), or None when
         the base model does not expose it.
     base_cache: the base's rewindable caches, already rolled back to `position`.
+    sampler: draws each draft from the proposer's logits (`sampler.draft`), so drafts use the request's
+        temperature, filters, acceptance mode and position-keyed noise (sampling.py).
     """
 
     history: List[int]
     position: int
     hidden: Optional[mx.array]
     base_cache: list
-    sampling: "object"  # engine.SamplingParams
-    key: Optional[mx.array] = None  # PRNG key for proposers that sample their drafts
+    sampler: "object"  # sampling.Sampler
 
 
 @dataclass
@@ -37,15 +65,50 @@ class Draft:
     def k(self) -> int:
         return self.tokens.shape[0]
 
+    @staticmethod
+    def empty() -> "Draft":
+        return Draft(mx.zeros((0,), mx.int32))
+
 
 class Proposer(Protocol):
     name: str
+    identity: str
+    weights: Optional[object]  # an mlx.nn.Module, or None for proposers without weights
+    # decoder layers of the base whose outputs it reads (a FeatureReader); () or absent: none
+    base_layers: Tuple[int, ...]
 
     def start(self, prompt: List[int]) -> None:
-        """A new request begins with this prompt (proposers with state reset it here)."""
+        """A new request begins with this prompt (proposers with state bring it up to date here)."""
 
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         """Up to k drafts to follow ctx.history; may be fewer (even zero) when it has nothing useful."""
 
-    def observe(self, n_accepted: int, draft_k: int) -> None:
-        """The base kept the first n_accepted of draft_k drafts (proposers with caches roll back here)."""
+    def observe(self, result: RoundResult) -> None:
+        """The base kept the first result.accepted of result.drafted drafts (caches roll back here)."""
+
+    def fork(self) -> "Proposer":
+        """A proposer for another conversation: shares the weights, not the per-conversation state."""
+
+
+class FeatureReader(Proposer, Protocol):
+    """A proposer with a context of base features (see the module docstring): `base_layers` is not empty."""
+
+    # rewindable caches (cache.py), one entry per base position: the engine rolls them back with the base's
+    context_cache: list
+
+    @property
+    def context_length(self) -> int:
+        """Base positions whose features the context holds (0 .. the base cache's offset)."""
+
+    def extend(self, features: mx.array) -> None:
+        """features (1, L, len(base_layers) * H_base): the outputs of `base_layers` at the next L positions
+        the base ran, continuing the context (lazy: computed in the engine's graph)."""
+
+    def reset(self) -> None:
+        """Forget the context (the engine then re-runs the base from position 0)."""
+
+
+def feature_layers(proposer) -> Tuple[int, ...]:
+    """The base layers a proposer reads; () for one that declares none (proposers written before base
+    features existed need not declare the attribute)."""
+    return tuple(getattr(proposer, "base_layers", ()) or ())

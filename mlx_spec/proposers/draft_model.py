@@ -9,18 +9,18 @@ It knows a model's forward and its cache; it knows nothing about the base model 
 size, and nothing about text.
 """
 
+from functools import cached_property
 from typing import List, Optional
 
 import mlx.core as mx
 
-from ..acceptance import sample_from_probs
-from ..cache import rollback_all
+from ..cache import DEFAULT_MAX_ROLLBACK, rollback_all
 from ..errors import CacheRollbackError, PairingError
-from ..engine import MAX_DRAFT_TOKENS, base_forward, make_base_cache
+from ..identity import weights_fingerprint
+from ..models.base import as_base
 from ..prompt_cache import common_prefix
-from .base import Draft, RoundContext
+from .base import Draft, RoundContext, RoundResult
 
-DEFAULT_MAX_ROLLBACK = MAX_DRAFT_TOKENS + 1  # the engine never verifies more drafts
 DEFAULT_PREFILL_STEP = 2048
 # Families pad the output layer to a multiple of 64..1024 beyond the tokenizer's real size, and siblings of
 # one family may pad differently; a larger gap means the two models do not share a tokenizer.
@@ -29,7 +29,8 @@ MAX_VOCAB_PADDING_GAP = 1024
 
 def output_vocab_size(model) -> int:
     """The width of the model's logits, read from the shape of a lazy one-token forward (nothing runs)."""
-    logits, _ = base_forward(model, mx.zeros((1, 1), mx.int32), make_base_cache(model, 1))
+    base = as_base(model)
+    logits, _ = base.forward(mx.zeros((1, 1), mx.int32), base.make_cache(1))
     return logits.shape[-1]
 
 
@@ -44,12 +45,14 @@ def check_vocab_pairing(base_vocab: int, draft_vocab: int) -> None:
 
 class DraftModelProposer:
     name = "draft_model"
+    base_layers = ()  # reads no decoder-layer outputs of the base
 
     def __init__(self, draft_model, base_model=None, *, base_vocab: Optional[int] = None,
                  max_rollback: int = DEFAULT_MAX_ROLLBACK, prefill_step: int = DEFAULT_PREFILL_STEP):
         """`base_model` (or `base_vocab`) gives the base's vocabulary size; ids that only one model has are
         never drafted. Without either, the two vocabularies are assumed equal."""
-        self.model = draft_model
+        self.model = self.weights = draft_model
+        self.base = as_base(draft_model)
         self.max_rollback = max_rollback
         self.prefill_step = prefill_step
         self.draft_vocab = output_vocab_size(draft_model)
@@ -62,6 +65,15 @@ class DraftModelProposer:
         self._round_start = 0  # len(history) when the last round was proposed
         self._history: List[int] = []  # the last request's history (the engine's list): the cache's ids
 
+    @cached_property
+    def identity(self) -> str:
+        return f"{self.name}:{weights_fingerprint(self.model)}"
+
+    def fork(self) -> "DraftModelProposer":
+        """The same draft model with a cache of its own (for another conversation)."""
+        return DraftModelProposer(self.model, base_vocab=self.base_vocab, max_rollback=self.max_rollback,
+                                  prefill_step=self.prefill_step)
+
     def start(self, prompt: List[int]) -> None:
         """The cache holds the prompt afterwards (evaluated here: it is the draft's share of the prefill).
 
@@ -70,12 +82,12 @@ class DraftModelProposer:
         prompt is prefilled from scratch."""
         start = self._reusable_prefix(prompt)
         if start == 0:
-            self.cache = make_base_cache(self.model, self.max_rollback)
+            self.cache = self.base.make_cache(self.max_rollback)
             self.consumed = 0
         self._history = prompt
         for s in range(start, len(prompt), self.prefill_step):
             chunk = prompt[s : s + self.prefill_step]
-            base_forward(self.model, mx.array(chunk, mx.int32)[None], self.cache)
+            self.base.forward(mx.array(chunk, mx.int32)[None], self.cache)
             mx.eval([c.state for c in self.cache])
             self.consumed += len(chunk)
 
@@ -97,13 +109,9 @@ class DraftModelProposer:
         self.consumed = keep
         return keep
 
-    def forget(self) -> None:
-        """Drop the cache (after an error left it in an unknown state)."""
-        self.cache, self.consumed, self._history = [], 0, []
-
     def _logits(self, tokens: mx.array) -> mx.array:
         """Last-position logits over the base's vocabulary, (V_base,) float32; tokens (1, L)."""
-        logits, _ = base_forward(self.model, tokens, self.cache)
+        logits, _ = self.base.forward(tokens, self.cache)
         logits = logits[0, -1].astype(mx.float32)  # (V_draft,)
         if self.draft_vocab > self.base_vocab:  # ids the base lacks are never drafted
             return logits[: self.base_vocab]
@@ -114,7 +122,7 @@ class DraftModelProposer:
 
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         if k <= 0:
-            return Draft(mx.zeros((0,), mx.int32))
+            return Draft.empty()
         if self.consumed >= len(ctx.history):
             raise RuntimeError(
                 f"draft cache holds {self.consumed} tokens but the history has only {len(ctx.history)}: "
@@ -122,26 +130,21 @@ class DraftModelProposer:
             )
         self._round_start = len(ctx.history)
         self._history = ctx.history  # the engine's list, appended in place: after the request, all it emitted
-        greedy = ctx.sampling.greedy
-        u = None if greedy else mx.random.uniform(shape=(k,), key=ctx.key)  # (k,)
         x = mx.array(ctx.history[self.consumed :], mx.int32)[None]  # (1, L): at least the bonus
         self.consumed = len(ctx.history)
         tokens, probs = [], []
         for i in range(k):
-            logits = self._logits(x)  # (V,)
-            if greedy:
-                tok = mx.argmax(logits).astype(mx.int32)
-            else:
-                q = ctx.sampling.probs(logits)  # (V,) the distribution the draft is drawn from
-                tok = sample_from_probs(q, u[i])
-                probs.append(q)
+            tok, q = ctx.sampler.draft(self._logits(x), ctx.position + 1 + i)  # (1,), (V,) or None
             tokens.append(tok)
+            if q is not None:
+                probs.append(q)
             if i < k - 1:  # the last draft is not run: the base verifies it
                 x = tok.reshape(1, 1)
-        return Draft(mx.stack(tokens), mx.stack(probs) if probs else None)  # (k,), (k, V) or None
+        return Draft(mx.concatenate(tokens), mx.stack(probs) if probs else None)  # (k,), (k, V) or None
 
-    def observe(self, n_accepted: int, draft_k: int) -> None:
+    def observe(self, result: RoundResult) -> None:
         """The cache ran history + d1..d_{k-1}; keep history + d1..d_n (d_k, if accepted, runs next round)."""
+        draft_k, n_accepted = result.drafted, result.accepted
         if draft_k == 0:
             return
         ran = self._round_start + draft_k - 1

@@ -5,23 +5,29 @@ The drafter reads the base's producer-layer caches after rollback, so it never s
 token's position for every step of the round, as in transformers.
 """
 
+from functools import cached_property
+
 import mlx.core as mx
 
-from .. import acceptance
 from ..drafting import validate_pairing
-from .base import Draft, RoundContext
+from ..identity import weights_fingerprint
+from .base import Draft, RoundContext, RoundResult
 
 
 class MTPProposer:
     name = "mtp"
+    base_layers = ()  # reads no decoder-layer outputs of the base
 
-    def __init__(self, drafter, base, position_offset: int = 0):
+    def __init__(self, drafter, base):
         validate_pairing(drafter, base)
         self.drafter, self.base = drafter, base
+        self.weights = drafter
         self.producers = base.producer_layers
-        self.stepper = drafter.stepper()  # compiled steps, reused by every round of this request
-        # HF queries at the bonus position p; vLLM/mlx-vlm use p-1. Kept tunable for A/B on real weights.
-        self.position_offset = position_offset
+        self.stepper = drafter.stepper()  # compiled steps, reused by every round
+
+    @cached_property
+    def identity(self) -> str:
+        return f"{self.name}:{weights_fingerprint(self.drafter)}"
 
     def start(self, prompt) -> None:
         pass
@@ -30,23 +36,25 @@ class MTPProposer:
         if ctx.hidden is None:
             raise RuntimeError("the MTP proposer needs the base's hidden state")
         shared_kv = {t: ctx.base_cache[i].drafter_view() for t, i in self.producers.items()}
-        state = self.stepper.begin_round(shared_kv, ctx.position + self.position_offset)
-        greedy = ctx.sampling.greedy
-        uniforms = None if greedy else mx.random.uniform(shape=(k,), key=ctx.key)
+        state = self.stepper.begin_round(shared_kv, ctx.position)
+        greedy = ctx.sampler.greedy
         token = mx.array([ctx.history[-1]], mx.int32)
         hidden = ctx.hidden
         tokens, probs = [], []
         for i in range(k):
             embedded = self.base.embed_scaled(token)  # (1, H_base)
-            if greedy:
+            if greedy:  # the argmax is folded into the compiled head (the centroid head never builds (V,))
                 token, hidden = self.stepper.greedy_step(state, embedded, hidden)
             else:
                 h, hidden = self.stepper.step(state, embedded, hidden)
-                q = ctx.sampling.probs(self.drafter.full_logits(h))  # (V,) tempered and filtered like the base
-                token = acceptance.sample_from_probs(q, uniforms[i]).astype(mx.int32).reshape(1)
-                probs.append(q)
+                token, q = ctx.sampler.draft(self.drafter.full_logits(h), ctx.position + 1 + i)
+                if q is not None:
+                    probs.append(q)
             tokens.append(token)
         return Draft(mx.concatenate(tokens), mx.stack(probs) if probs else None)
 
-    def observe(self, n_accepted: int, draft_k: int) -> None:
+    def observe(self, result: RoundResult) -> None:
         pass
+
+    def fork(self) -> "MTPProposer":
+        return self  # no per-conversation state: the drafter reads the base's caches

@@ -8,7 +8,7 @@ from typing import List
 
 import mlx.core as mx
 
-from .base import Draft, RoundContext
+from .base import Draft, RoundContext, RoundResult
 
 DEFAULT_NGRAM = 3
 
@@ -28,11 +28,14 @@ def lookup(history: List[int], n: int, k: int, min_n: int = 1) -> List[int]:
 
 class NgramProposer:
     name = "ngram"
+    base_layers = ()  # reads no decoder-layer outputs of the base
+    weights = None
 
     def __init__(self, n: int = DEFAULT_NGRAM):
         if n < 1:
             raise ValueError(f"--ngram N must be >= 1, got {n}")
         self.n = n
+        self.identity = f"ngram:{n}"
 
     def start(self, prompt: List[int]) -> None:
         pass
@@ -40,5 +43,8 @@ class NgramProposer:
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         return Draft(mx.array(lookup(ctx.history, self.n, k), mx.int32))
 
-    def observe(self, n_accepted: int, draft_k: int) -> None:
+    def observe(self, result: RoundResult) -> None:
         pass
+
+    def fork(self) -> "NgramProposer":
+        return self  # no state

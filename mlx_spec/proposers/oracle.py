@@ -11,11 +11,13 @@ from typing import Sequence
 import mlx.core as mx
 import numpy as np
 
-from .base import Draft, RoundContext
+from .base import Draft, RoundContext, RoundResult
 
 
 class OracleProposer:
     name = "oracle"
+    base_layers = ()  # reads no decoder-layer outputs of the base
+    weights = None
 
     def __init__(self, reference: Sequence[int], rate: float = 0.0, vocab_size: int = 256, seed: int = 0):
         """reference: prompt + plain continuation (token ids); rate: chance that a draft is corrupted."""
@@ -23,7 +25,7 @@ class OracleProposer:
             raise ValueError(f"the oracle's corruption rate must be in [0, 1], got {rate}")
         self.reference = [int(t) for t in reference]
         self.rate = rate
-        self.identity = f"oracle:{rate:g}"  # tuning keys learnt acceptance by it: each rate is its own proposer
+        self.identity = f"oracle:{rate:g}"  # each rate is its own proposer for what auto learns
         # Which positions are corrupted is fixed up front, so repeats and every k see the same drafts.
         rng = np.random.default_rng(seed)
         bad = rng.random(len(self.reference)) < rate
@@ -36,8 +38,11 @@ class OracleProposer:
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         p = len(ctx.history)  # the first draft continues history
         if p > len(self.reference) or ctx.history[-1] != self.reference[p - 1]:
-            return Draft(mx.zeros((0,), mx.int32))  # off the reference (sampling): nothing known to offer
+            return Draft.empty()  # off the reference (sampling): nothing known to offer
         return Draft(mx.array(self.drafts[p : p + k], mx.int32))
 
-    def observe(self, n_accepted: int, draft_k: int) -> None:
+    def observe(self, result: RoundResult) -> None:
         pass
+
+    def fork(self) -> "OracleProposer":
+        return self

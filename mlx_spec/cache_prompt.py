@@ -1,0 +1,82 @@
+"""`mlx_spec.cache_prompt`: prefill a long prompt once and save its K/V, to continue from it later.
+
+    mlx_spec.cache_prompt --model M --prompt P|- --prompt-cache-file F [--system-prompt S]
+                          [--ignore-chat-template] [--kv-bits 4|8] [--kv-group-size G] [--quantized-kv-start N]
+    mlx_spec.generate --model M --prompt-cache-file F --prompt "the question about it"
+
+As mlx-lm's cache_prompt: with a chat template, the prompt is cached as the start of an open user turn, and
+generate's --prompt continues that turn (then the template closes it and opens the model's). The file holds
+the base's caches (sliding layers with their window), the token ids and what they fit (model, dtype, K/V
+quantization, window); loading refuses a file that does not match with one line. It is written atomically:
+an interrupted run (Ctrl-C during the prefill) leaves nothing.
+"""
+
+import argparse
+import sys
+
+import mlx.core as mx
+
+from .api import encode_prompt, load
+from .cache import DEFAULT_MAX_ROLLBACK
+from .cli import ArgumentParser, read_stdin, run, valid_text
+from .errors import MlxSpecError
+from .long_context import PrefillProgress, add_kv_args, kv_flags, kv_settings
+from .models.base import as_base
+
+PREFILL_STEP = 2048
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(prog="mlx_spec.cache_prompt", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="MLX or Hugging Face model directory, or hub repo id")
+    p.add_argument("--prompt", "-p", default="-", help="the prompt to cache, or '-' to read it from stdin")
+    p.add_argument("--prompt-cache-file", required=True, help="where to save it (a .safetensors file)")
+    p.add_argument("--system-prompt", default=None, help="system message for the chat template")
+    p.add_argument("--ignore-chat-template", action="store_true", help="cache the prompt as raw text")
+    add_kv_args(p)
+    p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    return p
+
+
+def cached_text(tokenizer, prompt: str, system, use_template: bool) -> str:
+    """The text whose tokens are cached: an open user turn when the tokenizer has a chat template."""
+    if not use_template or not getattr(tokenizer, "has_chat_template", False):
+        return prompt
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+
+
+def prefill(model, ids, kv, progress) -> list:
+    """Every token of `ids` run into fresh caches, in chunks (progress after each)."""
+    base = as_base(model)
+    caches = base.make_cache(DEFAULT_MAX_ROLLBACK, **kv_flags(kv))
+    for s in range(0, len(ids), PREFILL_STEP):
+        base.forward(mx.array(ids[s : s + PREFILL_STEP], mx.int32)[None], caches)
+        mx.eval([c.state for c in caches])
+        progress(min(s + PREFILL_STEP, len(ids)), len(ids))
+    return caches
+
+
+def main_args(args) -> int:
+    from .session_file import save_prompt_cache, session_identity
+
+    kv = kv_settings(args)
+    prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
+    if not prompt:
+        raise MlxSpecError("--prompt is empty: there is nothing to cache")
+    system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
+    model, tokenizer = load(args.model)
+    ids = encode_prompt(tokenizer, cached_text(tokenizer, prompt.replace("\\n", "\n"), system,
+                                               not args.ignore_chat_template))
+    caches = prefill(model, ids, kv, PrefillProgress())
+    path = save_prompt_cache(args.prompt_cache_file, caches, ids, {**session_identity(model), "model": args.model})
+    print(f"cached {len(ids)} tokens in {path}", file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    return run(main_args, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""What the block-drafter proposers (dflash.py, dspark.py) share: a context of the base's layer outputs, kept
+in step with the base's cache (proposers/base.py, FeatureReader), and the round's block.
+
+A round asks for k drafts; the block is as long as k needs (DFlash: k + 1 rows, DSpark: k rows), never
+longer than the drafter's native block. A block cut shorter is a different input, not a prefix of the
+full one: attention inside the block is bidirectional, so every row sees how many masks follow it. That
+is what mlx-vlm and z-lab's MLX loop run for a short block; the drafts of a cut block are therefore the
+drafter's answer for that block length (tests/test_block_drafters.py checks both facts).
+
+The context follows the token ids it was built from (`start` keeps the longest prefix a new prompt shares
+with them, as a draft model's cache does), so a chat or a server slot that reuses the base's K/V reuses the
+drafter's context with it; the engine aligns the two (engine._align_context).
+"""
+
+from functools import cached_property
+from typing import List, Tuple
+
+import mlx.core as mx
+
+from ..cache import rollback_all
+from ..drafting import validate_block_pairing
+from ..errors import CacheRollbackError
+from ..identity import weights_fingerprint
+from ..prompt_cache import common_prefix
+from .base import Draft, RoundContext, RoundResult
+
+
+class BlockProposer:
+    name = "block"
+
+    def __init__(self, drafter, base):
+        validate_block_pairing(drafter, base)
+        self.drafter = self.weights = drafter
+        self.base = base
+        self.base_layers: Tuple[int, ...] = tuple(drafter.target_layer_ids)
+        self.context_cache = drafter.make_context_cache()
+        self._history: List[int] = []  # the ids whose features the context holds are a prefix of this
+
+    @cached_property
+    def identity(self) -> str:
+        return f"{self.name}:{weights_fingerprint(self.drafter)}"
+
+    @property
+    def context_length(self) -> int:
+        return self.context_cache[0].offset
+
+    def fork(self) -> "BlockProposer":
+        return type(self)(self.drafter, self.base)
+
+    def reset(self) -> None:
+        self.context_cache = self.drafter.make_context_cache()
+        self._history = []
+
+    def start(self, prompt: List[int]) -> None:
+        """Keep the context's longest prefix shared with `prompt` (the rest is rolled back, or all of it)."""
+        have = self.context_length
+        keep = common_prefix(self._history[:have], prompt)
+        try:
+            rollback_all(self.context_cache, have - keep)
+        except CacheRollbackError:  # a sliding layer's window already dropped what this needs
+            self.reset()
+        self._history = list(prompt)
+
+    def extend(self, features: mx.array) -> None:
+        self.drafter.extend_context(features, self.context_cache)
+
+    def propose(self, ctx: RoundContext, k: int) -> Draft:
+        if self.context_length != ctx.position:
+            raise RuntimeError(f"the drafter's context holds {self.context_length} positions but the base's cache "
+                               f"{ctx.position}: the engine must hand every base pass's features to extend()")
+        self._history = ctx.history  # the engine's list, appended in place
+        k = min(k, self.drafter.max_drafts)
+        return self.draft(ctx, k) if k > 0 else Draft.empty()
+
+    def draft(self, ctx: RoundContext, k: int) -> Draft:
+        raise NotImplementedError
+
+    def observe(self, result: RoundResult) -> None:
+        pass  # the engine rolls the context back with the base's cache
+
+    @staticmethod
+    def sample_rows(ctx: RoundContext, logits: mx.array) -> Draft:
+        """Drafts from independent rows of logits (k, V), row i at position ctx.position + 1 + i."""
+        if ctx.sampler.greedy:
+            return Draft(mx.argmax(logits, axis=-1).astype(mx.int32))
+        tokens, probs = [], []
+        for i in range(logits.shape[0]):
+            token, q = ctx.sampler.draft(logits[i], ctx.position + 1 + i)
+            tokens.append(token)
+            if q is not None:
+                probs.append(q)
+        return Draft(mx.concatenate(tokens), mx.stack(probs) if probs else None)
