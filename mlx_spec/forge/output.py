@@ -1,13 +1,13 @@
 """Writing a forged drafter: Google's assistant layout, atomically, or nothing at all.
 
 The directory is what `google/gemma-4-*-assistant` ships: config.json (`model_type: gemma4_assistant`,
-transformers' field names, `text_config` nested), model.safetensors with transformers' tensor names
-(`model.layers.N.*`, `pre_projection`, `post_projection`, `masked_embedding.*`), `token_ordering` as
-int32 (never cast), and the base's tokenizer files. `load_drafter`, `mlx_spec.generate --drafter`,
-transformers and mlx-vlm read it unchanged.
+or `gemma4_unified_assistant` when the starting drafter was one; transformers' field names, `text_config`
+nested), model.safetensors with transformers' tensor names (`model.layers.N.*`, `pre_projection`,
+`post_projection`, `masked_embedding.*`), `token_ordering` as int32 (never cast), and the base's tokenizer
+files. `load_drafter`, `mlx_spec.generate --drafter`, transformers and mlx-vlm read it unchanged.
 
 Everything goes into a temporary directory beside the destination and is renamed into place
-(convert/writer.py): a full disk or an interrupt leaves no half-written drafter behind.
+(mlx_spec/atomic.py): a full disk or an interrupt leaves no half-written drafter behind.
 
 Knows nothing of training.
 """
@@ -21,14 +21,16 @@ from typing import Optional
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from convert.writer import atomic_directory
-
+from ..atomic import atomic_directory
 from ..errors import MlxSpecError
 from ..loading import DTYPES, INTEGER_TENSORS
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 MODEL_MARKER = "config.json"
+# the MTP assistants' model_type -> transformers' architecture; a forged drafter keeps its starting one's
+MTP_TYPES = {"gemma4_assistant": "Gemma4AssistantForCausalLM",
+             "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM"}
 
 
 class OutputError(MlxSpecError):
@@ -62,8 +64,9 @@ def drafter_weights(drafter, dtype: Optional[str]) -> dict:
 
 def output_config(config: dict, dtype: Optional[str]) -> dict:
     config = json.loads(json.dumps(config))  # a deep copy
-    config.setdefault("architectures", ["Gemma4AssistantForCausalLM"])
-    config["model_type"] = "gemma4_assistant"
+    if config.get("model_type") not in MTP_TYPES:
+        config["model_type"] = "gemma4_assistant"
+    config.setdefault("architectures", [MTP_TYPES[config["model_type"]]])
     if dtype:
         for where in (config, config.get("text_config") or {}):
             for key in ("dtype", "torch_dtype"):
@@ -92,9 +95,12 @@ def write_drafter(dest, drafter, config: dict, dtype: Optional[str] = None, toke
 
     extra_files: name -> text, written beside the model files (e.g. the forge report)."""
     dest = Path(dest).expanduser().absolute()
-    check_out(dest, force)
+
+    def full(reason: str) -> OutputError:
+        return OutputError(f"disk full while writing --out {dest} ({reason}); nothing was written")
+
     try:
-        with atomic_directory(dest, force) as tmp:
+        with atomic_directory(dest, check=lambda d: check_out(d, force), full=full) as tmp:
             save_drafter_files(tmp, drafter, config, dtype, tokenizer_dir)
             for name, text in (extra_files or {}).items():
                 (tmp / name).write_text(text)

@@ -23,8 +23,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from convert.writer import atomic_directory
-
+from ..atomic import atomic_directory
 from ..errors import MlxSpecError
 from . import objective
 from .data import Batches, pad
@@ -166,9 +165,14 @@ def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: Tr
                     best: Optional[dict] = None) -> Path:
     """best: the weights of the best held-out estimate, when they are not the current ones."""
     dest = directory / f"{CHECKPOINT_PREFIX}{state.step:06d}"
+    kept = "; the previous checkpoint is kept"
+
+    def full(reason: str) -> CheckpointError:
+        return CheckpointError(f"disk full while writing the checkpoint {dest} ({reason}){kept}")
+
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with atomic_directory(dest, force=True) as tmp:
+        with atomic_directory(dest, full=full) as tmp:  # a same-step directory (a resumed run's) is replaced
             save_safetensors(tmp / "drafter.safetensors", drafter_weights(drafter, None))
             if best is not None:
                 save_safetensors(tmp / BEST_FILE, best)
@@ -179,7 +183,7 @@ def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: Tr
                     "identity": identity}
             (tmp / STATE_FILE).write_text(json.dumps(body, indent=2))
     except OSError as e:
-        raise CheckpointError(disk_message(e, f"the checkpoint {dest}") + "; the previous checkpoint is kept") from e
+        raise CheckpointError(disk_message(e, f"the checkpoint {dest}") + kept) from e
     for old in checkpoints(directory)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return dest
