@@ -57,13 +57,13 @@ def test_scratch_drafter_pairs_with_its_base_and_has_a_permutation_ordering(pair
     assert ordering.dtype == np.int32 and sorted(ordering.tolist()) == list(range(2048))
     assert {n for n, _ in tree_flatten(drafter.parameters())} == {n for n, _ in tree_flatten(shipped.parameters())}
     dense = build.build_from_scratch(base, build.scratch_config(base, head="dense", num_layers=3))
-    assert not dense.args.use_ordered_embeddings and dense.layer_types()[-1] == "full_attention"
+    assert not dense.args.use_ordered_embeddings and dense.text_args.layer_types[-1] == "full_attention"
 
 
 # -- the output directory
 
 def test_written_drafter_is_googles_layout_and_loads_back(tmp_path):
-    from mlx_spec.drafting import load_drafter
+    from mlx_spec.api import load_drafter
     from mlx_spec.loading import load_model
 
     base, _, _ = load_model(str(FIXTURES / "hf" / "e2b_like"))

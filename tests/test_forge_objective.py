@@ -84,9 +84,9 @@ def test_an_off_by_one_would_show():
 def test_mtp_proposer_drafts_are_the_training_greedy_drafts():
     """Through the engine's proposer: its k drafts at a round start are the rollout's greedy drafts when the
     sequence continues with those drafts (the case where every draft is accepted)."""
-    from mlx_spec.engine import SamplingParams
     from mlx_spec.proposers.base import RoundContext
     from mlx_spec.proposers.mtp import MTPProposer
+    from mlx_spec.sampling import Sampler, SamplingParams
 
     base = make_base("e2b")
     drafter = make_drafter(base, "centroid")
@@ -94,7 +94,7 @@ def test_mtp_proposer_drafts_are_the_training_greedy_drafts():
     prefix = sequence(base, 2 * W + 6)[0].tolist()
     cache = base.make_cache()
     _, hidden = base.forward(mx.array([prefix[:-1]]), cache)
-    ctx = RoundContext(prefix, len(prefix) - 1, hidden[:, -1:], cache, SamplingParams())
+    ctx = RoundContext(prefix, len(prefix) - 1, hidden[:, -1:], cache, Sampler(SamplingParams(), 0))
     drafts = MTPProposer(drafter, base).propose(ctx, K).tokens.tolist()
     tokens = mx.array([prefix + drafts])
     teacher = objective.teacher_for(base, drafter, tokens, mx.ones(tokens.shape, mx.bool_))

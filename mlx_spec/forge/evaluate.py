@@ -1,7 +1,7 @@
 """How a drafter does with the real engine: τ and acceptance by draft position, greedy, fixed k.
 
 The only place forge runs the decoding engine (the public `stream_generate`), so the before/after report
-measures exactly what `mlx_spec.generate --drafter` would give on the same prompts.
+measures exactly what `mlx_spec.generate --drafter D --num-draft-tokens K` would give on the same prompts.
 """
 
 from dataclasses import dataclass, field
@@ -11,10 +11,11 @@ from typing import List, Optional, Sequence
 
 @dataclass
 class Measurement:
-    """Per-prompt τ, pooled acceptance by draft position, and whether each output equalled plain decoding."""
+    """Per-prompt τ, pooled acceptance by draft position (None where no round drafted that far, as in
+    GenerationStats), and whether each output equalled plain decoding."""
 
     taus: List[float]
-    acceptance_by_position: List[float]
+    acceptance_by_position: List[Optional[float]]
     same_as_plain: List[bool] = field(default_factory=list)
 
     @property
@@ -33,9 +34,10 @@ class Measurement:
 
 
 def decode(model, tokenizer, ids: List[int], drafter, k: int, max_tokens: int):
-    """(tokens, GenerationStats) of greedy decoding, speculative at fixed k when drafter is not None.
-    The one call into the engine."""
-    from .. import stream_generate
+    """(tokens, GenerationStats) of greedy decoding, speculative at fixed k when drafter is not None (an int
+    num_draft_tokens is the FixedK policy, not auto: every round drafts k, fewer only where max_tokens is
+    near). The one call into the engine."""
+    from ..api import stream_generate
 
     tokens, last = [], None
     for r in stream_generate(model, tokenizer, list(ids), drafter=drafter, num_draft_tokens=k,
@@ -49,7 +51,7 @@ def measure(model, tokenizer, prompts: Sequence[List[int]], drafter, k: int, max
             plain: Optional[List[List[int]]] = None) -> Measurement:
     """Greedy decoding of every prompt with the drafter at fixed k. `plain` (each prompt's plain greedy
     tokens, from `plain_outputs`) adds the check that drafting changed no token."""
-    from ..engine import GenerationStats
+    from ..stats import GenerationStats
 
     taus, same, total = [], [], GenerationStats()
     for i, ids in enumerate(prompts):
@@ -60,6 +62,11 @@ def measure(model, tokenizer, prompts: Sequence[List[int]], drafter, k: int, max
         if plain is not None:
             same.append(tokens == plain[i])
     return Measurement(taus, total.acceptance_by_position, same)
+
+
+def by_position(acceptance: Sequence[Optional[float]]) -> str:
+    """"0.91, 0.80, -": a position no round drafted is "-" (undefined, not 0)."""
+    return ", ".join("-" if a is None else f"{a:.2f}" for a in acceptance)
 
 
 def plain_outputs(model, tokenizer, prompts: Sequence[List[int]], max_tokens: int) -> List[List[int]]:

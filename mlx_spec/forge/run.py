@@ -153,7 +153,7 @@ class Report:
         lines = [f"forged drafter: {self.out}",
                  f"held-out: {self.prompts} prompts, greedy, k={self.k} (median tau over prompts, quartiles)"]
         for name, m in self.rows:
-            by = ", ".join(f"{a:.2f}" for a in m.acceptance_by_position)
+            by = evaluate.by_position(m.acceptance_by_position)
             same = f"; output = plain decoding on {sum(m.same_as_plain)}/{len(m.same_as_plain)}" \
                 if m.same_as_plain else ""
             lines.append(f"  {name:<10} tau {m.tau:.2f} ({m.spread()})  acceptance by position {by}{same}")
@@ -259,11 +259,22 @@ def _scratch_dtype(options: ForgeOptions, base) -> str:
     return options.dtype or ("float32" if base.layers[0].input_layernorm.weight.dtype == mx.float32 else "bfloat16")
 
 
+def _load_drafter(flag: str, path: str, base):
+    """An MTP assistant (what forge trains and compares), validated against the base; block drafters
+    (DFlash, DSpark), which load_drafter also loads, are refused."""
+    from ..api import load_drafter
+
+    drafter = load_drafter(path, base)
+    if getattr(drafter, "family", None) != "mtp":
+        describe = drafter.describe() if hasattr(drafter, "describe") else type(drafter).__name__
+        raise MlxSpecError(f"{flag} {path} is a {describe}; forge trains Gemma 4 MTP assistants "
+                           "(gemma4_assistant, gemma4_unified_assistant)")
+    return drafter
+
+
 def _load_start(options: ForgeOptions, base):
     """The --drafter to fine-tune, as stored (it is also the report's starting point); (drafter, dtype)."""
-    from ..drafting import load_drafter
-
-    start = load_drafter(options.drafter, base)
+    start = _load_drafter("--drafter", options.drafter, base)
     if any(type(m).__name__.startswith("Quantized") for _, m in start.named_modules()):
         raise MlxSpecError(f"{options.drafter} is quantized; forge trains float drafters: convert the assistant "
                            "without -q (mlx_spec.convert --hf-path ... --mlx-path ...) and pass that")
@@ -408,9 +419,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     drafter, config, start, dtype, saved = _starting_point(options, base, ckpt, identity)
     compare = None
     if options.compare:
-        from ..drafting import load_drafter
-
-        compare = load_drafter(options.compare, base)
+        compare = _load_drafter("--compare", options.compare, base)
 
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
     info(f"data: {len(dataset.train)} training windows ({sum(len(w.tokens) for w in dataset.train)} tokens), "
@@ -444,6 +453,6 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
 
 def _reload(out: Path, base):
     """The written directory, loaded as any user will load it."""
-    from ..drafting import load_drafter
+    from ..api import load_drafter
 
     return load_drafter(str(out), base)
