@@ -84,6 +84,22 @@ def test_written_drafter_is_googles_layout_and_loads_back(tmp_path):
                                   np.array(drafter.masked_embedding.token_ordering))
 
 
+def test_output_config_keeps_an_mtp_model_type():
+    """A forged unified assistant stays one (the 12B's drafter); anything else is written as Google's
+    gemma4_assistant."""
+    unified = output.output_config({"model_type": "gemma4_unified_assistant", "text_config": {}}, "bfloat16")
+    assert unified["model_type"] == "gemma4_unified_assistant"
+    assert unified["architectures"] == ["Gemma4UnifiedAssistantForCausalLM"] and unified["dtype"] == "bfloat16"
+    plain = output.output_config({"model_type": "gemma4_text", "text_config": {}}, None)
+    assert plain["model_type"] == "gemma4_assistant" and plain["architectures"] == ["Gemma4AssistantForCausalLM"]
+
+
+def test_report_shows_an_undrafted_position_as_a_dash():
+    from mlx_spec.forge import evaluate
+
+    assert evaluate.by_position([0.9, 0.5, None]) == "0.90, 0.50, -"
+
+
 def test_output_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, pair):
     base, _, drafter = pair
     config = json.loads((TINY_CODE / "assistant" / "config.json").read_text())
@@ -304,6 +320,7 @@ def test_cli_from_scratch(tmp_path, code_jsonl, capsys):
     ("both starts", "not allowed with argument"),
     ("bad adapter", "holds no mlx-lm adapters"),
     ("scratch flag with drafter", "--hidden-size shape a --from-scratch drafter"),
+    ("block drafter", "--drafter .* is a DFlash block drafter.*; forge trains Gemma 4 MTP assistants"),
 ])
 def test_cli_bad_inputs_are_one_line(tmp_path, code_jsonl, capsys, case, message):
     args = ["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data", code_jsonl,
@@ -324,6 +341,10 @@ def test_cli_bad_inputs_are_one_line(tmp_path, code_jsonl, capsys, case, message
         args += ["--adapter-path", tmp_path]
     elif case == "scratch flag with drafter":
         args += ["--hidden-size", 32]
+    elif case == "block drafter":  # load_drafter loads it (it fits the base), forge refuses it
+        from checkpoints import make_dflash_checkpoint
+
+        args[3] = make_dflash_checkpoint(tmp_path, TINY_CODE / "base", target_layer_ids=(0, 2))
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
