@@ -5,6 +5,7 @@ clear error line with nothing half-written.
 """
 
 import errno
+import io
 import json
 
 import mlx.core as mx
@@ -297,6 +298,31 @@ def test_cli_fine_tunes_writes_and_reports(tmp_path, code_jsonl, capsys):
                                    capsys)
     assert code == 0, stderr
     assert "resuming from" in stderr and "step-000003" in stderr and "step 5/5" in stderr
+
+
+def test_a_unified_assistant_is_forged_for_the_12b_layout(tmp_path, code_jsonl):
+    """The 12B's layout (gemma4_unified base, gemma4_unified_assistant drafter, tiny and random): forge
+    trains, writes a unified assistant back (as test_unified.py builds one: no PLE keys) and decodes exactly."""
+    from checkpoints import make_drafter, make_unified_checkpoint
+
+    from mlx_spec.forge import ForgeOptions, forge
+
+    base = make_unified_checkpoint(tmp_path)
+    start = make_drafter(tmp_path, base, head="dense", layers=("sliding_attention", "full_attention"), name="asst")
+    config = json.loads((start / "config.json").read_text())
+    for key in ("hidden_size_per_layer_input", "vocab_size_per_layer_input"):
+        config["text_config"].pop(key)
+    config["text_config"]["model_type"] = "gemma4_unified_text"
+    config.update(model_type="gemma4_unified_assistant", architectures=["Gemma4UnifiedAssistantForCausalLM"])
+    (start / "config.json").write_text(json.dumps(config))
+    report = forge(ForgeOptions(model=str(base), drafter=str(start), data=str(code_jsonl), out=str(tmp_path / "out"),
+                                steps=2, batch_size=2, max_seq_length=40, eval_prompts=1, eval_tokens=12),
+                   progress=trainer.Progress(io.StringIO()))
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["model_type"] == "gemma4_unified_assistant"
+    assert written["architectures"] == ["Gemma4UnifiedAssistantForCausalLM"]
+    assert [n for n, _ in report.rows] == ["start", "forged"]
+    assert all(m.same_as_plain == [True] for _, m in report.rows), "drafting changed no token"
 
 
 def test_cli_from_scratch(tmp_path, code_jsonl, capsys):
