@@ -8,7 +8,8 @@ from pathlib import Path
 from conftest import ROOT
 
 PACKAGE = ROOT / "mlx_spec"
-SURFACES = {"mlx_spec.generate", "mlx_spec.chat", "mlx_spec.server", "mlx_spec.bench", "mlx_spec.doctor"}
+SURFACES = {"mlx_spec.generate", "mlx_spec.chat", "mlx_spec.server", "mlx_spec.bench", "mlx_spec.doctor",
+            "mlx_spec.forge"}
 
 
 def modules():
