@@ -30,7 +30,7 @@ def measure(model, drafter, k):
     return total
 
 
-@pytest.mark.parametrize("k", [1, 3, 6])
+@pytest.mark.parametrize("k", [pytest.param(1, marks=pytest.mark.slow), 3, pytest.param(6, marks=pytest.mark.slow)])
 def test_acceptance_not_below_transformers(trained_pair, k):
     model, _, drafter = trained_pair
     ours = measure(model, drafter, k)

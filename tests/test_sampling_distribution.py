@@ -29,8 +29,9 @@ class GreedyScript:
 
     name = "greedy-script"
 
-    def __init__(self, model):
+    def __init__(self, model, memo=None):
         self.model = model
+        self.memo = {} if memo is None else memo  # history -> drafts: shared by the runs of one test
 
     def start(self, prompt):
         pass
@@ -39,14 +40,20 @@ class GreedyScript:
         pass
 
     def propose(self, ctx, k):
+        key = (tuple(ctx.history), k)
+        if key not in self.memo:
+            self.memo[key] = self.script(ctx.history, k)
+        return Draft(self.memo[key])
+
+    def script(self, history, k):
         cache = self.model.make_cache()
-        logits, _ = self.model.forward(mx.array([ctx.history]), cache)
+        logits, _ = self.model.forward(mx.array([history]), cache)
         tokens = []
         for i in range(k):
             tokens.append(mx.argmax(logits[0, -1]).reshape(1))
             if i < k - 1:
                 logits, _ = self.model.forward(tokens[-1][None], cache)
-        return Draft(mx.concatenate(tokens).astype(mx.int32))
+        return mx.concatenate(tokens).astype(mx.int32)
 
 
 def samples(model, prompt, sampling, make_proposer=None, n=N):
@@ -81,11 +88,15 @@ def plain(trained_pair):
     return samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING))
 
 
-@pytest.mark.parametrize("proposer, rule", [("greedy-script", "rejection"), ("greedy-script", "match"),
-                                            ("mtp", "rejection"), ("mtp", "coupled")])
+SLOW = pytest.mark.slow  # each case is 400 engine runs; the default run keeps one per proposer family
+
+
+@pytest.mark.parametrize("proposer, rule", [("greedy-script", "rejection"), pytest.param("greedy-script", "match", marks=SLOW),
+                                            pytest.param("mtp", "rejection", marks=SLOW), ("mtp", "coupled")])
 def test_speculative_samples_have_the_plain_distribution(trained_pair, plain, proposer, rule):
     model, tokenizer, drafter = trained_pair
-    make = (lambda: GreedyScript(model)) if proposer == "greedy-script" else (lambda: MTPProposer(drafter, model))
+    memo = {}
+    make = (lambda: GreedyScript(model, memo)) if proposer == "greedy-script" else (lambda: MTPProposer(drafter, model))
     spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule), make)
     stat, dof = two_sample_chi2(plain, spec)
     assert stat < chi2_bound(dof), f"{proposer}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"
@@ -109,8 +120,8 @@ def _block_proposer(model, family):
     return lambda: make_proposer(model, drafter=drafter)
 
 
-@pytest.mark.parametrize("family, rule", [("dflash", "rejection"), ("dflash", "coupled"), ("dspark", "rejection"),
-                                          ("dspark", "match")])
+@pytest.mark.parametrize("family, rule", [("dflash", "rejection"), pytest.param("dflash", "coupled", marks=SLOW),
+                                          ("dspark", "rejection"), pytest.param("dspark", "match", marks=SLOW)])
 def test_block_drafter_samples_have_the_plain_distribution(trained_pair, plain, family, rule):
     model, tokenizer, _ = trained_pair
     spec = samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule),

@@ -37,7 +37,7 @@ def test_coupled_and_match_give_plain_samplings_tokens_for_every_k_and_proposer(
     model, tokenizer, drafter = trained_pair
     sampling = dict(temp=1.0, top_p=0.95, seed=5, acceptance=acceptance)
     plain = tokens(model, tokenizer, **sampling)
-    for k in range(1, 9):
+    for k in (1, 2, 3, 5, 8):
         assert tokens(model, tokenizer, drafter=drafter, num_draft_tokens=k, **sampling) == plain, \
             f"{acceptance} mtp k={k}: speculative sampling == plain sampling, token for token"
     assert tokens(model, tokenizer, ngram=2, num_draft_tokens=4, **sampling) == plain, "ngram"
