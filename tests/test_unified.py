@@ -19,7 +19,6 @@ from mlx.utils import tree_flatten
 from convert import convert as convert_api
 from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
-from mlx_spec.loading import load_model
 from mlx_spec.proposers import make_proposer
 from mlx_spec.tuning import FixedK
 
