@@ -173,6 +173,42 @@ def test_prefill_chunks_strict_padding_and_auto_off_keep_the_context_in_step(fam
     assert_same_context(proposer.context_cache, fresh_context(base, drafter, eng.history), f"{family} plain steps")
 
 
+def test_plain_steps_hand_features_over_in_batches():
+    """While auto decodes plainly the drafter's context is not extended per token: the features wait and go
+    in at most MAX_PENDING at a time (one drafter pass instead of one per token), and the context the next
+    round reads equals a fresh one over the history."""
+    from mlx_spec.proposers.block import MAX_PENDING
+
+    base, drafter = pair("dense_keqv", "dflash")
+    prompt = PROMPTS["short"]
+    plain, _ = run(base, prompt, max_tokens=150)
+
+    class LongPlainStretch:
+        def __init__(self):
+            self.n = 0
+
+        def next_k(self):
+            self.n += 1
+            return 3 if self.n in (1, 140) else 0
+
+        def observe(self, result):
+            pass
+
+    proposer = make_proposer(base, drafter=drafter)
+    calls = []
+    extend_context = drafter.extend_context
+    drafter.extend_context = lambda f, c: (calls.append(f.shape[1]), extend_context(f, c))[1]
+    try:
+        eng = Engine(base, prompt, proposer=proposer, policy=LongPlainStretch(), max_tokens=150)
+        assert [e.token for e in eng.run()] == plain
+    finally:
+        del drafter.extend_context
+    assert eng.stats.plain_steps > 100 and eng.stats.rounds == 2
+    assert max(calls) <= max(MAX_PENDING, len(prompt)) and len(calls) <= 10, \
+        f"{len(calls)} context extensions for ~150 positions: the plain steps extended it one by one"
+    assert_same_context(proposer.context_cache, fresh_context(base, drafter, eng.history), "after a plain stretch")
+
+
 @pytest.mark.parametrize("family", ["dflash", "dspark"])
 def test_a_reused_prompt_cache_reuses_the_context(family):
     """A chat's turns through Conversations: each turn equals a from-scratch run, the second turn reuses

@@ -7,6 +7,12 @@ full one: attention inside the block is bidirectional, so every row sees how man
 is what mlx-vlm and z-lab's MLX loop run for a short block; the drafts of a cut block are therefore the
 drafter's answer for that block length (tests/test_block_drafters.py checks both facts).
 
+Features wait before they enter the context: `extend` only keeps them, and the context takes them in one
+batch when it is next read (a draft, a rollback, a prefill chunk's evaluation) or once MAX_PENDING wait.
+While `auto` decodes plainly that saves a drafter pass per token (a block drafter's context costs most of a
+plain step here when extended one position at a time; its output only steers drafts, so when it is
+computed cannot change what the engine emits).
+
 The context follows the token ids it was built from (`start` keeps the longest prefix a new prompt shares
 with them, as a draft model's cache does), so a chat or a server slot that reuses the base's K/V reuses the
 drafter's context with it; the engine aligns the two (engine._align_context).
@@ -25,6 +31,9 @@ from ..prompt_cache import common_prefix
 from .base import Draft, RoundContext, RoundResult
 
 
+MAX_PENDING = 64  # positions of features kept back before they are taken in anyway (bounds their memory)
+
+
 class BlockProposer:
     name = "block"
 
@@ -33,7 +42,8 @@ class BlockProposer:
         self.drafter = self.weights = drafter
         self.base = base
         self.base_layers: Tuple[int, ...] = tuple(drafter.target_layer_ids)
-        self.context_cache = drafter.make_context_cache()
+        self._context = drafter.make_context_cache()
+        self._pending: List[mx.array] = []  # features handed over, not yet in the context (module docstring)
         self._history: List[int] = []  # the ids whose features the context holds are a prefix of this
 
     @cached_property
@@ -41,14 +51,27 @@ class BlockProposer:
         return f"{self.name}:{weights_fingerprint(self.drafter)}"
 
     @property
+    def context_cache(self) -> list:
+        """The drafter's context caches, with every feature handed over so far taken in."""
+        self._take_pending()
+        return self._context
+
+    @property
     def context_length(self) -> int:
-        return self.context_cache[0].offset
+        return self._context[0].offset + sum(f.shape[1] for f in self._pending)
+
+    def _take_pending(self) -> None:
+        if self._pending:
+            features = self._pending[0] if len(self._pending) == 1 else mx.concatenate(self._pending, axis=1)
+            self._pending = []
+            self.drafter.extend_context(features, self._context)
 
     def fork(self) -> "BlockProposer":
         return type(self)(self.drafter, self.base)
 
     def reset(self) -> None:
-        self.context_cache = self.drafter.make_context_cache()
+        self._context = self.drafter.make_context_cache()
+        self._pending = []
         self._history = []
 
     def start(self, prompt: List[int]) -> None:
@@ -62,7 +85,9 @@ class BlockProposer:
         self._history = list(prompt)
 
     def extend(self, features: mx.array) -> None:
-        self.drafter.extend_context(features, self.context_cache)
+        self._pending.append(features)
+        if sum(f.shape[1] for f in self._pending) >= MAX_PENDING:
+            self._take_pending()
 
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         if self.context_length != ctx.position:
