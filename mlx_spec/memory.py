@@ -16,6 +16,8 @@ from typing import Any, List, Optional, Sequence, Tuple
 import mlx.core as mx
 from mlx.utils import tree_reduce
 
+from .cache import DEFAULT_MAX_ROLLBACK, FullKVCache
+
 
 def recommended_working_set() -> int:
     """Bytes the device recommends keeping resident, or 0 when it reports none (CPU, CUDA)."""
@@ -66,8 +68,8 @@ def resident(*modules):
 # model, its arrays. Not counted: the prefill chunk's activations and the allocator's cache (see README).
 
 DEFAULT_HEADROOM = 0.9  # plan to use at most this share of the limit: the OS and other apps need the rest
-_STEP = 256  # FullKVCache / SlidingKVCache growth step
-_DEFAULT_ROLLBACK = 17  # the engine's max_rollback (MAX_DRAFT_TOKENS + 1)
+_STEP = FullKVCache.step  # growth step of the caches the estimate predicts (SlidingKVCache's is the same)
+_DEFAULT_ROLLBACK = DEFAULT_MAX_ROLLBACK  # what the engine's caches keep for a rejected verify
 
 
 @dataclass(frozen=True)
