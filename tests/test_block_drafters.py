@@ -76,9 +76,11 @@ class Scripted:
         return self
 
 
-def fresh_context(base, drafter, history):
-    """The drafter's context over history[:-1], built from one base pass from position 0."""
-    _, _, features = base.forward_layers(mx.array(history[:-1])[None], base.make_cache(), tuple(drafter.target_layer_ids))
+def fresh_context(base, drafter, history, kv=None):
+    """The drafter's context over history[:-1], built from one base pass from position 0 (through a cache
+    quantized as `kv` says: the features past the switch come from a base reading quantized K/V)."""
+    cache = base.make_cache(**kv.as_dict()) if kv is not None else base.make_cache()
+    _, _, features = base.forward_layers(mx.array(history[:-1])[None], cache, tuple(drafter.target_layer_ids))
     cache = drafter.make_context_cache()
     drafter.extend_context(features, cache)
     return cache
@@ -324,3 +326,33 @@ def test_dspark_rejection_q_is_the_markov_conditional():
     want = mx.stack([sampler.probs(logits[j] + drafter.markov_bias(mx.array([previous[j]]))[0]) for j in range(4)])
     assert np.allclose(np.array(draft.probs), np.array(want), atol=1e-5), "q_j: the Markov conditional on d_{j-1}"
     head.weight = head.weight / 40
+
+
+
+@pytest.mark.parametrize("family", ["dflash", "dspark"])
+def test_quantized_kv_with_a_switch_mid_prompt_stays_exact(family):
+    """--kv-bits with a block drafter, on the trained tiny base (head dims 32/64, window 32): the base's pass
+    that straddles --quantized-kv-start is split there, and the features captured on both sides reach the
+    drafter in step; output == plain with the same quantized cache, past the window, at several k."""
+    from conftest import TINY_CODE
+    from tiny_models import dspark_config
+
+    from mlx_spec import load, load_drafter
+    from mlx_spec.cache import KVQuant
+
+    base, tokenizer = load(str(TINY_CODE / "base"))
+    if family == "dflash":
+        drafter = load_drafter(str(TINY_CODE / "dflash"), base)
+    else:
+        drafter = make_block_drafter(dspark_config(base, block_size=5, markov_rank=8), seed=3)
+    prompt = tokenizer.encode("import os\n\n\ndef walk(root):\n    for name in sorted(os.listdir(root)):\n")
+    kv = KVQuant(bits=8, group_size=32, start=len(prompt) // 2)  # the switch falls inside the prompt
+    plain, _ = run(base, prompt, kv=kv, max_tokens=48)
+    assert len(prompt) + len(plain) > 2 * 32, "past the sliding window"
+    for k in (1, 3, drafter.max_drafts):
+        proposer = make_proposer(base, drafter=drafter)
+        spec, eng = run(base, prompt, proposer, k=k, kv=kv, max_tokens=48)
+        assert spec == plain, f"{family} k={k} kv_bits=8: speculative greedy must equal plain greedy"
+        assert eng.stats.rounds > 0 and all(c.quantized for c in eng.cache)
+        want = fresh_context(base, drafter, eng.history, kv)
+        assert_same_context(proposer.context_cache, want, f"{family} k={k}")
