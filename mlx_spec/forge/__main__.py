@@ -42,18 +42,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-length", type=int, default=job.DEFAULT_MAX_SEQ_LENGTH, help="tokens per window")
     g.add_argument("--num-draft-tokens", type=int, default=job.DEFAULT_NUM_DRAFT_TOKENS, metavar="K",
                    help="draft steps unrolled in training (and k of the final report)")
-    g.add_argument("--loss", choices=objective.LOSSES, default="kl",
+    g.add_argument("--loss", choices=objective.LOSSES, default=job.ForgeOptions.loss,
                    help="kl: KL to the base's distribution; ce: cross-entropy to its argmax")
-    g.add_argument("--step-decay", type=float, default=objective.DEFAULT_STEP_DECAY,
+    g.add_argument("--step-decay", type=float, default=job.ForgeOptions.step_decay,
                    help="weight of draft step j is decay^(j-1)")
-    g.add_argument("--centroid-weight", type=float, default=objective.DEFAULT_CENTROID_WEIGHT,
+    g.add_argument("--centroid-weight", type=float, default=job.ForgeOptions.centroid_weight,
                    help="weight of the centroid head's cluster loss")
-    g.add_argument("--warmup", type=int, default=20, help="warm-up steps")
+    g.add_argument("--warmup", type=int, default=job.ForgeOptions.warmup, help="warm-up steps")
     g.add_argument("--seed", type=int, default=0)
     c = p.add_argument_group("progress, checkpoints, report")
-    c.add_argument("--report-every", type=int, default=10, help="steps between progress lines")
-    c.add_argument("--eval-every", type=int, default=100, help="steps between held-out acceptance estimates (0: off)")
-    c.add_argument("--save-every", type=int, default=100, help="steps between checkpoints (0: only at the end)")
+    c.add_argument("--report-every", type=int, default=job.ForgeOptions.report_every,
+                   help="steps between progress lines")
+    c.add_argument("--eval-every", type=int, default=job.ForgeOptions.eval_every,
+                   help="steps between held-out acceptance estimates (0: off)")
+    c.add_argument("--save-every", type=int, default=job.ForgeOptions.save_every,
+                   help="steps between checkpoints (0: only at the end)")
     c.add_argument("--checkpoint-dir", help="where checkpoints go (default: OUT.checkpoints beside --out)")
     c.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     c.add_argument("--force", action="store_true", help="replace an existing --out (and earlier checkpoints)")
