@@ -181,6 +181,16 @@ class Engine:
 
     def _prefill(self):
         """Run the prompt through the base; return (first token, hidden at the last prompt position)."""
+        chunks = self.prefill_chunks()
+        while True:
+            try:
+                next(chunks)
+            except StopIteration as done:
+                return done.value
+
+    def prefill_chunks(self):
+        """The prefill as a generator: it yields after each chunk (a scheduler interleaves other requests'
+        rounds there) and returns (first token, hidden at the last prompt position)."""
         tokens = mx.array(self.history)[None]  # (1, T)
         T = tokens.shape[1]
         cached = self.cache[0].offset if self.cache else 0  # a reused prompt cache holds history[:cached]
@@ -197,6 +207,7 @@ class Engine:
             mx.eval(self._state())
             if self.on_prefill is not None:
                 self.on_prefill(e, T)
+            yield
         logits, hidden = self._forward(tokens[:, T - 1 :])
         first = self._sample(logits[0, -1], tokens[0], T)
         mx.eval(first, hidden if hidden is not None else first)
@@ -247,17 +258,16 @@ class Engine:
     def run(self) -> Iterator[TokenEvent]:
         if self.max_tokens <= 0:
             return
-        start = time.perf_counter()
-        if self.proposer is not None:  # before the prefill: a feature reader's context must know the prompt
-            self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here
-        try:
-            first, hidden = self._prefill()
-        except _Stopped:
+        begin = self.begin()
+        while True:
+            try:
+                next(begin)
+            except StopIteration as done:
+                started = done.value
+                break
+        if started is None:
             return
-        self.stats.prompt_time = time.perf_counter() - start
-        gen_start = time.perf_counter()
-        event = self._emit_sampled(first.tolist())
-        self._time(gen_start)
+        event, hidden, gen_start = started
         yield event
         if event.finish_reason:
             return
@@ -268,6 +278,24 @@ class Engine:
                 yield from self._speculative_loop(hidden, gen_start)
         finally:  # also when the caller stops early: a queued round or step must not stay in the cache
             self._trim_cache_to_history()
+
+    def begin(self):
+        """The request up to its first token, as a generator that yields after each prefill chunk (a batch
+        scheduler runs other requests' rounds there). Returns (the first TokenEvent, the base's hidden at
+        the last prompt position (1, 1, H) or None, when generation started), or None when `should_stop`
+        ended it during the prefill."""
+        start = time.perf_counter()
+        if self.proposer is not None:  # before the prefill: a feature reader's context must know the prompt
+            self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here
+        try:
+            first, hidden = yield from self.prefill_chunks()
+        except _Stopped:
+            return None
+        self.stats.prompt_time = time.perf_counter() - start
+        gen_start = time.perf_counter()
+        event = self._emit_sampled(first.tolist())
+        self._time(gen_start)
+        return event, hidden, gen_start
 
     def _speculative_loop(self, hidden, gen_start: float) -> Iterator[TokenEvent]:
         """Rounds, pipelined: the next round is built and queued on the device before this round's tokens
@@ -338,33 +366,52 @@ class Engine:
 
     def _queue_round(self, hidden, k: int):
         """Build one propose + verify graph and start it on the device; nothing waits for it here."""
-        asked = min(k, self.max_tokens - self.emitted - 1)  # never draft past max_tokens
+        asked = self.draft_budget(k)
         position = len(self.history) - 1
         ctx = RoundContext(self.history, position, hidden, self.cache, self.sampler)
         draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = self._decode_forward(verify_in[None])  # (1, k+1, V)
-        n, nxt, rows = self._accept(draft, logits[0], verify_in, position)
+        result = self.verify(draft, logits[0], verify_in, position)
+        mx.async_eval(result)
+        return asked, draft.k, result, vhidden
+
+    def draft_budget(self, k: int) -> int:
+        """At most k drafts, never past max_tokens."""
+        return min(k, self.max_tokens - self.emitted - 1)
+
+    def verify(self, draft: Draft, logits: mx.array, verify_in: mx.array, position: int) -> mx.array:
+        """The round's result from the base's k+1 rows of logits (k+1, V) for verify_in [bonus, d1..dk]:
+        int32 [n accepted, next token, k drafts, packed log-probability rows when asked] (lazy)."""
+        n, nxt, rows = self._accept(draft, logits, verify_in, position)
         result = mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), draft.tokens.astype(mx.int32)])
         if self.logprobs:  # row i predicts the i-th token emitted: draft i while accepted, then the bonus
             drafts = draft.tokens.astype(mx.int32)
             chosen = mx.where(mx.arange(draft.k + 1) < n, mx.concatenate([drafts, nxt.astype(mx.int32)[None]]), nxt)
             result = mx.concatenate([result, _logprob_rows(rows, chosen, self.logprobs).reshape(-1)])
-        mx.async_eval(result)
-        return asked, draft.k, result, vhidden
+        return result
 
     def _settle_round(self, pending):
         """Wait for a queued round (the round's one host synchronisation), roll back what the base rejected,
         and emit. Returns (the round's TokenEvents, the hidden state for the next round)."""
         asked, k, result, vhidden = pending
         values = result.tolist()
+        n = values[0]
+        self._rollback(k - n)
+        events = self.settle(values, asked, k)
+        return events, (vhidden[:, n : n + 1] if vhidden is not None else None)
+
+    def settle(self, values: List[int], asked: int, k: int) -> List[TokenEvent]:
+        """A round's result read back ([n, next, k drafts, packed log-probability rows]): tell the proposer
+        and the policy, count, and emit (the caller rolled the caches back by k - n). Ends at the first
+        finished token, trimming the caches to the history there."""
         n, nxt, drafts = values[0], values[1], values[2 : 2 + k]
         rows = values[2 + k :]  # (k+1) packed log-probability rows when asked, else empty
         width = len(rows) // (k + 1)
-        self._rollback(k - n)
         outcome = RoundResult(drafted=k, accepted=n)
-        self.proposer.observe(outcome)
+        if self.proposer is not None:
+            self.proposer.observe(outcome)
         if asked:  # the policy learns from what the proposer gave, even 0 drafts
             self.policy.observe(outcome)
         if k:
@@ -373,9 +420,10 @@ class Engine:
         for i, tok in enumerate(drafts[:n] + [nxt]):
             events.append(self._emit(tok, i < n, rows[i * width : (i + 1) * width] if width else None))
             if events[-1].finish_reason:
-                self._trim_cache_to_history()
+                if self.cache:  # a row of a batch has no caches of its own until it leaves
+                    self._trim_cache_to_history()
                 break
-        return events, (vhidden[:, n : n + 1] if vhidden is not None else None)
+        return events
 
     def _accept(self, draft: Draft, logits: mx.array, verify_in: mx.array, position: int):
         """(n_accepted, next token, the processed rows (k+1, V)) from the base's k+1 rows of logits (k+1, V)."""

@@ -99,6 +99,15 @@ class MaskedEmbedding(nn.Module):
         scores = embed(ids) @ h  # (N,); gathers rows (dequantized if the embedding is quantized)
         return ids, scores
 
+    def candidates_rows(self, h: mx.array, embed: nn.Module):
+        """`candidates` for B rows at once: h (B, H) -> (ids (B, N), scores (B, N))."""
+        B = h.shape[0]
+        centroid_logits = self.centroids(h)  # (B, C)
+        top = mx.argpartition(-centroid_logits, kth=self.top_k - 1, axis=-1)[:, : self.top_k]  # (B, top_k)
+        ids = self.token_ordering.reshape(self.num_centroids, -1)[top].reshape(B, -1)  # (B, N)
+        scores = (embed(ids) @ h[:, :, None])[..., 0]  # (B, N)
+        return ids, scores
+
 
 class Model(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -126,6 +135,10 @@ class Model(nn.Module):
         """Compiled draft steps bound to this model's current weights (cheap to build: one per request)."""
         return DraftStepper(self)
 
+    def rows_stepper(self) -> "RowsStepper":
+        """Draft steps for several rows of a batch at once."""
+        return RowsStepper(self)
+
     def step(self, embedded: mx.array, hidden: mx.array, shared_kv: dict, position: int):
         """One draft step. embedded, hidden: (1, 1, H_base); shared_kv: layer type -> (K, V) as the base
         caches them (B, n_kv, T, hd). Returns (h (1, 1, H) for the head, h_next (1, 1, H_base)).
@@ -139,6 +152,20 @@ class Model(nn.Module):
         if self.args.use_ordered_embeddings:
             return self.masked_embedding.candidates(h, self.model.embed_tokens)
         return None, self.model.embed_tokens.as_linear(h.reshape(-1))
+
+    def candidates_rows(self, h: mx.array):
+        """`candidates` for B rows: h (B, H) -> (ids (B, N) or None for the whole vocabulary, scores)."""
+        if self.args.use_ordered_embeddings:
+            return self.masked_embedding.candidates_rows(h, self.model.embed_tokens)
+        return None, self.model.embed_tokens.as_linear(h)
+
+    def greedy_tokens(self, h: mx.array) -> mx.array:
+        """(B,) int32: the drafter's most likely token for each row of h (B, H)."""
+        ids, scores = self.candidates_rows(h)
+        best = mx.argmax(scores, axis=-1)
+        if ids is not None:
+            best = mx.take_along_axis(ids, best[:, None], axis=-1)[:, 0]
+        return best.astype(mx.int32)
 
     def greedy_token(self, h: mx.array) -> mx.array:
         """(1,) int32: the drafter's most likely token for h (1, H)."""
@@ -279,3 +306,60 @@ class DraftStepper:
     def greedy_step(self, state: dict, embedded: mx.array, hidden: mx.array):
         """Returns (the drafter's argmax token (1,) int32, h_next (1, H_base))."""
         return self._exit_greedy(*self._layers(state, embedded, hidden))
+
+
+class RowsStepper:
+    """Draft steps for B rows at once (continuous batching): the same blocks as `DraftStepper`, each row
+    with its own query position and its own valid slots of the base's K/V (the rows-caches of
+    batch/cache.py: one buffer for all rows, masked per row). Masked slots score -inf."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        layers = model.model.layers
+        self.types = [layer.layer_type for layer in layers]
+        self._rope_layer = {t: layers[self.types.index(t)].self_attn for t in dict.fromkeys(self.types)}
+        self.dtype = _compute_dtype(model.pre_projection)
+
+    def begin_round(self, shared_kv: dict, positions: mx.array) -> dict:
+        """shared_kv: layer type -> ((K, V) (B, n_kv, C, D), arrays or `QuantizedKV`, valid (B, C));
+        positions (B,) int32: each row's query position for the whole round."""
+        out = {}
+        for t, ((k, v), valid) in shared_kv.items():
+            attn = self._rope_layer[t]
+            D = attn.head_dim
+            eye = mx.broadcast_to(mx.eye(D).reshape(1, D, 1, D), (positions.shape[0], D, 1, D))
+            R = attn.rope(eye, offset=positions).reshape(-1, D, D)  # (B, D, D): rope(q) = q @ R per row
+            bias = mx.where(valid, 0.0, -mx.inf)[:, None, None, :]  # (B, 1, 1, C)
+            out[t] = (k, v, R, bias)
+        return out
+
+    def _attend(self, q: mx.array, k, v, bias: mx.array) -> mx.array:
+        """Queries (B, n_heads, D) onto K, V (B, n_kv, C, D) -> (B, n_heads * D)."""
+        B = q.shape[0]
+        if isinstance(k, QuantizedKV):
+            n_kv = k.packed.shape[1]
+            qk = dict(group_size=k.group_size, bits=k.bits)
+            x = q.reshape(B, n_kv, -1, q.shape[-1]).astype(k.scales.dtype)
+            scores = mx.quantized_matmul(x, k.packed, k.scales, k.biases, transpose=True, **qk)
+            p = mx.softmax(scores + bias, axis=-1, precise=True)
+            out = mx.quantized_matmul(p, v.packed, v.scales, v.biases, transpose=False, **qk)
+        else:
+            n_kv = k.shape[1]
+            scores = q.reshape(B, n_kv, -1, q.shape[-1]) @ k.swapaxes(-1, -2)  # (B, n_kv, rep, C)
+            out = mx.softmax(scores + bias, axis=-1, precise=True) @ v
+        return out.astype(q.dtype).reshape(B, -1)
+
+    def step(self, state: dict, embedded: mx.array, hidden: mx.array):
+        """embedded, hidden: (B, H_base). Returns (h (B, H) for the head, h_next (B, H_base))."""
+        m = self.model
+        h = m.pre_projection(mx.concatenate([embedded, hidden], axis=-1).astype(self.dtype))
+        for layer, t in zip(m.model.layers, self.types):
+            k, v, R, bias = state[t]
+            attn = layer.self_attn
+            q = attn.q_norm(attn.q_proj(layer.input_layernorm(h)).reshape(h.shape[0], attn.n_heads, attn.head_dim))
+            q = (q @ R).astype(q.dtype)
+            h = h + layer.post_attention_layernorm(attn.o_proj(self._attend(q, k, v, bias)))
+            h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+            h = h * layer.layer_scalar
+        h = m.model.norm(h)
+        return h, m.post_projection(h)

@@ -6,12 +6,21 @@ token's position for every step of the round, as in transformers.
 """
 
 from functools import cached_property
+from typing import List
 
 import mlx.core as mx
 
+from ..cache import QuantizedKV
 from ..drafting import validate_pairing
 from ..identity import weights_fingerprint
 from .base import Draft, RoundContext, RoundResult
+
+
+def _take_rows(buf, index: mx.array):
+    """Rows `index` of K or V (B, ...), an array or a QuantizedKV."""
+    if isinstance(buf, QuantizedKV):
+        return QuantizedKV(*(mx.take(x, index, axis=0) for x in buf[:3]), buf.group_size, buf.bits)
+    return mx.take(buf, index, axis=0)
 
 
 class MTPProposer:
@@ -52,6 +61,41 @@ class MTPProposer:
                     probs.append(q)
             tokens.append(token)
         return Draft(mx.concatenate(tokens), mx.stack(probs) if probs else None)
+
+    def propose_rows(self, ctxs: List[RoundContext], ks: List[int], caches: list, rows: List[int]) -> List[Draft]:
+        """Drafts for several rows of a batch in one drafter pass per step: ctxs[i] is row rows[i] of the
+        base's rows-caches `caches` (batch/cache.py), its hidden (1, H). Row i gets ks[i] drafts (rows with
+        fewer run along and drop the rest)."""
+        index = mx.array(rows, mx.int32)
+        views = {}
+        for t, i in self.producers.items():
+            (k, v), valid = caches[i].drafter_views()
+            if len(rows) != caches[i].rows:
+                k, v, valid = _take_rows(k, index), _take_rows(v, index), valid[index]
+            views[t] = ((k, v), valid)
+        state = self.rows_stepper.begin_round(views, mx.array([c.position for c in ctxs], mx.int32))
+        token = mx.array([c.history[-1] for c in ctxs], mx.int32)
+        hidden = mx.concatenate([c.hidden for c in ctxs])  # (B, H_base)
+        tokens, probs = [], [[] for _ in ctxs]
+        for step in range(max(ks)):
+            h, hidden = self.rows_stepper.step(state, self.base.embed_scaled(token), hidden)
+            token = self.drafter.greedy_tokens(h)
+            sampled = [i for i, c in enumerate(ctxs) if not c.sampler.greedy]
+            if sampled:  # rows that sample draw one by one, each from its own keyed noise
+                picks = [token[i : i + 1] for i in range(len(ctxs))]
+                for i in sampled:
+                    picks[i], q = ctxs[i].sampler.draft(self.drafter.full_logits(h[i : i + 1]),
+                                                        ctxs[i].position + 1 + step)
+                    if q is not None:
+                        probs[i].append(q)
+                token = mx.concatenate(picks)
+            tokens.append(token)
+        drafted = mx.stack(tokens, axis=1)  # (B, max k)
+        return [Draft(drafted[i, :k], mx.stack(probs[i][:k]) if probs[i] else None) for i, k in enumerate(ks)]
+
+    @cached_property
+    def rows_stepper(self):
+        return self.drafter.rows_stepper()
 
     def observe(self, result: RoundResult) -> None:
         pass

@@ -1,0 +1,148 @@
+"""Rounds for several requests at once: every row drafts its own k, one base pass verifies every row.
+
+A `Batch` holds B rows. A row is a request whose prefill ran in its own `Engine` (engine.py): the engine
+keeps what is the request's own (history, sampler, policy, proposer, limits, stats, log-probabilities)
+and the batch moves its K/V into rows-caches (cache.py here) for as long as it decodes with others.
+
+One round:
+    each row asks its policy for k (0: a plain step), its proposer drafts (an MTP drafter runs once for all
+    its rows; other proposers per row);
+    the base runs (B, L) tokens, row b's `[bonus, d1..dk_b]` padded to L = 1 + max k with copies of its
+    last token;
+    each row accepts its own prefix with its own sampler (engine.verify), all rows' results read back
+    in one host synchronisation;
+    the caches give back each row's own rejected tail and padding (L - 1 - n_b positions), no clamp to
+    the batch's shortest acceptance.
+A row's output equals its output alone: its attention reads its own slots in the same order (see
+cache.py), its sampler draws by (seed, position), and padding is never attended by a real position.
+
+Rows join after their prefill (`add`) and leave when they finish or are dropped (`remove`), between
+rounds; a row that leaves gets its K/V back as one-row caches, exactly its history minus the last token,
+so a prompt-cache slot keeps working.
+
+Knows the Engine's per-request pieces and rows-caches; nothing of text, HTTP or scheduling.
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import mlx.core as mx
+
+from ..engine import Engine, TokenEvent
+from ..proposers.base import Draft, RoundContext
+from .cache import join_rows, rollback_rows, select_rows
+
+
+@dataclass(eq=False)  # rows are compared by identity
+class Row:
+    """One request decoding in a batch."""
+
+    engine: Engine
+    cache: list  # the request's own list of one-row caches (a prompt-cache slot's): filled again on leaving
+    hidden: Optional[mx.array]  # (1, H) the base's hidden at the row's last position (an MTP drafter reads it)
+    gen_start: float = field(default_factory=time.perf_counter)
+    finished: bool = False
+
+    @property
+    def position(self) -> int:
+        return len(self.engine.history) - 1
+
+
+class Batch:
+    """Rows of requests decoding together; `round()` runs one propose + verify for all of them."""
+
+    def __init__(self, model):
+        from ..models.base import as_base
+
+        self.base = as_base(model)
+        self.rows: List[Row] = []
+        self.caches: Optional[list] = None  # per layer, a rows-cache (B rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def add(self, engine: Engine, hidden: Optional[mx.array]) -> Row:
+        """A request whose prefill ran (its first token emitted) joins; its caches move into the batch."""
+        if engine.reads:
+            raise NotImplementedError("block drafters do not decode in a batch yet")
+        row = Row(engine, engine.cache, hidden.reshape(1, -1) if hidden is not None else None)
+        self.caches = join_rows(self.caches, engine.cache)
+        engine.cache = []  # the batch holds its K/V until it leaves
+        self.rows.append(row)
+        return row
+
+    def remove(self, row: Row) -> None:
+        """The row leaves: its caches hold exactly its history minus the last token again."""
+        b = self.rows.index(row)
+        row.cache[:] = [c.row(b) for c in self.caches]
+        keep = [i for i in range(len(self.rows)) if i != b]
+        self.caches = select_rows(self.caches, keep) if keep else None
+        self.rows.pop(b)
+        engine = row.engine
+        engine.cache = row.cache
+        engine._trim_cache_to_history()
+
+    def round(self) -> List[Tuple[Row, List[TokenEvent]]]:
+        """One round for every row: (row, the TokenEvents it emitted), in row order. Finished rows stay until
+        `remove`d (their caches still hold them)."""
+        rows = self.rows
+        asked = [self._budget(row) for row in rows]
+        drafts = self._propose(asked)
+        L = 1 + max(d.k for d in drafts)
+        verify = mx.stack([self._verify_row(row, d, L) for row, d in zip(rows, drafts)])  # (B, L)
+        logits, hidden = self.base.forward(verify, self.caches)  # (B, L, V), (B, L, H) or None
+        results = [row.engine.verify(d, logits[b, : d.k + 1], verify[b, : d.k + 1], row.position)
+                   for b, (row, d) in enumerate(zip(rows, drafts))]
+        sizes = [r.shape[0] for r in results]
+        values = mx.concatenate(results).tolist()  # the round's one host synchronisation
+        out, counts, at = [], [], 0
+        for b, (row, d, size) in enumerate(zip(rows, drafts, sizes)):
+            mine = values[at : at + size]
+            at += size
+            n = mine[0]
+            counts.append(L - 1 - n)  # rejected drafts and padding
+            events = row.engine.settle(mine, asked[b], d.k)
+            row.engine._time(row.gen_start)
+            if hidden is not None:
+                row.hidden = hidden[b, n][None]
+            row.finished = bool(events) and events[-1].finish_reason is not None
+            out.append((row, events))
+        rollback_rows(self.caches, counts)
+        return out
+
+    def _budget(self, row: Row) -> int:
+        engine = row.engine
+        if engine.proposer is None:
+            return 0
+        return max(0, engine.draft_budget(engine.policy.next_k()))
+
+    def _propose(self, asked: List[int]) -> List[Draft]:
+        """Each row's drafts: one batched call per proposer that drafts rows together, else per row."""
+        drafts: List[Optional[Draft]] = [None] * len(self.rows)
+        groups = {}
+        for b, (row, k) in enumerate(zip(self.rows, asked)):
+            p = row.engine.proposer
+            if k <= 0:
+                drafts[b] = Draft.empty()
+            elif hasattr(p, "propose_rows"):
+                groups.setdefault(id(p), (p, []))[1].append(b)
+            else:
+                drafts[b] = p.propose(self._context(row), k)
+        for p, members in groups.values():
+            ctxs = [self._context(self.rows[b]) for b in members]
+            for b, d in zip(members, p.propose_rows(ctxs, [asked[b] for b in members], self.caches, members)):
+                drafts[b] = d
+        return drafts
+
+    def _context(self, row: Row) -> RoundContext:
+        e = row.engine
+        return RoundContext(e.history, row.position, row.hidden, None, e.sampler)
+
+    @staticmethod
+    def _verify_row(row: Row, draft: Draft, L: int) -> mx.array:
+        """(L,) int32: [bonus, drafts], padded with copies of the last token (never attended by a real
+        position: causal, and rolled back)."""
+        last = row.engine.history[-1]
+        pad = mx.full((L - 1 - draft.k,), last, mx.int32)
+        return mx.concatenate([mx.array([last], mx.int32), draft.tokens.astype(mx.int32), pad])
