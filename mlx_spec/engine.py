@@ -130,6 +130,7 @@ class Engine:
         self.strict_rows = strict_rows
         self.logprobs = logprobs
         self.on_prefill = on_prefill
+        self.kv = kv
         self.kv_flags = kv.as_dict() if kv is not None else {}
         self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK, **self.kv_flags)
         self.reads = feature_layers(proposer) if proposer is not None else ()  # base layers the proposer reads

@@ -72,7 +72,7 @@ class _RowsCache:
         self.keys, self.values = keys, values  # (B, n_kv, C, hd) or quantized triples
         self.offsets = list(offsets)  # positions each row holds (its next position)
         self.ends = list(ends)  # physical slot one past each row's newest position
-        self.kv, self.quantized = kv, quantized
+        self.quant, self.quantized = kv, quantized  # not `kv`: the scheduler, not the model, splits at a switch
         self.last_written = 0  # L of the latest pass: what a rollback may give back
 
     # -- what mlx-lm's attention and RoPE read
@@ -85,13 +85,13 @@ class _RowsCache:
     def bits(self) -> int:  # mlx-lm's attention takes the quantized path when the cache has `bits`
         if not self.quantized:
             raise AttributeError("bits")
-        return self.kv.bits
+        return self.quant.bits
 
     @property
     def group_size(self) -> int:
         if not self.quantized:
             raise AttributeError("group_size")
-        return self.kv.group_size
+        return self.quant.group_size
 
     @property
     def quantized_next(self) -> bool:
@@ -110,7 +110,7 @@ class _RowsCache:
         """keys, values (B, n_kv, L, hd), row b's at positions offsets[b]..; returns the whole buffers."""
         L = keys.shape[2]
         if self.quantized:
-            keys, values = quantize(keys, self.kv), quantize(values, self.kv)
+            keys, values = quantize(keys, self.quant), quantize(values, self.quant)
         self._make_room(L)
         slots = mx.array(self.ends, mx.int32)[:, None] + mx.arange(L, dtype=mx.int32)[None]  # (B, L)
         self.keys, self.values = _scatter(self.keys, keys, slots), _scatter(self.values, values, slots)
@@ -181,7 +181,7 @@ class RowsFullCache(_RowsCache):
 
     @staticmethod
     def _like(other, keys, values, offsets, ends):
-        return RowsFullCache(keys, values, offsets, ends, other.kv, other.quantized)
+        return RowsFullCache(keys, values, offsets, ends, other.quant, other.quantized)
 
     def _window(self):
         return None
@@ -206,7 +206,7 @@ class RowsFullCache(_RowsCache):
 
     def row(self, b: int) -> FullKVCache:
         """Row b as a one-row cache (what a request keeps when it leaves: its prompt-cache slot)."""
-        out = FullKVCache(self.kv)
+        out = FullKVCache(self.quant)
         n = self.offsets[b]
         capacity = -(-max(n, 1) // out.step) * out.step
         cut = lambda x: _pad_to(x[b : b + 1, :, :n], capacity)  # noqa: E731
@@ -231,7 +231,7 @@ class RowsSlidingCache(_RowsCache):
 
     @staticmethod
     def _like(other, keys, values, offsets, ends):
-        return RowsSlidingCache(keys, values, offsets, ends, other.kv, other.quantized, other.window,
+        return RowsSlidingCache(keys, values, offsets, ends, other.quant, other.quantized, other.window,
                                 other.max_rollback)
 
     def _window(self):
@@ -274,7 +274,7 @@ class RowsSlidingCache(_RowsCache):
 
     def row(self, b: int) -> SlidingKVCache:
         """Row b as a one-row cache holding its last min(offset, keep) positions, in order."""
-        out = SlidingKVCache(self.window, self.max_rollback, self.kv)
+        out = SlidingKVCache(self.window, self.max_rollback, self.quant)
         n = min(self.ends[b], self.keep, self.offsets[b])
         take = lambda x: _pad_to(x[b : b + 1, :, self.ends[b] - n : self.ends[b]], out.capacity)  # noqa: E731
         out.keys, out.values = _map(self.keys, take), _map(self.values, take)
@@ -294,7 +294,7 @@ def _for_drafter(cache: _RowsCache, view):
     """The drafter's (K, V): arrays, or `QuantizedKV` when the rows are quantized."""
     if not cache.quantized:
         return view
-    return tuple(QuantizedKV(*b, cache.kv.group_size, cache.kv.bits) for b in view)
+    return tuple(QuantizedKV(*b, cache.quant.group_size, cache.quant.bits) for b in view)
 
 
 def stack_rows(caches: List[list]) -> list:

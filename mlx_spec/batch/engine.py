@@ -29,6 +29,7 @@ from typing import List, Optional, Tuple
 
 import mlx.core as mx
 
+from ..cache import rollback_all
 from ..engine import Engine, TokenEvent
 from ..proposers.base import Draft, RoundContext
 from .cache import join_rows, rollback_rows, select_rows
@@ -64,8 +65,6 @@ class Batch:
 
     def add(self, engine: Engine, hidden: Optional[mx.array]) -> Row:
         """A request whose prefill ran (its first token emitted) joins; its caches move into the batch."""
-        if engine.reads:
-            raise NotImplementedError("block drafters do not decode in a batch yet")
         row = Row(engine, engine.cache, hidden.reshape(1, -1) if hidden is not None else None)
         self.caches = join_rows(self.caches, engine.cache)
         engine.cache = []  # the batch holds its K/V until it leaves
@@ -91,7 +90,7 @@ class Batch:
         drafts = self._propose(asked)
         L = 1 + max(d.k for d in drafts)
         verify = mx.stack([self._verify_row(row, d, L) for row, d in zip(rows, drafts)])  # (B, L)
-        logits, hidden = self.base.forward(verify, self.caches)  # (B, L, V), (B, L, H) or None
+        logits, hidden = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
         results = [row.engine.verify(d, logits[b, : d.k + 1], verify[b, : d.k + 1], row.position)
                    for b, (row, d) in enumerate(zip(rows, drafts))]
         sizes = [r.shape[0] for r in results]
@@ -102,6 +101,8 @@ class Batch:
             at += size
             n = mine[0]
             counts.append(L - 1 - n)  # rejected drafts and padding
+            if row.engine.reads:  # its context gave back what the base's cache gives back
+                rollback_all(row.engine.proposer.context_cache, d.k - n)
             events = row.engine.settle(mine, asked[b], d.k)
             row.engine._time(row.gen_start)
             if hidden is not None:
@@ -111,11 +112,33 @@ class Batch:
         rollback_rows(self.caches, counts)
         return out
 
+    def _forward(self, verify: mx.array, drafts: List[Draft]):
+        """The base pass over every row; rows whose proposer reads decoder-layer outputs (block drafters)
+        get their rows of them, so each context grows with its row of the base's cache."""
+        reads = {row.engine.reads for row in self.rows if row.engine.reads}
+        if not reads:
+            return self.base.forward(verify, self.caches)
+        if len(reads) > 1:
+            raise ValueError(f"rows read different base layers {sorted(reads)}: one proposer family per batch")
+        logits, hidden, features = self.base.forward_layers(verify, self.caches, next(iter(reads)))
+        for b, (row, d) in enumerate(zip(self.rows, drafts)):
+            if row.engine.reads:
+                row.engine.proposer.extend(features[b : b + 1, : d.k + 1])
+        return logits, hidden
+
     def _budget(self, row: Row) -> int:
         engine = row.engine
         if engine.proposer is None:
             return 0
-        return max(0, engine.draft_budget(engine.policy.next_k()))
+        k = engine.draft_budget(engine.policy.next_k())
+        kv = engine.kv
+        if kv is not None and not self.quantized and row.position < kv.start:
+            k = min(k, kv.start - row.position - 1)  # the round ends at the switch (scheduler.py)
+        return max(0, k)
+
+    @property
+    def quantized(self) -> bool:
+        return bool(self.caches) and self.caches[0].quantized
 
     def _propose(self, asked: List[int]) -> List[Draft]:
         """Each row's drafts: one batched call per proposer that drafts rows together, else per row."""

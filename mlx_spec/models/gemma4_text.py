@@ -201,6 +201,8 @@ def quantized_attention(queries: mx.array, q_keys, q_values, scale: float, mask,
         scores = scores.reshape(B, n_kv, rep, L, T)
         if isinstance(mask, str):  # "causal": the L queries are the last L positions
             mask = mx.arange(T - L, T)[:, None] >= mx.arange(T)[None]
+        elif mask.ndim == 4:  # per-row masks (B, 1, L, T) of a batch (batch/cache.py)
+            mask = mask[:, :, None]
         if mask.dtype == mx.bool_:
             scores = mx.where(mask, scores, mx.finfo(scores.dtype).min)
         else:
