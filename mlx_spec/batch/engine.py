@@ -91,8 +91,7 @@ class Batch:
         L = 1 + max(d.k for d in drafts)
         verify = mx.stack([self._verify_row(row, d, L) for row, d in zip(rows, drafts)])  # (B, L)
         logits, hidden = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
-        results = [row.engine.verify(d, logits[b, : d.k + 1], verify[b, : d.k + 1], row.position)
-                   for b, (row, d) in enumerate(zip(rows, drafts))]
+        results = self._verify(logits, verify, drafts)
         sizes = [r.shape[0] for r in results]
         values = mx.concatenate(results).tolist()  # the round's one host synchronisation
         out, counts, at = [], [], 0
@@ -111,6 +110,27 @@ class Batch:
             out.append((row, events))
         rollback_rows(self.caches, counts)
         return out
+
+    def _verify(self, logits: mx.array, verify: mx.array, drafts: List[Draft]) -> List[mx.array]:
+        """Each row's round result (engine.verify's packing). Greedy rows without processors or
+        log-probabilities are verified together (one argmax for all of them); the others by their engine."""
+        results: List[Optional[mx.array]] = [None] * len(self.rows)
+        plain = [b for b, row in enumerate(self.rows) if _greedy_only(row.engine)]
+        if plain:
+            index = mx.array(plain, mx.int32)
+            ks = mx.array([drafts[b].k for b in plain], mx.int32)[:, None]
+            target = mx.argmax(logits[index], axis=-1).astype(mx.int32)  # (G, L): the base's own tokens
+            offered = verify[index, 1:]  # (G, L-1): drafts, then padding
+            agree = (target[:, :-1] == offered) & (mx.arange(offered.shape[1])[None] < ks)
+            n = mx.cumprod(agree.astype(mx.int32), axis=1).sum(axis=1)  # (G,) the agreeing prefix
+            nxt = mx.take_along_axis(target, n[:, None], axis=1)[:, 0]
+            packed = mx.concatenate([n[:, None], nxt[:, None], offered], axis=1)
+            for g, b in enumerate(plain):
+                results[b] = packed[g, : 2 + drafts[b].k]
+        for b, (row, d) in enumerate(zip(self.rows, drafts)):
+            if results[b] is None:
+                results[b] = row.engine.verify(d, logits[b, : d.k + 1], verify[b, : d.k + 1], row.position)
+        return results
 
     def _forward(self, verify: mx.array, drafts: List[Draft]):
         """The base pass over every row; rows whose proposer reads decoder-layer outputs (block drafters)
@@ -169,3 +189,8 @@ class Batch:
         last = row.engine.history[-1]
         pad = mx.full((L - 1 - draft.k,), last, mx.int32)
         return mx.concatenate([mx.array([last], mx.int32), draft.tokens.astype(mx.int32), pad])
+
+
+def _greedy_only(engine: Engine) -> bool:
+    """A row whose verify is a plain argmax match (no processors, log-probabilities or strict padding)."""
+    return engine.sampler.greedy and not engine.processors and not engine.logprobs and not engine.strict_rows

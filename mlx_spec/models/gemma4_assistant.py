@@ -311,7 +311,9 @@ class DraftStepper:
 class RowsStepper:
     """Draft steps for B rows at once (continuous batching): the same blocks as `DraftStepper`, each row
     with its own query position and its own valid slots of the base's K/V (the rows-caches of
-    batch/cache.py: one buffer for all rows, masked per row). Masked slots score -inf."""
+    batch/cache.py: one buffer for all rows, masked per row; a masked slot scores -inf). As in
+    DraftStepper, the blocks run as compiled segments that meet at the attention (a compiled segment is
+    traced once per row count)."""
 
     def __init__(self, model: Model):
         self.model = model
@@ -319,7 +321,32 @@ class RowsStepper:
         self.types = [layer.layer_type for layer in layers]
         self._rope_layer = {t: layers[self.types.index(t)].self_attn for t in dict.fromkeys(self.types)}
         self.dtype = _compute_dtype(model.pre_projection)
+        last = len(layers) - 1
+        self._enter = mx.compile(lambda e, hidden, R: self._query(0, model.pre_projection(
+            mx.concatenate([e, hidden], axis=-1).astype(self.dtype)), R))
+        self._between = [mx.compile(lambda h, o, R, i=i: self._query(i + 1, self._finish_layer(i, h, o), R))
+                         for i in range(last)]
+        self._exit = mx.compile(lambda h, o: self._head(self._finish_layer(last, h, o)))
 
+    # -- traced pieces
+    def _query(self, i: int, h: mx.array, R: dict):
+        """Layer i's normed, rotated queries (B, n_heads, D) from the residual stream h (B, H)."""
+        layer = self.model.model.layers[i]
+        attn = layer.self_attn
+        q = attn.q_norm(attn.q_proj(layer.input_layernorm(h)).reshape(h.shape[0], attn.n_heads, attn.head_dim))
+        return h, (q @ R[self.types[i]]).astype(q.dtype)
+
+    def _finish_layer(self, i: int, h: mx.array, attended: mx.array) -> mx.array:
+        layer = self.model.model.layers[i]
+        h = h + layer.post_attention_layernorm(layer.self_attn.o_proj(attended))
+        h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        return h * layer.layer_scalar
+
+    def _head(self, h: mx.array):
+        h = self.model.model.norm(h)
+        return h, self.model.post_projection(h)
+
+    # -- per round / per step
     def begin_round(self, shared_kv: dict, positions: mx.array) -> dict:
         """shared_kv: layer type -> ((K, V) (B, n_kv, C, D), arrays or `QuantizedKV`, valid (B, C));
         positions (B,) int32: each row's query position for the whole round."""
@@ -330,11 +357,15 @@ class RowsStepper:
             eye = mx.broadcast_to(mx.eye(D).reshape(1, D, 1, D), (positions.shape[0], D, 1, D))
             R = attn.rope(eye, offset=positions).reshape(-1, D, D)  # (B, D, D): rope(q) = q @ R per row
             bias = mx.where(valid, 0.0, -mx.inf)[:, None, None, :]  # (B, 1, 1, C)
+            if not isinstance(k, QuantizedKV):
+                k = k.swapaxes(-1, -2)  # (B, n_kv, D, C), once a round
             out[t] = (k, v, R, bias)
         return out
 
-    def _attend(self, q: mx.array, k, v, bias: mx.array) -> mx.array:
-        """Queries (B, n_heads, D) onto K, V (B, n_kv, C, D) -> (B, n_heads * D)."""
+    @staticmethod
+    def _attend(q: mx.array, k, v, bias: mx.array) -> mx.array:
+        """Queries (B, n_heads, D) onto K^T (B, n_kv, D, C) (or quantized K), V (B, n_kv, C, D) ->
+        (B, n_heads * D)."""
         B = q.shape[0]
         if isinstance(k, QuantizedKV):
             n_kv = k.packed.shape[1]
@@ -344,22 +375,18 @@ class RowsStepper:
             p = mx.softmax(scores + bias, axis=-1, precise=True)
             out = mx.quantized_matmul(p, v.packed, v.scales, v.biases, transpose=False, **qk)
         else:
-            n_kv = k.shape[1]
-            scores = q.reshape(B, n_kv, -1, q.shape[-1]) @ k.swapaxes(-1, -2)  # (B, n_kv, rep, C)
+            scores = q.reshape(B, k.shape[1], -1, q.shape[-1]) @ k  # (B, n_kv, rep, C)
             out = mx.softmax(scores + bias, axis=-1, precise=True) @ v
         return out.astype(q.dtype).reshape(B, -1)
 
     def step(self, state: dict, embedded: mx.array, hidden: mx.array):
         """embedded, hidden: (B, H_base). Returns (h (B, H) for the head, h_next (B, H_base))."""
-        m = self.model
-        h = m.pre_projection(mx.concatenate([embedded, hidden], axis=-1).astype(self.dtype))
-        for layer, t in zip(m.model.layers, self.types):
-            k, v, R, bias = state[t]
-            attn = layer.self_attn
-            q = attn.q_norm(attn.q_proj(layer.input_layernorm(h)).reshape(h.shape[0], attn.n_heads, attn.head_dim))
-            q = (q @ R).astype(q.dtype)
-            h = h + layer.post_attention_layernorm(attn.o_proj(self._attend(q, k, v, bias)))
-            h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
-            h = h * layer.layer_scalar
-        h = m.model.norm(h)
-        return h, m.post_projection(h)
+        R = {t: r for t, (_, _, r, _) in state.items()}
+        h, q = self._enter(embedded, hidden, R)
+        for i, between in enumerate(self._between):
+            h, q = between(h, self._attend(q, *self._kv(state, i)), R)
+        return self._exit(h, self._attend(q, *self._kv(state, len(self.types) - 1)))
+
+    def _kv(self, state: dict, i: int):
+        k, v, _, bias = state[self.types[i]]
+        return k, v, bias
