@@ -85,6 +85,8 @@ def read_jsonl(path: Path) -> Tuple[str, List[Tuple[str, dict]]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{where}: JSON nested too deeply to read") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 keys = _kind_of(record)
