@@ -60,6 +60,27 @@ def snapshot(directory):
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+# -- defects 4 and 10: every float option finite and in range
+
+@pytest.mark.parametrize("flag, value", [
+    ("minutes", math.nan), ("minutes", math.inf), ("minutes", -1.0), ("minutes", 1e307),
+    ("lr", math.nan), ("lr", math.inf), ("lr", 0.0), ("lr", -1e-3),
+    ("centroid_weight", math.nan), ("centroid_weight", -0.5), ("centroid_weight", math.inf),
+    ("step_decay", math.nan), ("step_decay", math.inf), ("steps", -1),
+])
+def test_float_options_must_be_finite_and_in_range(flag, value):
+    options = ForgeOptions(model="m", drafter="d", data="x", out="o", **{flag: value})
+    with pytest.raises(MlxSpecError, match=f"--{flag.replace('_', '-')} must be"):
+        options.validate()
+
+
+def test_a_nan_centroid_weight_is_one_error_line(tmp_path, code_jsonl, capsys):
+    code, _, stderr = run_cli(["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data",
+                               code_jsonl, "--out", tmp_path / "out", "--centroid-weight", "nan", *TINY], capsys)
+    one_error(code, stderr, "--centroid-weight must be a finite number >= 0, got nan")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
+
+
 # -- defect 13: deeply nested JSON in a data line
 
 def test_deeply_nested_json_names_its_line(tmp_path):

@@ -8,6 +8,7 @@ atomically, and report τ before and after on held-out prompts with the real eng
 """
 
 import hashlib
+import math
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -92,9 +93,7 @@ class ForgeOptions:
                 raise MlxSpecError(f"{flag} must be >= 1, got {v}")
         if self.max_seq_length <= self.num_draft_tokens + 1:
             raise MlxSpecError(f"--max-seq-length ({self.max_seq_length}) must exceed --num-draft-tokens + 1")
-        for flag, v in (("--steps", self.steps), ("--minutes", self.minutes), ("--lr", self.lr)):
-            if v is not None and v < 0 or (flag == "--lr" and v is not None and v == 0):
-                raise MlxSpecError(f"{flag} must be > 0, got {v}")
+        self._validate_numbers()
         for flag, v in (("--self-generate", self.self_generate), ("--eval-prompts", self.eval_prompts),
                         ("--warmup", self.warmup), ("--eval-every", self.eval_every),
                         ("--save-every", self.save_every)):
@@ -104,8 +103,6 @@ class ForgeOptions:
             raise MlxSpecError(f"--report-every must be >= 1, got {self.report_every}")
         if self.loss not in objective.LOSSES:
             raise MlxSpecError(f"--loss must be one of {', '.join(objective.LOSSES)}, got {self.loss!r}")
-        if not 0 < self.step_decay <= 1:
-            raise MlxSpecError(f"--step-decay must be in (0, 1], got {self.step_decay}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MlxSpecError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.head not in build.HEADS:
@@ -119,6 +116,18 @@ class ForgeOptions:
             scratch_flags.append("--head")
         if scratch_flags and not self.from_scratch:
             raise MlxSpecError(f"{', '.join(scratch_flags)} shape a --from-scratch drafter; a --drafter keeps its own")
+
+    def _validate_numbers(self) -> None:
+        """The budget and the float options: finite (NaN passes every comparison; inf never ends) and in range."""
+        if self.steps is not None and self.steps < 0:
+            raise MlxSpecError(f"--steps must be >= 0, got {self.steps}")
+        checks = (("--minutes", self.minutes, lambda v: v >= 0 and math.isfinite(v * 60), ">= 0"),
+                  ("--lr", self.lr, lambda v: v > 0, "> 0"),
+                  ("--step-decay", self.step_decay, lambda v: 0 < v <= 1, "in (0, 1]"),
+                  ("--centroid-weight", self.centroid_weight, lambda v: v >= 0, ">= 0"))
+        for flag, v, ok, want in checks:
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise MlxSpecError(f"{flag} must be a finite number {want}, got {v}")
 
     @property
     def seconds(self) -> Optional[float]:
