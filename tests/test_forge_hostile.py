@@ -81,6 +81,94 @@ def test_a_nan_centroid_weight_is_one_error_line(tmp_path, code_jsonl, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists()
 
 
+# -- defect 5: a damaged checkpoint is one error naming its file
+
+@pytest.fixture(scope="module")
+def checkpoint(pair, tmp_path_factory):
+    """A real checkpoint of the tiny assistant for the tiny base (no training: the files are what matter)."""
+    base, _, start = pair
+    config = json.loads((TINY_CODE / "assistant" / "config.json").read_text())
+    drafter, _ = run._clone(start, config)
+    adam = optim.Adam(learning_rate=1e-3)
+    adam.init(drafter.trainable_parameters())
+    identity = run.base_identity(base, TINY_CODE / "base", None)
+    state = trainer.TrainState(step=2, seconds=1.5, batches={"epoch": 0, "index": 2})
+    directory = tmp_path_factory.mktemp("ck") / "checkpoints"
+    trainer.save_checkpoint(directory, drafter, config, adam, state, identity)
+    return directory, identity
+
+
+def edit_json(path, change):
+    body = json.loads(path.read_text())
+    path.write_text(json.dumps(change(body)))
+
+
+def nan_weights(path):
+    weights = mx.load(str(path))
+    name = sorted(n for n, w in weights.items() if mx.issubdtype(w.dtype, mx.floating))[0]
+    weights[name] = weights[name] * float("nan")
+    mx.save_safetensors(str(path), weights)
+
+
+DAMAGE = {
+    "state without step": ("state.json", lambda p: edit_json(p, lambda b: {k: v for k, v in b.items() if k != "step"})),
+    "state a list": ("state.json", lambda p: p.write_text("[1, 2]")),
+    "step a string": ("state.json", lambda p: edit_json(p, lambda b: {**b, "step": "3"})),
+    "epoch a string": ("state.json", lambda p: edit_json(p, lambda b: {**b, "batches": {"epoch": "x", "index": 0}})),
+    "seconds NaN": ("state.json", lambda p: edit_json(p, lambda b: {**b, "seconds": math.nan})),
+    "identity a list": ("state.json", lambda p: edit_json(p, lambda b: {**b, "identity": []})),
+    "state nested deeply": ("state.json", lambda p: p.write_text("[" * 100000 + "]" * 100000)),
+    "drafter of another model": ("drafter.safetensors",
+                                 lambda p: shutil.copy(TINY_CODE / "dflash" / "model.safetensors", p)),
+    "optimizer of another model": ("optimizer.safetensors",
+                                   lambda p: shutil.copy(TINY_CODE / "dflash" / "model.safetensors", p)),
+    "config hidden_size changed": ("config.json", lambda p: edit_json(
+        p, lambda c: {**c, "text_config": {**c["text_config"], "hidden_size": 96}})),
+    "config not for this base": ("config.json", lambda p: edit_json(p, lambda c: {**c, "backbone_hidden_size": 7})),
+    "config a string": ("config.json", lambda p: p.write_text('"gemma"')),
+    "NaN weights": ("drafter.safetensors", nan_weights),
+}
+
+
+def resume_from(pair, directory, identity, tmp_path):
+    base, _, _ = pair
+    options = ForgeOptions(model=str(TINY_CODE / "base"), drafter=str(TINY_CODE / "assistant"), data="unused",
+                           out=str(tmp_path / "out"), resume=True, checkpoint_dir=str(directory))
+    return run._starting_point(options, base, directory, identity)
+
+
+def test_an_intact_checkpoint_resumes(pair, checkpoint, tmp_path):
+    directory, identity = checkpoint
+    drafter, config, start, dtype, saved = resume_from(pair, directory, identity, tmp_path)
+    assert saved.state.step == 2 and saved.state.batches == {"epoch": 0, "index": 2}, "the undamaged one resumes"
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_a_damaged_checkpoint_is_one_error_naming_its_file(pair, checkpoint, tmp_path, case):
+    directory, identity = checkpoint
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(directory, copy)
+    name, damage = DAMAGE[case]
+    damage(copy / "step-000002" / name)
+    with pytest.raises(trainer.CheckpointError) as e:
+        resume_from(pair, copy, identity, tmp_path)
+    message = str(e.value)
+    assert f"step-000002/{name}" in message, f"the message names the damaged file: {message}"
+    assert message.count("step-000002/") <= 2, message
+    assert "without --resume" in message and "\n" not in message, f"one line that says what to do: {message}"
+
+
+def test_resuming_a_damaged_checkpoint_from_the_command_line(pair, checkpoint, tmp_path, code_jsonl, capsys):
+    directory, _ = checkpoint
+    copy = tmp_path / "checkpoints"
+    shutil.copytree(directory, copy)
+    DAMAGE["state without step"][1](copy / "step-000002" / "state.json")
+    code, _, stderr = run_cli(["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data",
+                               code_jsonl, "--out", tmp_path / "out", "--checkpoint-dir", copy, "--resume", *TINY],
+                              capsys)
+    one_error(code, stderr, r"step-000002/state\.json has no 'step'")
+
+
 # -- defect 13: deeply nested JSON in a data line
 
 def test_deeply_nested_json_names_its_line(tmp_path):

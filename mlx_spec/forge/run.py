@@ -22,7 +22,7 @@ from mlx.utils import tree_flatten
 from ..errors import MlxSpecError, ModelLoadError
 from ..loading import DTYPES
 from ..memory import weight_bytes
-from . import build, data, evaluate, objective, output, trainer
+from . import build, data, evaluate, objective, output, resume, trainer
 
 DEFAULT_MINUTES = 20.0
 DEFAULT_BATCH_SIZE = 4
@@ -328,16 +328,6 @@ def _clone(drafter, config: dict):
     return copy, config
 
 
-def _drafter_from_checkpoint(config: dict, weights: dict):
-    from ..models import gemma4_assistant
-
-    d = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
-    d.load_weights(list(weights.items()))
-    trainer.to_float32(d)
-    mx.eval(d.parameters())
-    return d
-
-
 def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
     ckpt = options.checkpoint_path
     existing = trainer.checkpoints(ckpt)
@@ -360,13 +350,8 @@ def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
         drafter, config, start, dtype = _start_drafter(options, base)
         return drafter, config, start, dtype, None
     path = trainer.checkpoints(ckpt)[-1]
-    saved = trainer.read_checkpoint(path)
-    config, saved_identity = saved.config, saved.identity
-    if saved_identity != identity:
-        raise trainer.CheckpointError(f"{path} was made for another base ({saved_identity.get('model')}, "
-                                      f"adapters {saved_identity.get('adapter_path')}); resume with the same "
-                                      "--model and --adapter-path, or start over with --force")
-    drafter = _drafter_from_checkpoint(config, saved.weights)
+    drafter, saved = resume.load(path, base, identity)
+    config = saved.config
     start, dtype = _resumed_start(options, base, config)  # a --drafter is still the report's starting point
     info(f"resuming from {path} (step {saved.state.step}, {trainer.format_seconds(saved.state.seconds)} trained)")
     return drafter, config, start, dtype, saved
