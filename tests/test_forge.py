@@ -363,8 +363,9 @@ def test_cli_bad_inputs_are_one_line(tmp_path, code_jsonl, capsys, case, message
         (tmp_path / "out").mkdir()
     elif case == "both starts":
         args.append("--from-scratch")
-    elif case == "bad adapter":
-        args += ["--adapter-path", tmp_path]
+    elif case == "bad adapter":  # a directory of its own: --out inside an input is refused first
+        (tmp_path / "adapters").mkdir()
+        args += ["--adapter-path", tmp_path / "adapters"]
     elif case == "scratch flag with drafter":
         args += ["--hidden-size", 32]
     elif case == "block drafter":  # load_drafter loads it (it fits the base), forge refuses it

@@ -60,6 +60,41 @@ def snapshot(directory):
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+# -- defect 2: an output that is (or holds, or lies inside) an input is refused before anything is touched
+
+@pytest.mark.parametrize("case", ["out is the model", "out is the drafter", "out inside the model",
+                                  "out holds the drafter", "checkpoints in the drafter", "checkpoints hold the model",
+                                  "out is the checkpoints", "report over the model's config"])
+def test_outputs_never_overlap_an_input(tmp_path, code_jsonl, capsys, case):
+    models = tmp_path / "models"
+    shutil.copytree(TINY_CODE / "base", models / "base")
+    shutil.copytree(TINY_CODE / "assistant", models / "asst")
+    (models / "config.json").write_text("{}")  # a parent that looks like a model directory to check_out
+    base, asst = models / "base", models / "asst"
+    before = snapshot(tmp_path)
+    out, extra = tmp_path / "forged", []
+    if case == "out is the model":
+        out = base
+    elif case == "out is the drafter":
+        out = asst
+    elif case == "out inside the model":
+        out = base / "forged"
+    elif case == "out holds the drafter":
+        out = models
+    elif case == "checkpoints in the drafter":
+        extra = ["--checkpoint-dir", asst]
+    elif case == "checkpoints hold the model":
+        extra = ["--checkpoint-dir", tmp_path]
+    elif case == "out is the checkpoints":
+        extra = ["--checkpoint-dir", out]
+    elif case == "report over the model's config":
+        extra = ["--report-json", base / "config.json"]
+    code, _, stderr = run_cli(["--model", base, "--drafter", asst, "--data", code_jsonl, "--out", out, "--force",
+                               *extra, *TINY], capsys)
+    one_error(code, stderr, "overlap|inside --model")
+    assert snapshot(tmp_path) == before, "nothing a user had is changed, with --force"
+
+
 # -- defects 4 and 10: every float option finite and in range
 
 @pytest.mark.parametrize("flag, value", [
@@ -167,6 +202,23 @@ def test_resuming_a_damaged_checkpoint_from_the_command_line(pair, checkpoint, t
                                code_jsonl, "--out", tmp_path / "out", "--checkpoint-dir", copy, "--resume", *TINY],
                               capsys)
     one_error(code, stderr, r"step-000002/state\.json has no 'step'")
+
+
+# -- defect 11: --report-json checked before training
+
+def test_report_json_in_a_missing_directory_is_refused_up_front(tmp_path, code_jsonl, capsys):
+    code, _, stderr = run_cli(["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data",
+                               code_jsonl, "--out", tmp_path / "out", "--report-json", tmp_path / "nodir" / "r.json",
+                               *TINY], capsys)
+    one_error(code, stderr, "--report-json .*nodir/r.json: its directory does not exist")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoints").exists(), "nothing trained"
+
+
+def test_out_under_a_file_is_refused_up_front(tmp_path, code_jsonl, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, _, stderr = run_cli(["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data",
+                               code_jsonl, "--out", tmp_path / "afile" / "out", *TINY], capsys)
+    one_error(code, stderr, "cannot write --out .*afile is not a directory")
 
 
 # -- defect 13: deeply nested JSON in a data line

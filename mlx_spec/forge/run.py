@@ -73,6 +73,7 @@ class ForgeOptions:
     eval_prompts: int = DEFAULT_EVAL_PROMPTS
     eval_tokens: int = DEFAULT_EVAL_TOKENS
     compare: Optional[str] = None
+    report_json: Optional[str] = None
     # --from-scratch shapes (None: from the base, see build.py)
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
@@ -403,6 +404,9 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     """Run a forge job; returns the report. Raises MlxSpecError for anything a user can fix."""
     options.validate()
     out = Path(options.out).expanduser().absolute()
+    output.check_paths(out, options.checkpoint_path, options.report_json, {
+        "--model": options.model, "--drafter": options.drafter, "--adapter-path": options.adapter_path,
+        "--data": options.data, "--valid-data": options.valid_data, "--compare": options.compare})
     output.check_out(out, options.force)
     ckpt = _prepare_checkpoint_dir(options)
 
@@ -442,6 +446,9 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     report = Report(out, options.num_draft_tokens, 0, state=state)
     _final_report(options, base, tokenizer, report, dataset.valid,
                   (("start", start), ("compare", compare), ("forged", _reload(out, base))))
+    if options.report_json:
+        output.write_json(Path(options.report_json), report.as_dict(),
+                          f"--report-json {options.report_json} (the drafter is written: {out})")
     return report
 
 
