@@ -204,6 +204,62 @@ def test_resuming_a_damaged_checkpoint_from_the_command_line(pair, checkpoint, t
     one_error(code, stderr, r"step-000002/state\.json has no 'step'")
 
 
+# -- defect 8: what the report and self-generation decode stays within the base's context
+
+def test_eval_tokens_are_cut_to_the_context_and_force_replaces_only_checkpoints(tmp_path, code_jsonl, capsys,
+                                                                               monkeypatch):
+    """A run with --eval-tokens far past the 2,048 positions decodes at most what fits (with a note);
+    --force over an earlier out and checkpoints removes only the checkpoints, and --report-json may go
+    into --out."""
+    asked = []
+    real_decode = evaluate.decode
+
+    def decode(model, tokenizer, ids, drafter, k, max_tokens):
+        asked.append(len(ids) + max_tokens)
+        return real_decode(model, tokenizer, ids, drafter, k, min(max_tokens, 8))
+
+    monkeypatch.setattr(evaluate, "decode", decode)
+    out, ck = tmp_path / "out", tmp_path / "out.checkpoints"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (ck / "step-000007").mkdir(parents=True)
+    (ck / "step-000007" / trainer.STATE_FILE).write_text("{}")
+    (ck / "notes.txt").write_text("mine")
+    args = ["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data", code_jsonl,
+            "--out", out, "--force", "--report-json", out / "report.json", *TINY]
+    args[args.index("--eval-tokens") + 1] = 10 ** 6
+    code, _, stderr = run_cli(args, capsys)
+    assert code == 0, stderr
+    assert asked and max(asked) <= 2048, f"prompt + decoded tokens within the context: {max(asked)}"
+    assert re.search(r"note: .* at most \d+ of --eval-tokens 1000000", stderr), stderr
+    report = json.loads((out / "report.json").read_text())
+    assert report["max_tokens"] + max(map(len, report["prompt_ids"])) <= 2048, "the report says what it decoded"
+    assert [p.name for p in trainer.checkpoints(ck)] == ["step-000001"], "--force replaced the earlier checkpoints"
+    assert (ck / "notes.txt").read_text() == "mine", "and only them"
+
+
+def test_self_generation_decodes_no_token_a_window_drops(pair):
+    """--self-generate N past --max-seq-length (and so past the context): the base decodes only what the
+    window keeps."""
+    base, tokenizer, _ = pair
+    calls = []
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(base, name)
+
+        def forward(self, *a, **k):
+            calls.append(1)
+            assert len(calls) <= 64, "decoding past what the window keeps"
+            return base.forward(*a, **k)
+
+    wins = data.windows([(tokenizer.encode(t), None) for t in CODE[:4]], 24, tokenizer.bos_token_id, 8)
+    wins = [w for w in wins if w.prompt_len == 8][:2]  # one prompt length: one batched decode
+    out = data.self_generate(Counting(), wins, 10 ** 6, tokenizer.eos_token_ids, 24)
+    assert all(len(w.tokens) <= 24 for w in out)
+    assert len(calls) <= 24 - 8, f"{len(calls)} decode passes for 8-token prompts in 24-token windows"
+
+
 # -- defect 11: --report-json checked before training
 
 def test_report_json_in_a_missing_directory_is_refused_up_front(tmp_path, code_jsonl, capsys):

@@ -11,7 +11,7 @@ import hashlib
 import math
 import shutil
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +22,7 @@ from mlx.utils import tree_flatten
 from ..errors import MlxSpecError, ModelLoadError
 from ..loading import DTYPES
 from ..memory import weight_bytes
+from ..models.base import context_length
 from . import build, data, evaluate, objective, output, resume, trainer
 
 DEFAULT_MINUTES = 20.0
@@ -329,6 +330,27 @@ def _clone(drafter, config: dict):
     return copy, config
 
 
+def _check_window(options: ForgeOptions, base) -> None:
+    """Training windows (and held-out estimates) within the base's positions."""
+    ctx = context_length(base)
+    if ctx and options.max_seq_length > ctx:
+        raise MlxSpecError(f"--max-seq-length {options.max_seq_length} exceeds the base's context ({ctx} positions, "
+                           f"its max_position_embeddings); pass at most {ctx}")
+
+
+def _fit_eval_tokens(options: ForgeOptions, base, valid) -> ForgeOptions:
+    """--eval-tokens cut (with a note) to what fits the context after the longest report prompt, as
+    generate cuts --max-tokens: past the context the base runs on positions it was never trained on."""
+    ctx = context_length(base)
+    longest = max((len(w.prompt_tokens) for w in valid[: options.eval_prompts]), default=0)
+    if not ctx or not longest or options.eval_tokens <= ctx - longest:
+        return options
+    room = max(1, ctx - longest)
+    info(f"note: the longest report prompt is {longest} tokens and the context holds {ctx} (the base's "
+         f"max_position_embeddings), so the report generates at most {room} of --eval-tokens {options.eval_tokens}")
+    return replace(options, eval_tokens=room)
+
+
 def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
     ckpt = options.checkpoint_path
     existing = trainer.checkpoints(ckpt)
@@ -411,6 +433,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     ckpt = _prepare_checkpoint_dir(options)
 
     base, tokenizer, base_dir = load_base(options.model, options.adapter_path)
+    _check_window(options, base)
     identity = base_identity(base, base_dir, options.adapter_path)
     dataset = data.load_dataset(options.data, tokenizer, options.max_seq_length, options.prompt_tokens,
                                 options.valid_data)
@@ -420,6 +443,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
         compare = _load_drafter("--compare", options.compare, base)
 
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
+    options = _fit_eval_tokens(options, base, dataset.valid)
     info(f"data: {len(dataset.train)} training windows ({sum(len(w.tokens) for w in dataset.train)} tokens), "
          f"{len(dataset.valid)} held out ({dataset.kind})")
     batches = _batches(options, base, tokenizer, dataset)
