@@ -95,6 +95,25 @@ def test_outputs_never_overlap_an_input(tmp_path, code_jsonl, capsys, case):
     assert snapshot(tmp_path) == before, "nothing a user had is changed, with --force"
 
 
+# -- defect 6: --force deletes earlier checkpoints only once everything is validated
+
+@pytest.mark.parametrize("typo, message", [
+    (["--data", "missing.jsonl"], "data path .* does not exist"),
+    (["--compare", TINY_CODE / "dflash"], "--compare .* is a DFlash"),
+    (["--max-seq-length", 4096], "--max-seq-length 4096 exceeds the base's context"),
+])
+def test_force_keeps_earlier_checkpoints_when_the_job_is_refused(tmp_path, code_jsonl, capsys, typo, message):
+    ck = tmp_path / "out.checkpoints" / "step-000002"
+    ck.mkdir(parents=True)
+    (ck / trainer.STATE_FILE).write_text(json.dumps({"step": 2, "seconds": 1.0}))
+    args = ["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data", code_jsonl,
+            "--out", tmp_path / "out", "--force", *TINY]
+    args += [str(tmp_path / v) if v == "missing.jsonl" else v for v in typo]
+    code, _, stderr = run_cli(args, capsys)
+    one_error(code, stderr, message)
+    assert (ck / trainer.STATE_FILE).is_file(), "a refused job deletes no checkpoint"
+
+
 # -- defects 4 and 10: every float option finite and in range
 
 @pytest.mark.parametrize("flag, value", [

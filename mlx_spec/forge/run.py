@@ -9,7 +9,6 @@ atomically, and report τ before and after on held-out prompts with the real eng
 
 import hashlib
 import math
-import shutil
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -351,21 +350,6 @@ def _fit_eval_tokens(options: ForgeOptions, base, valid) -> ForgeOptions:
     return replace(options, eval_tokens=room)
 
 
-def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
-    ckpt = options.checkpoint_path
-    existing = trainer.checkpoints(ckpt)
-    if options.resume:
-        if not existing:
-            raise trainer.CheckpointError(f"--resume: no checkpoint in {ckpt}; start without --resume")
-    elif existing:
-        if not options.force:
-            raise trainer.CheckpointError(f"{ckpt} holds checkpoints of an earlier run; pass --resume to continue "
-                                          "it, or --force to start over")
-        for p in existing:
-            shutil.rmtree(p, ignore_errors=True)
-    return ckpt
-
-
 def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
     """(drafter to train, its config, report's starting drafter or None, output dtype, Checkpoint or None):
     from the newest checkpoint with --resume, else from --drafter / scratch."""
@@ -430,7 +414,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
         "--model": options.model, "--drafter": options.drafter, "--adapter-path": options.adapter_path,
         "--data": options.data, "--valid-data": options.valid_data, "--compare": options.compare})
     output.check_out(out, options.force)
-    ckpt = _prepare_checkpoint_dir(options)
+    ckpt = trainer.check_checkpoint_dir(options.checkpoint_path, options.resume, options.force)
 
     base, tokenizer, base_dir = load_base(options.model, options.adapter_path)
     _check_window(options, base)
@@ -444,6 +428,8 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
 
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
     options = _fit_eval_tokens(options, base, dataset.valid)
+    if not options.resume:
+        trainer.clear_checkpoints(ckpt)  # everything is validated: only now may --force delete
     info(f"data: {len(dataset.train)} training windows ({sum(len(w.tokens) for w in dataset.train)} tokens), "
          f"{len(dataset.valid)} held out ({dataset.kind})")
     batches = _batches(options, base, tokenizer, dataset)

@@ -161,6 +161,24 @@ def checkpoints(directory: Path) -> List[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def check_checkpoint_dir(directory: Path, resume: bool, force: bool) -> Path:
+    """The checkpoint directory, refused when it does not fit --resume / --force (nothing deleted here)."""
+    existing = checkpoints(directory)
+    if resume and not existing:
+        raise CheckpointError(f"--resume: no checkpoint in {directory}; start without --resume")
+    if existing and not (resume or force):
+        raise CheckpointError(f"{directory} holds checkpoints of an earlier run; pass --resume to continue it, "
+                              "or --force to start over")
+    return directory
+
+
+def clear_checkpoints(directory: Path) -> None:
+    """--force: the earlier run's checkpoints go (nothing else in the directory), once the whole job has been
+    validated: a typo in any flag must not cost them."""
+    for p in checkpoints(directory):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: TrainState, identity: dict,
                     best: Optional[dict] = None) -> Path:
     """best: the weights of the best held-out estimate, when they are not the current ones."""
