@@ -7,16 +7,19 @@ nested), model.safetensors with transformers' tensor names (`model.layers.N.*`, 
 files. `load_drafter`, `mlx_spec.generate --drafter`, transformers and mlx-vlm read it unchanged.
 
 Everything goes into a temporary directory beside the destination and is renamed into place
-(mlx_spec/atomic.py): a full disk or an interrupt leaves no half-written drafter behind.
+(mlx_spec/atomic.py): a full disk or an interrupt leaves no half-written drafter behind. Before a job
+starts, every output path is checked here: apart from every input (a typo must not let --force or a write
+destroy what the user had) and in a directory that can be written (so nothing fails after training).
 
 Knows nothing of training.
 """
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -47,6 +50,75 @@ def check_out(dest: Path, force: bool) -> None:
     if dest.is_symlink() or not dest.is_dir() or (any(dest.iterdir()) and not (dest / MODEL_MARKER).exists()):
         raise OutputError(f"refusing to replace --out {dest}: it is not a model directory; remove it yourself "
                           "or choose another --out")
+
+
+def overlaps(a: Path, b: Path) -> bool:
+    """a is b, lies inside it, or holds it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_apart(outputs: Dict[str, Path], inputs: Dict[str, Optional[str]]) -> None:
+    """Refuse an output directory that is an input, lies inside one or holds one, and outputs that overlap
+    each other: replacing --out with --force, or filling --checkpoint-dir, would destroy what is there.
+    Inputs that are not on disk (hub repo ids) hold nothing to lose."""
+    resolved = {flag: Path(p).expanduser().resolve() for flag, p in outputs.items()}
+    for flag, out in resolved.items():
+        for name, given in inputs.items():
+            if given and Path(given).expanduser().exists() and overlaps(out, Path(given).expanduser().resolve()):
+                raise OutputError(f"{flag} {outputs[flag]} overlaps {name} {given}: forge would write into (or "
+                                  f"replace) what it reads; choose another {flag}")
+    flags = list(resolved)
+    for i, a in enumerate(flags):
+        for b in flags[i + 1:]:
+            if overlaps(resolved[a], resolved[b]):
+                raise OutputError(f"{a} {outputs[a]} and {b} {outputs[b]} overlap; give them separate directories")
+
+
+def check_writable(flag: str, path: Path, directory: Path) -> None:
+    """`directory`, or its nearest ancestor that exists (the rest is created), must be a writable directory."""
+    d = Path(directory).expanduser().absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise OutputError(f"cannot write {flag} {path}: {d} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {flag} {path}: {d} is not writable")
+
+
+def check_report_path(path: Path, out: Path, inputs: Dict[str, Optional[str]]) -> None:
+    """--report-json: a file, not inside an input, in a writable directory that exists (or is --out, which
+    is written before the report)."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir() or path == Path(out).expanduser().absolute():
+        raise OutputError(f"--report-json {path} is a directory; give a file name")
+    for name, given in inputs.items():
+        if given and Path(given).expanduser().exists() and overlaps(path.resolve(), Path(given).expanduser().resolve()):
+            raise OutputError(f"--report-json {path} is inside {name} {given}; write the report elsewhere")
+    if path.parent != Path(out).expanduser().absolute():
+        if not path.parent.is_dir():
+            raise OutputError(f"--report-json {path}: its directory does not exist")
+        check_writable("--report-json", path, path.parent)
+
+
+def check_paths(out: Path, checkpoint_dir: Path, report_json: Optional[str], inputs: Dict[str, Optional[str]]):
+    """Every output apart from every input and writable, before anything is read, trained or deleted."""
+    check_apart({"--out": out, "--checkpoint-dir": checkpoint_dir}, inputs)
+    check_writable("--out", out, Path(out).parent)
+    check_writable("--checkpoint-dir", checkpoint_dir, checkpoint_dir)
+    if report_json:
+        check_report_path(Path(report_json), out, inputs)
+
+
+def write_json(path: Path, body: dict, what: str) -> None:
+    """body as JSON at path, through a temporary file renamed into place (no half-written report)."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(disk_message(e, what)) from e
 
 
 def drafter_weights(drafter, dtype: Optional[str]) -> dict:
