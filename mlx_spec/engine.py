@@ -26,13 +26,13 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
+from .draft_policy import DraftPolicy, FixedK
 from .errors import CacheRollbackError
 from .models.base import as_base
 from .parity.strict import padded_forward
 from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats
-from .tuning.policy import DraftPolicy, FixedK
 
 __all__ = ["Engine", "TokenEvent", "DEFAULT_NUM_DRAFT_TOKENS", "MAX_DRAFT_TOKENS"]
 
