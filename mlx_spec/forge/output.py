@@ -27,13 +27,13 @@ from mlx.utils import tree_flatten
 from ..atomic import atomic_directory
 from ..errors import MlxSpecError
 from ..loading import DTYPES, INTEGER_TENSORS
+from ..models import gemma4_assistant
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 MODEL_MARKER = "config.json"
 # the MTP assistants' model_type -> transformers' architecture; a forged drafter keeps its starting one's
-MTP_TYPES = {"gemma4_assistant": "Gemma4AssistantForCausalLM",
-             "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM"}
+MTP_TYPES = gemma4_assistant.ARCHITECTURES
 
 
 class OutputError(MlxSpecError):
@@ -137,7 +137,7 @@ def drafter_weights(drafter, dtype: Optional[str]) -> dict:
 def output_config(config: dict, dtype: Optional[str]) -> dict:
     config = json.loads(json.dumps(config))  # a deep copy
     if config.get("model_type") not in MTP_TYPES:
-        config["model_type"] = "gemma4_assistant"
+        config["model_type"] = gemma4_assistant.MODEL_TYPE
     config.setdefault("architectures", [MTP_TYPES[config["model_type"]]])
     if dtype:
         for where in (config, config.get("text_config") or {}):

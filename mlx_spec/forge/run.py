@@ -18,6 +18,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import families
 from ..errors import MlxSpecError, ModelLoadError
 from ..loading import DTYPES
 from ..memory import weight_bytes
@@ -185,9 +186,10 @@ def load_base(path: str, adapter_path: Optional[str] = None):
     """(model, tokenizer, model directory) of a frozen base, with mlx-lm LoRA/DoRA/full adapters applied."""
     from ..api import load
     from ..loading import resolve_model_path
+    from ..models.base import offers
 
     model, tokenizer = load(path)
-    if not hasattr(model, "producer_layers"):
+    if not offers(model, families.PRODUCER_KV):
         raise ModelLoadError(f"{path} is a {getattr(model, 'model_type', '?')} model; forge trains Gemma 4 "
                              "assistant drafters, which need a Gemma 4 base")
     if adapter_path:
@@ -275,10 +277,10 @@ def _load_drafter(flag: str, path: str, base):
     from ..api import load_drafter
 
     drafter = load_drafter(path, base)
-    if getattr(drafter, "family", None) != "mtp":
-        describe = drafter.describe() if hasattr(drafter, "describe") else type(drafter).__name__
-        raise MlxSpecError(f"{flag} {path} is a {describe}; forge trains Gemma 4 MTP assistants "
-                           "(gemma4_assistant, gemma4_unified_assistant)")
+    if families.of_drafter(drafter).forge is None:
+        trained = ", ".join(t for f in families.FAMILIES if f.forge for t in f.model_types)
+        raise MlxSpecError(f"{flag} {path} is a {drafter.describe()}; forge trains Gemma 4 MTP assistants "
+                           f"({trained})")
     return drafter
 
 
