@@ -20,13 +20,13 @@ from mlx.utils import tree_flatten
 
 from mlx_spec.checkpoint import read_config, read_weights
 from mlx_spec.errors import ConversionError, ModelLoadError, UnsupportedModelError
+from mlx_spec.families import for_type
 from mlx_spec.loading import DTYPES, build_model, load_tokenizer, resolve_model_path
-from mlx_spec.models import DRAFTER_TYPES, GEMMA4_TYPES, checkpoint_type
+from mlx_spec.models import checkpoint_type, own_types
 
 from .recipes import Q_BITS, Q_GROUP_SIZES, RECIPES, make_predicate
 from .writer import atomic_directory, check_destination
 
-BLOCK_DRAFTER_TYPES = ("gemma4_dflash", "gemma4_dspark")  # their config is their published layout: kept as is
 MULTIMODAL_TYPES = ("gemma4", "gemma4_unified")
 DEFAULT_DRAFTER_DTYPE = "bfloat16"
 # Copied verbatim: the tokenizer, its chat template and the generation defaults (eos ids).
@@ -56,7 +56,7 @@ def _check_options(quantize: bool, q_bits: int, q_group_size: int, dtype: Option
 
 def _default_dtype(config: dict) -> Optional[str]:
     """Drafters: bf16 (Google ships and tests them so); bases: the dtype the checkpoint says it holds."""
-    if checkpoint_type(config) in DRAFTER_TYPES:
+    if for_type(checkpoint_type(config)) is not None:
         return DEFAULT_DRAFTER_DTYPE
     for where in (config, config.get("text_config") or {}):
         for key in DTYPE_KEYS:
@@ -76,7 +76,8 @@ def output_config(config: dict, model: nn.Module, dtype: Optional[str]) -> dict:
     """config.json for the MLX layout, loadable by both mlx_spec and mlx-lm 0.32."""
     out = {k: v for k, v in config.items() if k not in TOWER_CONFIGS}
     model_type = checkpoint_type(config)
-    if model_type in BLOCK_DRAFTER_TYPES:
+    family = for_type(model_type)
+    if family is not None and family.published_config:
         pass  # flat fields the loaders (ours, mlx-vlm's, z-lab's, DeepSpec's) read as they are
     elif model_type == "gemma4_text":
         out = _explicit_text_config(out, model.text_args)
@@ -167,14 +168,14 @@ def convert(hf_path, mlx_path, *, quantize: bool = False, q_bits: int = 4, q_gro
     except OSError as e:  # permissions, a directory named config.json, ...; read_config covers bad JSON
         raise ModelLoadError(f"cannot read {src / 'config.json'}: {e.strerror or e}") from e
     model_type = checkpoint_type(config)
-    if model_type not in GEMMA4_TYPES:
+    if model_type not in own_types():
         raise UnsupportedModelError(
             f"{src / 'config.json'} has model_type {model_type!r}, which this converter does not support; "
-            f"supported: {', '.join(GEMMA4_TYPES)} (use mlx_lm.convert for other architectures)"
+            f"supported: {', '.join(own_types())} (use mlx_lm.convert for other architectures)"
         )
     if quantize and config.get("quantization"):
         raise ConversionError(f"{src} is already quantized; convert from the original (unquantized) checkpoint")
-    if model_type not in DRAFTER_TYPES:  # a drafter decodes with its base's tokenizer; a base needs its own
+    if for_type(model_type) is None:  # a drafter decodes with its base's tokenizer; a base needs its own
         _check_tokenizer(src, config)
 
     dtype = dtype or _default_dtype(config)

@@ -18,7 +18,8 @@ from .generate import generate, stream_generate  # noqa: E402
 from .errors import MlxSpecError  # noqa: E402
 from .sampling import SamplingParams  # noqa: E402
 from .stats import GenerationStats  # noqa: E402
-from .tuning import AutoTuner, FixedK  # noqa: E402
+from .draft_policy import FixedK  # noqa: E402
+from .tuning import AutoTuner  # noqa: E402
 from .version import __version__  # noqa: E402
 
 __all__ = ["load", "load_drafter", "generate", "stream_generate", "GenerationResponse", "GenerationStats",

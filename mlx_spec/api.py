@@ -14,15 +14,15 @@ from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
 from .errors import MlxSpecError, PairingError
 from .checkpoint import read_config
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
-from .models import checkpoint_type
+from .families import checkpoint_type, drafter_types, for_type
 from .memory import resident
 from .paths import cache_root
-from .proposers import DRAFTER_PROPOSERS, make_proposer
+from .proposers import make_proposer
 from .proposers.base import Proposer
 from .sampling import DEFAULT_ACCEPTANCE, SamplingParams
 from .stats import GenerationStats
 from .tuning.costs import K_MAX
-from .tuning.policy import DraftPolicy, FixedK
+from .draft_policy import DraftPolicy, FixedK
 from .tuning.tuner import AutoTuner, draft_policy
 
 STRICT_ROWS = K_MAX + 1  # strict mode pads every decode pass to this many rows: a verify of auto's largest k
@@ -105,8 +105,9 @@ def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] =
 
 def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
     """Load a drafter and check that it fits `base`; raises PairingError on a mismatch. The family comes
-    from its config: a Gemma 4 MTP assistant (gemma4_assistant, gemma4_unified_assistant), a z-lab DFlash
-    or a DeepSeek DSpark block drafter (gemma4_dflash, gemma4_dspark); `drafter.describe()` says which.
+    from its config (families.py): a Gemma 4 MTP assistant (gemma4_assistant, gemma4_unified_assistant), a
+    z-lab DFlash or a DeepSeek DSpark block drafter (gemma4_dflash, gemma4_dspark); `drafter.describe()`
+    says which.
     "auto" finds the base's published drafter from `base_path` (drafting.find_auto_drafter)."""
     from .drafting import find_auto_drafter
 
@@ -115,13 +116,14 @@ def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype
     model_dir = _model_dir(str(path_or_repo), None)
     config = read_config(resolve_model_path(model_dir))
     kind = checkpoint_type(config)
-    if kind not in DRAFTER_PROPOSERS:
+    family = for_type(kind)
+    if family is None:
         raise PairingError(
             f"{Path(model_dir) / 'config.json'} is a {kind!r} model, not a drafter "
-            f"({', '.join(DRAFTER_PROPOSERS)}); for an ordinary small model use --draft-model"
+            f"({', '.join(drafter_types())}); for an ordinary small model use --draft-model"
         )
     drafter, _, _ = load_model(model_dir, dtype=dtype)
-    make_proposer(base, drafter=drafter)  # validates the pairing
+    family.check_pairing(drafter, base)
     return drafter
 
 

@@ -14,16 +14,13 @@ an interrupted run (Ctrl-C during the prefill) leaves nothing.
 import argparse
 import sys
 
-import mlx.core as mx
-
 from .api import encode_prompt, load
 from .cache import DEFAULT_MAX_ROLLBACK
 from .cli import ArgumentParser, read_stdin, run, valid_text
 from .errors import MlxSpecError
 from .long_context import PrefillProgress, add_kv_args, kv_flags, kv_settings
 from .models.base import as_base
-
-PREFILL_STEP = 2048
+from .prefill import prefill as run_chunks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,10 +47,7 @@ def prefill(model, ids, kv, progress) -> list:
     """Every token of `ids` run into fresh caches, in chunks (progress after each)."""
     base = as_base(model)
     caches = base.make_cache(DEFAULT_MAX_ROLLBACK, **kv_flags(kv))
-    for s in range(0, len(ids), PREFILL_STEP):
-        base.forward(mx.array(ids[s : s + PREFILL_STEP], mx.int32)[None], caches)
-        mx.eval([c.state for c in caches])
-        progress(min(s + PREFILL_STEP, len(ids)), len(ids))
+    run_chunks(lambda x: base.forward(x, caches), ids, lambda: caches, on_progress=progress)
     return caches
 
 

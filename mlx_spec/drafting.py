@@ -6,11 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import HubUnreachableError, ModelLoadError, PairingError
+from .families import LAYER_OUTPUTS, PRODUCER_KV, of_drafter
 from .loading import is_hub_id, resolve_model_path
+from .models.base import offers
 
 
 def base_text_args(base):
-    if not hasattr(base, "producer_layers"):
+    if not offers(base, PRODUCER_KV):
         raise PairingError(
             f"an MTP drafter needs a Gemma 4 base model; this base is {getattr(base, 'model_type', type(base).__name__)}."
             " Use --draft-model or --ngram with other models"
@@ -47,14 +49,15 @@ def validate_pairing(drafter, base) -> None:
 def validate_block_pairing(drafter, base) -> None:
     """The layers a block drafter reads must exist in the base (not its last: the final norm follows it),
     its width must be the base's (its fc reads len(ids) * H_base features) and so must its vocabulary."""
-    if not hasattr(base, "forward_layers") or not hasattr(base, "check_layers"):
-        raise PairingError(f"a {drafter.family} block drafter reads a Gemma 4 base's decoder layers; this base is "
+    family = of_drafter(drafter).name
+    if not offers(base, LAYER_OUTPUTS):
+        raise PairingError(f"a {family} block drafter reads a Gemma 4 base's decoder layers; this base is "
                            f"{getattr(base, 'model_type', type(base).__name__)}. Use --draft-model or --ngram with "
                            "other models")
     text, d = base.text_args, drafter.args
 
     def mismatch(what, drafter_value, base_value):
-        raise PairingError(f"{drafter.family} drafter {what} is {drafter_value} but the base model's is {base_value}; "
+        raise PairingError(f"{family} drafter {what} is {drafter_value} but the base model's is {base_value}; "
                            "use the drafter made for this base")
 
     n = text.num_hidden_layers

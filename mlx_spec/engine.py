@@ -26,13 +26,14 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
+from .draft_policy import DraftPolicy, FixedK
 from .errors import CacheRollbackError
 from .models.base import as_base
 from .parity.strict import padded_forward
+from .prefill import PREFILL_STEP, prefill_chunks
 from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats
-from .tuning.policy import DraftPolicy, FixedK
 
 __all__ = ["Engine", "TokenEvent", "DEFAULT_NUM_DRAFT_TOKENS", "MAX_DRAFT_TOKENS"]
 
@@ -98,7 +99,7 @@ class Engine:
                  policy: Optional[DraftPolicy] = None, sampling: SamplingParams = SamplingParams(),
                  seed: Optional[int] = None, max_tokens: int = 256, eos_ids: Sequence[int] = (),
                  logits_processors: Sequence[LogitsProcessor] = (), cache: Optional[list] = None,
-                 prefill_step: int = 2048, should_stop: Optional[Callable[[], bool]] = None,
+                 prefill_step: int = PREFILL_STEP, should_stop: Optional[Callable[[], bool]] = None,
                  strict_rows: Optional[int] = None, logprobs: int = 0, kv: Optional[KVQuant] = None,
                  on_prefill: Optional[Callable[[int, int], None]] = None):
         """`proposer` None decodes plainly; `policy` (default FixedK(DEFAULT_NUM_DRAFT_TOKENS)) says how many
@@ -175,21 +176,20 @@ class Engine:
         if self.reads:
             rollback_all(self.proposer.context_cache, n)
 
-    def _state(self) -> list:
-        """What a prefill chunk evaluates: the base's K/V, and the proposer's context with them."""
-        caches = self.cache + (self.proposer.context_cache if self.reads else [])
-        return [(c.keys, c.values) for c in caches]
+    def _caches(self) -> list:
+        """What a prefill chunk evaluates: the base's caches, and the proposer's context with them."""
+        return self.cache + (self.proposer.context_cache if self.reads else [])
 
     def _prefill(self):
         """Run the prompt through the base; return (first token, hidden at the last prompt position)."""
-        chunks = self.prefill_chunks()
+        chunks = self._prefill_chunks()
         while True:
             try:
                 next(chunks)
             except StopIteration as done:
                 return done.value
 
-    def prefill_chunks(self):
+    def _prefill_chunks(self):
         """The prefill as a generator: it yields after each chunk (a scheduler interleaves other requests'
         rounds there) and returns (first token, hidden at the last prompt position)."""
         tokens = mx.array(self.history)[None]  # (1, T)
@@ -200,15 +200,11 @@ class Engine:
             cached = T - 1
         if self.reads:
             cached = self._align_context(cached)
-        for s in range(cached, T - 1, self.prefill_step):  # chunks bound the attention matrix size
-            if self.should_stop is not None and self.should_stop():
-                raise _Stopped
-            e = min(s + self.prefill_step, T - 1)
-            self._forward(tokens[:, s:e])
-            mx.eval(self._state())
-            if self.on_prefill is not None:
-                self.on_prefill(e, T)
-            yield
+        finished = yield from prefill_chunks(self._forward, self.history[: T - 1], self._caches, start=cached,
+                                             step=self.prefill_step, should_stop=self.should_stop,
+                                             on_progress=self.on_prefill, total=T)
+        if not finished:
+            raise _Stopped
         logits, hidden = self._forward(tokens[:, T - 1 :])
         first = self._sample(logits[0, -1], tokens[0], T)
         mx.eval(first, hidden if hidden is not None else first)
@@ -289,7 +285,7 @@ class Engine:
         if self.proposer is not None:  # before the prefill: a feature reader's context must know the prompt
             self.proposer.start(self.history[: self.stats.prompt_tokens])  # a draft model prefills here
         try:
-            first, hidden = yield from self.prefill_chunks()
+            first, hidden = yield from self._prefill_chunks()
         except _Stopped:
             return None
         self.stats.prompt_time = time.perf_counter() - start

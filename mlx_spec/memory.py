@@ -105,7 +105,9 @@ def kv_layers_from_config(config: dict) -> List[LayerKV]:
     """The cached layers of a model from its config.json: exact for Gemma 4 (gemma4, gemma4_unified,
     gemma4_text), mlx-lm's usual fields otherwise (num_key_value_heads, head_dim, layer_types +
     sliding_window)."""
-    if config.get("model_type") in ("gemma4", "gemma4_unified", "gemma4_text"):
+    from .models import BASE_TYPES
+
+    if config.get("model_type") in BASE_TYPES:
         return _gemma4_layers(config)
     heads = config.get("num_attention_heads", 1)
     n_kv = config.get("num_key_value_heads") or heads
@@ -119,18 +121,12 @@ def kv_layers_from_config(config: dict) -> List[LayerKV]:
 def kv_layers_from_model(model, max_rollback: int = _DEFAULT_ROLLBACK) -> Tuple[List[LayerKV], Any]:
     """(cached layers, K/V dtype) of a loaded model, read from the shapes of a one-token forward that is
     built but never run (MLX is lazy: shapes are known without computing anything)."""
-    from .cache import FullKVCache, SlidingKVCache, make_rewindable
+    from .cache import FullKVCache, SlidingKVCache
+    from .models.base import as_base
 
-    if hasattr(model, "producer_layers"):
-        caches = model.make_cache(max_rollback=max_rollback)
-    else:
-        from mlx_lm.models.cache import make_prompt_cache
-
-        caches = make_rewindable(make_prompt_cache(model), max_rollback)
-    if hasattr(model, "forward"):
-        model.forward(mx.zeros((1, 1), mx.int32), caches)
-    else:
-        model(mx.zeros((1, 1), mx.int32), cache=caches)
+    base = as_base(model)  # ours, or an mlx-lm model with rewindable caches
+    caches = base.make_cache(max_rollback=max_rollback)
+    base.forward(mx.zeros((1, 1), mx.int32), caches)
     layers = []
     for c in caches:
         if not isinstance(c, (FullKVCache, SlidingKVCache)):

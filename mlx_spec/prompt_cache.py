@@ -16,14 +16,7 @@ from typing import List, Optional, Tuple
 from .cache import DEFAULT_MAX_ROLLBACK, KVQuant, rollback_all
 from .errors import CacheRollbackError
 from .models.base import as_base
-
-
-def common_prefix(a: List[int], b: List[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+from .prefill import common_prefix
 
 
 def _clone(caches: list) -> list:

@@ -34,8 +34,9 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .cache import DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache, make_rewindable
+from .cache import DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache
 from .errors import MlxSpecError
+from .models.base import as_base
 
 FORMAT = 1
 SUFFIX = ".safetensors"
@@ -331,11 +332,7 @@ def load_prompt_cache(path: Union[str, Path], model, *, kv: Union[KVQuant, None,
 
 def _fresh_caches(model, max_rollback: int, kv: Optional[KVQuant]) -> list:
     flags = dict(kv_bits=kv.bits, kv_group_size=kv.group_size, quantized_kv_start=kv.start) if kv else {}
-    if hasattr(model, "producer_layers"):
-        return model.make_cache(max_rollback=max_rollback, **flags)
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return make_rewindable(make_prompt_cache(model), max_rollback, **flags)
+    return as_base(model).make_cache(max_rollback=max_rollback, **flags)  # mlx-lm models: rewindable too
 
 
 def _to_mx(data: bytes, entry: dict) -> mx.array:

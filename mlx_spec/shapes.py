@@ -91,8 +91,8 @@ def drafter_config(shape: str) -> dict:
                 layer_types=[S, S, S, F], attention_k_eq_v=base.get("attention_k_eq_v", False),
                 num_global_key_value_heads=base.get("num_global_key_value_heads"), final_logit_softcapping=None)
     n_centroids = 2048 if shape != "tiny" else 8
-    model_type = "gemma4_unified_assistant" if base.get("model_type") == "gemma4_unified_text" else "gemma4_assistant"
-    return {"model_type": model_type, "backbone_hidden_size": base["hidden_size"],
+    return {"model_type": gemma4_assistant.model_type_for(base.get("model_type")),
+            "backbone_hidden_size": base["hidden_size"],
             "use_ordered_embeddings": centroids, "num_centroids": n_centroids,
             "centroid_intermediate_top_k": 32 if shape != "tiny" else 2, "text_config": text}
 

@@ -18,7 +18,7 @@ from mlx_spec.engine import Engine
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers import make_proposer
 from mlx_spec.sampling import SamplingParams
-from mlx_spec.tuning.policy import FixedK
+from mlx_spec.draft_policy import FixedK
 
 PROMPTS = [[1, 5, 9, 3], [2, 7] * 10, list(range(3, 40)), [4], [9, 9, 8]]
 MAX_TOKENS = [70, 30, 75, 25, 45]  # rows finish at different rounds; 37 + 75 positions pass a compaction

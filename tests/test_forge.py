@@ -208,9 +208,9 @@ def test_resume_continues_exactly(pair, tmp_path, monkeypatch):
     assert latest.name == "step-000002"
     saved = trainer.read_checkpoint(latest)
     assert saved.identity == {"b": 1} and saved.state.step == 2
-    from mlx_spec.forge.run import _drafter_from_checkpoint
+    from mlx_spec.forge.resume import drafter_from_checkpoint
 
-    resumed = _drafter_from_checkpoint(saved.config, saved.weights)
+    resumed = drafter_from_checkpoint(saved, base)
     _, _, wins = fresh()
     trainer.Trainer(base, resumed, saved.config, data.Batches(wins, 2, 0), [], cfg, tmp_path / "b", saved.identity,
                     state=saved.state, optimizer_state=saved.optimizer_state, progress=quiet).run()
@@ -363,8 +363,9 @@ def test_cli_bad_inputs_are_one_line(tmp_path, code_jsonl, capsys, case, message
         (tmp_path / "out").mkdir()
     elif case == "both starts":
         args.append("--from-scratch")
-    elif case == "bad adapter":
-        args += ["--adapter-path", tmp_path]
+    elif case == "bad adapter":  # a directory of its own: --out inside an input is refused first
+        (tmp_path / "adapters").mkdir()
+        args += ["--adapter-path", tmp_path / "adapters"]
     elif case == "scratch flag with drafter":
         args += ["--hidden-size", 32]
     elif case == "block drafter":  # load_drafter loads it (it fits the base), forge refuses it

@@ -78,3 +78,87 @@ def test_surfaces_do_not_borrow_from_each_other():
 def test_no_runtime_module_reaches_500_lines():
     long = {n: len(p.read_text().splitlines()) for n, p in modules().items()}
     assert not {n: k for n, k in long.items() if k >= 500}, "split modules of 500 lines or more"
+
+
+TUNING = "mlx_spec.tuning"
+CONTRACTS = {"mlx_spec.engine", "mlx_spec.draft_policy", "mlx_spec.proposers.base"}
+# what a proposer must not know: where K/V are kept between requests, sessions, HTTP, the commands
+NOT_FOR_PROPOSERS = {"mlx_spec.prompt_cache", "mlx_spec.session_file", "mlx_spec.conversation", "mlx_spec.server",
+                     "mlx_spec.cache_prompt", "mlx_spec.api", "mlx_spec.cli"} | SURFACES
+
+
+def _under(module: str, packages) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_the_engine_and_its_plug_contracts_import_nothing_from_tuning():
+    known = modules()
+    borrowed = {n: m for n in CONTRACTS if n in known for m in imports(n, known[n], known) if _under(m, [TUNING])}
+    assert not borrowed, f"{borrowed}: plug contracts live beside the engine, tuning/ implements them"
+    assert CONTRACTS <= set(known), f"{CONTRACTS - set(known)} moved: update CONTRACTS"
+
+
+def test_proposers_know_no_prompt_cache_session_server_or_command():
+    known = modules()
+    for n, p in sorted(known.items()):
+        if _under(n, ["mlx_spec.proposers"]):
+            borrowed = {m for m in imports(n, p, known) if _under(m, NOT_FOR_PROPOSERS)}
+            assert not borrowed, f"{n} imports {borrowed}: move what a proposer needs down to a leaf module"
+
+
+def _constants(path: Path):
+    """The string constants of a module, docstrings left out (they may name what they document)."""
+    tree = ast.parse(path.read_text())
+    docs = {id(node.body[0].value) for node in ast.walk(tree)
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+            and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
+            and id(n) not in docs]
+
+
+def test_every_drafter_family_is_declared_once():
+    import re
+
+    from mlx_spec import families
+
+    def file_of(module_path: str) -> Path:
+        return ROOT / (module_path.split(":")[0].replace(".", "/") + ".py")
+
+    for family in families.drafter_families():
+        own = {ROOT / "mlx_spec" / "families.py", file_of(family.model), file_of(family.proposer)}
+        pattern = re.compile(r"\b(" + "|".join(map(re.escape, family.model_types)) + r")\b")
+        stray = sorted(f"{path.relative_to(ROOT)}: {s!r}"
+                       for path in list(PACKAGE.rglob("*.py")) + list((ROOT / "convert").rglob("*.py"))
+                       if path not in own for s in _constants(path) if pattern.search(s))
+        assert not stray, (f"the {family.name} family's model_type is spelled outside families.py and its own model "
+                           f"and proposer files (ask the registry instead): {stray}")
+
+
+def test_base_capabilities_are_declared_not_probed():
+    capabilities = {"producer_layers", "forward_layers", "check_layers", "forward", "family"}
+    probes = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id in ("hasattr", "getattr")
+                    and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant)
+                    and node.args[1].value in capabilities and (node.func.id == "hasattr" or len(node.args) == 3)):
+                probes.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.func.id}(..., {node.args[1].value!r})")
+    assert not probes, f"ask the base what it offers (models.base.offers) or the family registry: {probes}"
+
+
+def test_chunked_prefill_has_one_home():
+    """The chunk size is written once (prefill.py); every prefill runs its loop."""
+    spelled = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+                names = [t.id for t in node.targets if isinstance(t, ast.Name) and "PREFILL" in t.id]
+                spelled += [f"{path.relative_to(ROOT)}: {n}" for n in names]
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                args = node.args.args + node.args.kwonlyargs
+                defaults = [None] * (len(node.args.args) - len(node.args.defaults)) + node.args.defaults \
+                    + node.args.kw_defaults
+                spelled += [f"{path.relative_to(ROOT)}: {node.name}({a.arg}=...)" for a, d in zip(args, defaults)
+                            if "prefill" in a.arg and isinstance(d, ast.Constant) and isinstance(d.value, int)]
+    assert spelled == ["mlx_spec/prefill.py: PREFILL_STEP"], f"the prefill chunk is spelled in many places: {spelled}"

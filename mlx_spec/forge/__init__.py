@@ -8,8 +8,9 @@ LoRA-adapted), with MLX, on the machine that will run it.
 
 Files, one job each: data.py (formats, windows, self-generation), objective.py (the inference-exact
 parallel draft rollout and its loss), build.py (a drafter from scratch, centroid clustering), trainer.py
-(the loop, checkpoints, resume), output.py (Google's layout, atomically), evaluate.py (τ with the real
-engine), run.py (one job end to end), __main__.py (the command line).
+(the loop, checkpoints), resume.py (a checkpoint checked before training on from it), output.py (Google's
+layout, atomically; the output paths' checks), evaluate.py (τ with the real engine), run.py (one job end
+to end), __main__.py (the command line).
 """
 
 from .run import ForgeOptions, Report, forge

@@ -9,7 +9,6 @@ and the forged one on held-out prompts) to stdout. A user mistake prints one `er
 """
 
 import argparse
-import json
 import sys
 
 from ..cli import ArgumentParser, run
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--eval-prompts", type=int, default=job.DEFAULT_EVAL_PROMPTS, help="held-out prompts in the report")
     c.add_argument("--eval-tokens", type=int, default=job.DEFAULT_EVAL_TOKENS, help="tokens generated per report prompt")
     c.add_argument("--compare", help="another drafter to include in the final report")
-    c.add_argument("--report-json", help="also write the report as JSON here")
+    c.add_argument("--report-json", help="also write the report as JSON here (in a directory that exists, or in --out)")
     s = p.add_argument_group("--from-scratch shapes (default: from the base)")
     s.add_argument("--hidden-size", type=int)
     s.add_argument("--num-layers", type=int)
@@ -87,11 +86,8 @@ def options_from_args(args: argparse.Namespace) -> job.ForgeOptions:
 
 
 def main_args(args: argparse.Namespace) -> int:
-    report = job.forge(options_from_args(args))
+    report = job.forge(options_from_args(args))  # it writes --report-json too (its path checked up front)
     print(report.text())
-    if args.report_json:
-        with open(args.report_json, "w") as f:
-            json.dump(report.as_dict(), f, indent=2)
     return 0
 
 

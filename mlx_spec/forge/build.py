@@ -74,7 +74,8 @@ def scratch_config(base, hidden_size: Optional[int] = None, num_layers: Optional
         "dtype": dtype,
     }
     return {
-        "architectures": ["Gemma4AssistantForCausalLM"], "model_type": "gemma4_assistant",
+        "architectures": [gemma4_assistant.ARCHITECTURES[gemma4_assistant.MODEL_TYPE]],
+        "model_type": gemma4_assistant.MODEL_TYPE,
         "backbone_hidden_size": b.hidden_size, "use_ordered_embeddings": head == "centroid",
         "num_centroids": C, "centroid_intermediate_top_k": top_k, "tie_word_embeddings": True,
         "dtype": dtype, "text_config": text,

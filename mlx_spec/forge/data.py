@@ -85,6 +85,8 @@ def read_jsonl(path: Path) -> Tuple[str, List[Tuple[str, dict]]]:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+                except RecursionError:
+                    raise DataError(f"{where}: JSON nested too deeply to read") from None
                 if not isinstance(record, dict):
                     raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
                 keys = _kind_of(record)
@@ -253,23 +255,29 @@ def load_dataset(path, tokenizer, max_len: int, prompt_tokens: int, valid_path=N
     return Dataset(train, valid, kind)
 
 
-def greedy_continuations(base, prompts: Sequence[List[int]], n_tokens: int, eos_ids, batch_size: int = 32
-                         ) -> List[List[int]]:
+def greedy_continuations(base, prompts: Sequence[List[int]], n_tokens: int, eos_ids, batch_size: int = 32,
+                         max_len: Optional[int] = None) -> List[List[int]]:
     """The base's greedy continuation (n_tokens, cut after an EOS) of each prompt; prompts of one length
-    decode together as a batch."""
+    decode together as a batch. With max_len, prompt + continuation stay within max_len tokens (what a
+    window keeps; forge bounds it by the base's context)."""
     out: List[Optional[List[int]]] = [None] * len(prompts)
     by_len = {}
     for i, p in enumerate(prompts):
         by_len.setdefault(len(p), []).append(i)
     eos = set(eos_ids or ())
-    for idx in by_len.values():
+    for length, idx in by_len.items():
+        n = n_tokens if max_len is None else min(n_tokens, max_len - length)
+        if n < 1:
+            for i in idx:
+                out[i] = []
+            continue
         for s in range(0, len(idx), batch_size):
             rows = idx[s:s + batch_size]
             cache = base.make_cache()
             logits, _ = base.forward(mx.array([prompts[i] for i in rows]), cache)  # (B, T, V)
             y = mx.argmax(logits[:, -1], axis=-1)
             steps = [y]
-            for _ in range(n_tokens - 1):
+            for _ in range(n - 1):
                 logits, _ = base.forward(y[:, None], cache)
                 y = mx.argmax(logits[:, -1], axis=-1)
                 steps.append(y)
@@ -284,7 +292,7 @@ def greedy_continuations(base, prompts: Sequence[List[int]], n_tokens: int, eos_
 def self_generate(base, wins: Sequence[Window], n_tokens: int, eos_ids, max_len: int) -> List[Window]:
     """One window per given window: its prompt, then the base's own greedy continuation (n_tokens at most)."""
     prompts = [w.prompt_tokens for w in wins]
-    gens = greedy_continuations(base, prompts, n_tokens, eos_ids)
+    gens = greedy_continuations(base, prompts, n_tokens, eos_ids, max_len=max_len)  # no token decoded to drop
     return [Window((p + g)[:max_len], len(p), p, w.first) for w, p, g in zip(wins, prompts, gens)]
 
 

@@ -7,16 +7,19 @@ nested), model.safetensors with transformers' tensor names (`model.layers.N.*`, 
 files. `load_drafter`, `mlx_spec.generate --drafter`, transformers and mlx-vlm read it unchanged.
 
 Everything goes into a temporary directory beside the destination and is renamed into place
-(mlx_spec/atomic.py): a full disk or an interrupt leaves no half-written drafter behind.
+(mlx_spec/atomic.py): a full disk or an interrupt leaves no half-written drafter behind. Before a job
+starts, every output path is checked here: apart from every input (a typo must not let --force or a write
+destroy what the user had) and in a directory that can be written (so nothing fails after training).
 
 Knows nothing of training.
 """
 
 import errno
 import json
+import os
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
@@ -24,13 +27,13 @@ from mlx.utils import tree_flatten
 from ..atomic import atomic_directory
 from ..errors import MlxSpecError
 from ..loading import DTYPES, INTEGER_TENSORS
+from ..models import gemma4_assistant
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 MODEL_MARKER = "config.json"
 # the MTP assistants' model_type -> transformers' architecture; a forged drafter keeps its starting one's
-MTP_TYPES = {"gemma4_assistant": "Gemma4AssistantForCausalLM",
-             "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM"}
+MTP_TYPES = gemma4_assistant.ARCHITECTURES
 
 
 class OutputError(MlxSpecError):
@@ -49,6 +52,75 @@ def check_out(dest: Path, force: bool) -> None:
                           "or choose another --out")
 
 
+def overlaps(a: Path, b: Path) -> bool:
+    """a is b, lies inside it, or holds it."""
+    return a == b or a in b.parents or b in a.parents
+
+
+def check_apart(outputs: Dict[str, Path], inputs: Dict[str, Optional[str]]) -> None:
+    """Refuse an output directory that is an input, lies inside one or holds one, and outputs that overlap
+    each other: replacing --out with --force, or filling --checkpoint-dir, would destroy what is there.
+    Inputs that are not on disk (hub repo ids) hold nothing to lose."""
+    resolved = {flag: Path(p).expanduser().resolve() for flag, p in outputs.items()}
+    for flag, out in resolved.items():
+        for name, given in inputs.items():
+            if given and Path(given).expanduser().exists() and overlaps(out, Path(given).expanduser().resolve()):
+                raise OutputError(f"{flag} {outputs[flag]} overlaps {name} {given}: forge would write into (or "
+                                  f"replace) what it reads; choose another {flag}")
+    flags = list(resolved)
+    for i, a in enumerate(flags):
+        for b in flags[i + 1:]:
+            if overlaps(resolved[a], resolved[b]):
+                raise OutputError(f"{a} {outputs[a]} and {b} {outputs[b]} overlap; give them separate directories")
+
+
+def check_writable(flag: str, path: Path, directory: Path) -> None:
+    """`directory`, or its nearest ancestor that exists (the rest is created), must be a writable directory."""
+    d = Path(directory).expanduser().absolute()
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    if not d.is_dir():
+        raise OutputError(f"cannot write {flag} {path}: {d} is not a directory")
+    if not os.access(d, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot write {flag} {path}: {d} is not writable")
+
+
+def check_report_path(path: Path, out: Path, inputs: Dict[str, Optional[str]]) -> None:
+    """--report-json: a file, not inside an input, in a writable directory that exists (or is --out, which
+    is written before the report)."""
+    path = Path(path).expanduser().absolute()
+    if path.is_dir() or path == Path(out).expanduser().absolute():
+        raise OutputError(f"--report-json {path} is a directory; give a file name")
+    for name, given in inputs.items():
+        if given and Path(given).expanduser().exists() and overlaps(path.resolve(), Path(given).expanduser().resolve()):
+            raise OutputError(f"--report-json {path} is inside {name} {given}; write the report elsewhere")
+    if path.parent != Path(out).expanduser().absolute():
+        if not path.parent.is_dir():
+            raise OutputError(f"--report-json {path}: its directory does not exist")
+        check_writable("--report-json", path, path.parent)
+
+
+def check_paths(out: Path, checkpoint_dir: Path, report_json: Optional[str], inputs: Dict[str, Optional[str]]):
+    """Every output apart from every input and writable, before anything is read, trained or deleted."""
+    check_apart({"--out": out, "--checkpoint-dir": checkpoint_dir}, inputs)
+    check_writable("--out", out, Path(out).parent)
+    check_writable("--checkpoint-dir", checkpoint_dir, checkpoint_dir)
+    if report_json:
+        check_report_path(Path(report_json), out, inputs)
+
+
+def write_json(path: Path, body: dict, what: str) -> None:
+    """body as JSON at path, through a temporary file renamed into place (no half-written report)."""
+    path = Path(path).expanduser()
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(body, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(disk_message(e, what)) from e
+
+
 def drafter_weights(drafter, dtype: Optional[str]) -> dict:
     """Every tensor under its transformers name; floats cast to dtype, token_ordering int32."""
     out = {}
@@ -65,7 +137,7 @@ def drafter_weights(drafter, dtype: Optional[str]) -> dict:
 def output_config(config: dict, dtype: Optional[str]) -> dict:
     config = json.loads(json.dumps(config))  # a deep copy
     if config.get("model_type") not in MTP_TYPES:
-        config["model_type"] = "gemma4_assistant"
+        config["model_type"] = gemma4_assistant.MODEL_TYPE
     config.setdefault("architectures", [MTP_TYPES[config["model_type"]]])
     if dtype:
         for where in (config, config.get("text_config") or {}):

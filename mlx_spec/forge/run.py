@@ -8,9 +8,9 @@ atomically, and report τ before and after on held-out prompts with the real eng
 """
 
 import hashlib
-import shutil
+import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import List, Optional
 
@@ -18,10 +18,12 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .. import families
 from ..errors import MlxSpecError, ModelLoadError
 from ..loading import DTYPES
 from ..memory import weight_bytes
-from . import build, data, evaluate, objective, output, trainer
+from ..models.base import context_length
+from . import build, data, evaluate, objective, output, resume, trainer
 
 DEFAULT_MINUTES = 20.0
 DEFAULT_BATCH_SIZE = 4
@@ -72,6 +74,7 @@ class ForgeOptions:
     eval_prompts: int = DEFAULT_EVAL_PROMPTS
     eval_tokens: int = DEFAULT_EVAL_TOKENS
     compare: Optional[str] = None
+    report_json: Optional[str] = None
     # --from-scratch shapes (None: from the base, see build.py)
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
@@ -92,9 +95,7 @@ class ForgeOptions:
                 raise MlxSpecError(f"{flag} must be >= 1, got {v}")
         if self.max_seq_length <= self.num_draft_tokens + 1:
             raise MlxSpecError(f"--max-seq-length ({self.max_seq_length}) must exceed --num-draft-tokens + 1")
-        for flag, v in (("--steps", self.steps), ("--minutes", self.minutes), ("--lr", self.lr)):
-            if v is not None and v < 0 or (flag == "--lr" and v is not None and v == 0):
-                raise MlxSpecError(f"{flag} must be > 0, got {v}")
+        self._validate_numbers()
         for flag, v in (("--self-generate", self.self_generate), ("--eval-prompts", self.eval_prompts),
                         ("--warmup", self.warmup), ("--eval-every", self.eval_every),
                         ("--save-every", self.save_every)):
@@ -104,8 +105,6 @@ class ForgeOptions:
             raise MlxSpecError(f"--report-every must be >= 1, got {self.report_every}")
         if self.loss not in objective.LOSSES:
             raise MlxSpecError(f"--loss must be one of {', '.join(objective.LOSSES)}, got {self.loss!r}")
-        if not 0 < self.step_decay <= 1:
-            raise MlxSpecError(f"--step-decay must be in (0, 1], got {self.step_decay}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise MlxSpecError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.head not in build.HEADS:
@@ -119,6 +118,18 @@ class ForgeOptions:
             scratch_flags.append("--head")
         if scratch_flags and not self.from_scratch:
             raise MlxSpecError(f"{', '.join(scratch_flags)} shape a --from-scratch drafter; a --drafter keeps its own")
+
+    def _validate_numbers(self) -> None:
+        """The budget and the float options: finite (NaN passes every comparison; inf never ends) and in range."""
+        if self.steps is not None and self.steps < 0:
+            raise MlxSpecError(f"--steps must be >= 0, got {self.steps}")
+        checks = (("--minutes", self.minutes, lambda v: v >= 0 and math.isfinite(v * 60), ">= 0"),
+                  ("--lr", self.lr, lambda v: v > 0, "> 0"),
+                  ("--step-decay", self.step_decay, lambda v: 0 < v <= 1, "in (0, 1]"),
+                  ("--centroid-weight", self.centroid_weight, lambda v: v >= 0, ">= 0"))
+        for flag, v, ok, want in checks:
+            if v is not None and not (math.isfinite(v) and ok(v)):
+                raise MlxSpecError(f"{flag} must be a finite number {want}, got {v}")
 
     @property
     def seconds(self) -> Optional[float]:
@@ -175,9 +186,10 @@ def load_base(path: str, adapter_path: Optional[str] = None):
     """(model, tokenizer, model directory) of a frozen base, with mlx-lm LoRA/DoRA/full adapters applied."""
     from ..api import load
     from ..loading import resolve_model_path
+    from ..models.base import offers
 
     model, tokenizer = load(path)
-    if not hasattr(model, "producer_layers"):
+    if not offers(model, families.PRODUCER_KV):
         raise ModelLoadError(f"{path} is a {getattr(model, 'model_type', '?')} model; forge trains Gemma 4 "
                              "assistant drafters, which need a Gemma 4 base")
     if adapter_path:
@@ -265,10 +277,10 @@ def _load_drafter(flag: str, path: str, base):
     from ..api import load_drafter
 
     drafter = load_drafter(path, base)
-    if getattr(drafter, "family", None) != "mtp":
-        describe = drafter.describe() if hasattr(drafter, "describe") else type(drafter).__name__
-        raise MlxSpecError(f"{flag} {path} is a {describe}; forge trains Gemma 4 MTP assistants "
-                           "(gemma4_assistant, gemma4_unified_assistant)")
+    if families.of_drafter(drafter).forge is None:
+        trained = ", ".join(t for f in families.FAMILIES if f.forge for t in f.model_types)
+        raise MlxSpecError(f"{flag} {path} is a {drafter.describe()}; forge trains Gemma 4 MTP assistants "
+                           f"({trained})")
     return drafter
 
 
@@ -319,29 +331,25 @@ def _clone(drafter, config: dict):
     return copy, config
 
 
-def _drafter_from_checkpoint(config: dict, weights: dict):
-    from ..models import gemma4_assistant
-
-    d = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
-    d.load_weights(list(weights.items()))
-    trainer.to_float32(d)
-    mx.eval(d.parameters())
-    return d
+def _check_window(options: ForgeOptions, base) -> None:
+    """Training windows (and held-out estimates) within the base's positions."""
+    ctx = context_length(base)
+    if ctx and options.max_seq_length > ctx:
+        raise MlxSpecError(f"--max-seq-length {options.max_seq_length} exceeds the base's context ({ctx} positions, "
+                           f"its max_position_embeddings); pass at most {ctx}")
 
 
-def _prepare_checkpoint_dir(options: ForgeOptions) -> Path:
-    ckpt = options.checkpoint_path
-    existing = trainer.checkpoints(ckpt)
-    if options.resume:
-        if not existing:
-            raise trainer.CheckpointError(f"--resume: no checkpoint in {ckpt}; start without --resume")
-    elif existing:
-        if not options.force:
-            raise trainer.CheckpointError(f"{ckpt} holds checkpoints of an earlier run; pass --resume to continue "
-                                          "it, or --force to start over")
-        for p in existing:
-            shutil.rmtree(p, ignore_errors=True)
-    return ckpt
+def _fit_eval_tokens(options: ForgeOptions, base, valid) -> ForgeOptions:
+    """--eval-tokens cut (with a note) to what fits the context after the longest report prompt, as
+    generate cuts --max-tokens: past the context the base runs on positions it was never trained on."""
+    ctx = context_length(base)
+    longest = max((len(w.prompt_tokens) for w in valid[: options.eval_prompts]), default=0)
+    if not ctx or not longest or options.eval_tokens <= ctx - longest:
+        return options
+    room = max(1, ctx - longest)
+    info(f"note: the longest report prompt is {longest} tokens and the context holds {ctx} (the base's "
+         f"max_position_embeddings), so the report generates at most {room} of --eval-tokens {options.eval_tokens}")
+    return replace(options, eval_tokens=room)
 
 
 def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
@@ -351,13 +359,8 @@ def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
         drafter, config, start, dtype = _start_drafter(options, base)
         return drafter, config, start, dtype, None
     path = trainer.checkpoints(ckpt)[-1]
-    saved = trainer.read_checkpoint(path)
-    config, saved_identity = saved.config, saved.identity
-    if saved_identity != identity:
-        raise trainer.CheckpointError(f"{path} was made for another base ({saved_identity.get('model')}, "
-                                      f"adapters {saved_identity.get('adapter_path')}); resume with the same "
-                                      "--model and --adapter-path, or start over with --force")
-    drafter = _drafter_from_checkpoint(config, saved.weights)
+    drafter, saved = resume.load(path, base, identity)
+    config = saved.config
     start, dtype = _resumed_start(options, base, config)  # a --drafter is still the report's starting point
     info(f"resuming from {path} (step {saved.state.step}, {trainer.format_seconds(saved.state.seconds)} trained)")
     return drafter, config, start, dtype, saved
@@ -409,10 +412,14 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     """Run a forge job; returns the report. Raises MlxSpecError for anything a user can fix."""
     options.validate()
     out = Path(options.out).expanduser().absolute()
+    output.check_paths(out, options.checkpoint_path, options.report_json, {
+        "--model": options.model, "--drafter": options.drafter, "--adapter-path": options.adapter_path,
+        "--data": options.data, "--valid-data": options.valid_data, "--compare": options.compare})
     output.check_out(out, options.force)
-    ckpt = _prepare_checkpoint_dir(options)
+    ckpt = trainer.check_checkpoint_dir(options.checkpoint_path, options.resume, options.force)
 
     base, tokenizer, base_dir = load_base(options.model, options.adapter_path)
+    _check_window(options, base)
     identity = base_identity(base, base_dir, options.adapter_path)
     dataset = data.load_dataset(options.data, tokenizer, options.max_seq_length, options.prompt_tokens,
                                 options.valid_data)
@@ -422,6 +429,9 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
         compare = _load_drafter("--compare", options.compare, base)
 
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
+    options = _fit_eval_tokens(options, base, dataset.valid)
+    if not options.resume:
+        trainer.clear_checkpoints(ckpt)  # everything is validated: only now may --force delete
     info(f"data: {len(dataset.train)} training windows ({sum(len(w.tokens) for w in dataset.train)} tokens), "
          f"{len(dataset.valid)} held out ({dataset.kind})")
     batches = _batches(options, base, tokenizer, dataset)
@@ -448,6 +458,9 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     report = Report(out, options.num_draft_tokens, 0, state=state)
     _final_report(options, base, tokenizer, report, dataset.valid,
                   (("start", start), ("compare", compare), ("forged", _reload(out, base))))
+    if options.report_json:
+        output.write_json(Path(options.report_json), report.as_dict(),
+                          f"--report-json {options.report_json} (the drafter is written: {out})")
     return report
 
 

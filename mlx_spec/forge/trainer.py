@@ -161,6 +161,24 @@ def checkpoints(directory: Path) -> List[Path]:
     return sorted(found, key=lambda p: p.name)
 
 
+def check_checkpoint_dir(directory: Path, resume: bool, force: bool) -> Path:
+    """The checkpoint directory, refused when it does not fit --resume / --force (nothing deleted here)."""
+    existing = checkpoints(directory)
+    if resume and not existing:
+        raise CheckpointError(f"--resume: no checkpoint in {directory}; start without --resume")
+    if existing and not (resume or force):
+        raise CheckpointError(f"{directory} holds checkpoints of an earlier run; pass --resume to continue it, "
+                              "or --force to start over")
+    return directory
+
+
+def clear_checkpoints(directory: Path) -> None:
+    """--force: the earlier run's checkpoints go (nothing else in the directory), once the whole job has been
+    validated: a typo in any flag must not cost them."""
+    for p in checkpoints(directory):
+        shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(directory: Path, drafter, config: dict, optimizer, state: TrainState, identity: dict,
                     best: Optional[dict] = None) -> Path:
     """best: the weights of the best held-out estimate, when they are not the current ones."""
@@ -197,20 +215,76 @@ class Checkpoint:
     state: TrainState
     identity: dict
     best_weights: Optional[dict] = None  # when the best held-out estimate was not the last step's
+    path: Optional[Path] = None  # where it was read from (named by errors)
+
+
+def damaged(path: Path, problem: str) -> CheckpointError:
+    """The error for a checkpoint that cannot be resumed: which file, what is wrong, and the ways on."""
+    step_dir = path if path.name.startswith(CHECKPOINT_PREFIX) else path.parent
+    return CheckpointError(f"the checkpoint {path} {problem}; remove {step_dir} to resume from an earlier "
+                           "checkpoint, or start over: without --resume, with --force or another --checkpoint-dir")
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _state_problem(body) -> Optional[str]:
+    """What makes a state.json body unusable (a key missing or of the wrong type), or None."""
+    if not isinstance(body, dict):
+        return f"is a JSON {type(body).__name__}, not an object"
+    for key, ok, want in (("step", _is_count, "a whole number >= 0"),
+                          ("seconds", lambda v: _is_number(v) and math.isfinite(v) and v >= 0, "a finite number >= 0")):
+        if key not in body:
+            return f"has no '{key}'"
+        if not ok(body[key]):
+            return f"has '{key}' {body[key]!r}, not {want}"
+    batches = body.get("batches", {})
+    if not isinstance(batches, dict) or (batches and not all(_is_count(batches.get(k)) for k in ("epoch", "index"))):
+        return f"has 'batches' {batches!r}, not {{\"epoch\": N, \"index\": N}}"
+    estimates = body.get("estimates", [])
+    if not isinstance(estimates, list) or not all(
+            isinstance(e, dict) and _is_count(e.get("step")) and isinstance(e.get("acceptance_by_position"), list)
+            and all(_is_number(a) for a in e["acceptance_by_position"]) for e in estimates):
+        return "has malformed held-out 'estimates'"
+    losses = body.get("losses", [])
+    if not isinstance(losses, list) or not all(_is_number(x) for x in losses):
+        return "has malformed 'losses'"
+    best = body.get("best", {})
+    if not isinstance(best, dict) or (best and not (_is_count(best.get("step")) and _is_number(best.get("tau")))):
+        return f"has a malformed 'best' ({best!r})"
+    if not isinstance(body.get("identity", {}), dict):
+        return "has a malformed 'identity'"
+    return None
+
+
+def _read(path: Path, load: Callable[[Path], object]):
+    try:
+        return load(path)
+    except (OSError, ValueError, RuntimeError) as e:  # RecursionError (JSON nested too deeply) included
+        reason = "holds JSON nested too deeply" if isinstance(e, RecursionError) else f"cannot be read ({e})"
+        raise damaged(path, reason) from e
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    try:
-        body = json.loads((path / STATE_FILE).read_text())
-        config = json.loads((path / "config.json").read_text())
-        weights = mx.load(str(path / "drafter.safetensors"))
-        opt_state = mx.load(str(path / "optimizer.safetensors"))
-        best = mx.load(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
-    except (OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read the checkpoint {path}: {e}; remove it to resume from the one before") from e
+    """A checkpoint as saved; anything unreadable or malformed is a CheckpointError naming its file."""
+    body = _read(path / STATE_FILE, lambda p: json.loads(p.read_text()))
+    config = _read(path / "config.json", lambda p: json.loads(p.read_text()))
+    weights = _read(path / "drafter.safetensors", lambda p: mx.load(str(p)))
+    opt_state = _read(path / "optimizer.safetensors", lambda p: mx.load(str(p)))
+    best = _read(path / BEST_FILE, lambda p: mx.load(str(p))) if (path / BEST_FILE).is_file() else None
+    problem = _state_problem(body)
+    if problem:
+        raise damaged(path / STATE_FILE, problem)
+    if not isinstance(config, dict):
+        raise damaged(path / "config.json", f"is a JSON {type(config).__name__}, not an object")
     state = TrainState(body["step"], body["seconds"], body.get("batches", {}), body.get("estimates", []),
                        body.get("losses", []), body.get("best", {}))
-    return Checkpoint(config, weights, opt_state, state, body.get("identity", {}), best)
+    return Checkpoint(config, weights, opt_state, state, body.get("identity", {}), best, path)
 
 
 def restore_optimizer(optimizer, drafter, flat_state: dict) -> None:

@@ -2,46 +2,34 @@
 
 Gemma 4 types are ours (they return the hidden state and build rewindable caches); any other
 architecture mlx-lm knows (llama, qwen, ...) is taken from mlx-lm, for n-gram or draft-model speculation.
-Block drafters do not say what they are in `model_type` (a z-lab DFlash drafter says "gemma4" or "qwen3",
-a DSpark drafter copies its target's "gemma4_text"): `checkpoint_type` recognises them by their config,
-as mlx-vlm routes them, and names them after mlx-vlm's modules (gemma4_dflash, gemma4_dspark).
+Drafters are found through their family (families.py): block drafters do not say what they are in
+`model_type` (a z-lab DFlash drafter says "gemma4" or "qwen3", a DSpark drafter copies its target's
+"gemma4_text"), so `checkpoint_type` recognises them by their config, as mlx-vlm routes them.
 """
 
 import importlib
 
+from .. import families
 from ..errors import UnsupportedModelError
+from ..families import checkpoint_type  # noqa: F401  (re-exported: convert and the API ask models for it)
 
-DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant", "gemma4_dflash", "gemma4_dspark")
-GEMMA4_TYPES = ("gemma4_text", "gemma4", "gemma4_unified") + DRAFTER_TYPES
-_MODULES = {"gemma4_text": "gemma4_text", "gemma4": "gemma4", "gemma4_unified": "gemma4",
-            "gemma4_assistant": "gemma4_assistant", "gemma4_unified_assistant": "gemma4_assistant",
-            "gemma4_dflash": "gemma4_dflash", "gemma4_dspark": "gemma4_dspark"}
-DSPARK_ARCHITECTURE = "Gemma4DSparkModel"
+BASE_MODULES = {"gemma4_text": "gemma4_text", "gemma4": "gemma4", "gemma4_unified": "gemma4"}
+BASE_TYPES = tuple(BASE_MODULES)
 
 
-def checkpoint_type(config: dict) -> str:
-    """The registry key for a config: its model_type, or the block-drafter family its config describes.
-
-    DeepSpec's DSpark drafters carry `architectures: [Gemma4DSparkModel]`; a z-lab DFlash drafter carries a
-    `dflash_config` and no Markov head (a `dflash_config` with `markov_rank` > 0 or projector "dspark" is a
-    DSpark drafter of another model family, which no Gemma 4 base pairs with)."""
-    model_type = config.get("model_type")
-    if DSPARK_ARCHITECTURE in (config.get("architectures") or []):
-        return "gemma4_dspark"
-    dflash = config.get("dflash_config")
-    if isinstance(dflash, dict):
-        if dflash.get("projector_type") == "dspark" or (dflash.get("markov_rank") or config.get("markov_rank") or 0) > 0:
-            raise UnsupportedModelError(f"a DSpark drafter for model_type {model_type!r} (dflash_config with a Markov "
-                                        "head or projector 'dspark'): only Gemma 4 DSpark drafters "
-                                        f"({DSPARK_ARCHITECTURE}) are supported")
-        return "gemma4_dflash"
-    return model_type
+def own_types() -> tuple:
+    """The checkpoint types this package's model files load (Gemma 4 bases and every drafter family's)."""
+    return BASE_TYPES + families.drafter_types()
 
 
 def get_model_classes(config: dict):
     model_type = checkpoint_type(config)
-    if model_type in _MODULES:
-        module = importlib.import_module(f"{__name__}.{_MODULES[model_type]}")
+    family = families.for_type(model_type)
+    if family is not None:
+        module = family.model_module()
+        return module.Model, module.ModelArgs
+    if model_type in BASE_MODULES:
+        module = importlib.import_module(f"{__name__}.{BASE_MODULES[model_type]}")
         return module.Model, module.ModelArgs
     from mlx_lm.utils import _get_classes
 
@@ -49,6 +37,6 @@ def get_model_classes(config: dict):
         return _get_classes(config)
     except (ValueError, KeyError) as e:
         raise UnsupportedModelError(
-            f"model_type {model_type!r} is not supported: use one of {', '.join(GEMMA4_TYPES)} "
+            f"model_type {model_type!r} is not supported: use one of {', '.join(own_types())} "
             "or an architecture mlx-lm supports"
         ) from e

@@ -8,9 +8,12 @@ same pass, with those layers' outputs captured. Our Gemma 4 models implement all
 (`SpeculativeBase`; they also return the final-normed hidden state the MTP drafter reads). Any other
 architecture mlx-lm loads (llama, qwen, gemma3, ...) is wrapped by `as_base`: no hidden state, and
 mlx-lm's caches swapped for rewindable ones, which is all n-gram and draft-model speculation need.
+
+What drafters may read of a base is declared, not probed: `features` names it (families.PRODUCER_KV,
+LAYER_OUTPUTS), and `offers(model, feature)` asks.
 """
 
-from typing import Optional, Sequence, Tuple
+from typing import FrozenSet, Optional, Sequence, Tuple
 
 import mlx.core as mx
 
@@ -20,6 +23,8 @@ from ..errors import UnsupportedModelError
 
 class SpeculativeBase:
     """Mixin for models that implement the engine's interface themselves."""
+
+    features: FrozenSet[str] = frozenset()  # what drafters may read of it (families.PRODUCER_KV, LAYER_OUTPUTS)
 
     def forward(self, inputs: mx.array, cache=None) -> Tuple[mx.array, Optional[mx.array]]:
         raise NotImplementedError
@@ -55,6 +60,11 @@ class MlxLmBase(SpeculativeBase):
 
 def as_base(model) -> SpeculativeBase:
     return model if isinstance(model, SpeculativeBase) else MlxLmBase(model)
+
+
+def offers(model, feature: Optional[str]) -> bool:
+    """Whether the base declares `feature` (None, a family that reads nothing of its base: always)."""
+    return feature is None or feature in as_base(model).features
 
 
 def text_args(model):

@@ -29,6 +29,8 @@ class ModelArgs:
 
 
 class Model(nn.Module, SpeculativeBase):
+    features = gemma4_text.Model.features  # its language model's
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

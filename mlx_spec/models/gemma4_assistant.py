@@ -29,10 +29,20 @@ from ..cache import QuantizedKV
 from ..errors import UnsupportedModelError
 from . import gemma4_text
 
+# model_type -> transformers' architecture, as Google publishes its assistants (families.MTP's model_types)
+ARCHITECTURES = {"gemma4_assistant": "Gemma4AssistantForCausalLM",
+                 "gemma4_unified_assistant": "Gemma4UnifiedAssistantForCausalLM"}
+MODEL_TYPE, UNIFIED_MODEL_TYPE = ARCHITECTURES
+
+
+def model_type_for(base_model_type: str) -> str:
+    """The assistant's model_type for a base of this (text) model_type: a unified base has a unified one."""
+    return UNIFIED_MODEL_TYPE if base_model_type == "gemma4_unified_text" else MODEL_TYPE
+
 
 @dataclass
 class ModelArgs:
-    model_type: str = "gemma4_assistant"
+    model_type: str = MODEL_TYPE
     backbone_hidden_size: int = 1536
     use_ordered_embeddings: bool = False
     num_centroids: int = 2048
@@ -123,8 +133,6 @@ class Model(nn.Module):
             self.masked_embedding = MaskedEmbedding(args, text.hidden_size, text.vocab_size)
         self.freeze(keys=["token_ordering"], strict=False)
         gemma4_text.compile_norms(self)
-
-    family = "mtp"
 
     def describe(self) -> str:
         t = self.text_args

@@ -149,8 +149,6 @@ class DecoderLayer(nn.Module):
 
 
 class Model(nn.Module):
-    family = "dflash"
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -195,8 +195,6 @@ class ConfidenceHead(nn.Module):
 
 
 class Model(nn.Module):
-    family = "dspark"
-
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

@@ -25,6 +25,7 @@ from mlx_lm.models import gemma4_text as mlx_gemma4
 from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache,
                      forward_split_at_switch, quantization_split)
 from ..errors import UnsupportedModelError
+from ..families import LAYER_OUTPUTS, PRODUCER_KV
 from .base import SpeculativeBase
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -237,6 +238,8 @@ class Attention(mlx_gemma4.Attention):
 
 
 class Model(nn.Module, SpeculativeBase):
+    features = frozenset({PRODUCER_KV, LAYER_OUTPUTS})  # MTP: producer_layers, hidden; blocks: forward_layers
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args

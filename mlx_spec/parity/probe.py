@@ -21,21 +21,19 @@ import numpy as np
 
 from ..cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
 from ..models.base import as_base, vocab_size
+from ..prefill import prefill
 from .ops import DEFAULT_CONTEXT_NO_WINDOW, DEFAULT_KS, _bits, _dtype_name, check_ops
 from .report import Flip, Forward, ParityError, ParityResult, RowParity, StrictCost
 from .strict import padded_forward
 
 DEFAULT_TOKENS = 256
 PAST_WINDOW = 32  # the default prompt is this much longer than the sliding window
-PREFILL_STEP = 2048  # the engine's chunk
 DEFAULT_COST_REPS = 10
 
 
 def _prefill(forward: Forward, cache: list, tokens: List[int]) -> None:
     """Run tokens into the cache in the engine's chunks."""
-    for s in range(0, len(tokens), PREFILL_STEP):
-        forward(mx.array(tokens[s : s + PREFILL_STEP], mx.int32)[None], cache)
-        mx.eval([(c.keys, c.values) for c in cache])
+    prefill(lambda x: forward(x, cache), tokens, lambda: cache)
 
 
 def _pass(forward: Forward, tokens: List[int], cache: list, rows: Optional[int]) -> mx.array:

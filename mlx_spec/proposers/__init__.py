@@ -8,46 +8,24 @@
     oracle.py       benchmark only: the known continuation, corrupted at a set rate
 
 `make_proposer` turns the API's shorthands (drafter=, draft_model=, ngram=) into one Proposer, once, at the
-top of a request; a drafter module finds its proposer by its `model_type`.
+top of a request; a drafter module finds its proposer through its family (families.py).
 """
 
 from typing import Optional
 
+from .. import families
 from .base import Draft, FeatureReader, Proposer, RoundContext, RoundResult
 from .ngram import NgramProposer
 
 
-def _mtp(drafter, model):
-    from .mtp import MTPProposer
-
-    return MTPProposer(drafter, model)
-
-
-def _dflash(drafter, model):
-    from .dflash import DFlashProposer
-
-    return DFlashProposer(drafter, model)
-
-
-def _dspark(drafter, model):
-    from .dspark import DSparkProposer
-
-    return DSparkProposer(drafter, model)
-
-
-# drafter model_type (models.checkpoint_type) -> proposer factory(drafter, base)
-DRAFTER_PROPOSERS = {"gemma4_assistant": _mtp, "gemma4_unified_assistant": _mtp, "gemma4_dflash": _dflash,
-                     "gemma4_dspark": _dspark}
-
-
 def drafter_proposer(drafter, model) -> Proposer:
-    """The proposer for a drafter module loaded by `load_drafter`."""
-    kind = getattr(drafter, "model_type", None)
-    if kind not in DRAFTER_PROPOSERS:
-        raise ValueError(f"drafter= takes a drafter from load_drafter ({', '.join(DRAFTER_PROPOSERS)}); got "
-                         f"{kind or type(drafter).__name__}. Pass a Proposer as proposer=, a language model as "
-                         "draft_model=")
-    return DRAFTER_PROPOSERS[kind](drafter, model)
+    """The proposer for a drafter module loaded by `load_drafter` (its family's, families.py)."""
+    family = families.of_drafter(drafter)
+    if family is None:
+        raise ValueError(f"drafter= takes a drafter from load_drafter ({', '.join(families.drafter_types())}); got "
+                         f"{getattr(drafter, 'model_type', None) or type(drafter).__name__}. Pass a Proposer as "
+                         "proposer=, a language model as draft_model=")
+    return family.make_proposer(drafter, model)
 
 
 def make_proposer(model, *, proposer: Optional[Proposer] = None, drafter=None, draft_model=None,
@@ -59,11 +37,9 @@ def make_proposer(model, *, proposer: Optional[Proposer] = None, drafter=None, d
     if proposer is not None:
         return proposer
     if ngram is not None:
-        return NgramProposer(ngram)
+        return families.NGRAM.make_proposer(ngram)
     if draft_model is not None:
-        from .draft_model import DraftModelProposer
-
-        return DraftModelProposer(draft_model, model)
+        return families.DRAFT_MODEL.make_proposer(draft_model, model)
     if drafter is not None:
         return drafter_proposer(drafter, model)
     return None

@@ -27,7 +27,7 @@ from ..cache import rollback_all
 from ..drafting import validate_block_pairing
 from ..errors import CacheRollbackError
 from ..identity import weights_fingerprint
-from ..prompt_cache import common_prefix
+from ..prefill import common_prefix
 from .base import Draft, RoundContext, RoundResult
 
 

@@ -18,10 +18,9 @@ from ..cache import DEFAULT_MAX_ROLLBACK, rollback_all
 from ..errors import CacheRollbackError, PairingError
 from ..identity import weights_fingerprint
 from ..models.base import as_base
-from ..prompt_cache import common_prefix
+from ..prefill import PREFILL_STEP, common_prefix, prefill
 from .base import Draft, RoundContext, RoundResult
 
-DEFAULT_PREFILL_STEP = 2048
 # Families pad the output layer to a multiple of 64..1024 beyond the tokenizer's real size, and siblings of
 # one family may pad differently; a larger gap means the two models do not share a tokenizer.
 MAX_VOCAB_PADDING_GAP = 1024
@@ -48,7 +47,7 @@ class DraftModelProposer:
     base_layers = ()  # reads no decoder-layer outputs of the base
 
     def __init__(self, draft_model, base_model=None, *, base_vocab: Optional[int] = None,
-                 max_rollback: int = DEFAULT_MAX_ROLLBACK, prefill_step: int = DEFAULT_PREFILL_STEP):
+                 max_rollback: int = DEFAULT_MAX_ROLLBACK, prefill_step: int = PREFILL_STEP):
         """`base_model` (or `base_vocab`) gives the base's vocabulary size; ids that only one model has are
         never drafted. Without either, the two vocabularies are assumed equal."""
         self.model = self.weights = draft_model
@@ -85,11 +84,11 @@ class DraftModelProposer:
             self.cache = self.base.make_cache(self.max_rollback)
             self.consumed = 0
         self._history = prompt
-        for s in range(start, len(prompt), self.prefill_step):
-            chunk = prompt[s : s + self.prefill_step]
-            self.base.forward(mx.array(chunk, mx.int32)[None], self.cache)
-            mx.eval([c.state for c in self.cache])
-            self.consumed += len(chunk)
+        prefill(lambda x: self.base.forward(x, self.cache), prompt, lambda: self.cache, start=start,
+                step=self.prefill_step, on_progress=self._prefilled)
+
+    def _prefilled(self, done: int, total: int) -> None:
+        self.consumed = done  # after each chunk, so the count stays true if a later chunk fails
 
     def _reusable_prefix(self, prompt: List[int]) -> int:
         """Roll the cache back to the longest prefix of `prompt` it holds; return that length (0: start over).

@@ -1,14 +1,15 @@
 """Self-tuning: how many drafts per round pay off on this machine, for this model and this proposer.
 
     costs.py    the cost model (pure): τ(k), R(k), the expected speedup, the best k
-    policy.py   draft-length policies behind one contract: FixedK and AutoDraftPolicy (auto, auto-off)
+    policy.py   AutoDraftPolicy (auto, auto-off), behind the engine's DraftPolicy contract (draft_policy.py)
     probe.py    timing a plain step, verify passes and drafting on this machine
     store.py    the costs file (~/.cache/mlx_spec/tuning.json), keyed by machine + MLX + model + proposer
     tuner.py    AutoTuner: what a caller keeps across requests (the store, what each pair learnt)
 """
 
+from ..draft_policy import DraftPolicy, FixedK
 from .costs import K_MAX, MIN_SPEEDUP, Costs, best_k, expected_speedup, expected_tokens
-from .policy import AutoDraftPolicy, DraftPolicy, FixedK
+from .policy import AutoDraftPolicy
 from .probe import measure_costs
 from .store import CostsStore
 from .tuner import AutoTuner

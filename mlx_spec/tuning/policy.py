@@ -1,25 +1,23 @@
 """Draft-length policies: how many drafts the next round asks for.
 
-The contract (`DraftPolicy`): the engine calls `next_k()` before each round and `observe(RoundResult)`
-after it (only for rounds that asked for drafts). `next_k()` returning 0 means "decode this token plainly";
-a policy that returns 0 once and k > 0 later switches the engine between plain steps and rounds.
-
-`FixedK` always asks for k. `AutoDraftPolicy` (`--num-draft-tokens auto`) picks the k that maximises the
-expected speedup S(k) = τ(k) / R(k) (costs.py) from measured costs and a running estimate of acceptance
-per draft position; when no k beats plain decoding (a drafter that does not agree, a chip where verifying
-k+1 tokens costs much more than 1) it returns 0 and re-probes with one drafted round after a number of
-plain steps that doubles while probes keep failing. It also times each round and plain step as the engine
-runs them (the time between `next_k()` calls), and while drafting runs a few plain steps every
-CALIBRATE_EVERY rounds to re-time one, so R(k) is scaled by the current measured/modelled ratio of a round
-to a plain step (a machine that throttles or was busier when it measured shifts both).
+The contract (`DraftPolicy`) and `FixedK`, which always asks for k, live beside the engine (draft_policy.py;
+re-exported here). `AutoDraftPolicy` (`--num-draft-tokens auto`) picks the k that maximises the expected
+speedup S(k) = τ(k) / R(k) (costs.py) from measured costs and a running estimate of acceptance per draft
+position; when no k beats plain decoding (a drafter that does not agree, a chip where verifying k+1
+tokens costs much more than 1) it returns 0 and re-probes with one drafted round after a number of plain
+steps that doubles while probes keep failing. It also times each round and plain step as the engine runs
+them (the time between `next_k()` calls), and while drafting runs a few plain steps every CALIBRATE_EVERY
+rounds to re-time one, so R(k) is scaled by the current measured/modelled ratio of a round to a plain step
+(a machine that throttles or was busier when it measured shifts both).
 
 Policies hold state; whoever creates one owns it (tuner.py keeps what a pair learnt across requests).
 """
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Protocol, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
+from ..draft_policy import DraftPolicy, FixedK  # noqa: F401  (the contract; re-exported for older imports)
 from ..proposers.base import RoundResult
 from .costs import (CALIBRATE_EVERY, K_MAX, MIN_SPEEDUP, Costs, best_k, calibration_interval,
                     can_ever_pay)
@@ -37,27 +35,6 @@ OVERHEAD_MIN, OVERHEAD_MAX = 0.2, 5.0  # wide: machines drift 2.5x (thermal stat
 FIRST_PROBE_AFTER = 16  # plain tokens before re-probing; doubles while probes fail
 MAX_PROBE_AFTER = 512
 RESET_BACKOFF_ROUNDS = 16  # drafted rounds in a row after which re-probing starts again from FIRST_PROBE_AFTER
-
-
-class DraftPolicy(Protocol):
-    def next_k(self) -> int:
-        """Drafts the next round asks for; 0: decode the next token plainly."""
-
-    def observe(self, result: RoundResult) -> None:
-        """What the round that asked for drafts got (the proposer may give fewer than asked)."""
-
-
-class FixedK:
-    """Always k drafts (k = 0: plain decoding)."""
-
-    def __init__(self, k: int):
-        self.k = k
-
-    def next_k(self) -> int:
-        return self.k
-
-    def observe(self, result: RoundResult) -> None:
-        pass
 
 
 @dataclass

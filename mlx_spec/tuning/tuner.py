@@ -11,8 +11,9 @@ import time
 from typing import Callable, Dict, Optional, Tuple, Union
 
 from ..cache import MAX_DRAFT_TOKENS, KVQuant
+from ..draft_policy import DraftPolicy, FixedK
 from ..errors import MlxSpecError
-from .policy import FIRST_PROBE_AFTER, AcceptanceEstimate, AutoDraftPolicy, DraftPolicy, FixedK, PairState
+from .policy import FIRST_PROBE_AFTER, AcceptanceEstimate, AutoDraftPolicy, PairState
 from .store import CostsStore
 
 CARRY_WEIGHT = 16.0  # a new request trusts at most this many rounds of an earlier request's evidence
