@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
-from .cache import DEFAULT_KV_GROUP_SIZE, KVQuant
-from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
+from .engine import Engine, TokenEvent
 from .errors import MlxSpecError, PairingError
 from .checkpoint import read_config
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
@@ -19,8 +18,9 @@ from .memory import resident
 from .paths import cache_root
 from .proposers import make_proposer
 from .proposers.base import Proposer
-from .sampling import DEFAULT_ACCEPTANCE, SamplingParams
+from .request import Request
 from .stats import GenerationStats
+from .stops import StopMatcher
 from .tuning.costs import K_MAX
 from .draft_policy import DraftPolicy, FixedK
 from .tuning.tuner import AutoTuner, draft_policy
@@ -135,29 +135,82 @@ def encode_prompt(tokenizer, prompt: Prompt) -> List[int]:
     return tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
 
 
-def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Proposer] = None, drafter=None,
-                    draft_model=None, ngram: Optional[int] = None, max_tokens: int = 256,
-                    sampling: Optional[SamplingParams] = None, temp: float = 0.0, top_p: float = 1.0,
-                    top_k: int = 0, min_p: float = 0.0, acceptance: str = DEFAULT_ACCEPTANCE,
-                    seed: Optional[int] = None,
-                    num_draft_tokens: Union[int, str, DraftPolicy] = DEFAULT_NUM_DRAFT_TOKENS,
-                    tuner: Optional[AutoTuner] = None, logits_processors: Sequence = (),
+def make_request(tokenizer, prompt: Union[Prompt, Request], **settings) -> Request:
+    """The Request for an API call: a Request as given, or one built from a prompt (text or ids) and
+    keywords (the Request's field names, and mlx-lm's temp/top_p/top_k/min_p/acceptance and
+    kv_bits/kv_group_size/quantized_kv_start)."""
+    if isinstance(prompt, Request):
+        if settings:
+            raise TypeError(f"settings go in the Request, not beside it: {sorted(settings)}")
+        return prompt.validate()
+    return Request.build(encode_prompt(tokenizer, prompt), **settings)
+
+
+def make_engine(model, request: Request, *, eos_ids: Sequence[int] = (), proposer: Optional[Proposer] = None,
+                drafter=None, draft_model=None, ngram: Optional[int] = None, policy: Optional[DraftPolicy] = None,
+                tuner: Optional[AutoTuner] = None, prompt_cache: Optional[list] = None,
+                should_stop: Optional[Callable[[], bool]] = None,
+                on_prefill: Optional[Callable[[int, int], None]] = None) -> Engine:
+    """The Engine that decodes `request`: its proposer (none when the request does not draft, or k is 0),
+    its draft policy (`policy`, else from request.num_draft_tokens: a fixed k, or `tuner`'s auto policy) and
+    strict mode's row count on this device."""
+    proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
+    if proposer is not None and request.draft:
+        policy = policy or draft_policy(request.num_draft_tokens, model, proposer, tuner, request.kv)
+    else:
+        policy = None
+    if policy is None:
+        proposer = None  # plain decoding (a draft model is not even prefilled)
+    rows = strict_rows(model, policy) if request.strict else None
+    eng = Engine(model, request, proposer=proposer, policy=policy, eos_ids=eos_ids, cache=prompt_cache,
+                 should_stop=should_stop, strict_rows=rows, on_prefill=on_prefill)
+    eng.stats.strict = request.strict
+    eng.stats.strict_rows = rows or 0
+    return eng
+
+
+class Detokenized:
+    """One request's token events as GenerationResponses: mlx-lm's streaming detokenizer (a copy per
+    request), EOS kept out of the text."""
+
+    def __init__(self, tokenizer, stats: GenerationStats):
+        self.detok, self.stats = tokenizer.detokenizer, stats
+        self.detok.reset()
+
+    def response(self, ev: TokenEvent) -> GenerationResponse:
+        if ev.finish_reason == "stop":  # EOS is not text
+            self.detok.finalize()
+        else:
+            self.detok.add_token(ev.token)
+            if ev.finish_reason:
+                self.detok.finalize()
+        return GenerationResponse(self.detok.last_segment, ev.token, ev.from_draft, self.stats, ev.finish_reason,
+                                  ev.logprob, ev.top_logprobs)
+
+
+def stream_generate(model, tokenizer, prompt: Union[Prompt, Request], *, proposer: Optional[Proposer] = None,
+                    drafter=None, draft_model=None, ngram: Optional[int] = None, tuner: Optional[AutoTuner] = None,
                     prompt_cache: Optional[list] = None, should_stop: Optional[Callable[[], bool]] = None,
-                    strict: bool = False, logprobs: int = 0, kv_bits: Optional[int] = None,
-                    kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0,
-                    on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
+                    on_prefill: Optional[Callable[[int, int], None]] = None,
+                    **settings) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
+
+    `prompt`: text, token ids, or a `Request` (request.py) holding the prompt and every setting. With text
+    or ids, the settings come as keywords: `max_tokens` (256), `sampling` (a SamplingParams) or mlx-lm's
+    `temp`, `top_p`, `top_k`, `min_p`, `acceptance`; `seed`; `num_draft_tokens` (an int, default 3; "auto":
+    chosen each round from this machine's measured costs, pass a kept `tuner` to carry what it learns
+    across calls; or any DraftPolicy); `draft` (False: plain decoding with a proposer loaded);
+    `logits_processors`; `logprobs`; `stop`; `strict`; `kv_bits`, `kv_group_size`, `quantized_kv_start`.
 
     Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
     tokenizer), `ngram=N` (prompt lookup) or any `proposer`. Without any, decoding is plain. Greedy output
     is identical either way; with temp > 0 the output distribution is the base's, and in the default
     "coupled" acceptance mode a seed gives exactly plain sampling's tokens.
 
-    `num_draft_tokens`: an int (fixed k, default 3), "auto" (chosen each round from this machine's measured
-    costs; pass a kept `tuner` to carry what it learns across calls) or any DraftPolicy. `sampling` (a
-    SamplingParams) replaces temp/top_p/top_k/min_p/acceptance. `should_stop()` is asked during a long
-    prefill (between its 2048-token chunks): True ends the request there, with no tokens. Between tokens,
-    stop by closing the generator.
+    `should_stop()` is asked during a long prefill (between its chunks): True ends the request there,
+    with no tokens. Between tokens, stop by closing the generator. `on_prefill(done, total)` is called after
+    each prefill chunk. `prompt_cache` (a list of the base's caches holding a prefix of the prompt) is
+    continued and left holding the history.
 
     `strict=True` makes speculative output byte-identical to plain decoding (also with strict) on a device
     whose kernels change with the row count: every decode pass runs at STRICT_ROWS rows. Where this
@@ -165,39 +218,43 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     nothing. `r.stats.strict_rows` says which (0: no padding).
 
     `logprobs=N` (N >= 1) fills each response's `logprob` and `top_logprobs` (N alternatives) from the base
-    model's distribution, the same with drafting on or off; computed only when asked.
-    
-    `kv_bits` (4 or 8), `kv_group_size`, `quantized_kv_start`: quantized K/V as mlx-lm spells them (the
-    cache holds full precision until it holds `quantized_kv_start` positions); rollback stays exact.
-    Speculative greedy equals plain greedy with the same settings. A given `prompt_cache` brings its own.
-    `on_prefill(done, total)` is called after each prefill chunk.
+    model's distribution, the same with drafting on or off; computed only when asked. `stop` strings end
+    the text before the first of them (finish_reason "stop").
     """
-    ids = encode_prompt(tokenizer, prompt)
-    sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
-    proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
-    kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start)
-    policy = draft_policy(num_draft_tokens, model, proposer, tuner, kv) if proposer is not None else None
-    if policy is None:
-        proposer = None  # k = 0: plain decoding (a draft model is not even prefilled)
-    rows = strict_rows(model, policy) if strict else None
-    eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, seed=seed,
-                 max_tokens=max_tokens, eos_ids=tokenizer.eos_token_ids, logits_processors=logits_processors,
-                 cache=prompt_cache, should_stop=should_stop, strict_rows=rows, logprobs=logprobs, kv=kv,
-                 on_prefill=on_prefill)
-    eng.stats.strict = strict
-    eng.stats.strict_rows = rows or 0
-    detok = tokenizer.detokenizer
-    detok.reset()
-    with resident(model, proposer.weights if proposer is not None else None):
-        for ev in eng.run():
-            if ev.finish_reason == "stop":  # EOS is not text
-                detok.finalize()
-            else:
-                detok.add_token(ev.token)
-                if ev.finish_reason:
-                    detok.finalize()
-            yield GenerationResponse(detok.last_segment, ev.token, ev.from_draft, eng.stats, ev.finish_reason,
-                                     ev.logprob, ev.top_logprobs)
+    policy = settings.pop("num_draft_tokens") if _is_policy(settings.get("num_draft_tokens")) else None
+    request = make_request(tokenizer, prompt, **settings)
+    eng = make_engine(model, request, eos_ids=tokenizer.eos_token_ids, proposer=proposer, drafter=drafter,
+                      draft_model=draft_model, ngram=ngram, policy=policy, tuner=tuner, prompt_cache=prompt_cache,
+                      should_stop=should_stop, on_prefill=on_prefill)
+    text, events = Detokenized(tokenizer, eng.stats), eng.run()
+    with resident(model, eng.proposer.weights if eng.proposer is not None else None):
+        try:
+            yield from _stopped_at_strings((text.response(ev) for ev in events), request.stop)
+        finally:
+            events.close()  # a stop string, or the caller closing us: the engine trims its caches now
+
+
+def _is_policy(value) -> bool:
+    return value is not None and not isinstance(value, (int, str))
+
+
+def _stopped_at_strings(responses: Iterator[GenerationResponse], stops) -> Iterator[GenerationResponse]:
+    """Responses until the text reaches a stop string: text before it is yielded, the response where it
+    completes carries finish_reason "stop" (its text cut there) and the rest is not generated."""
+    if not stops:
+        yield from responses
+        return
+    matcher = StopMatcher(list(stops))
+    for r in responses:
+        out, hit = matcher.feed(r.text)
+        if hit:
+            r.text, r.finish_reason = out, "stop"
+            yield r
+            return
+        r.text = out
+        if r.finish_reason:
+            r.text += matcher.flush()
+        yield r
 
 
 def strict_rows(model, policy: Optional[DraftPolicy]) -> Optional[int]:

@@ -28,6 +28,7 @@ from .long_context import PrefillProgress, add_kv_args, check_memory, kv_setting
 from .errors import MlxSpecError
 from .models.base import context_length
 from .proposers.base import Proposer
+from .request import Request
 from .sampling import SamplingParams
 from .stats import GenerationStats
 from .tuning.tuner import AutoTuner
@@ -137,9 +138,9 @@ class ChatSession:
         # nothing changes until the first token is asked for, so a reply closed before it starts leaves no trace
         self.messages = messages
         seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
-        turn = self.conversations.turn(tokens, sampling=self.sampling, max_tokens=max_tokens, seed=seed,
-                                       num_draft_tokens=self.num_draft_tokens, drafting=self.drafting,
-                                       should_stop=should_stop, strict=self.strict, on_prefill=self.on_prefill)
+        request = Request(tokens, max_tokens=max_tokens, sampling=self.sampling, seed=seed, draft=self.drafting,
+                          num_draft_tokens=self.num_draft_tokens, strict=self.strict)
+        turn = self.conversations.turn(request, should_stop=should_stop, on_prefill=self.on_prefill)
         self.turns += 1
         self.last = TurnInfo(prompt_tokens=len(tokens))
         text = []

@@ -10,12 +10,13 @@ prompt plus what the caller received, or is dropped when an exception left its c
 Knows the API's stream_generate and the prompt cache; nothing of chat templates, terminals or HTTP.
 """
 
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Optional
 
 from .api import GenerationResponse, stream_generate
 from .cache import KVQuant
 from .prompt_cache import PromptCache
 from .proposers.base import Proposer
+from .request import Request
 from .stats import GenerationStats
 from .tuning.tuner import AutoTuner
 
@@ -25,24 +26,25 @@ class Conversations:
                  reuse_cache: bool = True, slots: int = 1, kv: Optional[KVQuant] = None):
         """`proposer`: what drafting uses (each slot gets its own `fork()`); `tuner`: kept across turns for
         num_draft_tokens="auto"; reuse_cache=False prefills every turn from scratch (same output); `kv`:
-        quantized K/V (--kv-bits ...) for every slot's cache."""
-        self.model, self.tokenizer, self.proposer, self.tuner = model, tokenizer, proposer, tuner
-        self.kv_flags = kv.as_dict() if kv is not None else {}
+        quantized K/V (--kv-bits ...) for every slot's cache, and so for every turn."""
+        self.model, self.tokenizer, self.proposer, self.tuner, self.kv = model, tokenizer, proposer, tuner, kv
         self.prompt_cache = PromptCache(model, enabled=reuse_cache, slots=slots, kv=kv)
 
-    def turn(self, ids: List[int], *, drafting: bool = True, **settings) -> "Turn":
-        """A turn for prompt `ids`. `settings`: stream_generate's (sampling, max_tokens, seed,
-        num_draft_tokens, should_stop, strict, logprobs, on_prefill, ...); drafting=False decodes plainly."""
-        return Turn(self, ids, drafting and self.proposer is not None, settings)
+    def turn(self, request: Request, *, should_stop: Optional[Callable[[], bool]] = None,
+             on_prefill: Optional[Callable[[int, int], None]] = None) -> "Turn":
+        """A turn for `request` (its prompt: the whole conversation so far). Its K/V settings are the
+        conversations' (the slots' caches have them); request.draft False decodes plainly."""
+        return Turn(self, request.replace(kv=self.kv), dict(should_stop=should_stop, on_prefill=on_prefill))
 
 
 class Turn:
     """One request; iterate it once. After iteration: `reused` (prompt tokens whose K/V came from the
     slot), `received` (token ids handed out), `stats`, `finish_reason` (None when stopped early)."""
 
-    def __init__(self, owner: Conversations, ids: List[int], drafting: bool, settings: dict):
-        self.owner, self.ids, self.drafting = owner, list(ids), drafting
-        self.settings = {**owner.kv_flags, **settings}  # kv: auto's costs are filed by it; the slot's cache has it
+    def __init__(self, owner: Conversations, request: Request, hooks: dict):
+        self.owner, self.request, self.hooks = owner, request, hooks
+        self.ids = list(request.prompt)
+        self.drafting = request.draft and owner.proposer is not None
         self.reused = 0
         self.received: List[int] = []
         self.stats: Optional[GenerationStats] = None
@@ -68,8 +70,8 @@ class Turn:
             proposer = slot.proposer
         torn, gen = True, None  # until the engine is running, an exception leaves the slot unknown
         try:
-            gen = stream_generate(owner.model, owner.tokenizer, self.ids, proposer=proposer, prompt_cache=slot.cache,
-                                  tuner=owner.tuner, **self.settings)
+            gen = stream_generate(owner.model, owner.tokenizer, self.request, proposer=proposer,
+                                  prompt_cache=slot.cache, tuner=owner.tuner, **self.hooks)
             torn = False
             while True:
                 try:

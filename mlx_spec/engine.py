@@ -25,19 +25,18 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 import numpy as np
 
-from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
+from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
 from .draft_policy import DraftPolicy, FixedK
 from .errors import CacheRollbackError
 from .models.base import as_base
 from .parity.strict import padded_forward
 from .prefill import PREFILL_STEP, prefill_chunks
 from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers
-from .sampling import Sampler, SamplingParams
+from .request import DEFAULT_NUM_DRAFT_TOKENS, Request
+from .sampling import Sampler
 from .stats import GenerationStats
 
 __all__ = ["Engine", "TokenEvent", "DEFAULT_NUM_DRAFT_TOKENS", "MAX_DRAFT_TOKENS"]
-
-DEFAULT_NUM_DRAFT_TOKENS = 3  # a library call's k: fixed, so it is stateless and silent (CLIs default to auto)
 
 LogitsProcessor = Callable[[mx.array, mx.array], mx.array]  # mlx-lm's (tokens, logits) -> logits
 
@@ -95,48 +94,43 @@ class _Stopped(Exception):
 class Engine:
     """One request's decoding state; `run()` yields TokenEvents. Create one per request."""
 
-    def __init__(self, model, prompt: List[int], *, proposer: Optional[Proposer] = None,
-                 policy: Optional[DraftPolicy] = None, sampling: SamplingParams = SamplingParams(),
-                 seed: Optional[int] = None, max_tokens: int = 256, eos_ids: Sequence[int] = (),
-                 logits_processors: Sequence[LogitsProcessor] = (), cache: Optional[list] = None,
+    def __init__(self, model, request: Request, *, proposer: Optional[Proposer] = None,
+                 policy: Optional[DraftPolicy] = None, eos_ids: Sequence[int] = (), cache: Optional[list] = None,
                  prefill_step: int = PREFILL_STEP, should_stop: Optional[Callable[[], bool]] = None,
-                 strict_rows: Optional[int] = None, logprobs: int = 0, kv: Optional[KVQuant] = None,
-                 on_prefill: Optional[Callable[[int, int], None]] = None):
-        """`proposer` None decodes plainly; `policy` (default FixedK(DEFAULT_NUM_DRAFT_TOKENS)) says how many
-        drafts each round asks for. `seed` fixes every random draw (sampling.py; None: a fresh one).
-        `cache`, when given, must hold the K/V of a prefix of `prompt` (a chat's earlier turns); only the
+                 strict_rows: Optional[int] = None, on_prefill: Optional[Callable[[int, int], None]] = None):
+        """`request` (request.py): the prompt, limits, sampling, seed, log-probabilities and K/V settings.
+        `proposer` None decodes plainly; `policy` (default FixedK(request.num_draft_tokens), or
+        DEFAULT_NUM_DRAFT_TOKENS for "auto") says how many drafts each round asks for.
+        `cache`, when given, must hold the K/V of a prefix of the prompt (a chat's earlier turns); only the
         rest is prefilled. After `run()` it holds exactly the history minus its last token.
         `should_stop` is asked before each prefill chunk: True ends the request with no tokens (a client
         that went away, a Ctrl-C); the cache then holds the prompt's prefix prefilled so far.
         `strict_rows` (strict mode on a device whose kernels depend on the row count; api.py decides): every
         decode pass, plain steps and verifies alike, and the sampling over its rows, runs at this many rows,
         so a row's arithmetic never depends on how many drafts were verified (parity/strict.py).
-        `logprobs` > 0: every TokenEvent carries its log-probability and the top `logprobs` alternatives.
-        `kv`: quantized K/V for the cache the engine makes (a given `cache` brings its own).
         `on_prefill(done, total)`: called after each prefill chunk (progress for long prompts)."""
-        if not prompt:
-            raise ValueError("the prompt is empty: give at least one token")
+        request = request.validate()
         if strict_rows is not None and strict_rows < 1:
             raise ValueError(f"strict_rows must be >= 1, got {strict_rows}")
-        if isinstance(logprobs, bool) or not isinstance(logprobs, int) or logprobs < 0:
-            raise ValueError(f"logprobs must be an integer >= 0, got {logprobs!r}")
+        self.request = request
         self.base = as_base(model)
         self.proposer = proposer
-        self.policy = policy if policy is not None else FixedK(DEFAULT_NUM_DRAFT_TOKENS)
-        self.sampler = Sampler(sampling.validate(), seed)
-        self.max_tokens, self.eos_ids = max_tokens, set(eos_ids)
-        self.processors = list(logits_processors)
+        k = request.num_draft_tokens
+        self.policy = policy if policy is not None else FixedK(k if isinstance(k, int) else DEFAULT_NUM_DRAFT_TOKENS)
+        self.sampler = Sampler(request.sampling, request.seed)
+        self.max_tokens, self.eos_ids = request.max_tokens, set(eos_ids)
+        self.processors = list(request.logits_processors)
         self.prefill_step = prefill_step
         self.should_stop = should_stop
         self.strict_rows = strict_rows
-        self.logprobs = logprobs
+        self.logprobs = request.logprobs
         self.on_prefill = on_prefill
-        self.kv = kv
-        self.kv_flags = kv.as_dict() if kv is not None else {}
+        self.kv = request.kv
+        self.kv_flags = self.kv.as_dict() if self.kv is not None else {}
         self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK, **self.kv_flags)
         self.reads = feature_layers(proposer) if proposer is not None else ()  # base layers the proposer reads
-        self.history = list(prompt)
-        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.history = list(request.prompt)
+        self.stats = GenerationStats(prompt_tokens=len(self.history))
         self.emitted = 0
 
     def _sample(self, logits: mx.array, history: Optional[mx.array], position: int) -> mx.array:

@@ -14,6 +14,7 @@ from mlx_spec.engine import Engine
 from mlx_spec.stats import GenerationStats
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.request import Request
 
 REFERENCE = json.loads((FIXTURES / "golden" / "tiny_code_acceptance.json").read_text())
 NOISE = 0.03  # ~1 standard error of a rate over ~300-500 rounds
@@ -22,9 +23,9 @@ NOISE = 0.03  # ~1 standard error of a rate over ~300-500 rounds
 def measure(model, drafter, k):
     total = GenerationStats()
     for prompt in REFERENCE["prompts"]:
-        plain = [e.token for e in Engine(model, prompt, max_tokens=REFERENCE["new_tokens"]).run()]
-        eng = Engine(model, prompt, proposer=MTPProposer(drafter, model), policy=FixedK(k),
-                     max_tokens=REFERENCE["new_tokens"])
+        plain = [e.token for e in Engine(model, Request(prompt, max_tokens=REFERENCE["new_tokens"])).run()]
+        eng = Engine(model, Request(prompt, max_tokens=REFERENCE["new_tokens"]), proposer=MTPProposer(drafter, model),
+                     policy=FixedK(k))
         assert [e.token for e in eng.run()] == plain, "speculative output must equal plain greedy"
         total.merge(eng.stats)
     return total

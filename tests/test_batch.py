@@ -9,7 +9,7 @@ compact (past keep + slack = 98 positions) while rows decode.
 import mlx.core as mx
 import pytest
 
-from tiny_models import WINDOW, _redraw, dflash_config, dspark_config, make_base, make_block_drafter, \
+from tiny_models import WINDOW, _redraw, dflash_config, engine, dspark_config, make_base, make_block_drafter, \
     make_drafter, text_config
 from mlx_spec.batch.cache import RowsSlidingCache, SLIDING_SLACK
 from mlx_spec.batch.scheduler import Scheduler
@@ -19,6 +19,7 @@ from mlx_spec.models import gemma4_text
 from mlx_spec.proposers import make_proposer
 from mlx_spec.sampling import SamplingParams
 from mlx_spec.draft_policy import FixedK
+from mlx_spec.request import Request
 
 PROMPTS = [[1, 5, 9, 3], [2, 7] * 10, list(range(3, 40)), [4], [9, 9, 8]]
 MAX_TOKENS = [70, 30, 75, 25, 45]  # rows finish at different rounds; 37 + 75 positions pass a compaction
@@ -54,7 +55,7 @@ def proposer(model, kind: str):
 
 
 def alone(model, prompt, max_tokens, prop=None, k=3, **settings):
-    eng = Engine(model, prompt, proposer=prop, policy=FixedK(k), max_tokens=max_tokens, **settings)
+    eng = engine(model, prompt, proposer=prop, policy=FixedK(k), max_tokens=max_tokens, **settings)
     return [e.token for e in eng.run()]
 
 
@@ -67,7 +68,7 @@ def batched(model, prop=None, ks=KS, join_at=(0,) * 5, concurrency=8, cancel=Non
     step, todo = 0, list(range(len(PROMPTS)))
     while todo or not sched.idle:
         for i in [i for i in todo if join_at[i] <= step]:
-            engines[i] = Engine(model, PROMPTS[i], proposer=prop.fork() if prop else None, policy=FixedK(ks[i]),
+            engines[i] = engine(model, PROMPTS[i], proposer=prop.fork() if prop else None, policy=FixedK(ks[i]),
                                 max_tokens=MAX_TOKENS[i], **settings)
 
             def deliver(events, finished, i=i):
@@ -142,12 +143,12 @@ def test_logprobs_rows_equal_alone():
     sched = Scheduler(model)
     got = {}
     for i, prompt in enumerate(PROMPTS[:3]):
-        eng = Engine(model, prompt, proposer=prop, policy=FixedK(KS[i]), max_tokens=20, logprobs=2)
+        eng = Engine(model, Request(prompt, max_tokens=20, logprobs=2), proposer=prop, policy=FixedK(KS[i]))
         sched.submit(eng, lambda events, finished, i=i: got.setdefault(i, []).extend(
             (e.token, e.logprob, e.top_logprobs) for e in events))
     sched.drain()
     for i, prompt in enumerate(PROMPTS[:3]):
-        eng = Engine(model, prompt, max_tokens=20, logprobs=2)
+        eng = Engine(model, Request(prompt, max_tokens=20, logprobs=2))
         assert got[i] == [(e.token, e.logprob, e.top_logprobs) for e in eng.run()], \
             f"request {i}: log-probabilities in a batch differ from alone"
 
@@ -161,7 +162,7 @@ def test_a_row_that_leaves_holds_exactly_its_history():
     assert done[2].reason == "cancelled", "the cancelled request ends as cancelled"
     for i in range(len(PROMPTS)):
         eng = engines[i]
-        ref = Engine(model, PROMPTS[i], max_tokens=len(got[i]))
+        ref = Engine(model, Request(PROMPTS[i], max_tokens=len(got[i])))
         assert [e.token for e in ref.run()] == got[i], f"request {i}: the tokens it got are plain decoding's"
         assert eng.cache[0].offset == len(eng.history) - 1, f"request {i}: the cache holds history[:-1]"
         for c, r in zip(eng.cache, ref.cache):

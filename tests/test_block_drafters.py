@@ -6,7 +6,7 @@ prefill chunks, strict padding, auto-off plain steps and reused prompt caches ke
 import mlx.core as mx
 import numpy as np
 import pytest
-from tiny_models import WINDOW, dflash_config, dspark_config, make_base, make_block_drafter
+from tiny_models import WINDOW, dflash_config, dspark_config, engine, make_base, make_block_drafter
 
 from mlx_spec.engine import Engine
 from mlx_spec.models.block_context import SLIDING, FULL
@@ -15,6 +15,7 @@ from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.dflash import DFlashProposer
 from mlx_spec.proposers.dspark import DSparkProposer
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 MAX_TOKENS = 3 * WINDOW
 PROMPTS = {"short": [2, 17, 33, 4, 90], "long": [2] + [(i * 37) % 250 + 3 for i in range(2 * WINDOW + 3)]}
@@ -38,7 +39,7 @@ def pair(variant: str, family: str):
 
 
 def run(model, prompt, proposer=None, k=3, max_tokens=MAX_TOKENS, **kw):
-    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
+    eng = engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
     tokens = [ev.token for ev in eng.run()]
     return tokens, eng
 
@@ -169,7 +170,7 @@ def test_prefill_chunks_strict_padding_and_auto_off_keep_the_context_in_step(fam
             pass
 
     proposer = make_proposer(base, drafter=drafter)
-    eng = Engine(base, prompt, proposer=proposer, policy=OnOff(), max_tokens=24)
+    eng = Engine(base, Request(prompt, max_tokens=24), proposer=proposer, policy=OnOff())
     assert [e.token for e in eng.run()] == plain
     assert eng.stats.plain_steps > 0 and eng.stats.rounds > 0
     assert_same_context(proposer.context_cache, fresh_context(base, drafter, eng.history), f"{family} plain steps")
@@ -201,7 +202,7 @@ def test_plain_steps_hand_features_over_in_batches():
     extend_context = drafter.extend_context
     drafter.extend_context = lambda f, c: (calls.append(f.shape[1]), extend_context(f, c))[1]
     try:
-        eng = Engine(base, prompt, proposer=proposer, policy=LongPlainStretch(), max_tokens=150)
+        eng = Engine(base, Request(prompt, max_tokens=150), proposer=proposer, policy=LongPlainStretch())
         assert [e.token for e in eng.run()] == plain
     finally:
         del drafter.extend_context
@@ -230,7 +231,7 @@ def test_a_reused_prompt_cache_reuses_the_context(family):
     conv = Conversations(base, Tok(), make_proposer(base, drafter=drafter))
     ids = list(PROMPTS["long"])
     for turn in range(3):
-        t = conv.turn(ids, sampling=SamplingParams(), max_tokens=11 + turn, num_draft_tokens=3)
+        t = conv.turn(Request(ids, sampling=SamplingParams(), max_tokens=11 + turn, num_draft_tokens=3))
         got = [r.token for r in t]
         want, _ = run(base, ids, max_tokens=11 + turn)
         assert got == want, f"{family} turn {turn}: equals a run from scratch"
@@ -293,13 +294,13 @@ def test_auto_sizes_the_block_with_the_cost_model():
     plain, _ = run(base, prompt)
     cheap = Costs(verify=[1.0 + 0.01 * k for k in range(9)], draft_fixed=0.05, draft_step=0.01, plain_step_s=1e-3)
     right = Scripted(make_proposer(base, drafter=drafter), list(prompt) + plain, wrong_at=99)
-    eng = Engine(base, prompt, proposer=right, policy=AutoDraftPolicy(cheap), max_tokens=MAX_TOKENS)
+    eng = Engine(base, Request(prompt, max_tokens=MAX_TOKENS), proposer=right, policy=AutoDraftPolicy(cheap))
     assert [e.token for e in eng.run()] == plain
     assert max(i + 1 for i, d in enumerate(eng.stats.drafted_by_position) if d) == drafter.max_drafts, \
         "all-correct drafts: auto reaches the native block"
     cpu = Costs(verify=[1.0 + 0.4 * k for k in range(9)], draft_fixed=0.2, draft_step=0.05, plain_step_s=1e-3)
     wrong = make_proposer(base, drafter=drafter)  # random weights: accepts ~nothing
-    eng = Engine(base, prompt, proposer=wrong, policy=AutoDraftPolicy(cpu), max_tokens=MAX_TOKENS)
+    eng = Engine(base, Request(prompt, max_tokens=MAX_TOKENS), proposer=wrong, policy=AutoDraftPolicy(cpu))
     assert [e.token for e in eng.run()] == plain
     assert eng.stats.plain_steps > MAX_TOKENS // 2, "a drafter that never agrees: auto decodes plainly"
     assert_same_context(wrong.context_cache, fresh_context(base, drafter, eng.history), "auto-off")

@@ -16,6 +16,7 @@ from mlx_spec.proposers import make_proposer
 from mlx_spec.proposers.base import RoundContext
 from mlx_spec.sampling import Sampler, SamplingParams
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 ATOL = 2e-4  # fp32 on both sides; sums may be ordered differently
 
@@ -47,7 +48,7 @@ def test_unified_base_matches_mlx_vlm(base, gold):
     assert np.allclose(np.array(logits[0]), gold["logits"], atol=ATOL), "unified base logits must equal mlx-vlm's"
     assert np.allclose(np.array(features[0]), gold["features"], atol=ATOL), \
         "captured layer outputs must equal mlx-vlm's capture_layer_ids"
-    eng = Engine(base, gold["prompt"].tolist(), max_tokens=len(gold["plain"]))
+    eng = Engine(base, Request(gold["prompt"].tolist(), max_tokens=len(gold["plain"])))
     assert [e.token for e in eng.run()] == gold["plain"].tolist(), "plain greedy must equal mlx-vlm's, past the window"
 
 
@@ -116,7 +117,7 @@ def test_a_cut_block_is_not_a_prefix_of_the_full_one(base, gold, ckpt):
 def test_speculative_equals_mlx_vlm_plain(base, gold, ckpt, name):
     proposer = make_proposer(base, drafter=load_drafter(str(ckpt[name]), base))
     for k in (1, 3, 5):
-        eng = Engine(base, gold["prompt"].tolist(), proposer=proposer.fork(), policy=FixedK(k),
-                     max_tokens=len(gold["plain"]))
+        eng = Engine(base, Request(gold["prompt"].tolist(), max_tokens=len(gold["plain"])), proposer=proposer.fork(),
+                     policy=FixedK(k))
         assert [e.token for e in eng.run()] == gold["plain"].tolist(), f"{name} k={k} must equal plain decoding"
     assert gold[f"{name}_loop"].tolist() == gold["plain"].tolist()

@@ -26,6 +26,7 @@ from convert.__main__ import main as convert_main
 from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 VARIANTS = ["e2b", "e4b", "moe", "dense_keqv"]
 PROMPT = tokens(seed=5, n=20)  # longer than the sliding window (16): window masks matter
@@ -57,7 +58,7 @@ def saved_tensors(model_dir: Path) -> dict:
 
 
 def mlx_spec_greedy(model, prompt=PROMPT, n=N_NEW) -> list:
-    return [ev.token for ev in Engine(model, list(prompt), max_tokens=n).run()]  # no EOS: always n tokens
+    return [ev.token for ev in Engine(model, Request(list(prompt), max_tokens=n)).run()]  # no EOS: always n tokens
 
 
 def mlx_lm_greedy(model, prompt=PROMPT, n=N_NEW) -> list:
@@ -175,7 +176,8 @@ def test_a_half_precision_quantized_model_computes_in_float32_on_the_cpu_backend
     from mlx_spec.proposers import make_proposer
 
     proposer = make_proposer(base, drafter=load_drafter(str(drafter), base))
-    spec = [ev.token for ev in Engine(base, PROMPT, proposer=proposer, max_tokens=N_NEW, policy=FixedK(3)).run()]
+    spec = [ev.token for ev in Engine(base, Request(PROMPT, max_tokens=N_NEW), proposer=proposer,
+                                      policy=FixedK(3)).run()]
     assert spec == mlx_spec_greedy(base), "exact in float32 as well"
 
 

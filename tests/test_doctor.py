@@ -29,6 +29,7 @@ from mlx_spec.parity.ops import check_ops, ops_row_invariant
 from mlx_spec.parity.probe import probe
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.oracle import OracleProposer
+from mlx_spec.request import Request
 
 BASE = str(TINY_CODE / "base")
 PROMPT = [2] + [(i * 37) % 250 + 3 for i in range(3 * WINDOW)]  # past the sliding window
@@ -45,7 +46,8 @@ def bf16_base(quantized: bool = False):
 
 
 def greedy(model, proposer=None, k=4, max_tokens=48, strict_rows=None):
-    eng = Engine(model, PROMPT, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, strict_rows=strict_rows)
+    eng = Engine(model, Request(PROMPT, max_tokens=max_tokens), proposer=proposer, policy=FixedK(k),
+                 strict_rows=strict_rows)
     return [ev.token for ev in eng.run()]
 
 

@@ -17,6 +17,7 @@ from mlx_spec.proposers.base import RoundResult
 from mlx_spec.errors import PairingError
 from mlx_spec.proposers import make_proposer
 from mlx_spec.proposers.draft_model import DraftModelProposer
+from mlx_spec.request import Request
 
 VOCAB = 96
 WINDOW = 8
@@ -71,8 +72,8 @@ class FixedK:
 
 
 def generate(model, proposer=None, k=3, policy=None, max_tokens=MAX_TOKENS, seed=0, **sampling):
-    eng = Engine(model, PROMPT, proposer=proposer, sampling=SamplingParams(**sampling), max_tokens=max_tokens,
-                 policy=policy or FixedK(k), seed=seed)
+    eng = Engine(model, Request(PROMPT, sampling=SamplingParams(**sampling), max_tokens=max_tokens, seed=seed),
+                 proposer=proposer, policy=policy or FixedK(k))
     return [ev.token for ev in eng.run()], eng
 
 
@@ -205,8 +206,8 @@ def test_trained_gemma4_base_drafting_for_itself():
 
     model, tokenizer = load(str(Path(__file__).parent / "fixtures" / "gemma4-tiny-code" / "base"))
     ids = tokenizer.encode("def fibonacci(n):\n")
-    plain = [ev.token for ev in Engine(model, ids, max_tokens=48).run()]
-    eng = Engine(model, ids, proposer=DraftModelProposer(model, model), max_tokens=48, policy=FixedK(4))
+    plain = [ev.token for ev in Engine(model, Request(ids, max_tokens=48)).run()]
+    eng = Engine(model, Request(ids, max_tokens=48), proposer=DraftModelProposer(model, model), policy=FixedK(4))
     assert [ev.token for ev in eng.run()] == plain, "speculative == plain with a Gemma 4 draft model"
     assert eng.stats.accepted == eng.stats.drafted, "a model drafting for itself has every draft accepted"
 
@@ -220,7 +221,7 @@ def test_a_next_request_reuses_the_draft_cache_up_to_the_common_prefix(kind, sto
     same as with a fresh proposer."""
     base, noisy, _, _ = models(kind)
     reused = DraftModelProposer(noisy, base)
-    events = Engine(base, PROMPT, proposer=reused, policy=FixedK(4), max_tokens=MAX_TOKENS).run()
+    events = Engine(base, Request(PROMPT, max_tokens=MAX_TOKENS), proposer=reused, policy=FixedK(4)).run()
     first = [ev.token for _, ev in zip(range(7 if stop_early else MAX_TOKENS), events)]
     events.close()  # stopping early leaves a queued round's drafts in the draft cache
     turn2 = PROMPT + first + [5, 9, 13]
@@ -240,9 +241,9 @@ def test_a_next_request_reuses_the_draft_cache_up_to_the_common_prefix(kind, sto
             assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item()
     outs = []
     for proposer in (reused, fresh):
-        e = Engine(base, turn2, proposer=proposer, policy=FixedK(4), max_tokens=30)
+        e = Engine(base, Request(turn2, max_tokens=30), proposer=proposer, policy=FixedK(4))
         outs.append(([ev.token for ev in e.run()], e.stats.accepted))
-    plain = [ev.token for ev in Engine(base, turn2, max_tokens=30).run()]
+    plain = [ev.token for ev in Engine(base, Request(turn2, max_tokens=30)).run()]
     assert outs[0] == outs[1] and outs[0][0] == plain, "same drafts accepted, output = plain"
 
 

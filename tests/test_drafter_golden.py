@@ -14,6 +14,7 @@ from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.request import Request
 
 HF, GOLDEN = FIXTURES / "hf", FIXTURES / "golden"
 DRAFTERS = ["assistant_centroid", "assistant_dense"]
@@ -88,8 +89,8 @@ def test_our_prefill_hands_the_drafter_hfs_kv_and_hidden(pair):
 def test_speculative_output_equals_transformers_assisted_generation(pair, k):
     name, base, drafter, g = pair
     want = g[f"assisted_greedy_k{k}"].tolist()
-    eng = Engine(base, g["prompt_long"].tolist(), proposer=MTPProposer(drafter, base), policy=FixedK(k),
-                 max_tokens=len(want))
+    eng = Engine(base, Request(g["prompt_long"].tolist(), max_tokens=len(want)), proposer=MTPProposer(drafter, base),
+                 policy=FixedK(k))
     got = [ev.token for ev in eng.run()]
     assert got == want, f"{name} k={k}: must equal transformers' assisted generation token for token"
     hf_rounds = g[f"assisted_rounds_k{k}"]

@@ -3,7 +3,7 @@ with prompts shorter and longer than the sliding window and generations that cro
 
 import mlx.core as mx
 import pytest
-from tiny_models import WINDOW, make_base, make_drafter
+from tiny_models import WINDOW, engine, make_base, make_drafter
 
 from mlx_spec.engine import Engine
 from mlx_spec.sampling import SamplingParams
@@ -11,6 +11,7 @@ from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.ngram import NgramProposer
+from mlx_spec.request import Request
 
 MAX_TOKENS = 4 * WINDOW  # crosses the window several times
 PROMPTS = {"short": [2, 17, 33, 4, 90], "long": [2] + [(i * 37) % 250 + 3 for i in range(3 * WINDOW)]}
@@ -25,7 +26,7 @@ def base(variant):
 
 
 def run(model, prompt, proposer=None, k=3, max_tokens=MAX_TOKENS, **kw):
-    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
+    eng = engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
     return [ev.token for ev in eng.run()], eng.stats
 
 
@@ -188,10 +189,10 @@ def test_should_stop_ends_the_prefill_between_chunks_and_leaves_a_consistent_cac
     prompt = PROMPTS["long"]
     want, _ = run(model, prompt, max_tokens=12)
     asked = []
-    eng = Engine(model, prompt, max_tokens=12, prefill_step=16,
+    eng = Engine(model, Request(prompt, max_tokens=12), prefill_step=16,
                  should_stop=lambda: asked.append(1) or len(asked) > 2)
     assert list(eng.run()) == [], "stopped during the prefill: no tokens"
     assert len(asked) == 3 and all(c.offset == 32 for c in eng.cache), "two chunks of 16 ran, then it stopped"
-    again = Engine(model, prompt, proposer=MTPProposer(drafter, model), policy=FixedK(3), max_tokens=12,
+    again = Engine(model, Request(prompt, max_tokens=12), proposer=MTPProposer(drafter, model), policy=FixedK(3),
                    cache=eng.cache, prefill_step=16)
     assert [ev.token for ev in again.run()] == want, "the rest of the prompt prefills from there, exactly"

@@ -13,6 +13,7 @@ from conftest import FIXTURES
 
 from mlx_spec import load
 from mlx_spec.engine import Engine
+from mlx_spec.request import Request
 
 HF, GOLDEN = FIXTURES / "hf", FIXTURES / "golden"
 BASES = sorted(p.stem for p in GOLDEN.glob("*.npz") if (HF / p.stem / "config.json").exists()
@@ -43,7 +44,7 @@ def test_prompt_logits_match_transformers(case, which):
 def test_greedy_tokens_match_transformers(case, which):
     name, model, g = case
     want = g[f"greedy_{which}"].tolist()
-    got = [ev.token for ev in Engine(model, g[f"prompt_{which}"].tolist(), max_tokens=len(want)).run()]
+    got = [ev.token for ev in Engine(model, Request(g[f"prompt_{which}"].tolist(), max_tokens=len(want))).run()]
     assert got == want, f"{name}/{which}: greedy continuation must equal transformers' token for token"
 
 
@@ -56,7 +57,7 @@ def test_converted_fp32_model_matches_transformers(name, tmp_path):
     model, _ = load(str(out))
     g = np.load(GOLDEN / f"{name}.npz")
     want = g["greedy_long"].tolist()
-    got = [ev.token for ev in Engine(model, g["prompt_long"].tolist(), max_tokens=len(want)).run()]
+    got = [ev.token for ev in Engine(model, Request(g["prompt_long"].tolist(), max_tokens=len(want))).run()]
     assert got == want, f"{name}: the converted fp32 model must decode exactly as transformers does"
 
 

@@ -23,6 +23,7 @@ from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.draft_model import DraftModelProposer
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.ngram import NgramProposer
+from mlx_spec.request import Request
 
 GROUP = 32
 PROMPT = [2] + [(i * 37) % 250 + 3 for i in range(3 * WINDOW)]  # 49 tokens: past the window of 16
@@ -49,7 +50,7 @@ def qdrafter(variant: str):
 
 def run(model, proposer=None, k=3, bits=8, start=0, prompt=PROMPT, max_tokens=MAX_TOKENS):
     cache = model.make_cache(17, kv_bits=bits, kv_group_size=GROUP, quantized_kv_start=start)
-    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, cache=cache)
+    eng = Engine(model, Request(prompt, max_tokens=max_tokens), proposer=proposer, policy=FixedK(k), cache=cache)
     return [ev.token for ev in eng.run()], eng
 
 
@@ -217,7 +218,7 @@ def test_mlx_lm_model_speculative_equals_plain_across_the_switch():
     def go(proposer=None, k=3):
         cache = make_rewindable(make_prompt_cache(model), 17, kv_bits=4, kv_group_size=32,
                                 quantized_kv_start=len(prompt) + 2)
-        eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=30, cache=cache)
+        eng = Engine(model, Request(prompt, max_tokens=30), proposer=proposer, policy=FixedK(k), cache=cache)
         return [e.token for e in eng.run()], eng
 
     plain, eng = go()
@@ -298,8 +299,8 @@ def test_trained_pair_quantized_speculative_equals_plain(trained_pair):
     assert len(prompt) + 96 > 3 * W
     for bits in (8, 4):
         kw = dict(kv_bits=bits, kv_group_size=32)
-        plain = [e.token for e in Engine(model, prompt, max_tokens=96, cache=model.make_cache(17, **kw)).run()]
-        eng = Engine(model, prompt, proposer=MTPProposer(drafter, model), policy=FixedK(3), max_tokens=96,
+        plain = [e.token for e in Engine(model, Request(prompt, max_tokens=96), cache=model.make_cache(17, **kw)).run()]
+        eng = Engine(model, Request(prompt, max_tokens=96), proposer=MTPProposer(drafter, model), policy=FixedK(3),
                      cache=model.make_cache(17, **kw))
         assert [e.token for e in eng.run()] == plain, f"trained pair kv_bits={bits}: spec must equal plain"
         assert eng.stats.acceptance_by_position[0] > 0.5, "the drafter reads the quantized K/V correctly"

@@ -8,6 +8,7 @@ import mlx.core as mx
 import pytest
 
 from mlx_spec import stream_generate
+from mlx_spec.request import Request
 
 PROMPT = "import os\nimport sys\n\ndef main(argv):\n"
 N_TOKENS = 20
@@ -77,8 +78,8 @@ def test_strict_padding_reports_the_same_logprobs(trained_pair, plain):
 
     model, tok, drafter = trained_pair
     for proposer in (None, make_proposer(model, drafter=drafter)):
-        eng = Engine(model, tok.encode(PROMPT), proposer=proposer, policy=FixedK(3), max_tokens=N_TOKENS,
-                     strict_rows=9, logprobs=TOP)
+        eng = Engine(model, Request(tok.encode(PROMPT), max_tokens=N_TOKENS, logprobs=TOP), proposer=proposer,
+                     policy=FixedK(3), strict_rows=9)
         got = [(ev.token, ev.logprob, ev.top_logprobs) for ev in eng.run()]
         assert [t for t, _, _ in got] == [t for t, _, _ in plain]
         assert all(math.isclose(a[1], b[1], abs_tol=1e-5) for a, b in zip(got, plain)), "strict: same logprobs"

@@ -12,6 +12,7 @@ from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.request import Request
 
 CONTEXTS = [5, 17, 40, 257, 600]
 
@@ -62,8 +63,8 @@ def test_estimate_holds_after_speculative_decoding():
     """Rounds append k+1 positions and roll back: capacity follows the context, not the rounds."""
     model = make_base("e2b")
     prompt = [(i * 37) % 250 + 3 for i in range(250)]
-    eng = Engine(model, prompt, proposer=MTPProposer(make_drafter(model), model), policy=FixedK(5),
-                 max_tokens=40)
+    eng = Engine(model, Request(prompt, max_tokens=40), proposer=MTPProposer(make_drafter(model), model),
+                 policy=FixedK(5))
     list(eng.run())
     n = eng.cache[0].offset
     layers = memory.kv_layers_from_config(text_config("e2b"))

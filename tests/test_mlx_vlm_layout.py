@@ -34,6 +34,7 @@ from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.loading import load_model
 from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.request import Request
 
 PREFIX = "language_model."
 WINDOW = 32  # the tiny pair's sliding window: prompt + generation below span more than two windows
@@ -92,8 +93,7 @@ def saved(model_dir: Path) -> dict:
 
 def greedy(model, prompt, drafter=None, k=3) -> list:
     proposer = MTPProposer(drafter, model) if drafter is not None else None
-    eng = Engine(model, list(prompt), proposer=proposer, policy=FixedK(k),
-                 max_tokens=N_NEW)
+    eng = Engine(model, Request(list(prompt), max_tokens=N_NEW), proposer=proposer, policy=FixedK(k))
     return [ev.token for ev in eng.run()]  # no eos ids: always N_NEW tokens
 
 
@@ -178,10 +178,10 @@ def test_drafter_as_mlx_vlm_writes_it_fp32_and_quantized_centroids(ours, tmp_pat
     fp32 = write_vlm_dir(tmp_path / "vlm-assistant", hf_config("assistant"), saved(drafter_dir), TINY_CODE / "base")
     ref_drafter = load_drafter(str(drafter_dir), base)
     got_drafter = load_drafter(str(fp32), base)
-    ref_spec = Engine(base, list(prompt), proposer=MTPProposer(ref_drafter, base), policy=FixedK(3),
-                      max_tokens=N_NEW)
-    got_spec = Engine(base, list(prompt), proposer=MTPProposer(got_drafter, base), policy=FixedK(3),
-                      max_tokens=N_NEW)
+    ref_spec = Engine(base, Request(list(prompt), max_tokens=N_NEW), proposer=MTPProposer(ref_drafter, base),
+                      policy=FixedK(3))
+    got_spec = Engine(base, Request(list(prompt), max_tokens=N_NEW), proposer=MTPProposer(got_drafter, base),
+                      policy=FixedK(3))
     assert [e.token for e in got_spec.run()] == [e.token for e in ref_spec.run()] == plain
     assert got_spec.stats.accepted == ref_spec.stats.accepted, "same drafter weights: same drafts"
 

@@ -13,6 +13,7 @@ from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.proposers.ngram import NgramProposer
+from mlx_spec.request import Request
 
 
 class CheckingProposer:
@@ -47,7 +48,7 @@ def test_cache_after_each_round_equals_never_seen(variant, k):
     prompt = [2] + [(i * 37) % 250 + 3 for i in range(20)]
     for inner in (MTPProposer(drafter, model), NgramProposer(1)):
         proposer = CheckingProposer(inner, model)
-        list(Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=48).run())
+        list(Engine(model, Request(prompt, max_tokens=48), proposer=proposer, policy=FixedK(k)).run())
         assert proposer.checked > 5
 
 
@@ -58,7 +59,7 @@ def test_stopping_early_leaves_the_cache_at_the_history(with_proposer):
     model = make_base("e2b")
     prompt = [2] + [(i * 37) % 250 + 3 for i in range(20)]
     proposer = NgramProposer(1) if with_proposer else None
-    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(3), max_tokens=60)
+    eng = Engine(model, Request(prompt, max_tokens=60), proposer=proposer, policy=FixedK(3))
     gen = eng.run()
     for _ in range(17):
         next(gen)

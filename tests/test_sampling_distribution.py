@@ -19,6 +19,7 @@ from mlx_spec.sampling import SamplingParams
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.base import Draft
 from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.request import Request
 
 N = 400
 PROMPT_TEXT = "def parse(line):\n    "
@@ -59,8 +60,9 @@ class GreedyScript:
 def samples(model, prompt, sampling, make_proposer=None, n=N):
     out = Counter()
     for seed in range(n):
-        eng = Engine(model, prompt, proposer=make_proposer() if make_proposer else None, sampling=sampling,
-                     policy=FixedK(2), max_tokens=3, seed=seed + (10_000 if make_proposer else 0))
+        eng = Engine(model,
+                     Request(prompt, sampling=sampling, max_tokens=3, seed=seed + (10_000 if make_proposer else 0)),
+                     proposer=make_proposer() if make_proposer else None, policy=FixedK(2))
         out[tuple(e.token for e in eng.run())[1:]] += 1  # tokens 2-3 come from one speculative round
     return out
 

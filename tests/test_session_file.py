@@ -17,6 +17,7 @@ from mlx_spec.errors import MlxSpecError
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.session_file import SessionFileError, load_prompt_cache, save_prompt_cache, session_identity
+from mlx_spec.request import Request
 
 PREFIX = [2] + [(i * 37) % 250 + 3 for i in range(3 * WINDOW)]  # 49 tokens: three windows of 16
 SUFFIX = [(i * 11) % 250 + 3 for i in range(7)]
@@ -52,7 +53,7 @@ def saved(tmp_path, model, bits=None, start=0, tokens=PREFIX, name="session"):
 
 
 def generate(model, prompt, cache, proposer=None, k=3, max_tokens=40):
-    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, cache=cache)
+    eng = Engine(model, Request(prompt, max_tokens=max_tokens), proposer=proposer, policy=FixedK(k), cache=cache)
     return [e.token for e in eng.run()]
 
 

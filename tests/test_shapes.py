@@ -8,14 +8,15 @@ from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
 from mlx_spec.shapes import BASE_SHAPES, base_config, drafter_config, random_pair
+from mlx_spec.request import Request
 
 
 def test_tiny_pair_decodes_exactly():
     base, drafter = random_pair("tiny", dtype=mx.float32, q_bits=0)
     prompt = list(range(2, 40))
-    plain = [e.token for e in Engine(base, prompt, max_tokens=24).run()]
-    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), policy=FixedK(3),
-                                    max_tokens=24).run()]
+    plain = [e.token for e in Engine(base, Request(prompt, max_tokens=24)).run()]
+    spec = [e.token for e in Engine(base, Request(prompt, max_tokens=24), proposer=MTPProposer(drafter, base),
+                                    policy=FixedK(3)).run()]
     assert spec == plain
 
 
@@ -49,9 +50,9 @@ def test_quantized_tiny_pair_validates_and_decodes_exactly():
     norms = [p for n, p in tree_flatten(base.parameters()) if "norm" in n and p.ndim == 1]
     assert norms and all(abs(float(p.mean()) - 1.0) < 0.05 for p in norms)
     prompt = list(range(2, 40))
-    plain = [e.token for e in Engine(base, prompt, max_tokens=24).run()]
-    spec = [e.token for e in Engine(base, prompt, proposer=MTPProposer(drafter, base), policy=FixedK(3),
-                                    max_tokens=24).run()]
+    plain = [e.token for e in Engine(base, Request(prompt, max_tokens=24)).run()]
+    spec = [e.token for e in Engine(base, Request(prompt, max_tokens=24), proposer=MTPProposer(drafter, base),
+                                    policy=FixedK(3)).run()]
     assert spec == plain
 
 
@@ -83,10 +84,11 @@ def test_tiny_block_drafters_decode_exactly_and_a_cut_base_keeps_its_pattern():
 
     base, _ = random_pair("tiny", dtype=mx.float32, q_bits=0)
     prompt = list(range(2, 40))
-    plain = [e.token for e in Engine(base, prompt, max_tokens=24).run()]
+    plain = [e.token for e in Engine(base, Request(prompt, max_tokens=24)).run()]
     for family, q in (("dflash", 0), ("dspark", 8)):
         drafter = random_block_drafter("tiny", family, dtype=mx.float32, q_bits=q, group_size=32)
-        eng = Engine(base, prompt, proposer=make_proposer(base, drafter=drafter), policy=FixedK(3), max_tokens=24)
+        eng = Engine(base, Request(prompt, max_tokens=24), proposer=make_proposer(base, drafter=drafter),
+                     policy=FixedK(3))
         assert [e.token for e in eng.run()] == plain, f"{family}: exact"
     cut = base_config("31b", layers=12)
     assert cut["num_hidden_layers"] == 12 and cut["layer_types"][-1] == "full_attention"

@@ -22,6 +22,7 @@ from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers import NgramProposer
 from mlx_spec.proposers.draft_model import DraftModelProposer
+from mlx_spec.request import Request
 
 TIE_MARGIN = 1e-3  # relative top-2 logit margin below which quantized paths may pick either token
 MAX_TOKENS = 64
@@ -195,7 +196,7 @@ PROMPTS = [
 
 
 def run(model, ids, proposer=None, k=4):
-    eng = Engine(model, ids, proposer=proposer, max_tokens=MAX_TOKENS, policy=FixedK(k), eos_ids=[2])
+    eng = Engine(model, Request(ids, max_tokens=MAX_TOKENS), proposer=proposer, policy=FixedK(k), eos_ids=[2])
     return [ev.token for ev in eng.run()], eng.stats
 
 

@@ -20,6 +20,7 @@ from mlx_spec.tuning import policy as policies
 from mlx_spec.tuning import store as stores
 from mlx_spec.tuning import tuner as tuners
 from mlx_spec.tuning.policy import AcceptanceEstimate, PairState
+from mlx_spec.request import Request
 
 # A typical Apple-silicon profile: verifying k+1 tokens costs little more than one, drafting ~0.1 step.
 CHEAP = Costs(verify=[1.0 + 0.03 * k for k in range(9)], draft_fixed=0.02, draft_step=0.1)
@@ -311,7 +312,7 @@ def test_learnt_state_carries_over_down_weighted(trained_pair):
 # --- decisions on real drafters (the trained tiny pair) ---------------------------------------------
 
 def decode(model, tokens, proposer=None, policy=None, max_tokens=48):
-    eng = Engine(model, tokens, proposer=proposer, max_tokens=max_tokens, policy=policy or FixedK(3))
+    eng = Engine(model, Request(tokens, max_tokens=max_tokens), proposer=proposer, policy=policy or FixedK(3))
     return [e.token for e in eng.run()], eng.stats
 
 
@@ -352,7 +353,8 @@ def test_switching_between_plain_and_drafting_keeps_greedy_output_exact(trained_
     model, tokenizer, drafter = trained_pair
     ids = tokenizer.encode(PROMPT)
     plain, _ = decode(model, ids, max_tokens=70)
-    eng = Engine(model, ids, proposer=MTPProposer(drafter, model), max_tokens=70, policy=ScriptedPolicy(pattern))
+    eng = Engine(model, Request(ids, max_tokens=70), proposer=MTPProposer(drafter, model),
+                 policy=ScriptedPolicy(pattern))
     out = [e.token for e in eng.run()]
     assert out == plain, f"pattern {pattern}: speculative greedy equals plain, whatever k the policy gives"
     assert eng.cache[0].offset == len(eng.history) - 1, "after the run the cache holds history[:-1]"

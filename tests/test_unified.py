@@ -21,6 +21,7 @@ from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
 from mlx_spec.proposers import make_proposer
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 PROMPT = tokens(seed=9, n=24)  # longer than the window (16)
 N_NEW = 40
@@ -32,7 +33,7 @@ def convert(*args, **kwargs):
 
 
 def greedy(model, proposer=None, k=3):
-    eng = Engine(model, PROMPT, proposer=proposer, policy=FixedK(k), max_tokens=N_NEW)
+    eng = Engine(model, Request(PROMPT, max_tokens=N_NEW), proposer=proposer, policy=FixedK(k))
     return [e.token for e in eng.run()]
 
 

@@ -122,3 +122,16 @@ def make_block_drafter(config: dict, seed: int = 2):
     d = model_class(args_class.from_dict(config))
     _redraw(d, seed)
     return d
+
+
+def engine(model, prompt, **settings):
+    """An Engine for `prompt`: settings that are Request fields (max_tokens, sampling, seed, kv, ...) go into
+    its Request, the rest (proposer, policy, eos_ids, cache, ...) to the Engine."""
+    from dataclasses import fields
+
+    from mlx_spec.engine import Engine
+    from mlx_spec.request import Request
+
+    names = {f.name for f in fields(Request)}
+    request = Request(prompt, **{k: v for k, v in settings.items() if k in names})
+    return Engine(model, request, **{k: v for k, v in settings.items() if k not in names})

@@ -19,6 +19,7 @@ from mlx_spec import load, load_drafter
 from mlx_spec.engine import Engine
 from mlx_spec.tuning import FixedK
 from mlx_spec.proposers.mtp import MTPProposer
+from mlx_spec.request import Request
 
 PAIR = os.path.join(os.path.dirname(__file__), "..", "..", "tests", "fixtures", "gemma4-tiny-code")
 
@@ -39,7 +40,7 @@ def main() -> None:
 
     def run(prompt, bits, proposer):
         cache = model.make_cache(17, kv_bits=bits, kv_group_size=32)  # the pair's sliding head_dim is 32
-        eng = Engine(model, prompt, proposer=proposer, policy=FixedK(args.k), max_tokens=args.max_tokens,
+        eng = Engine(model, Request(prompt, max_tokens=args.max_tokens), proposer=proposer, policy=FixedK(args.k),
                      cache=cache)
         return [e.token for e in eng.run()], eng.stats
 

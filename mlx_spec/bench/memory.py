@@ -16,6 +16,7 @@ from ..memory import kv_cache_bytes, kv_layers_from_model
 from ..models.base import vocab_size
 from ..tuning import FixedK
 from .runner import Config
+from ..request import Request
 
 DECODE_TOKENS = 8
 
@@ -37,8 +38,8 @@ def peak_by_context(model, configs: List[Config], contexts: List[int], kv: Optio
         for name, cfg in [("plain", None)] + list(families.items()):
             mx.clear_cache()
             mx.reset_peak_memory()
-            eng = Engine(model, prompt, proposer=cfg.make(0) if cfg else None, policy=FixedK(cfg.k) if cfg else None,
-                         max_tokens=DECODE_TOKENS, kv=kv)
+            eng = Engine(model, Request(prompt, max_tokens=DECODE_TOKENS, kv=kv),
+                         proposer=cfg.make(0) if cfg else None, policy=FixedK(cfg.k) if cfg else None)
             for _ in eng.run():
                 pass
             row[f"{name}_peak_bytes"] = int(mx.get_peak_memory())

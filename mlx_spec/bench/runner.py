@@ -14,6 +14,7 @@ from ..sampling import SamplingParams
 from ..stats import GenerationStats
 from ..tuning import AutoTuner, Costs, measure_costs
 from ..tuning.tuner import draft_policy
+from ..request import Request
 
 WARMUP_TOKENS = 32
 
@@ -121,8 +122,8 @@ def decode(model, ids: List[int], proposer, k_value, sampling: SamplingParams, m
     if instrument and proposer is not None:
         proposer = _TimedProposer(proposer, clock)
         timer = policy = _RoundTimer(policy, clock)
-    eng = Engine(model, ids, proposer=proposer, policy=policy, sampling=sampling, max_tokens=max_tokens,
-                 eos_ids=eos_ids, seed=seed, strict_rows=strict_rows, kv=kv)
+    eng = Engine(model, Request(ids, sampling=sampling, max_tokens=max_tokens, seed=seed, kv=kv), proposer=proposer,
+                 policy=policy, eos_ids=eos_ids, strict_rows=strict_rows)
     mx.clear_cache()
     mx.reset_peak_memory()
     tokens, first = [], None

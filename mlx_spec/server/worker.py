@@ -26,6 +26,7 @@ from ..conversation import Conversations
 from ..loading import materialize
 from ..models.base import vocab_size
 from ..proposers.base import Proposer
+from ..request import Request
 from ..tuning.tuner import AutoTuner
 from .requests import GenerationRequest, RequestError
 
@@ -221,10 +222,10 @@ class Worker(threading.Thread):
         job.events.put(("start", len(prompt)))
         stops = StopMatcher(req.stop)
         want = req.logprobs  # None, or how many alternatives per token
-        turn = self.conversations.turn(prompt, sampling=req.sampling, max_tokens=max_tokens, seed=req.seed,
-                                       num_draft_tokens=req.num_draft_tokens, drafting=drafting,
-                                       should_stop=job.cancelled.is_set, strict=self.strict,
-                                       logprobs=0 if want is None else max(want, 1))
+        request = Request(prompt, max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, draft=drafting,
+                          num_draft_tokens=req.num_draft_tokens, strict=self.strict,
+                          logprobs=0 if want is None else max(want, 1))
+        turn = self.conversations.turn(request, should_stop=job.cancelled.is_set)
         finish, n, stats, logprobs = "length", 0, None, []
         try:
             for r in turn:
