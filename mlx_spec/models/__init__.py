@@ -12,10 +12,12 @@ import importlib
 from ..errors import UnsupportedModelError
 
 DRAFTER_TYPES = ("gemma4_assistant", "gemma4_unified_assistant", "gemma4_dflash", "gemma4_dspark")
+DRAFTER_TYPES += ("gemma4_eagle3",)  # eagle3
 GEMMA4_TYPES = ("gemma4_text", "gemma4", "gemma4_unified") + DRAFTER_TYPES
 _MODULES = {"gemma4_text": "gemma4_text", "gemma4": "gemma4", "gemma4_unified": "gemma4",
             "gemma4_assistant": "gemma4_assistant", "gemma4_unified_assistant": "gemma4_assistant",
             "gemma4_dflash": "gemma4_dflash", "gemma4_dspark": "gemma4_dspark"}
+_MODULES["gemma4_eagle3"] = "gemma4_eagle3"  # eagle3
 DSPARK_ARCHITECTURE = "Gemma4DSparkModel"
 
 
@@ -26,6 +28,9 @@ def checkpoint_type(config: dict) -> str:
     `dflash_config` and no Markov head (a `dflash_config` with `markov_rank` > 0 or projector "dspark" is a
     DSpark drafter of another model family, which no Gemma 4 base pairs with)."""
     model_type = config.get("model_type")
+    family = config.get("speculators_model_type")  # eagle3: Speculators drafters name their family here
+    if family is not None:  # eagle3
+        return "gemma4_eagle3" if family == "eagle3" else f"speculators_{family}"  # eagle3
     if DSPARK_ARCHITECTURE in (config.get("architectures") or []):
         return "gemma4_dspark"
     dflash = config.get("dflash_config")

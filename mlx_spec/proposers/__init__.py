@@ -40,6 +40,15 @@ DRAFTER_PROPOSERS = {"gemma4_assistant": _mtp, "gemma4_unified_assistant": _mtp,
                      "gemma4_dspark": _dspark}
 
 
+def _eagle3(drafter, model):  # eagle3
+    from .eagle3 import Eagle3Proposer  # eagle3
+
+    return Eagle3Proposer(drafter, model)  # eagle3
+
+
+DRAFTER_PROPOSERS["gemma4_eagle3"] = _eagle3  # eagle3
+
+
 def drafter_proposer(drafter, model) -> Proposer:
     """The proposer for a drafter module loaded by `load_drafter`."""
     kind = getattr(drafter, "model_type", None)
