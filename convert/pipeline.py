@@ -27,6 +27,7 @@ from .recipes import Q_BITS, Q_GROUP_SIZES, RECIPES, make_predicate
 from .writer import atomic_directory, check_destination
 
 BLOCK_DRAFTER_TYPES = ("gemma4_dflash", "gemma4_dspark")  # their config is their published layout: kept as is
+BLOCK_DRAFTER_TYPES += ("gemma4_eagle3",)  # eagle3: Speculators' config, kept as published too
 MULTIMODAL_TYPES = ("gemma4", "gemma4_unified")
 DEFAULT_DRAFTER_DTYPE = "bfloat16"
 # Copied verbatim: the tokenizer, its chat template and the generation defaults (eos ids).
