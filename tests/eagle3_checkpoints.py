@@ -119,3 +119,20 @@ def make_eagle3_checkpoint(tmp_path: Path, base_dir: Path, name: str = "eagle3",
     mx.save_safetensors(str(out / "model.safetensors"), eagle3_weights(cfg, base_embedding(base_dir), seed),
                         metadata={"format": "pt"})
     return out
+
+
+GOLDEN_AUX = (1, 2, 3)  # mlx-vlm 0.7.10's fc takes exactly three aux layers, and its id 0 is another layer
+GOLDEN_DRAFTERS = {"eagle3": dict(draft_vocab=128, norm_before_residual=True, seed=7),
+                   "eagle3_wide": dict(layers=2, norm_before_residual=False, norm_before_fc=True, seed=8)}
+
+
+def build_eagle3_checkpoints(out: Path) -> dict:
+    """The checkpoints of the EAGLE-3 goldens (tests/fixtures/make_eagle3_goldens.py), by name: the block
+    goldens' `unified` base and the drafters of GOLDEN_DRAFTERS."""
+    from checkpoints import make_unified_checkpoint
+
+    base = make_unified_checkpoint(out, window=16)
+    paths = {"unified": base}
+    for name, options in GOLDEN_DRAFTERS.items():
+        paths[name] = make_eagle3_checkpoint(out, base, name=name, aux=GOLDEN_AUX, **options)
+    return paths
