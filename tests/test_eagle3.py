@@ -220,6 +220,16 @@ def test_plain_steps_hand_features_over_in_batches():
     assert_fresh_context(proposer, base, eng.history, "after a plain stretch")
 
 
+def test_the_cost_probe_drafts_after_restarting_on_the_same_ids():
+    """The tuner's probe (auto k) calls start(history[:-1]) and then proposes after the same history, again and
+    again: the context's newest entry (paired with the id the prompt stops before) must stay."""
+    from mlx_spec.tuning.probe import measure_drafting
+
+    base, drafter = pair("e2b", "llama_reduced_vocab")
+    times = measure_drafting(base, make_proposer(base, drafter=drafter), [1, 3], reps=2, context=40)
+    assert set(times) == {1, 3} and all(t >= 0 for t in times.values())
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_drafts_are_the_training_time_unroll(family):
     """Cached == uncached: the drafts of a round after every position equal the argmax of `unroll` fed the same

@@ -73,13 +73,14 @@ def test_a_speculators_checkpoint_loads_as_a_drafter(base, ckpt):
         assert greedy(base, make_proposer(base, drafter=drafter), k) == plain, f"k={k}: speculative == plain"
 
 
-def test_the_cli_loads_it_with_drafter(ckpt, capsys):
+@pytest.mark.parametrize("k", ["3", "auto"])  # auto (the CLI's default) first measures the drafter's costs
+def test_the_cli_loads_it_with_drafter(ckpt, capsys, k):
     argv = ["--model", str(ckpt["base"]), "--prompt", "w10 w11 w12", "--max-tokens", "12", "--ignore-chat-template"]
     assert main(argv + ["--no-draft"]) == 0
     plain = capsys.readouterr().out
-    assert main(argv + ["--drafter", str(ckpt["eagle3"]), "--num-draft-tokens", "3"]) == 0
+    assert main(argv + ["--drafter", str(ckpt["eagle3"]), "--num-draft-tokens", k]) == 0
     out, err = capsys.readouterr()
-    assert out == plain, "--drafter with an EAGLE-3 drafter prints plain decoding's text"
+    assert out == plain, f"--drafter with an EAGLE-3 drafter, k={k}, prints plain decoding's text"
     lines = [line for line in err.splitlines() if line.startswith("[mlx_spec] drafter:")]
     assert len(lines) == 1 and "EAGLE-3 drafter" in lines[0] and "aux layers [1, 2, 3]" in lines[0]
 

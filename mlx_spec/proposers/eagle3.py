@@ -151,11 +151,13 @@ class Eagle3Proposer:
         self._history = []
 
     def start(self, prompt: List[int]) -> None:
-        """Keep the longest part of the context that `prompt` shares: a waiting feature at j needs ids 0..j
-        unchanged, an entry taken in also id j + 1."""
+        """Keep the part of the context `prompt` does not contradict: a waiting feature at j needs ids 0..j
+        unchanged, an entry taken in also id j + 1, unless the prompt ends before it (the engine then runs
+        the base from the prompt's last position, and the cost probe drafts after the same ids)."""
         c = self._context
         shared = common_prefix(self._history, prompt)
-        keep = min(c.offset, shared) if c.taken < shared else max(shared - 1, 0)
+        agreed = shared + 1 if shared == len(prompt) else shared  # ids not contradicted
+        keep = min(c.offset, shared) if c.taken < agreed else max(agreed - 1, 0)
         try:
             c.rollback(c.offset - keep)
         except CacheRollbackError:
