@@ -89,14 +89,15 @@ class Scripted:
         return self
 
 
-def assert_fresh_context(proposer, base, history, where):
+def assert_fresh_context(proposer, base, history, where, kv=None):
     """The proposer's context equals one built in one pass over history (features of history[:-1], each
-    with its next token), entry for entry, in every drafter layer."""
+    with its next token, from a base cache quantized as `kv` says), entry for entry, in every drafter layer."""
     context = proposer.context_cache[0]
     drafter = proposer.drafter
     assert context.offset == len(history) - 1 and context.waiting == 0, \
         f"{where}: the context covers {context.offset} positions ({context.waiting} waiting), not history[:-1]"
-    _, _, features = base.forward_layers(mx.array(history[:-1])[None], base.make_cache(), proposer.base_layers)
+    cache = base.make_cache(**kv.as_dict()) if kv is not None else base.make_cache()
+    _, _, features = base.forward_layers(mx.array(history[:-1])[None], cache, proposer.base_layers)
     want = drafter.make_cache()
     drafter.context(features, mx.array([history[1:]]), want)
     for i, (g, w) in enumerate(zip(context.caches, want)):
@@ -185,6 +186,37 @@ def test_a_reused_prompt_cache_reuses_the_context():
         assert slot.proposer.context_length == slot.cache[0].offset, "context and base cache hold the same positions"
         assert_fresh_context(slot.proposer, base, ids + got, f"turn {turn}")
         ids = ids + got + [7, 8, 9]
+
+
+def test_prefill_chunks_and_strict_padding_keep_the_context_in_step():
+    """Each prefill chunk takes in the positions whose next id the prompt holds; strict mode pads every pass:
+    the context still follows the base's positions exactly."""
+    base, drafter = pair("dense_keqv", "qwen3_two_layers_norm_output")
+    prompt = PROMPTS["long"]
+    plain, _ = run(base, prompt, max_tokens=24)
+    for kw in ({"prefill_step": 5}, {"prefill_step": 17}, {"strict_rows": 9}):
+        proposer = make_proposer(base, drafter=drafter)
+        spec, eng = run(base, prompt, proposer, k=4, max_tokens=24, **kw)
+        assert spec == plain, f"{kw}: must equal plain"
+        assert_fresh_context(proposer, base, eng.history, f"{kw}")
+
+
+def test_quantized_kv_with_a_switch_mid_prompt_stays_exact(trained_pair):
+    """--kv-bits on the trained tiny base (head dims 32/64, window 32): the base's pass that straddles
+    --quantized-kv-start is split there and both sides' features reach the context in step."""
+    from mlx_spec.cache import KVQuant
+
+    base, tokenizer, _ = trained_pair
+    drafter = make_eagle3(base, aux=(1, 2, 3), draft_vocab=1024, intermediate=128)
+    prompt = tokenizer.encode("import os\n\n\ndef walk(root):\n    for name in sorted(os.listdir(root)):\n")
+    kv = KVQuant(bits=8, group_size=32, start=len(prompt) // 2)
+    plain, _ = run(base, prompt, kv=kv, max_tokens=48)
+    assert len(prompt) + len(plain) > 2 * 32, "past the sliding window"
+    for k in (1, 4):
+        proposer = make_proposer(base, drafter=drafter)
+        spec, eng = run(base, prompt, proposer, k=k, kv=kv, max_tokens=48)
+        assert spec == plain and all(c.quantized for c in eng.cache), f"k={k} kv_bits=8: speculative == plain"
+        assert_fresh_context(proposer, base, eng.history, f"k={k} kv_bits=8", kv)
 
 
 def test_plain_steps_hand_features_over_in_batches():
