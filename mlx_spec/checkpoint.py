@@ -37,7 +37,7 @@ def read_json(path: Path, what: str = "config") -> dict:
 def read_config(model_dir: Path) -> dict:
     """config.json, with generation_config.json's eos_token_id merged in (as mlx-lm does)."""
     config = read_json(model_dir / CONFIG_FILE)
-    if "model_type" not in config:
+    if "model_type" not in config and "speculators_model_type" not in config:  # Speculators drafters name their family there
         raise ModelLoadError(f"{model_dir / CONFIG_FILE} has no 'model_type'; is this a model directory?")
     gen_path = model_dir / "generation_config.json"
     if gen_path.exists():
