@@ -25,8 +25,10 @@ import mlx.core as mx
 from ..cache import MAX_DRAFT_TOKENS, rollback_all
 from ..errors import CacheRollbackError, PairingError
 from ..identity import weights_fingerprint
+from ..families import LAYER_OUTPUTS
+from ..models.base import offers
 from ..models.gemma4_text import EMBEDDING_OUTPUT
-from ..prompt_cache import common_prefix
+from ..prefill import common_prefix
 from .base import Draft, RoundContext, RoundResult
 
 MAX_PENDING = 64  # waiting positions whose token is known, taken in at once (bounds their memory)
@@ -35,7 +37,7 @@ MAX_PENDING = 64  # waiting positions whose token is known, taken in at once (bo
 def validate_pairing(drafter, base) -> Tuple[int, ...]:
     """The base decoder layers the drafter reads (ascending), or PairingError: its feature width, vocabulary
     and aux layer ids must fit the base."""
-    if not hasattr(base, "forward_layers") or not hasattr(base, "check_layers"):
+    if not offers(base, LAYER_OUTPUTS):
         raise PairingError(f"an EAGLE-3 drafter reads a Gemma 4 base's decoder layers; this base is "
                            f"{getattr(base, 'model_type', type(base).__name__)}. Use --draft-model or --ngram with "
                            "other models")
