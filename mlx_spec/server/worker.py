@@ -28,33 +28,7 @@ from ..models.base import vocab_size
 from ..proposers.base import Proposer
 from ..tuning.tuner import AutoTuner
 from .requests import GenerationRequest, RequestError
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back any tail that may still become one."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, text: str) -> Tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was found)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
-                    if self.pending.endswith(s[:n])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+from .stops import StopMatcher
 
 
 @dataclass
