@@ -375,6 +375,52 @@ def test_completion_logprobs_in_openai_shape(srv, pair, stream):
     assert all(len(d) <= 2 for d in tops) and list(tops[0]) == [tokenizer.decode([i]) for i, _ in want[0][2]]
 
 
+def logprob_tokens(srv, kind, stream, **body):
+    """(text, [(token, text_offset)]) of a greedy request with logprobs, streamed or not, over raw HTTP."""
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = dict(body, max_tokens=MAX_TOKENS, temperature=0, stream=stream)
+    if kind == "chat":
+        body.update(messages=[{"role": "user", "content": CODE}], logprobs=True, top_logprobs=1)
+    else:
+        body.update(prompt=CODE, logprobs=1)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_port, timeout=30)
+    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    payload = r.read().decode()
+    conn.close()
+    assert r.status == 200, payload
+    choices = [json.loads(line[6:])["choices"] for line in payload.splitlines() if line.startswith("data: {")] \
+        if stream else [json.loads(payload)["choices"]]
+    choices = [c[0] for c in choices if c]
+    if kind == "chat":
+        text = "".join((c.get("delta") or c.get("message") or {}).get("content") or "" for c in choices)
+        tokens, offset = [], 0
+        for c in choices:
+            for t in (c["logprobs"] or {}).get("content") or []:
+                tokens.append((t["token"], offset))  # chat has no text_offset: tokens follow one another
+                offset += len(t["token"])
+        return text, tokens
+    text = "".join(c["text"] for c in choices)
+    return text, [pair for c in choices if c["logprobs"] for pair in zip(c["logprobs"]["tokens"],
+                                                                          c["logprobs"]["text_offset"])]
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_stop_where_a_stop_string_cuts_the_text(srv, kind, stream):
+    """A stop string that begins inside a token: that token is kept (some of its text is sent), the tokens
+    after it (the stop string's) are not, and every text_offset lies within the text."""
+    full, tokens = logprob_tokens(srv, kind, stream)
+    assert "".join(t for t, _ in tokens) == full
+    k = next(i for i, (t, o) in enumerate(tokens[:-1]) if len(t) >= 2 and full.find(t[1:] + tokens[i + 1][0]) == o + 1)
+    token, offset = tokens[k]
+    stop = token[1:] + tokens[k + 1][0]  # starts after the first character of token k, ends in token k + 1
+    text, kept = logprob_tokens(srv, kind, stream, stop=[stop])
+    assert text == full[: offset + 1], "the text ends where the stop string begins"
+    assert kept == tokens[: k + 1], "the logprobs end with the last token whose text starts before the cut"
+    assert all(o < len(text) for _, o in kept), "every text_offset lies within the text"
+
+
 # --- 9. load: well-formed requests answered while stalled connections are held -------------------
 
 PROMPTS = [CODE, "class Parser:\n", "def test_", "for i in range(10):\n", "import json\n"]

@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from mlx_spec.server.stops import StopMatcher
+from mlx_spec.server.stops import StopCut, StopMatcher
 
 
 class NaiveStopMatcher:
@@ -144,3 +144,39 @@ def test_work_per_character_is_bounded_whatever_the_stop_strings_length(piece):
             assert len(m.pending) < max(map(len, stops)), "the held tail is shorter than the longest stop string"
         out += m.flush()
         assert out == text, "all the text comes out once no stop string can complete"
+
+
+def test_logprobs_stop_where_the_text_stops():
+    """StopCut, token by token as the worker feeds it: a token's logprobs are sent with the text that
+    releases its first character, never before; at a stop-string cut exactly the tokens whose text starts
+    before the cut are kept (a straddling token is in, the stop string's own tokens are out), so every
+    text_offset lies within the text; without a stop, every token is kept."""
+    rng = random.Random(2)
+    for case in range(3000):
+        stops, _ = random_case(rng)
+        alphabet = "".join(set("".join(stops))) or "ab"
+        tokens = ["".join(rng.choice(alphabet) for _ in range(rng.choice([0, 1, 1, 2, 3]))) for _ in range(10)]
+        cut, naive = StopCut(list(stops)), NaiveStopMatcher(list(stops))
+        text, kept, starts, hit = "", [], [], False
+        for i, token in enumerate(tokens):
+            last = i == len(tokens) - 1
+            starts.append(cut.offset)
+            out, items, hit = cut.feed(token, i, last=last)
+            want, want_hit = naive.feed(token)
+            want += naive.flush() if last and not want_hit else ""
+            assert (out, hit) == (want, want_hit), f"case {case}: the text is StopMatcher's"
+            text += out
+            for j in items:
+                assert starts[j] < len(text) or last and not hit, \
+                    f"case {case}: token {j} is sent with (or after) its first character"
+            held = [j for j in range(i + 1) if j not in kept + items]
+            assert all(starts[j] >= len(text) for j in held) or last, f"case {case}: and not later than that"
+            kept += items
+            if hit:
+                break
+        assert kept == list(range(len(kept))), f"case {case}: tokens are kept in order, none skipped"
+        if hit:
+            assert kept == [j for j in range(len(starts)) if starts[j] < len(text)], \
+                f"case {case}: {tokens} / {stops}: kept iff the token's text starts before the cut"
+        else:
+            assert kept == list(range(len(tokens))), f"case {case}: no stop: every token is kept"

@@ -251,7 +251,7 @@ class Handler(BaseHTTPRequestHandler):
         ident, created = srv.new_id(req), int(time.time())
         if req.kind == "chat":
             self._sse(srv.chunk(req, ident, created, {"role": "assistant", "content": ""}))
-        pending, offset = None, 0
+        pending = None
         while True:
             kind, value = pending or self._next_event(job)
             pending = None
@@ -275,8 +275,7 @@ class Handler(BaseHTTPRequestHandler):
                 if not text and not logprobs:
                     continue
                 self._sse(srv.chunk(req, ident, created, {"content": text} if req.kind == "chat" else text,
-                                    logprobs=srv.logprobs(req, logprobs, offset)))
-                offset += len(text)
+                                    logprobs=srv.logprobs(req, logprobs)))
             elif kind == "error":
                 self._sse(value.body())
                 break
@@ -352,7 +351,7 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
 
     def response(self, req: GenerationRequest, text: str, result: JobResult,
                  logprobs: Optional[List[TokenLogprob]] = None) -> dict:
-        lp = self.logprobs(req, logprobs or [], 0)
+        lp = self.logprobs(req, logprobs or [])
         if req.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": result.finish_reason}
@@ -373,18 +372,15 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                 "created": created, "model": self.model_name, "choices": [choice]}
 
     @staticmethod
-    def logprobs(req: GenerationRequest, tokens: List[TokenLogprob], offset: int) -> Optional[dict]:
+    def logprobs(req: GenerationRequest, tokens: List[TokenLogprob]) -> Optional[dict]:
         """OpenAI's logprobs object for these tokens (None when the request did not ask): chat's
-        {"content": [...]}, or the completions API's parallel lists; `offset`: characters of text before."""
+        {"content": [...]}, or the completions API's parallel lists."""
         if req.logprobs is None:
             return None
         if req.kind == "chat":
             return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
                                  "top_logprobs": [{"token": s, "logprob": v, "bytes": b} for s, b, v in t.top]}
                                 for t in tokens]}
-        offsets = []
-        for t in tokens:
-            offsets.append(offset)
-            offset += len(t.token)
         return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{s: v for s, _, v in t.top} for t in tokens], "text_offset": offsets}
+                "top_logprobs": [{s: v for s, _, v in t.top} for t in tokens],
+                "text_offset": [t.offset for t in tokens]}

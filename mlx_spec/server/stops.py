@@ -1,15 +1,20 @@
-"""One request's stop strings: where its streamed text is cut.
+"""One request's stop strings: where its streamed text is cut, and which tokens' logprobs survive the cut.
 
 `StopMatcher` cuts the text at the first stop string and holds back only a tail that could still become one.
 Each stop string is a Knuth-Morris-Pratt automaton whose state is the longest suffix of the text so far that
 is a prefix of the string, so a character costs O(1) amortized per stop string whatever the strings' length,
-and the held tail is at most the longest stop minus one character.
+and the held tail is at most the longest stop minus one character. `LogprobGate` holds each token's logprobs
+until the first character of its text is released, and drops those the cut leaves out. `StopCut` is the two
+together, fed token by token.
 
-Knows characters and text positions; nothing of tokenizers, engines or HTTP. A worker keeps one per request (a
-batched worker, one per row).
+Knows characters and text positions; nothing of tokenizers, engines or HTTP. A worker keeps one StopCut per
+request (a batched worker, one per row).
 """
 
-from typing import List, Tuple
+from collections import deque
+from typing import Generic, List, Optional, Tuple, TypeVar
+
+T = TypeVar("T")
 
 
 class _Stop:
@@ -107,3 +112,51 @@ class StopMatcher:
         """Forget the text (as after a stop or a flush): what comes next is matched on its own."""
         for a in self._automata:
             a.state = 0
+
+
+class LogprobGate(Generic[T]):
+    """Each token's logprobs, held until the first character of its text is released.
+
+    The rule at a stop-string cut: a token is in the response iff its text starts before the cut, that is
+    iff some of its text is in the text the client gets (a token that straddles the cut is in; one wholly
+    inside or after the stop string is out). So every kept token's text_offset lies within the text, and
+    every character of the text belongs to a kept token. A token with no text of its own (one byte of a
+    character) starts where the character does, so it goes with it. vLLM drops tokens by where their text
+    starts too, but at the end of the stop string rather than at the cut: it keeps the stop string's tokens."""
+
+    def __init__(self):
+        self._held: deque = deque()  # (where the token's text starts in the stream, its item)
+
+    def add(self, start: int, item: T) -> None:
+        self._held.append((start, item))
+
+    def release(self, upto: Optional[int]) -> List[T]:
+        """The held items whose text starts before `upto` (None: all of them, the text is complete)."""
+        out = []
+        while self._held and (upto is None or self._held[0][0] < upto):
+            out.append(self._held.popleft()[1])
+        return out
+
+
+class StopCut(Generic[T]):
+    """One request's generated text through its stop strings, token by token: the text to send now, the
+    tokens' items (logprobs) that go with it, and whether a stop string ended the request."""
+
+    def __init__(self, stops: List[str]):
+        self.matcher, self.gate = StopMatcher(stops), LogprobGate()
+
+    @property
+    def offset(self) -> int:
+        """Where the next token's text starts in the generated text (its text_offset)."""
+        return self.matcher.fed
+
+    def feed(self, text: str, item: Optional[T] = None, last: bool = False) -> Tuple[str, List[T], bool]:
+        """A token's text (and its item, None for none); `last`: the generation ends with it, so nothing is
+        held back. Returns (text to send, items to send with it, whether a stop string was found)."""
+        if item is not None:
+            self.gate.add(self.matcher.fed, item)
+        out, hit = self.matcher.feed(text)
+        if last and not hit:
+            out += self.matcher.flush()
+            return out, self.gate.release(None), False
+        return out, self.gate.release(self.matcher.emitted), hit
