@@ -214,6 +214,42 @@ def test_connections_beyond_the_limit_get_503_and_threads_stay_bounded(pair):
         assert srv.refused >= 13
 
 
+# --- framing: one way to read a body, and JSON for every refusal --------------------------------------
+
+BODY = b'{"prompt": "x", "max_tokens": 2}'
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Content-Length: 32\r\nContent-Length: 5\r\n", 400),  # which one frames the body? (audit defect 24)
+    (b"Content-Length: 32\r\nContent-Length: 32\r\n", 400),  # the same twice: refused too, one rule
+    (b"Content-Length: 32\r\nTransfer-Encoding: chunked\r\n", 501),  # a proxy would read it as chunked
+    (b"Content-Length: +32\r\n", 400),
+])
+def test_a_body_framed_two_ways_is_refused_and_the_connection_closed(srv, headers, status):
+    reply = raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n" + headers + b"\r\n"
+                + BODY)  # raw() returns once the server closes: kept alive, this would time out
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"%d" % status, f"refused, not served from either length: {reply[:200]!r}"
+    assert json.loads(body)["error"]["message"], "with a JSON error"
+    assert completion(srv), "still serving"
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n", 431),
+    (b"PUT /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 501),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+])
+def test_the_standard_librarys_refusals_have_json_bodies(srv, request_bytes, status):
+    reply = raw(srv, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n", 1))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), reply[:200]
+    assert b"application/json" in head and json.loads(body)["error"]["message"], \
+        f"a JSON body like every other error: {body[:200]!r}"
+
+
 # --- 3, 4, 8. values the server must refuse with a 400 naming the field --------------------------
 
 @pytest.mark.parametrize("body, param", [
