@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .atomic import disk_full
 from .cache import DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache, make_rewindable
 from .errors import MlxSpecError
 
@@ -117,15 +118,20 @@ def _checksum(tensors: Dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def session_path(path: Union[str, Path]) -> Path:
+    """Where a session named `path` is written: ".safetensors" appended if missing, as mlx-lm does."""
+    path = Path(path)
+    return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
+
+
 def save_prompt_cache(path: Union[str, Path], caches: list, tokens: List[int], model_identity: dict,
                       metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write caches (holding exactly `tokens`) to `path` (".safetensors" appended if missing, as mlx-lm
-    does), atomically: a temporary file in the same directory, then a rename. Returns the path written.
-    `model_identity`: `session_identity(model)`, plus anything informative (a "model" path is also what
-    mlx-lm's generate reads). `metadata`: more free-form strings for the file's metadata."""
-    path = Path(path)
-    if path.suffix != SUFFIX:
-        path = path.with_name(path.name + SUFFIX)
+    """Write caches (holding exactly `tokens`) to `session_path(path)`, atomically: a temporary file in the
+    same directory, then a rename. Returns the path written; a write that fails (no such directory, a full
+    disk, read-only) raises SessionFileError and leaves nothing. `model_identity`: `session_identity(model)`,
+    plus anything informative (a "model" path is also what mlx-lm's generate reads). `metadata`: more
+    free-form strings for the file's metadata."""
+    path = session_path(path)
     tokens = [int(t) for t in tokens]
     offsets = {c.offset for c in caches}
     if offsets != {len(tokens)}:
@@ -153,6 +159,10 @@ def save_prompt_cache(path: Union[str, Path], caches: list, tokens: List[int], m
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed open or write as a RuntimeError
+        reason = disk_full(e, path.parent)
+        reason = f"the disk is full: {reason}" if reason else (getattr(e, "strerror", None) or str(e))[:200]
+        raise SessionFileError(f"prompt cache file {path} cannot be written ({reason}); nothing was saved") from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -20,6 +20,7 @@ from mlx_spec.session_file import SessionFileError, load_prompt_cache, save_prom
 
 PREFIX = [2] + [(i * 37) % 250 + 3 for i in range(3 * WINDOW)]  # 49 tokens: three windows of 16
 SUFFIX = [(i * 11) % 250 + 3 for i in range(7)]
+CODE = "import os\nimport sys\n\n\ndef main(argv):\n"
 _models = {}
 
 
@@ -251,7 +252,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mx, "save_safetensors", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SessionFileError, match="cannot be written .disk full.; nothing was saved"):
         saved(tmp_path, model, 8)
     assert path.read_bytes() == before, "a failed save leaves the previous file as it was"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session.safetensors"], "and no temporary file"
@@ -274,3 +275,68 @@ def test_bfloat16_caches_round_trip_byte_for_byte(tmp_path, bits):
         n = min(a.size(), a.keep) if hasattr(a, "keep") else a.offset  # what a sliding layer keeps
         for x, y in zip(flat(a), flat(b)):
             assert y.dtype == x.dtype and mx.array_equal(x[..., x.shape[2] - n :, :], y).item()
+
+
+# -- mlx_spec.cache_prompt: what it refuses before the prefill, and a save that fails
+
+def cache_prompt_cli(capsys, *argv):
+    """(exit code, stderr's error lines, its last line) of mlx_spec.cache_prompt on the tiny base."""
+    from mlx_spec import cache_prompt
+
+    rc = cache_prompt.main(["--model", str(TINY_CODE / "base"), "--ignore-chat-template", *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    return rc, [line for line in lines if line.startswith("error:")], lines[-1] if lines else ""
+
+
+def no_prefill(monkeypatch):
+    from mlx_spec import cache_prompt
+
+    monkeypatch.setattr(cache_prompt, "prefill", lambda *a, **k: pytest.fail("prefilled before refusing"))
+
+
+def test_cache_prompt_refuses_a_prompt_that_fills_the_context_before_the_prefill(tmp_path, monkeypatch, capsys):
+    no_prefill(monkeypatch)
+    rc, errors, last = cache_prompt_cli(capsys, "--prompt", "x = 1" * 1000, "--prompt-cache-file",
+                                        str(tmp_path / "long"))
+    assert rc == 2 and errors == [last] and "3001 tokens" in last and "context holds 2048" in last, \
+        "a saved prompt must leave room to generate, as generate requires: one line"
+    assert list(tmp_path.iterdir()) == [], "nothing saved"
+
+
+@pytest.mark.parametrize("where, expect", [("nodir/s", "directory"), ("adir.safetensors", "is a directory"),
+                                           ("readonly/s", "Read-only file system")])
+def test_cache_prompt_checks_where_it_writes_before_loading_the_model(tmp_path, monkeypatch, capsys, where, expect):
+    import errno
+    import tempfile
+
+    from mlx_spec import cache_prompt
+
+    (tmp_path / "adir.safetensors").mkdir()
+    (tmp_path / "readonly").mkdir()
+    real = tempfile.TemporaryFile
+
+    def read_only(*a, dir=None, **k):  # root writes anywhere: a read-only filesystem is how it fails then
+        if dir is not None and str(dir).endswith("readonly"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(cache_prompt, "load", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    rc, errors, last = cache_prompt_cli(capsys, "--prompt", "x", "--prompt-cache-file", str(tmp_path / where))
+    assert rc == 2 and errors == [last] and "--prompt-cache-file" in last and expect in last, last
+
+
+@pytest.mark.parametrize("failure, expect", [
+    (OSError(28, "No space left on device"), "the disk is full: No space left on device"),
+    (RuntimeError("[save_safetensors] Failed to open file"), "Failed to open file"),
+])
+def test_cache_prompt_save_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, failure, expect):
+    from mlx_spec import session_file
+
+    def fail(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(session_file.mx, "save_safetensors", fail)
+    rc, errors, last = cache_prompt_cli(capsys, "--prompt", CODE, "--prompt-cache-file", str(tmp_path / "s"))
+    assert rc == 2 and errors == [last] and "--prompt-cache-file" in last and expect in last, last
+    assert list(tmp_path.iterdir()) == [], "no temporary file left behind"
