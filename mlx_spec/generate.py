@@ -18,7 +18,8 @@ from .api import encode_prompt, generate, stream_generate  # noqa: F401  (`from 
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, format_prompt, load_models,
                   make_tuner, print_stats, read_stdin, run, sampling_params, valid_text)
 from .errors import MlxSpecError
-from .long_context import PrefillProgress, add_kv_args, check_memory, kv_flags, kv_settings, load_session
+from .long_context import (PrefillProgress, add_kv_args, check_memory, kv_flags, kv_settings, load_session,
+                           model_dir_context)
 from .models.base import context_length
 
 QUERY = "<query>"  # where --prompt goes in the chat template's rendering, after a cached prefix (mlx-lm's trick)
@@ -59,8 +60,11 @@ def main_args(args) -> int:
     prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
     system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
     kv = kv_settings(args)
-    # the prompt's length in characters bounds its tokens (unknown before the tokenizer is loaded)
-    check_memory(args.model, args.drafter, args.max_context or args.max_tokens + len(prompt), kv)
+    # K/V for what this run can hold: prompt + --max-tokens, cut to the context as fit_context cuts it (the
+    # prompt's characters bound its tokens, unknown before the tokenizer is loaded)
+    context = args.max_context or model_dir_context(args.model)
+    used = args.max_tokens + len(prompt) + len(system or "")
+    check_memory(args.model, args.drafter, min(used, context) if context else used, kv)
     model, tokenizer, proposer = load_models(args)
     cache = None
     if args.prompt_cache_file:

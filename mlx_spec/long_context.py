@@ -41,10 +41,11 @@ def kv_flags(kv: Optional[KVQuant]) -> dict:
 
 
 def check_memory(model_path: str, drafter_path: Optional[str], context: Optional[int], kv: Optional[KVQuant],
-                 file=None) -> bool:
-    """Before loading: weights + drafter + K/V at `context` against the device's working set (or RAM).
-    Prints one warning with the flag that would make it fit; returns whether it fits. Paths that are not
-    local directories (hub ids before their download, .gguf files) are not estimated."""
+                 file=None, slots: int = 1) -> bool:
+    """Before loading: weights + drafter + K/V for `slots` caches of `context` positions (the context the run
+    will use, after its caps) against the device's working set (or RAM). Prints one warning with the flag
+    that would make it fit; returns whether it fits. Paths that are not local directories (hub ids before
+    their download, .gguf files) are not estimated."""
     from .checkpoint import read_config
     from .memory import advise, kv_dtype_bytes, kv_layers_from_config, memory_limit, weights_bytes_on_disk
 
@@ -57,7 +58,8 @@ def check_memory(model_path: str, drafter_path: Optional[str], context: Optional
         drafter = weights_bytes_on_disk(Path(drafter_path).expanduser())
     limit, source = memory_limit()
     advice = advise(kv_layers_from_config(config), context, weights=weights_bytes_on_disk(model_dir),
-                    drafter=drafter, dtype_bytes=kv_dtype_bytes(config), kv=kv, limit=limit)
+                    drafter=drafter, dtype_bytes=kv_dtype_bytes(config), kv=kv, limit=limit, slots=slots,
+                    kv_start=DEFAULT_QUANTIZED_KV_START)  # what --kv-bits alone gives
     if not advice.fits:
         print(f"warning: {advice.message} ({source}); expect swapping", file=file or sys.stderr)
     return advice.fits
