@@ -22,8 +22,7 @@ from .api import encode_prompt, load
 from .cache import DEFAULT_MAX_ROLLBACK
 from .cli import ArgumentParser, read_stdin, run, valid_text
 from .errors import MlxSpecError
-from .generate import fit_context
-from .long_context import PrefillProgress, add_kv_args, kv_flags, kv_settings
+from .long_context import PrefillProgress, add_kv_args, fit_context, kv_flags, kv_settings
 from .models.base import as_base, context_length
 
 PREFILL_STEP = 2048

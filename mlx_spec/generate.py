@@ -18,8 +18,8 @@ from .api import encode_prompt, generate, stream_generate  # noqa: F401  (`from 
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, format_prompt, load_models,
                   make_tuner, print_stats, read_stdin, run, sampling_params, valid_text)
 from .errors import MlxSpecError
-from .long_context import (PrefillProgress, add_kv_args, check_memory, kv_flags, kv_settings, load_session,
-                           model_dir_context)
+from .long_context import (PrefillProgress, add_kv_args, check_memory, fit_context, kv_flags, kv_settings,
+                           load_session, model_dir_context)
 from .models.base import context_length
 
 QUERY = "<query>"  # where --prompt goes in the chat template's rendering, after a cached prefix (mlx-lm's trick)
@@ -86,22 +86,6 @@ def main_args(args) -> int:
     if last is not None:
         print_stats(last.stats, drafting=proposer is not None)
     return 0
-
-
-def fit_context(n_prompt: int, max_tokens: int, context, source: str) -> int:
-    """--max-tokens cut to what fits the context after the prompt (with a note); a prompt that leaves no
-    room is an error. Past the context the model runs on positions it was never trained on."""
-    if not context or max_tokens == 0:
-        return max_tokens
-    room = context - n_prompt
-    if room <= 0:
-        raise MlxSpecError(f"the prompt is {n_prompt} tokens and the context holds {context} ({source}): no room to "
-                           "generate; shorten the prompt")
-    if max_tokens > room:
-        print(f"note: the prompt is {n_prompt} tokens and the context holds {context} ({source}), so at most {room} "
-              f"of --max-tokens {max_tokens} are generated", file=sys.stderr)
-        return room
-    return max_tokens
 
 
 def main(argv=None) -> int:

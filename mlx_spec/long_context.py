@@ -1,5 +1,6 @@
 """What the commands share for long contexts: the K/V flags (mlx-lm's spellings), the memory check made
-before loading, prefill progress, and saved sessions (`--prompt-cache-file`).
+before loading, the context bound on prompt + output, prefill progress, and saved sessions
+(`--prompt-cache-file`).
 
 Knows flags, files and stderr; the caches themselves are cache.py's, the estimates memory.py's, the file
 format session_file.py's.
@@ -63,6 +64,22 @@ def check_memory(model_path: str, drafter_path: Optional[str], context: Optional
     if not advice.fits:
         print(f"warning: {advice.message} ({source}); expect swapping", file=file or sys.stderr)
     return advice.fits
+
+
+def fit_context(n_prompt: int, max_tokens: int, context, source: str) -> int:
+    """--max-tokens cut to what fits the context after the prompt (with a note); a prompt that leaves no
+    room is an error. Past the context the model runs on positions it was never trained on."""
+    if not context or max_tokens == 0:
+        return max_tokens
+    room = context - n_prompt
+    if room <= 0:
+        raise MlxSpecError(f"the prompt is {n_prompt} tokens and the context holds {context} ({source}): no room to "
+                           "generate; shorten the prompt")
+    if max_tokens > room:
+        print(f"note: the prompt is {n_prompt} tokens and the context holds {context} ({source}), so at most {room} "
+              f"of --max-tokens {max_tokens} are generated", file=sys.stderr)
+        return room
+    return max_tokens
 
 
 def model_dir_context(model_path: str) -> Optional[int]:
