@@ -3,11 +3,9 @@ connections, sends malformed or pathological JSON, a template of its own, invali
 prompt gets a 4xx/5xx answer or a closed connection within a bounded time, and well-formed requests from
 everyone else are still answered correctly. Also logprobs in OpenAI's shapes, and the served model name."""
 
-import contextlib
 import http.client
 import json
 import math
-import shutil
 import socket
 import threading
 import time
@@ -17,13 +15,10 @@ import openai
 import pytest
 
 from conftest import TINY_CODE
-from mlx_spec import generate, load, load_drafter, stream_generate
-from mlx_spec.proposers import make_proposer
-from mlx_spec.server import Server
+from mlx_spec import generate, stream_generate
+from serving import serving as serve
+from serving import templated_pair
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-            "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 CODE = "import os\nimport sys\n\ndef main(argv):\n"
 MAX_TOKENS = 12
 TIMEOUT = 1.0  # the test servers' --request-timeout
@@ -31,28 +26,13 @@ TIMEOUT = 1.0  # the test servers' --request-timeout
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hostile") / "base"
-    shutil.copytree(TINY_CODE / "base", path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    model, tokenizer = load(str(path))
-    return model, tokenizer, make_proposer(model, drafter=load_drafter(str(TINY_CODE / "assistant"), model))
+    return templated_pair(tmp_path_factory.mktemp("hostile"))
 
 
-@contextlib.contextmanager
 def serving(pair, **kw):
-    model, tokenizer, proposer = pair
-    options = dict(host="127.0.0.1", port=0, model_name="tiny", max_tokens=MAX_TOKENS, request_timeout=TIMEOUT,
-                   max_connections=8, max_request_bytes=64 * 1024)
-    options.update(kw)
-    srv = Server(model, tokenizer, proposer, **options)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.close()
+    """The shared helper with this file's limits: a short --request-timeout, few connections, small bodies."""
+    return serve(pair, **{"max_tokens": MAX_TOKENS, "request_timeout": TIMEOUT, "max_connections": 8,
+                          "max_request_bytes": 64 * 1024, **kw})
 
 
 @pytest.fixture(scope="module")
