@@ -339,8 +339,9 @@ def load_prompt_cache(path: Union[str, Path], model, *, kv: Union[KVQuant, None,
     return caches, tokens
 
 
-_FIELDS = {"format": int, "identity": dict, "tokens": list, "layers": list, "kv": (dict, type(None)),
-           "sha256": str}  # mlx_spec's metadata: each field's JSON type
+_FIELDS = {"format": (int, "a number"), "identity": (dict, "an object"), "tokens": (list, "a list"),
+           "layers": (list, "a list"), "kv": ((dict, type(None)), "an object or null"),
+           "sha256": (str, "a string")}  # mlx_spec's metadata: each field's JSON type
 
 
 def _read_ours(path: Path, text: str) -> tuple:
@@ -348,9 +349,11 @@ def _read_ours(path: Path, text: str) -> tuple:
     each of the type the checks that follow rely on (a file is untrusted: `identity` may be a list)."""
     try:
         ours = json.loads(text)
-        typed = isinstance(ours, dict) and all(k in ours and isinstance(ours[k], t) for k, t in _FIELDS.items())
-        if not typed:
-            raise TypeError(f"its fields must be {', '.join(_FIELDS)}, of their types")
+        if not isinstance(ours, dict):
+            raise TypeError("it is not an object")
+        for k, (kind, name) in _FIELDS.items():
+            if not isinstance(ours.get(k, ...), kind):
+                raise TypeError(f"'{k}' is missing or not {name}")
         if not all(isinstance(rec, dict) for rec in ours["layers"]):
             raise TypeError("a layer record is not an object")
         return (ours["format"], ours["identity"], ours["tokens"], ours["layers"], _parse_kv(ours["kv"]),
