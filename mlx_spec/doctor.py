@@ -64,9 +64,9 @@ def main_args(args) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise MlxSpecError(f"--json {args.json}: its directory does not exist")
     if args.model.endswith(".gguf"):
-        from .gguf import load_gguf_model
+        from .gguf import load_gguf
 
-        model = load_gguf_model(args.model, dtype=args.dtype)[0]
+        model = load_gguf(args.model, dtype=args.dtype)[0]
     else:
         model = load_model(args.model, dtype=args.dtype)[0]
     print(f"probing {args.model}: {args.tokens} positions x k = {','.join(map(str, args.num_draft_tokens))} ...",
