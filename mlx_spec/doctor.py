@@ -19,7 +19,8 @@ from pathlib import Path
 from .cli import ArgumentParser, run
 from .errors import MlxSpecError
 from .loading import DTYPES, load_model
-from .parity.probe import DEFAULT_COST_REPS, DEFAULT_KS, DEFAULT_TOKENS, check_ks, probe
+from .parity.probe import (DEFAULT_COST_REPS, DEFAULT_KS, DEFAULT_TOKENS, check_ks, check_positions, default_context,
+                           probe)
 
 
 def k_list(value: str):
@@ -69,6 +70,7 @@ def main_args(args) -> int:
         model = load_gguf(args.model, dtype=args.dtype)[0]
     else:
         model = load_model(args.model, dtype=args.dtype)[0]
+    check_positions(model, args.context or default_context(model), args.tokens, max(args.num_draft_tokens))
     print(f"probing {args.model}: {args.tokens} positions x k = {','.join(map(str, args.num_draft_tokens))} ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()
