@@ -135,12 +135,28 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
         print(f"[mlx_spec] drafter: {drafter.describe()}", file=sys.stderr, flush=True)
         return model, tokenizer, make_proposer(model, drafter=drafter)
     if args.draft_model:
-        return model, tokenizer, make_proposer(model, draft_model=load(args.draft_model)[0])
+        return model, tokenizer, make_proposer(model, draft_model=load_draft_model(args.draft_model))
     if args.ngram is not None:
         if args.ngram < 1:
             raise MlxSpecError(f"--ngram N must be >= 1, got {args.ngram}")
         return model, tokenizer, make_proposer(model, ngram=args.ngram)
     return model, tokenizer, None
+
+
+def load_draft_model(path: str):
+    """The language model --draft-model names. A Gemma 4 drafter (MTP assistant, DFlash, DSpark) cannot run on
+    its own (it reads the base's K/V or layer outputs): one error that names --drafter."""
+    from .api import load
+    from .checkpoint import read_config
+    from .loading import resolve_model_path
+    from .models import DRAFTER_TYPES, checkpoint_type
+
+    if not str(path).endswith(".gguf"):
+        kind = checkpoint_type(read_config(resolve_model_path(path)))
+        if kind in DRAFTER_TYPES:
+            raise MlxSpecError(f"--draft-model {path} is a Gemma 4 drafter ({kind}), not a language model that "
+                               "drafts on its own: pass it with --drafter")
+    return load(path)[0]
 
 
 def make_tuner(args) -> Optional[AutoTuner]:
