@@ -8,6 +8,7 @@ imports the converter (the converter imports this).
 
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -18,7 +19,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import check_dtypes, check_weights, read_config, read_weights, unwrap_language_model, weight_files
 from .errors import HubUnreachableError, ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
-from .models import get_model_classes
+from .models import checkpoint_type, get_model_classes
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -26,6 +27,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 INTEGER_TENSORS = ("token_ordering",)
 DEFAULT_HUB_TIMEOUT = 10.0  # seconds for the hub to answer a lookup (huggingface_hub's etag default)
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
@@ -151,11 +153,13 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
 
     lazy=True leaves the weights unevaluated (memory-mapped), so a converter can stream a large model."""
     model_class, args_class = get_model_classes(config)
+    kind = checkpoint_type(config)
     try:
         args = args_class.from_dict(config)
+        check_layer_count(args, weights)
         model = model_class(args)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ModelLoadError(f"{source / 'config.json'} cannot configure a {config.get('model_type')} model: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:  # Overflow: past MLX's int32 shapes
+        raise ModelLoadError(f"{source / 'config.json'} cannot configure a {kind} model: {e}") from e
     weights, config = unwrap_language_model((k for k, _ in tree_flatten(model.parameters())), weights, config)
     try:
         weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
@@ -172,6 +176,16 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     if not lazy:
         materialize(model)
     return model
+
+
+def check_layer_count(args, weights: dict) -> None:
+    """A config that declares more decoder layers than the weights hold is refused before the layers are
+    built (10**6 of them would take minutes and then fail on the weights)."""
+    text = getattr(args, "text_config", None)
+    declared = getattr(args, "num_hidden_layers", None) if not isinstance(text, dict) else text.get("num_hidden_layers")
+    held = {int(m.group(1)) for name in weights for m in [LAYER_INDEX.search(name)] if m}
+    if isinstance(declared, int) and held and declared > max(held) + 1:
+        raise ValueError(f"num_hidden_layers is {declared} but the weights hold layers 0..{max(held)}")
 
 
 def materialize(*models) -> None:
