@@ -20,6 +20,7 @@ from .checkpoint import check_dtypes, check_weights, read_config, read_weights, 
 from .errors import HubUnreachableError, ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
 from .models import checkpoint_type, get_model_classes
+from .models.gemma4_text import layer_pattern_note
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -28,6 +29,8 @@ INTEGER_TENSORS = ("token_ordering",)
 DEFAULT_HUB_TIMEOUT = 10.0  # seconds for the hub to answer a lookup (huggingface_hub's etag default)
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
 LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+# checkpoint types whose layer layout follows gemma4_text's rule when config.json does not list it
+LAYER_PATTERN_TYPES = ("gemma4_text", "gemma4", "gemma4_unified", "gemma4_assistant", "gemma4_unified_assistant")
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
@@ -169,7 +172,8 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     if config.get("quantization"):
         _quantize_like_checkpoint(model, config, weights)
     params = dict(tree_flatten(model.parameters()))
-    check_weights({k: v.shape for k, v in params.items()}, weights, source)
+    note = layer_pattern_note(config) if kind in LAYER_PATTERN_TYPES else None
+    check_weights({k: v.shape for k, v in params.items()}, weights, source, note)
     check_dtypes({k: v.dtype for k, v in params.items()}, weights, source)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
