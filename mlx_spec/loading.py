@@ -90,6 +90,7 @@ def _download(repo: str) -> Path:
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    check_repo_id(repo)
     timeout, endpoint = hub_timeout(), constants.ENDPOINT
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     revision, problem = None, None
@@ -119,6 +120,19 @@ def _download(repo: str) -> Path:
         if problem is None:
             raise
         raise HubUnreachableError(f"cannot download {repo}: {problem}") from None
+
+
+def check_repo_id(repo: str) -> None:
+    """A path that does not exist and is no valid hub repo id ('foo/..', 'org/bad..name') is one error,
+    before the hub is asked (huggingface_hub raises HFValidationError for it, which no lookup handles)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        reason = " ".join(str(e).split())
+        raise ModelLoadError(f"{repo!r} is neither a local directory nor a valid Hugging Face repo id ({reason})") from None
 
 
 def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
