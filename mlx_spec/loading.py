@@ -132,7 +132,8 @@ def check_repo_id(repo: str) -> None:
         validate_repo_id(repo)
     except HFValidationError as e:
         reason = " ".join(str(e).split())
-        raise ModelLoadError(f"{repo!r} is neither a local directory nor a valid Hugging Face repo id ({reason})") from None
+        raise ModelLoadError(f"{repo!r} is neither a local directory nor a valid Hugging Face repo id "
+                             f"({reason})") from None
 
 
 def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
