@@ -58,9 +58,12 @@ def check_memory(model_path: str, drafter_path: Optional[str], context: Optional
     if drafter_path and (Path(drafter_path).expanduser() / "config.json").is_file():
         drafter = weights_bytes_on_disk(Path(drafter_path).expanduser())
     limit, source = memory_limit()
-    advice = advise(kv_layers_from_config(config), context, weights=weights_bytes_on_disk(model_dir),
-                    drafter=drafter, dtype_bytes=kv_dtype_bytes(config), kv=kv, limit=limit, slots=slots,
-                    kv_start=DEFAULT_QUANTIZED_KV_START)  # what --kv-bits alone gives
+    try:
+        advice = advise(kv_layers_from_config(config), context, weights=weights_bytes_on_disk(model_dir),
+                        drafter=drafter, dtype_bytes=kv_dtype_bytes(config), kv=kv, limit=limit, slots=slots,
+                        kv_start=DEFAULT_QUANTIZED_KV_START)  # what --kv-bits alone gives
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError):
+        return True  # sizes that are not numbers in range: loading refuses the config next, naming the field
     if not advice.fits:
         print(f"warning: {advice.message} ({source}); expect swapping", file=file or sys.stderr)
     return advice.fits
