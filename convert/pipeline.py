@@ -8,6 +8,7 @@ from transformers' (`use_double_wide_mlp`, `num_kv_shared_layers`, `final_logit_
 ...), so a key left implicit would load as a different model there.
 """
 
+import contextlib
 import dataclasses
 import sys
 import shutil
@@ -102,7 +103,8 @@ def _quantize(model: nn.Module, config: dict, q_bits: int, q_group_size: int, re
     from mlx_lm.utils import quantize_model
 
     predicate = make_predicate(model, recipe, q_bits, q_group_size)
-    return quantize_model(model, config, q_group_size, q_bits, mode="affine", quant_predicate=predicate)
+    with contextlib.redirect_stdout(sys.stderr):  # mlx-lm prints its bits-per-weight line; stdout stays empty
+        return quantize_model(model, config, q_group_size, q_bits, mode="affine", quant_predicate=predicate)
 
 
 def _save(model: nn.Module, config: dict, src: Path, out: Path) -> None:

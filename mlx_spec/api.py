@@ -106,8 +106,8 @@ def load(path_or_repo: str, dtype: Optional[str] = None, q_bits: Optional[int] =
 def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype: Optional[str] = None):
     """Load a drafter and check that it fits `base`; raises PairingError on a mismatch. The family comes
     from its config (families.py): a Gemma 4 MTP assistant (gemma4_assistant, gemma4_unified_assistant), a
-    z-lab DFlash or a DeepSeek DSpark block drafter (gemma4_dflash, gemma4_dspark); `drafter.describe()`
-    says which.
+    z-lab DFlash or a DeepSeek DSpark block drafter (gemma4_dflash, gemma4_dspark), or an EAGLE-3 drafter in
+    the Speculators layout; `drafter.describe()` says which.
     "auto" finds the base's published drafter from `base_path` (drafting.find_auto_drafter)."""
     from .drafting import find_auto_drafter
 

@@ -13,13 +13,15 @@ an interrupted run (Ctrl-C during the prefill) leaves nothing.
 
 import argparse
 import sys
+import tempfile
+from pathlib import Path
 
 from .api import encode_prompt, load
 from .cache import DEFAULT_MAX_ROLLBACK
 from .cli import ArgumentParser, read_stdin, run, valid_text
 from .errors import MlxSpecError
-from .long_context import PrefillProgress, add_kv_args, kv_flags, kv_settings
-from .models.base import as_base
+from .long_context import PrefillProgress, add_kv_args, fit_context, kv_flags, kv_settings
+from .models.base import as_base, context_length
 from .prefill import prefill as run_chunks
 
 
@@ -51,19 +53,43 @@ def prefill(model, ids, kv, progress) -> list:
     return caches
 
 
+def writable_output(arg: str) -> Path:
+    """The file --prompt-cache-file names, once its directory is known to take a new file: checked before
+    the model is loaded, so a typo does not cost a long prefill."""
+    from .session_file import session_path
+
+    path = session_path(Path(arg).expanduser())
+    if path.is_dir():
+        raise MlxSpecError(f"--prompt-cache-file {arg}: {path} is a directory; name a file in it")
+    if not path.parent.is_dir():
+        raise MlxSpecError(f"--prompt-cache-file {arg}: the directory {path.parent} does not exist; create it first")
+    try:  # the one test that covers permissions, read-only filesystems and quotas alike: write a file there
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise MlxSpecError(f"--prompt-cache-file {arg}: cannot write in {path.parent} ({e.strerror or e})") from e
+    return path
+
+
 def main_args(args) -> int:
-    from .session_file import save_prompt_cache, session_identity
+    from .session_file import SessionFileError, save_prompt_cache, session_identity
 
     kv = kv_settings(args)
     prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
     if not prompt:
         raise MlxSpecError("--prompt is empty: there is nothing to cache")
     system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
+    out = writable_output(args.prompt_cache_file)
     model, tokenizer = load(args.model)
     ids = encode_prompt(tokenizer, cached_text(tokenizer, prompt.replace("\\n", "\n"), system,
                                                not args.ignore_chat_template))
+    # generate refuses a saved prompt that leaves no room to generate: refuse it before the prefill
+    fit_context(len(ids), 1, context_length(model), "the model's max_position_embeddings")
     caches = prefill(model, ids, kv, PrefillProgress())
-    path = save_prompt_cache(args.prompt_cache_file, caches, ids, {**session_identity(model), "model": args.model})
+    try:
+        path = save_prompt_cache(out, caches, ids, {**session_identity(model), "model": args.model})
+    except SessionFileError as e:
+        raise MlxSpecError(f"--prompt-cache-file: {e}") from e
     print(f"cached {len(ids)} tokens in {path}", file=sys.stderr)
     return 0
 

@@ -8,14 +8,16 @@ Every failure becomes a `ModelLoadError` that names the file and says what to do
 """
 
 import json
+import re
 from pathlib import Path
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import mlx.core as mx
 
 from .errors import ModelLoadError, WeightMismatchError
 
 CONFIG_FILE = "config.json"
+ATTENTION_TENSOR = re.compile(r"layers\.\d+\.self_attn\.")  # its shape or presence depends on the layer's type
 INDEX_FILE = "model.safetensors.index.json"
 
 
@@ -37,7 +39,7 @@ def read_json(path: Path, what: str = "config") -> dict:
 def read_config(model_dir: Path) -> dict:
     """config.json, with generation_config.json's eos_token_id merged in (as mlx-lm does)."""
     config = read_json(model_dir / CONFIG_FILE)
-    if "model_type" not in config:
+    if "model_type" not in config and "speculators_model_type" not in config:  # Speculators drafters name their family there
         raise ModelLoadError(f"{model_dir / CONFIG_FILE} has no 'model_type'; is this a model directory?")
     gen_path = model_dir / "generation_config.json"
     if gen_path.exists():
@@ -94,24 +96,31 @@ def read_weights(model_dir: Path) -> Dict[str, mx.array]:
     return weights
 
 
-def check_weights(expected: Dict[str, tuple], weights: Dict[str, mx.array], source: Path) -> None:
-    """Compare tensor names and shapes with what the model expects; raise on the first mismatch."""
+def check_weights(expected: Dict[str, tuple], weights: Dict[str, mx.array], source: Path,
+                  layout_note: Optional[str] = None) -> None:
+    """Compare tensor names and shapes with what the model expects; raise on the first mismatch.
+    `layout_note` says why an attention tensor may not fit when the layer layout was derived, not stated;
+    it replaces the guess that the checkpoint is incomplete or mismatched for such tensors."""
+    def blame(name: str, default: str) -> str:
+        return layout_note if layout_note and ATTENTION_TENSOR.search(name) else default
+
     missing = sorted(set(expected) - set(weights))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise WeightMismatchError(f"tensor {missing[0]!r}{more} is missing from {source}; the checkpoint is incomplete")
+        raise WeightMismatchError(f"tensor {missing[0]!r}{more} is missing from {source}; "
+                                  + blame(missing[0], "the checkpoint is incomplete"))
     unexpected = sorted(set(weights) - set(expected))
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
         raise WeightMismatchError(
             f"{source} has tensor {unexpected[0]!r}{more} that this model's config does not use; "
-            "config.json and the weights do not match"
+            + blame(unexpected[0], "config.json and the weights do not match")
         )
     for name, shape in expected.items():
         if tuple(weights[name].shape) != tuple(shape):
             raise WeightMismatchError(
                 f"tensor {name!r} in {source} has shape {tuple(weights[name].shape)}, expected {tuple(shape)} "
-                "from config.json; the config and the weights do not match"
+                "from config.json; " + blame(name, "the config and the weights do not match")
             )
 
 

@@ -1,13 +1,17 @@
 """What every command line shares: model/draft/sampling flags (mlx-lm spellings), loading what they name,
 the chat-template prompt, the statistics lines, and error handling.
 
-A user mistake prints one `error: ...` line to stderr and exits 2; `--verbose` shows the traceback.
+A user mistake prints one `error: ...` line to stderr and exits 2; `--verbose` shows the traceback. When the
+reader of stdout goes away (`| head`), a command stops quietly, as Unix tools do.
 Text from the command line or stdin that is not valid UTF-8 is decoded with U+FFFD for the bad bytes, and
 a warning says so (the tokenizer cannot encode the surrogates Python uses for them).
 """
 
 import argparse
+import os
 import re
+import select
+import signal
 import sys
 from typing import Callable, Optional, Tuple
 
@@ -131,12 +135,28 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
         print(f"[mlx_spec] drafter: {drafter.describe()}", file=sys.stderr, flush=True)
         return model, tokenizer, make_proposer(model, drafter=drafter)
     if args.draft_model:
-        return model, tokenizer, make_proposer(model, draft_model=load(args.draft_model)[0])
+        return model, tokenizer, make_proposer(model, draft_model=load_draft_model(args.draft_model))
     if args.ngram is not None:
         if args.ngram < 1:
             raise MlxSpecError(f"--ngram N must be >= 1, got {args.ngram}")
         return model, tokenizer, make_proposer(model, ngram=args.ngram)
     return model, tokenizer, None
+
+
+def load_draft_model(path: str):
+    """The language model --draft-model names. A Gemma 4 drafter (MTP assistant, DFlash, DSpark, EAGLE-3) cannot
+    run on its own (it reads the base's K/V or layer outputs): one error that names --drafter."""
+    from .api import load
+    from .checkpoint import read_config
+    from .families import checkpoint_type, drafter_types
+    from .loading import resolve_model_path
+
+    if not str(path).endswith(".gguf"):
+        kind = checkpoint_type(read_config(resolve_model_path(path)))
+        if kind in drafter_types():
+            raise MlxSpecError(f"--draft-model {path} is a Gemma 4 drafter ({kind}), not a language model that "
+                               "drafts on its own: pass it with --drafter")
+    return load(path)[0]
 
 
 def make_tuner(args) -> Optional[AutoTuner]:
@@ -193,3 +213,24 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        if not stdout_reader_gone():
+            raise  # a socket or another pipe: not the reader of our output going away
+        try:  # the interpreter flushes stdout at exit: let that go to /dev/null, not into a second traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 128 + signal.SIGPIPE  # what a shell reports for a Unix tool whose reader left (`| head`)
+
+
+def stdout_reader_gone() -> bool:
+    """True when stdout is a pipe or socket whose other end is closed (poll reports an error or hang-up)."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by an object without a descriptor, or closed
+        return False
+    if not hasattr(select, "poll"):
+        return True  # no way to ask (Windows): a broken pipe at the top is almost always stdout's
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))

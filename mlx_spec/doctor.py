@@ -19,7 +19,8 @@ from pathlib import Path
 from .cli import ArgumentParser, run
 from .errors import MlxSpecError
 from .loading import DTYPES, load_model
-from .parity.probe import DEFAULT_COST_REPS, DEFAULT_KS, DEFAULT_TOKENS, check_ks, probe
+from .parity.probe import (DEFAULT_COST_REPS, DEFAULT_KS, DEFAULT_TOKENS, check_ks, check_positions, default_context,
+                           probe)
 
 
 def k_list(value: str):
@@ -64,11 +65,12 @@ def main_args(args) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         raise MlxSpecError(f"--json {args.json}: its directory does not exist")
     if args.model.endswith(".gguf"):
-        from .gguf import load_gguf_model
+        from .gguf import load_gguf
 
-        model = load_gguf_model(args.model, dtype=args.dtype)[0]
+        model = load_gguf(args.model, dtype=args.dtype)[0]
     else:
         model = load_model(args.model, dtype=args.dtype)[0]
+    check_positions(model, args.context or default_context(model), args.tokens, max(args.num_draft_tokens))
     print(f"probing {args.model}: {args.tokens} positions x k = {','.join(map(str, args.num_draft_tokens))} ...",
           file=sys.stderr, flush=True)
     start = time.perf_counter()

@@ -86,11 +86,16 @@ DFLASH = Family("dflash", "mlx_spec.proposers.dflash:DFlashProposer", model_type
 DSPARK = Family("dspark", "mlx_spec.proposers.dspark:DSparkProposer", model_types=("gemma4_dspark",),
                 recognise=_is_dspark, model="mlx_spec.models.gemma4_dspark", reads=LAYER_OUTPUTS,
                 pairing="mlx_spec.drafting:validate_block_pairing", published_config=True)
+# EAGLE-3 in the vllm-project/speculators layout: the config names its family in speculators_model_type
+EAGLE3 = Family("eagle3", "mlx_spec.proposers.eagle3:Eagle3Proposer", model_types=("gemma4_eagle3",),
+                recognise=lambda config: config.get("speculators_model_type") == "eagle3",
+                model="mlx_spec.models.gemma4_eagle3", reads=LAYER_OUTPUTS,
+                pairing="mlx_spec.proposers.eagle3:validate_pairing", published_config=True)
 # no drafter file: any language model sharing the base's tokenizer; prompt lookup
 DRAFT_MODEL = Family("draft_model", "mlx_spec.proposers.draft_model:DraftModelProposer")
 NGRAM = Family("ngram", "mlx_spec.proposers.ngram:NgramProposer")
 
-FAMILIES: Tuple[Family, ...] = (MTP, DFLASH, DSPARK, DRAFT_MODEL, NGRAM)
+FAMILIES: Tuple[Family, ...] = (MTP, DFLASH, DSPARK, EAGLE3, DRAFT_MODEL, NGRAM)
 
 
 def drafter_families() -> Tuple[Family, ...]:
@@ -118,4 +123,6 @@ def checkpoint_type(config: dict) -> Optional[str]:
     for f in FAMILIES:
         if f.recognise is not None and f.recognise(config):
             return f.model_types[0]
+    if config.get("model_type") is None and config.get("speculators_model_type") is not None:
+        return f"speculators_{config['speculators_model_type']}"  # a Speculators family we do not run, named
     return config.get("model_type")

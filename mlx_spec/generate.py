@@ -18,7 +18,8 @@ from .api import encode_prompt, generate, stream_generate  # noqa: F401  (`from 
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, format_prompt, load_models,
                   make_tuner, print_stats, read_stdin, run, sampling_params, valid_text)
 from .errors import MlxSpecError
-from .long_context import PrefillProgress, add_kv_args, check_memory, kv_flags, kv_settings, load_session
+from .long_context import (PrefillProgress, add_kv_args, check_memory, fit_context, kv_flags, kv_settings,
+                           load_session, model_dir_context)
 from .models.base import context_length
 
 QUERY = "<query>"  # where --prompt goes in the chat template's rendering, after a cached prefix (mlx-lm's trick)
@@ -59,8 +60,11 @@ def main_args(args) -> int:
     prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
     system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
     kv = kv_settings(args)
-    # the prompt's length in characters bounds its tokens (unknown before the tokenizer is loaded)
-    check_memory(args.model, args.drafter, args.max_context or args.max_tokens + len(prompt), kv)
+    # K/V for what this run can hold: prompt + --max-tokens, cut to the context as fit_context cuts it (the
+    # prompt's characters bound its tokens, unknown before the tokenizer is loaded)
+    context = args.max_context or model_dir_context(args.model)
+    used = args.max_tokens + len(prompt) + len(system or "")
+    check_memory(args.model, args.drafter, min(used, context) if context else used, kv)
     model, tokenizer, proposer = load_models(args)
     cache = None
     if args.prompt_cache_file:
@@ -82,22 +86,6 @@ def main_args(args) -> int:
     if last is not None:
         print_stats(last.stats, drafting=proposer is not None)
     return 0
-
-
-def fit_context(n_prompt: int, max_tokens: int, context, source: str) -> int:
-    """--max-tokens cut to what fits the context after the prompt (with a note); a prompt that leaves no
-    room is an error. Past the context the model runs on positions it was never trained on."""
-    if not context or max_tokens == 0:
-        return max_tokens
-    room = context - n_prompt
-    if room <= 0:
-        raise MlxSpecError(f"the prompt is {n_prompt} tokens and the context holds {context} ({source}): no room to "
-                           "generate; shorten the prompt")
-    if max_tokens > room:
-        print(f"note: the prompt is {n_prompt} tokens and the context holds {context} ({source}), so at most {room} "
-              f"of --max-tokens {max_tokens} are generated", file=sys.stderr)
-        return room
-    return max_tokens
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ imports the converter (the converter imports this).
 
 import importlib
 import os
+import re
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -18,7 +19,8 @@ from mlx.utils import tree_flatten
 from .checkpoint import check_dtypes, check_weights, read_config, read_weights, unwrap_language_model, weight_files
 from .errors import HubUnreachableError, ModelLoadError, WeightMismatchError
 from .memory import warn_if_too_big
-from .models import get_model_classes
+from .models import checkpoint_type, get_model_classes
+from .models.gemma4_text import layer_pattern_note
 
 DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
@@ -26,6 +28,16 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 INTEGER_TENSORS = ("token_ordering",)
 DEFAULT_HUB_TIMEOUT = 10.0  # seconds for the hub to answer a lookup (huggingface_hub's etag default)
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.jinja", "*.txt"]
+LAYER_INDEX = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def follows_layer_pattern(kind: str) -> bool:
+    """Whether a checkpoint type's layer layout follows gemma4_text's rule when config.json does not list
+    it: the Gemma 4 bases, and the MTP assistants (their text config is a gemma4_text one)."""
+    from . import families
+    from .models import BASE_TYPES
+
+    return kind in BASE_TYPES or kind in families.MTP.model_types
 
 
 def resolve_model_path(path_or_repo: str) -> Path:
@@ -85,6 +97,7 @@ def _download(repo: str) -> Path:
     from huggingface_hub import HfApi, constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    check_repo_id(repo)
     timeout, endpoint = hub_timeout(), constants.ENDPOINT
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     revision, problem = None, None
@@ -114,6 +127,20 @@ def _download(repo: str) -> Path:
         if problem is None:
             raise
         raise HubUnreachableError(f"cannot download {repo}: {problem}") from None
+
+
+def check_repo_id(repo: str) -> None:
+    """A path that does not exist and is no valid hub repo id ('foo/..', 'org/bad..name') is one error,
+    before the hub is asked (huggingface_hub raises HFValidationError for it, which no lookup handles)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        reason = " ".join(str(e).split())
+        raise ModelLoadError(f"{repo!r} is neither a local directory nor a valid Hugging Face repo id "
+                             f"({reason})") from None
 
 
 def _quantize_like_checkpoint(model: nn.Module, config: dict, weights: dict) -> None:
@@ -151,11 +178,13 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
 
     lazy=True leaves the weights unevaluated (memory-mapped), so a converter can stream a large model."""
     model_class, args_class = get_model_classes(config)
+    kind = checkpoint_type(config)
     try:
         args = args_class.from_dict(config)
+        check_layer_count(args, weights)
         model = model_class(args)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ModelLoadError(f"{source / 'config.json'} cannot configure a {config.get('model_type')} model: {e}") from e
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as e:  # Overflow: past MLX's int32 shapes
+        raise ModelLoadError(f"{source / 'config.json'} cannot configure a {kind} model: {e}") from e
     weights, config = unwrap_language_model((k for k, _ in tree_flatten(model.parameters())), weights, config)
     try:
         weights = model.sanitize(weights) if hasattr(model, "sanitize") else weights
@@ -165,13 +194,24 @@ def build_model(config: dict, weights: dict, source: Path, dtype=None, lazy: boo
     if config.get("quantization"):
         _quantize_like_checkpoint(model, config, weights)
     params = dict(tree_flatten(model.parameters()))
-    check_weights({k: v.shape for k, v in params.items()}, weights, source)
+    note = layer_pattern_note(config) if follows_layer_pattern(kind) else None
+    check_weights({k: v.shape for k, v in params.items()}, weights, source, note)
     check_dtypes({k: v.dtype for k, v in params.items()}, weights, source)
     model.eval()
     model.load_weights(list(weights.items()), strict=False)
     if not lazy:
         materialize(model)
     return model
+
+
+def check_layer_count(args, weights: dict) -> None:
+    """A config that declares more decoder layers than the weights hold is refused before the layers are
+    built (10**6 of them would take minutes and then fail on the weights)."""
+    text = getattr(args, "text_config", None)
+    declared = getattr(args, "num_hidden_layers", None) if not isinstance(text, dict) else text.get("num_hidden_layers")
+    held = {int(m.group(1)) for name in weights for m in [LAYER_INDEX.search(name)] if m}
+    if isinstance(declared, int) and held and declared > max(held) + 1:
+        raise ValueError(f"num_hidden_layers is {declared} but the weights hold layers 0..{max(held)}")
 
 
 def materialize(*models) -> None:

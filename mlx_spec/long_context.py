@@ -1,5 +1,6 @@
 """What the commands share for long contexts: the K/V flags (mlx-lm's spellings), the memory check made
-before loading, prefill progress, and saved sessions (`--prompt-cache-file`).
+before loading, the context bound on prompt + output, prefill progress, and saved sessions
+(`--prompt-cache-file`).
 
 Knows flags, files and stderr; the caches themselves are cache.py's, the estimates memory.py's, the file
 format session_file.py's.
@@ -41,10 +42,11 @@ def kv_flags(kv: Optional[KVQuant]) -> dict:
 
 
 def check_memory(model_path: str, drafter_path: Optional[str], context: Optional[int], kv: Optional[KVQuant],
-                 file=None) -> bool:
-    """Before loading: weights + drafter + K/V at `context` against the device's working set (or RAM).
-    Prints one warning with the flag that would make it fit; returns whether it fits. Paths that are not
-    local directories (hub ids before their download, .gguf files) are not estimated."""
+                 file=None, slots: int = 1) -> bool:
+    """Before loading: weights + drafter + K/V for `slots` caches of `context` positions (the context the run
+    will use, after its caps) against the device's working set (or RAM). Prints one warning with the flag
+    that would make it fit; returns whether it fits. Paths that are not local directories (hub ids before
+    their download, .gguf files) are not estimated."""
     from .checkpoint import read_config
     from .memory import advise, kv_dtype_bytes, kv_layers_from_config, memory_limit, weights_bytes_on_disk
 
@@ -56,11 +58,31 @@ def check_memory(model_path: str, drafter_path: Optional[str], context: Optional
     if drafter_path and (Path(drafter_path).expanduser() / "config.json").is_file():
         drafter = weights_bytes_on_disk(Path(drafter_path).expanduser())
     limit, source = memory_limit()
-    advice = advise(kv_layers_from_config(config), context, weights=weights_bytes_on_disk(model_dir),
-                    drafter=drafter, dtype_bytes=kv_dtype_bytes(config), kv=kv, limit=limit)
+    try:
+        advice = advise(kv_layers_from_config(config), context, weights=weights_bytes_on_disk(model_dir),
+                        drafter=drafter, dtype_bytes=kv_dtype_bytes(config), kv=kv, limit=limit, slots=slots,
+                        kv_start=DEFAULT_QUANTIZED_KV_START)  # what --kv-bits alone gives
+    except (TypeError, ValueError, KeyError, AttributeError, ArithmeticError):
+        return True  # sizes that are not numbers in range: loading refuses the config next, naming the field
     if not advice.fits:
         print(f"warning: {advice.message} ({source}); expect swapping", file=file or sys.stderr)
     return advice.fits
+
+
+def fit_context(n_prompt: int, max_tokens: int, context, source: str) -> int:
+    """--max-tokens cut to what fits the context after the prompt (with a note); a prompt that leaves no
+    room is an error. Past the context the model runs on positions it was never trained on."""
+    if not context or max_tokens == 0:
+        return max_tokens
+    room = context - n_prompt
+    if room <= 0:
+        raise MlxSpecError(f"the prompt is {n_prompt} tokens and the context holds {context} ({source}): no room to "
+                           "generate; shorten the prompt")
+    if max_tokens > room:
+        print(f"note: the prompt is {n_prompt} tokens and the context holds {context} ({source}), so at most {room} "
+              f"of --max-tokens {max_tokens} are generated", file=sys.stderr)
+        return room
+    return max_tokens
 
 
 def model_dir_context(model_path: str) -> Optional[int]:

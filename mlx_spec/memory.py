@@ -201,6 +201,7 @@ class MemoryEstimate:
     context: int
     kv_bits: Optional[int] = None
     kv_group_size: Optional[int] = None
+    slots: int = 1  # caches held at once (a server's prompt-cache slots), each up to `context`
 
     @property
     def total(self) -> int:
@@ -209,12 +210,13 @@ class MemoryEstimate:
 
 def estimate_memory(layers: Sequence[LayerKV], context: int, *, weights: int, drafter: int = 0,
                     dtype_bytes: int = 2, kv=None, draft_layers: Sequence[LayerKV] = (),
-                    max_rollback: int = _DEFAULT_ROLLBACK) -> MemoryEstimate:
-    """Weights + drafter + K/V (the base's, and a draft model's own cache, in full precision) at `context`."""
-    kv_total = kv_peak_bytes(layers, context, dtype_bytes, kv, max_rollback)
-    kv_total += kv_cache_bytes(draft_layers, context, dtype_bytes, None, max_rollback)
-    return MemoryEstimate(weights, drafter, kv_total, context, kv.bits if kv else None,
-                          kv.group_size if kv else None)
+                    max_rollback: int = _DEFAULT_ROLLBACK, slots: int = 1) -> MemoryEstimate:
+    """Weights + drafter + K/V (the base's, and a draft model's own cache, in full precision) at `context`,
+    for each of `slots` caches (a server keeps one per conversation, each up to the context)."""
+    kv_one = kv_peak_bytes(layers, context, dtype_bytes, kv, max_rollback)
+    kv_one += kv_cache_bytes(draft_layers, context, dtype_bytes, None, max_rollback)
+    return MemoryEstimate(weights, drafter, slots * kv_one, context, kv.bits if kv else None,
+                          kv.group_size if kv else None, slots)
 
 
 def memory_limit() -> Tuple[int, str]:
@@ -244,42 +246,65 @@ def _gib(n: int) -> str:
 
 def advise(layers: Sequence[LayerKV], context: int, *, weights: int, drafter: int = 0, dtype_bytes: int = 2,
            kv=None, limit: int, headroom: float = DEFAULT_HEADROOM, draft_layers: Sequence[LayerKV] = (),
-           max_rollback: int = _DEFAULT_ROLLBACK, group_size: Optional[int] = None) -> FitAdvice:
-    """Whether weights + drafter + K/V at `context` fit in headroom * limit, and if not, the first of
-    --kv-bits 8, --kv-bits 4, then a shorter --max-context (with 4-bit K/V) that does."""
+           max_rollback: int = _DEFAULT_ROLLBACK, group_size: Optional[int] = None, slots: int = 1,
+           kv_start: int = 0) -> FitAdvice:
+    """Whether weights + drafter + K/V for `slots` caches of `context` positions (the context in use: what
+    the run can hold, after every cap) fit in headroom * limit, and if not, the first of --kv-bits 8,
+    --kv-bits 4, then (4-bit K/V where it saves anything) fewer --prompt-cache-slots, then a shorter
+    --max-context that does. A proposed --max-context is never longer than `context`. kv_start: where
+    K/V proposed with --kv-bits would start being quantized (the commands' --quantized-kv-start default)."""
     from .cache import DEFAULT_KV_GROUP_SIZE, KVQuant
 
     budget = int(headroom * limit)
 
-    def est(kv_, ctx):
+    def est(kv_, ctx, n=slots):
         return estimate_memory(layers, ctx, weights=weights, drafter=drafter, dtype_bytes=dtype_bytes, kv=kv_,
-                               draft_layers=draft_layers, max_rollback=max_rollback)
+                               draft_layers=draft_layers, max_rollback=max_rollback, slots=n)
 
     asked = est(kv, context)
     if not limit or asked.total <= budget:
         return FitAdvice(True, asked, limit)
-    what = (f"weights {_gib(weights + drafter)} + K/V {_gib(asked.kv)} at {context} tokens = "
+    per_slot = f" x {slots} slots" if slots > 1 else ""
+    what = (f"weights {_gib(weights + drafter)} + K/V {_gib(asked.kv)} at {context} tokens{per_slot} = "
             f"{_gib(asked.total)}, over {_gib(budget)} ({headroom:.0%} of {_gib(limit)})")
     group = group_size or (kv.group_size if kv else DEFAULT_KV_GROUP_SIZE)
-    start = kv.start if kv else 0
+    start = kv.start if kv else kv_start
+
+    def quantized(bits: int):
+        """(flags, KVQuant) for `bits`-bit K/V: from where the flags start it, then from the first position."""
+        if kv is None or kv.bits > bits:
+            yield f"--kv-bits {bits} ", KVQuant(bits, group, start)
+        if start > 0:
+            yield f"--kv-bits {bits} --quantized-kv-start 0 ", KVQuant(bits, group, 0)
+
     for bits in (8, 4):
-        if kv is not None and kv.bits <= bits:
-            continue
-        option = est(KVQuant(bits, group, start), context)
-        if option.total <= budget:
-            flags = f"--kv-bits {bits}"
-            return FitAdvice(False, asked, limit, flags, f"{what}; {flags} needs {_gib(option.total)}")
-    best = KVQuant(min(4, kv.bits) if kv else 4, group, start)
-    lo, hi = 0, context  # the longest context that fits: K/V grows with context
+        for flags, option in quantized(bits):
+            fitted = est(option, context)
+            if fitted.total <= budget:
+                return FitAdvice(False, asked, limit, flags.strip(), f"{what}; {flags}needs {_gib(fitted.total)}")
+
+    def least(ctx: int, n: int) -> Tuple[str, MemoryEstimate]:
+        """(flags, estimate): the K/V setting that takes least at ctx and n slots, the fewest flags on a tie."""
+        return min([("", est(kv, ctx, n))] + [(f, est(q, ctx, n)) for f, q in quantized(4)],
+                   key=lambda option: option[1].total)
+
+    if slots > 1:  # the slots multiply the K/V: keep the context, hold fewer conversations
+        bits, one = least(context, 1)
+        n = min(slots - 1, (budget - weights - drafter) // one.kv) if one.kv else 0
+        if n >= 1:
+            flags = f"{bits}--prompt-cache-slots {n}"
+            return FitAdvice(False, asked, limit, flags, f"{what}; {flags} needs {_gib(least(context, n)[1].total)}")
+    lo, hi = 0, context  # the longest context that fits, one slot: K/V grows with context
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if est(best, mid).total <= budget:
+        if least(mid, 1)[1].total <= budget:
             lo = mid
         else:
             hi = mid - 1
-    if lo <= 0 or est(best, lo).kv == 0:
+    if lo <= 0 or least(lo, 1)[1].kv == 0:
         return FitAdvice(False, asked, limit, "", f"{what}; the weights alone do not fit: use a smaller model "
                          "or quantization (mlx_spec.convert -q --q-bits 4)")
     lo = lo // _STEP * _STEP or lo
-    flags = f"--kv-bits {best.bits} --max-context {lo}"
-    return FitAdvice(False, asked, limit, flags, f"{what}; {flags} needs {_gib(est(best, lo).total)}")
+    bits, fitted = least(lo, 1)
+    flags = bits + ("--prompt-cache-slots 1 " if slots > 1 else "") + f"--max-context {lo}"
+    return FitAdvice(False, asked, limit, flags, f"{what}; {flags} needs {_gib(fitted.total)}")

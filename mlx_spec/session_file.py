@@ -15,8 +15,9 @@ mlx_spec's own metadata ("0.mlx_spec", JSON): format version, the model identity
 quantization, each layer's kind and offset, and a sha256 of the tensors' bytes. Every file is untrusted
 input: the header is parsed and checked (offsets tile the data exactly, dtypes and shapes match the
 model's geometry) before a tensor is built, tensors are read with plain file reads (nothing is unpickled
-or handed unchecked to a loader), and the checksum is verified. Any mismatch raises one SessionFileError
-line that names the file and what differs.
+or handed unchecked to a loader), the checksum is verified, and the K/V must be finite (a checksum finds
+damage, not a crafted file). Any mismatch, deep JSON nesting or a field of the wrong type raises one
+SessionFileError line that names the file and what differs.
 
 Knows caches, token ids and files; nothing of engines, tokenizers or chat.
 """
@@ -34,6 +35,7 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
+from .atomic import disk_full
 from .cache import DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache
 from .errors import MlxSpecError
 from .models.base import as_base
@@ -118,15 +120,20 @@ def _checksum(tensors: Dict[str, bytes]) -> str:
     return h.hexdigest()
 
 
+def session_path(path: Union[str, Path]) -> Path:
+    """Where a session named `path` is written: ".safetensors" appended if missing, as mlx-lm does."""
+    path = Path(path)
+    return path if path.suffix == SUFFIX else path.with_name(path.name + SUFFIX)
+
+
 def save_prompt_cache(path: Union[str, Path], caches: list, tokens: List[int], model_identity: dict,
                       metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write caches (holding exactly `tokens`) to `path` (".safetensors" appended if missing, as mlx-lm
-    does), atomically: a temporary file in the same directory, then a rename. Returns the path written.
-    `model_identity`: `session_identity(model)`, plus anything informative (a "model" path is also what
-    mlx-lm's generate reads). `metadata`: more free-form strings for the file's metadata."""
-    path = Path(path)
-    if path.suffix != SUFFIX:
-        path = path.with_name(path.name + SUFFIX)
+    """Write caches (holding exactly `tokens`) to `session_path(path)`, atomically: a temporary file in the
+    same directory, then a rename. Returns the path written; a write that fails (no such directory, a full
+    disk, read-only) raises SessionFileError and leaves nothing. `model_identity`: `session_identity(model)`,
+    plus anything informative (a "model" path is also what mlx-lm's generate reads). `metadata`: more
+    free-form strings for the file's metadata."""
+    path = session_path(path)
     tokens = [int(t) for t in tokens]
     offsets = {c.offset for c in caches}
     if offsets != {len(tokens)}:
@@ -154,6 +161,10 @@ def save_prompt_cache(path: Union[str, Path], caches: list, tokens: List[int], m
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # MLX reports a failed open or write as a RuntimeError
+        reason = disk_full(e, path.parent)
+        reason = f"the disk is full: {reason}" if reason else (getattr(e, "strerror", None) or str(e))[:200]
+        raise SessionFileError(f"prompt cache file {path} cannot be written ({reason}); nothing was saved") from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -177,6 +188,8 @@ def _read_header(path: Path, f, size: int) -> Tuple[dict, Dict[str, str], int]:
         header = json.loads(f.read(n).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, corrupt.format(f"unreadable header: {e}")) from e
+    except RecursionError as e:
+        raise _fail(path, corrupt.format("header nested too deeply")) from e
     if not isinstance(header, dict):
         raise _fail(path, corrupt.format("header is not a table"))
     meta = header.pop("__metadata__", {})
@@ -257,19 +270,15 @@ def load_prompt_cache(path: Union[str, Path], model, *, kv: Union[KVQuant, None,
         if "0.mlx_spec" not in meta:
             raise _fail(path, "was not written by mlx_spec (no 'mlx_spec' metadata); prefill the prompt again "
                         "and save it with mlx_spec")
-        try:
-            ours = json.loads(meta["0.mlx_spec"])
-            fmt, identity, tokens, layers = ours["format"], ours["identity"], ours["tokens"], ours["layers"]
-            file_kv, digest = _parse_kv(ours["kv"]), ours["sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError, MlxSpecError) as e:
-            raise _fail(path, f"is corrupted (its mlx_spec metadata is unreadable: {e})") from e
+        fmt, identity, tokens, layers, file_kv, digest = _read_ours(path, meta["0.mlx_spec"])
         if fmt != FORMAT:
             raise _fail(path, f"has format {fmt!r}; this mlx_spec reads format {FORMAT}: save it again")
 
         mine = session_identity(model)
         differs = [_WHAT[k] for k in mine if identity.get(k) != mine[k]]
         if differs:
-            saved_for = f" (saved for {identity['model']})" if identity.get("model") else ""
+            model_name = identity.get("model")
+            saved_for = f" (saved for {model_name[:200]})" if isinstance(model_name, str) and model_name else ""
             raise _fail(path, f"was saved for another model{saved_for}: its {', '.join(differs)} differ")
         if kv != FROM_FILE and kv != file_kv:
             raise _fail(path, f"was saved with {_describe(file_kv)}, this run uses {_describe(kv)}: use the same "
@@ -287,8 +296,8 @@ def load_prompt_cache(path: Union[str, Path], model, *, kv: Union[KVQuant, None,
             kind = "full" if isinstance(c, FullKVCache) else "sliding"
             try:
                 quantized, offset = bool(rec["quantized"]), int(rec["offset"])
-            except (KeyError, TypeError, ValueError) as e:
-                raise _fail(path, f"is corrupted (layer {i}'s record: {e})") from e
+            except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(Infinity) overflows
+                raise _fail(path, f"is corrupted (layer {i}'s record: {str(e)[:200]})") from e
             first = header.get(f"{i}.0.0" if quantized else f"{i}.0")
             T = first["shape"][2] if first and len(first["shape"]) == 4 else -1  # positions held
             window = c.window if kind == "sliding" else None
@@ -322,12 +331,47 @@ def load_prompt_cache(path: Union[str, Path], model, *, kv: Union[KVQuant, None,
             raise _fail(path, "is corrupted (its tensors do not match their checksum); save it again")
 
     arrays = {name: _to_mx(raw.pop(name), header[name]) for name in list(raw)}
+    _check_finite(path, arrays)
     for name, value in scalars.items():
         if arrays[name].item() != value:
             raise _fail(path, f"is corrupted ({name} is {arrays[name].item()}, expected {value})")
     for i, (c, rec) in enumerate(zip(caches, layers)):
         _restore(c, arrays, i, bool(rec["quantized"]), int(rec["offset"]))
     return caches, tokens
+
+
+_FIELDS = {"format": (int, "a number"), "identity": (dict, "an object"), "tokens": (list, "a list"),
+           "layers": (list, "a list"), "kv": ((dict, type(None)), "an object or null"),
+           "sha256": (str, "a string")}  # mlx_spec's metadata: each field's JSON type
+
+
+def _read_ours(path: Path, text: str) -> tuple:
+    """(format, identity, token ids, layer records, K/V quantization, checksum) from mlx_spec's metadata,
+    each of the type the checks that follow rely on (a file is untrusted: `identity` may be a list)."""
+    try:
+        ours = json.loads(text)
+        if not isinstance(ours, dict):
+            raise TypeError("it is not an object")
+        for k, (kind, name) in _FIELDS.items():
+            if not isinstance(ours.get(k, ...), kind):
+                raise TypeError(f"'{k}' is missing or not {name}")
+        if not all(isinstance(rec, dict) for rec in ours["layers"]):
+            raise TypeError("a layer record is not an object")
+        return (ours["format"], ours["identity"], ours["tokens"], ours["layers"], _parse_kv(ours["kv"]),
+                ours["sha256"])
+    except RecursionError as e:
+        raise _fail(path, "is corrupted (its mlx_spec metadata is nested too deeply)") from e
+    except (ValueError, KeyError, TypeError, MlxSpecError) as e:  # JSONDecodeError is a ValueError
+        raise _fail(path, f"is corrupted (its mlx_spec metadata is unreadable: {str(e)[:200]})") from e
+
+
+def _check_finite(path: Path, arrays: Dict[str, mx.array]) -> None:
+    """The checksum finds damage, not a crafted file: K/V with a NaN or an infinity would turn every token
+    after the prompt into garbage (<pad><pad>...) without a word."""
+    for name, a in arrays.items():
+        if mx.issubdtype(a.dtype, mx.floating) and not mx.all(mx.isfinite(a)).item():
+            raise _fail(path, f"is corrupted (layer {name.split('.')[0]} holds non-finite K/V: NaN or infinity); "
+                        "save it again")
 
 
 def _fresh_caches(model, max_rollback: int, kv: Optional[KVQuant]) -> list:

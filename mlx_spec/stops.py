@@ -8,7 +8,7 @@ until the first character of its text is released, and drops those the cut leave
 together, fed token by token.
 
 Knows characters and text positions; nothing of tokenizers, engines or HTTP. A worker keeps one StopCut per
-request (a batched worker, one per row).
+request (a batched worker, one per row; the API one per request).
 """
 
 from collections import deque

@@ -159,6 +159,7 @@ def test_tuning_cache_is_written_under_xdg(bench_run):
     (["--model", BASE, "--ngram", "--random-drafter"], "--random-drafter needs --drafter"),
     (["--model", BASE, "--ngram", "--prompts", "poetry"], "--prompts"),
     (["--model", BASE, "--ngram", "--repeats", "0"], "--repeats"),
+    (["--model", BASE, "--draft-model", ASSISTANT], "pass it with --drafter"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):
     assert bench.main(argv) == 2

@@ -183,6 +183,10 @@ def test_doctor_cli_prints_the_report_and_writes_json(capsys, tmp_path):
     (["--tokens", "1"], "--tokens"),
     (["--context", "0"], "--context"),
     (["--json", "/nonexistent/dir/p.json"], "--json"),
+    # bounded by the model's 2048 positions (the audit's runs grew without limit, or ran past them)
+    (["--tokens", "8", "--num-draft-tokens", "1", "--context", "100000000"], "max_position_embeddings"),
+    (["--tokens", "100000000", "--num-draft-tokens", "1"], "max_position_embeddings"),
+    (["--context", "2047"], "max_position_embeddings"),
 ])
 def test_user_errors_are_one_line(capsys, argv, needle):
     try:
@@ -191,6 +195,23 @@ def test_user_errors_are_one_line(capsys, argv, needle):
         rc = e.code
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_probe_may_use_exactly_the_models_context(trained_pair):
+    from mlx_spec.parity.probe import ParityError, check_positions
+
+    model = trained_pair[0]
+    limit = model.args.max_position_embeddings
+    check_positions(model, limit - 16 - 4, 16, 4)  # the trace and the timed (k+1)-row verify end at the last one
+    with pytest.raises(ParityError, match="max_position_embeddings"):
+        check_positions(model, limit - 16 - 4 + 1, 16, 4)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**70)])
+def test_any_integer_seed_is_accepted_as_generate_accepts_it(capsys, seed):
+    rc = main(["--model", BASE, "--tokens", "2", "--num-draft-tokens", "1", "--context", "8", "--cost-reps", "0",
+               "--trace", "random", "--seed", seed])
+    assert rc == 0, "doctor --seed takes any integer (mapped into range as generate's --seed is)"
 
 
 def test_missing_model_is_one_line(capsys):

@@ -57,10 +57,10 @@ def test_bases_declare_what_drafters_may_read():
     assert offers(other, None), "a family that reads nothing of its base fits any base"
 
 
-# -- a family added by one registration (what EAGLE-3 will be): this module is its model and proposer file
+# -- a family added by one registration (a Speculators family we do not ship, say Medusa): this module is its model and proposer file
 
 class ModelArgs:
-    model_type = "eagle3"
+    model_type = "medusa"
 
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
@@ -68,14 +68,14 @@ class ModelArgs:
 
 
 class Model:
-    model_type = "eagle3"
+    model_type = "medusa"
 
     def describe(self) -> str:
-        return "EAGLE-3 drafter (test)"
+        return "Medusa drafter (test)"
 
 
-class Eagle3Proposer:
-    name = "eagle3"
+class MedusaProposer:
+    name = "medusa"
 
     def __init__(self, drafter, base):
         self.drafter, self.base = drafter, base
@@ -88,8 +88,8 @@ def check_pairing(drafter, base) -> None:
     PAIRED.append(drafter)
 
 
-EAGLE3 = families.Family("eagle3", f"{__name__}:Eagle3Proposer", model_types=("eagle3",),
-                         recognise=lambda config: config.get("speculators_model_type") == "eagle3", model=__name__,
+MEDUSA = families.Family("medusa", f"{__name__}:MedusaProposer", model_types=("medusa",),
+                         recognise=lambda config: config.get("speculators_model_type") == "medusa", model=__name__,
                          reads=LAYER_OUTPUTS, pairing=f"{__name__}:check_pairing", published_config=True)
 
 
@@ -97,20 +97,20 @@ def test_a_new_family_is_one_registration(monkeypatch):
     from convert.pipeline import _default_dtype, output_config
     from mlx_spec.forge.run import _load_drafter
 
-    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (EAGLE3,))
-    config = {"model_type": "llama", "speculators_model_type": "eagle3", "hidden_size": 64}
+    monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (MEDUSA,))
+    config = {"model_type": "llama", "speculators_model_type": "medusa", "hidden_size": 64}
     base = make_base("e2b")
-    assert checkpoint_type(config) == "eagle3", "recognised on disk by its registration"
+    assert checkpoint_type(config) == "medusa", "recognised on disk by its registration"
     assert get_model_classes(config) == (Model, ModelArgs), "loaded through its model module"
     proposer = make_proposer(base, drafter=Model())
-    assert isinstance(proposer, Eagle3Proposer) and proposer.base is base, "its proposer, built from the registry"
+    assert isinstance(proposer, MedusaProposer) and proposer.base is base, "its proposer, built from the registry"
     assert _default_dtype(config) == "bfloat16" and output_config(config, Model(), None) == config, \
         "convert treats it as a drafter whose config is its published layout"
-    with pytest.raises(PairingError, match="not a drafter .*eagle3"):
+    with pytest.raises(PairingError, match="not a drafter .*medusa"):
         load_drafter(str(TINY_CODE / "base"), base)  # the drafters load_drafter takes include it
     drafter = Model()
     monkeypatch.setattr("mlx_spec.api.load_drafter", lambda path, base: drafter)
-    with pytest.raises(MlxSpecError, match=r"is a EAGLE-3 drafter \(test\); forge trains Gemma 4 MTP assistants"):
-        _load_drafter("--drafter", "eagle3-dir", base)  # no forge objective: refused by name
+    with pytest.raises(MlxSpecError, match=r"is a Medusa drafter \(test\); forge trains Gemma 4 MTP assistants"):
+        _load_drafter("--drafter", "medusa-dir", base)  # no forge objective: refused by name
     families.of_drafter(drafter).check_pairing(drafter, base)
     assert PAIRED == [drafter], "its pairing is checked by the function it declared"

@@ -156,6 +156,16 @@ def test_bad_values_are_one_line(capsys, argv, needle):
     assert rc == 2 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("drafter", ["assistant", "dflash"])
+def test_a_drafter_given_as_draft_model_is_told_to_use_drafter(capsys, drafter):
+    """A drafter cannot draft alone (it reads the base's K/V or layer outputs): --draft-model gave a TypeError
+    (MTP assistant) or a missing-tokenizer error (DFlash)."""
+    rc, out, err = cli(capsys, "--model", BASE, "--draft-model", str(TINY_CODE / drafter), "--prompt", "x",
+                       "--max-tokens", "2")
+    assert rc == 2 and "pass it with --drafter" in err, err
+    assert len(err.strip().splitlines()) == 1, "one error line, no traceback"
+
+
 def test_a_prompt_that_fills_the_context_is_refused(capsys):
     rc, out, err = cli(capsys, "--model", BASE, "--prompt", "x = 1\n" * 700, "--ignore-chat-template")
     lines = err.strip().splitlines()

@@ -154,3 +154,30 @@ def test_a_broken_proxy_is_one_clear_error(silent_hub, monkeypatch):
     finally:
         close_session()
         proxy.close()
+
+
+@pytest.mark.parametrize("repo", ["foo/..", "org/bad..name", "org/-x", "org/" + "a" * 100, "org/na me"])
+def test_an_invalid_repo_id_is_one_error_before_the_hub_is_asked(repo, monkeypatch):
+    """These gave huggingface_hub's HFValidationError as a traceback (audit defect 19)."""
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.HfApi, "repo_info", lambda *a, **k: pytest.fail("the hub must not be asked"))
+    with pytest.raises(ModelLoadError, match="neither a local directory nor a valid Hugging Face repo id") as e:
+        load(repo)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("mlx_spec.generate", ["--model", "foo/..", "--prompt", "x"]),
+    ("mlx_spec.generate", ["--model", str(TINY_CODE / "base"), "--drafter", "org/bad..name", "--prompt", "x"]),
+    ("convert", ["--hf-path", "org/bad..name", "--mlx-path", "{tmp}/x"]),
+])
+def test_the_commands_say_it_in_one_line(command, argv, tmp_path, capsys, monkeypatch):
+    import importlib
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    main = importlib.import_module("convert.__main__" if command == "convert" else command).main
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "nor a valid Hugging Face repo id" in err and len(err.strip().splitlines()) == 1, err

@@ -4,9 +4,7 @@ bad requests get 4xx with a message, a client that leaves stops its generation, 
 
 import http.client
 import json
-import shutil
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -14,14 +12,11 @@ import openai
 import pytest
 
 from conftest import TINY_CODE
-from mlx_spec import generate, load, load_drafter
+from mlx_spec import generate
 from mlx_spec import server as server_mod
 from mlx_spec.proposers import make_proposer
-from mlx_spec.server import Server, StopMatcher
+from serving import serving, templated_pair
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-            "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_TOKENS = 24
 CODE = "import os\nimport sys\n\ndef main(argv):\n"
@@ -30,21 +25,11 @@ CODE = "import os\nimport sys\n\ndef main(argv):\n"
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """(openai client, server, model, tokenizer): the tiny pair served with the MTP drafter on."""
-    path = tmp_path_factory.mktemp("server") / "base"
-    shutil.copytree(TINY_CODE / "base", path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    model, tokenizer = load(str(path))
-    drafter = load_drafter(str(TINY_CODE / "assistant"), model)
-    srv = Server(model, tokenizer, make_proposer(model, drafter=drafter), host="127.0.0.1", port=0, model_name="tiny",
-                 max_tokens=MAX_TOKENS, max_request_bytes=MAX_REQUEST_BYTES)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_port}/v1", api_key="x", max_retries=0,
-                           timeout=60)
-    yield client, srv, model, tokenizer
-    srv.close()
+    model, tokenizer, proposer = pair = templated_pair(tmp_path_factory.mktemp("server"))
+    with serving(pair, max_tokens=MAX_TOKENS, max_request_bytes=MAX_REQUEST_BYTES) as srv:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.server_port}/v1", api_key="x", max_retries=0,
+                               timeout=60)
+        yield client, srv, model, tokenizer
 
 
 def chat_text(tokenizer, content):
@@ -125,23 +110,6 @@ def test_stop_strings(served, stream):
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == cut, "the text ends before the first stop string"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
-
-
-@pytest.mark.parametrize("feed, want", [
-    (["ab", "cST", "OPx"], ("abc", True)),
-    (["S", "T", "x"], ("STx", False)),
-    (["abS"], ("ab", False)),  # "S" is held back: it may begin "STOP"
-    (["xSTOP"], ("x", True)),
-])
-def test_stop_matcher(feed, want):
-    m = StopMatcher(["STOP"])
-    out, hit = "", False
-    for piece in feed:
-        text, hit = m.feed(piece)
-        out += text
-        if hit:
-            break
-    assert (out, hit) == want, "the matcher never emits a stop string nor holds back text that cannot start one"
 
 
 def test_models_and_health(served):

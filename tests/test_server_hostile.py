@@ -3,11 +3,9 @@ connections, sends malformed or pathological JSON, a template of its own, invali
 prompt gets a 4xx/5xx answer or a closed connection within a bounded time, and well-formed requests from
 everyone else are still answered correctly. Also logprobs in OpenAI's shapes, and the served model name."""
 
-import contextlib
 import http.client
 import json
 import math
-import shutil
 import socket
 import threading
 import time
@@ -17,13 +15,10 @@ import openai
 import pytest
 
 from conftest import TINY_CODE
-from mlx_spec import generate, load, load_drafter, stream_generate
-from mlx_spec.proposers import make_proposer
-from mlx_spec.server import Server
+from mlx_spec import generate, stream_generate
+from serving import serving as serve
+from serving import templated_pair
 
-TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
-            "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
-            "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 CODE = "import os\nimport sys\n\ndef main(argv):\n"
 MAX_TOKENS = 12
 TIMEOUT = 1.0  # the test servers' --request-timeout
@@ -31,28 +26,13 @@ TIMEOUT = 1.0  # the test servers' --request-timeout
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    path = tmp_path_factory.mktemp("hostile") / "base"
-    shutil.copytree(TINY_CODE / "base", path)
-    config = json.loads((path / "tokenizer_config.json").read_text())
-    config["chat_template"] = TEMPLATE
-    (path / "tokenizer_config.json").write_text(json.dumps(config))
-    model, tokenizer = load(str(path))
-    return model, tokenizer, make_proposer(model, drafter=load_drafter(str(TINY_CODE / "assistant"), model))
+    return templated_pair(tmp_path_factory.mktemp("hostile"))
 
 
-@contextlib.contextmanager
 def serving(pair, **kw):
-    model, tokenizer, proposer = pair
-    options = dict(host="127.0.0.1", port=0, model_name="tiny", max_tokens=MAX_TOKENS, request_timeout=TIMEOUT,
-                   max_connections=8, max_request_bytes=64 * 1024)
-    options.update(kw)
-    srv = Server(model, tokenizer, proposer, **options)
-    thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
-    thread.start()
-    try:
-        yield srv
-    finally:
-        srv.close()
+    """The shared helper with this file's limits: a short --request-timeout, few connections, small bodies."""
+    return serve(pair, **{"max_tokens": MAX_TOKENS, "request_timeout": TIMEOUT, "max_connections": 8,
+                          "max_request_bytes": 64 * 1024, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +194,42 @@ def test_connections_beyond_the_limit_get_503_and_threads_stay_bounded(pair):
         assert srv.refused >= 13
 
 
+# --- framing: one way to read a body, and JSON for every refusal --------------------------------------
+
+BODY = b'{"prompt": "x", "max_tokens": 2}'
+
+
+@pytest.mark.parametrize("headers, status", [
+    (b"Content-Length: 32\r\nContent-Length: 5\r\n", 400),  # which one frames the body? (audit defect 24)
+    (b"Content-Length: 32\r\nContent-Length: 32\r\n", 400),  # the same twice: refused too, one rule
+    (b"Content-Length: 32\r\nTransfer-Encoding: chunked\r\n", 501),  # a proxy would read it as chunked
+    (b"Content-Length: +32\r\n", 400),
+])
+def test_a_body_framed_two_ways_is_refused_and_the_connection_closed(srv, headers, status):
+    reply = raw(srv, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: keep-alive\r\n" + headers + b"\r\n"
+                + BODY)  # raw() returns once the server closes: kept alive, this would time out
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == b"%d" % status, f"refused, not served from either length: {reply[:200]!r}"
+    assert json.loads(body)["error"]["message"], "with a JSON error"
+    assert completion(srv), "still serving"
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"X-Many: 1\r\n" * 120 + b"\r\n", 431),
+    (b"PUT /v1/completions HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}", 501),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+    (b"GET / HTTP/1.1 extra\r\n\r\n", 400),
+])
+def test_the_standard_librarys_refusals_have_json_bodies(srv, request_bytes, status):
+    reply = raw(srv, request_bytes.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n", 1))
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1] == str(status).encode(), reply[:200]
+    assert b"application/json" in head and json.loads(body)["error"]["message"], \
+        f"a JSON body like every other error: {body[:200]!r}"
+
+
 # --- 3, 4, 8. values the server must refuse with a 400 naming the field --------------------------
 
 @pytest.mark.parametrize("body, param", [
@@ -373,6 +389,52 @@ def test_completion_logprobs_in_openai_shape(srv, pair, stream):
     assert all(math.isclose(a, b, abs_tol=1e-5) for a, (_, b, _) in zip(got, want)) and len(got) == len(want)
     tops = [d for lp in lps for d in lp.top_logprobs]
     assert all(len(d) <= 2 for d in tops) and list(tops[0]) == [tokenizer.decode([i]) for i, _ in want[0][2]]
+
+
+def logprob_tokens(srv, kind, stream, **body):
+    """(text, [(token, text_offset)]) of a greedy request with logprobs, streamed or not, over raw HTTP."""
+    path = "/v1/chat/completions" if kind == "chat" else "/v1/completions"
+    body = dict(body, max_tokens=MAX_TOKENS, temperature=0, stream=stream)
+    if kind == "chat":
+        body.update(messages=[{"role": "user", "content": CODE}], logprobs=True, top_logprobs=1)
+    else:
+        body.update(prompt=CODE, logprobs=1)
+    conn = http.client.HTTPConnection("127.0.0.1", srv.server_port, timeout=30)
+    conn.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    payload = r.read().decode()
+    conn.close()
+    assert r.status == 200, payload
+    choices = [json.loads(line[6:])["choices"] for line in payload.splitlines() if line.startswith("data: {")] \
+        if stream else [json.loads(payload)["choices"]]
+    choices = [c[0] for c in choices if c]
+    if kind == "chat":
+        text = "".join((c.get("delta") or c.get("message") or {}).get("content") or "" for c in choices)
+        tokens, offset = [], 0
+        for c in choices:
+            for t in (c["logprobs"] or {}).get("content") or []:
+                tokens.append((t["token"], offset))  # chat has no text_offset: tokens follow one another
+                offset += len(t["token"])
+        return text, tokens
+    text = "".join(c["text"] for c in choices)
+    return text, [pair for c in choices if c["logprobs"] for pair in zip(c["logprobs"]["tokens"],
+                                                                          c["logprobs"]["text_offset"])]
+
+
+@pytest.mark.parametrize("kind", ["text", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_stop_where_a_stop_string_cuts_the_text(srv, kind, stream):
+    """A stop string that begins inside a token: that token is kept (some of its text is sent), the tokens
+    after it (the stop string's) are not, and every text_offset lies within the text."""
+    full, tokens = logprob_tokens(srv, kind, stream)
+    assert "".join(t for t, _ in tokens) == full
+    k = next(i for i, (t, o) in enumerate(tokens[:-1]) if len(t) >= 2 and full.find(t[1:] + tokens[i + 1][0]) == o + 1)
+    token, offset = tokens[k]
+    stop = token[1:] + tokens[k + 1][0]  # starts after the first character of token k, ends in token k + 1
+    text, kept = logprob_tokens(srv, kind, stream, stop=[stop])
+    assert text == full[: offset + 1], "the text ends where the stop string begins"
+    assert kept == tokens[: k + 1], "the logprobs end with the last token whose text starts before the cut"
+    assert all(o < len(text) for _, o in kept), "every text_offset lies within the text"
 
 
 # --- 9. load: well-formed requests answered while stalled connections are held -------------------

@@ -3,6 +3,7 @@ sliding window, with and without kv_bits, speculative too); mlx-lm loads the fil
 map; a file for another model or setting, and a damaged file, are refused with one clear line; the write
 is atomic."""
 
+import json
 import struct
 
 import mlx.core as mx
@@ -16,11 +17,12 @@ from mlx_spec.tuning import FixedK
 from mlx_spec.errors import MlxSpecError
 from mlx_spec.models import gemma4_text
 from mlx_spec.proposers.mtp import MTPProposer
-from mlx_spec.session_file import SessionFileError, load_prompt_cache, save_prompt_cache, session_identity
+from mlx_spec.session_file import SessionFileError, _checksum, load_prompt_cache, save_prompt_cache, session_identity
 from mlx_spec.request import Request
 
 PREFIX = [2] + [(i * 37) % 250 + 3 for i in range(3 * WINDOW)]  # 49 tokens: three windows of 16
 SUFFIX = [(i * 11) % 250 + 3 for i in range(7)]
+CODE = "import os\nimport sys\n\n\ndef main(argv):\n"
 _models = {}
 
 
@@ -252,7 +254,7 @@ def test_write_is_atomic(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(mx, "save_safetensors", half_written)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(SessionFileError, match="cannot be written .disk full.; nothing was saved"):
         saved(tmp_path, model, 8)
     assert path.read_bytes() == before, "a failed save leaves the previous file as it was"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["session.safetensors"], "and no temporary file"
@@ -275,3 +277,142 @@ def test_bfloat16_caches_round_trip_byte_for_byte(tmp_path, bits):
         n = min(a.size(), a.keep) if hasattr(a, "keep") else a.offset  # what a sliding layer keeps
         for x, y in zip(flat(a), flat(b)):
             assert y.dtype == x.dtype and mx.array_equal(x[..., x.shape[2] - n :, :], y).item()
+
+
+# -- mlx_spec.cache_prompt: what it refuses before the prefill, and a save that fails
+
+def cache_prompt_cli(capsys, *argv):
+    """(exit code, stderr's error lines, its last line) of mlx_spec.cache_prompt on the tiny base."""
+    from mlx_spec import cache_prompt
+
+    rc = cache_prompt.main(["--model", str(TINY_CODE / "base"), "--ignore-chat-template", *argv])
+    lines = capsys.readouterr().err.strip().splitlines()
+    return rc, [line for line in lines if line.startswith("error:")], lines[-1] if lines else ""
+
+
+def no_prefill(monkeypatch):
+    from mlx_spec import cache_prompt
+
+    monkeypatch.setattr(cache_prompt, "prefill", lambda *a, **k: pytest.fail("prefilled before refusing"))
+
+
+def test_cache_prompt_refuses_a_prompt_that_fills_the_context_before_the_prefill(tmp_path, monkeypatch, capsys):
+    no_prefill(monkeypatch)
+    rc, errors, last = cache_prompt_cli(capsys, "--prompt", "x = 1" * 1000, "--prompt-cache-file",
+                                        str(tmp_path / "long"))
+    assert rc == 2 and errors == [last] and "3001 tokens" in last and "context holds 2048" in last, \
+        "a saved prompt must leave room to generate, as generate requires: one line"
+    assert list(tmp_path.iterdir()) == [], "nothing saved"
+
+
+@pytest.mark.parametrize("where, expect", [("nodir/s", "directory"), ("adir.safetensors", "is a directory"),
+                                           ("readonly/s", "Read-only file system")])
+def test_cache_prompt_checks_where_it_writes_before_loading_the_model(tmp_path, monkeypatch, capsys, where, expect):
+    import errno
+    import tempfile
+
+    from mlx_spec import cache_prompt
+
+    (tmp_path / "adir.safetensors").mkdir()
+    (tmp_path / "readonly").mkdir()
+    real = tempfile.TemporaryFile
+
+    def read_only(*a, dir=None, **k):  # root writes anywhere: a read-only filesystem is how it fails then
+        if dir is not None and str(dir).endswith("readonly"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    monkeypatch.setattr(cache_prompt, "load", lambda *a, **k: pytest.fail("loaded the model before the check"))
+    rc, errors, last = cache_prompt_cli(capsys, "--prompt", "x", "--prompt-cache-file", str(tmp_path / where))
+    assert rc == 2 and errors == [last] and "--prompt-cache-file" in last and expect in last, last
+
+
+@pytest.mark.parametrize("failure, expect", [
+    (OSError(28, "No space left on device"), "the disk is full: No space left on device"),
+    (RuntimeError("[save_safetensors] Failed to open file"), "Failed to open file"),
+])
+def test_cache_prompt_save_failure_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys, failure, expect):
+    from mlx_spec import session_file
+
+    def fail(*a, **k):
+        raise failure
+
+    monkeypatch.setattr(session_file.mx, "save_safetensors", fail)
+    rc, errors, last = cache_prompt_cli(capsys, "--prompt", CODE, "--prompt-cache-file", str(tmp_path / "s"))
+    assert rc == 2 and errors == [last] and "--prompt-cache-file" in last and expect in last, last
+    assert list(tmp_path.iterdir()) == [], "no temporary file left behind"
+
+
+# -- a session file is untrusted input: crafted files are one line naming the file, never a traceback
+
+def craft(src, dst, kind):
+    """A copy of session file `src` at `dst`, edited as a hostile user would (the audit's craft script):
+    `identity` not an object, a metadata field of another type, deep JSON nesting in the safetensors header
+    or in mlx_spec's metadata, a NaN or an infinity in the K/V with the checksum recomputed to match."""
+    raw = src.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header, data = json.loads(raw[8 : 8 + n]), bytearray(raw[8 + n :])
+    ours = json.loads(header["__metadata__"]["0.mlx_spec"])
+    hb = None
+    if kind == "identity":
+        ours["identity"] = []
+    elif kind == "identity-string":
+        ours["identity"] = "x"
+    elif kind == "layer-record":
+        ours["layers"][0] = [1, 2]
+    elif kind == "offset-infinity":
+        ours["layers"][0]["offset"] = float("inf")
+    elif kind == "deep-header":
+        hb = b'{"x": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
+    elif kind == "deep-metadata":
+        header["__metadata__"]["0.mlx_spec"] = '{"format": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    elif kind in ("nan", "inf"):
+        a, _ = header["0.0"]["data_offsets"]
+        value = float(kind)
+        data[a : a + 4] = {"F32": struct.pack("<f", value), "F16": struct.pack("<e", value) * 2,
+                           "BF16": struct.pack("<f", value)[2:] * 2}[header["0.0"]["dtype"]]
+        tensors = {k: bytes(data[slice(*v["data_offsets"])]) for k, v in header.items() if k != "__metadata__"}
+        ours["sha256"] = _checksum(tensors)
+    if kind != "deep-metadata":
+        header["__metadata__"]["0.mlx_spec"] = json.dumps(ours)
+    hb = hb or json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(hb)) + hb + bytes(data))
+    return dst
+
+
+CRAFTED = {"identity": "mlx_spec metadata is unreadable", "identity-string": "mlx_spec metadata is unreadable",
+           "layer-record": "mlx_spec metadata is unreadable", "offset-infinity": "layer 0's record",
+           "deep-header": "header nested too deeply", "deep-metadata": "metadata is nested too deeply",
+           "nan": "non-finite K/V", "inf": "non-finite K/V"}
+
+
+@pytest.mark.parametrize("kind", sorted(CRAFTED))
+def test_refuses_a_crafted_file(tmp_path, kind):
+    model = qbase()
+    path = craft(saved(tmp_path, model, None), tmp_path / f"{kind}.safetensors", kind)
+    assert CRAFTED[kind] in _error(path, model), "one line that names the file and what is wrong"
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "server"])
+@pytest.mark.parametrize("kind", ["identity", "deep-header", "nan"])
+def test_crafted_files_are_one_line_in_every_command(tmp_path, capsys, monkeypatch, command, kind):
+    import importlib
+    import io
+
+    from mlx_spec.server import command as server_command
+
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))  # chat: a file that loads meets end of input at once
+    monkeypatch.setattr(server_command, "Server", lambda *a, **k: pytest.fail("served with a crafted session"))
+    rc, errors, _ = cache_prompt_cli(capsys, "--prompt", CODE, "--prompt-cache-file", str(tmp_path / "s"))
+    assert rc == 0 and not errors, errors
+    path = craft(tmp_path / "s.safetensors", tmp_path / f"{kind}.safetensors", kind)
+    argv = ["--model", str(TINY_CODE / "base"), "--prompt-cache-file", str(path)]
+    argv += {"generate": ["--prompt", "x", "--max-tokens", "4", "--ignore-chat-template"], "chat": [],
+             "server": ["--quiet", "--port", "0"]}[command]
+    rc = importlib.import_module(f"mlx_spec.{command}").main(argv)
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert rc == 2 and [l for l in lines if l.startswith("error:")] == lines[-1:] and str(path) in lines[-1], \
+        f"{command}: one error line naming the file, no traceback: {lines}"
+    assert CRAFTED[kind] in lines[-1] and out.out.strip() == "", "and nothing generated"

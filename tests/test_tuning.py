@@ -3,6 +3,7 @@ machine (auto-off, re-probe, backoff), its decisions on real drafters, and the p
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -408,13 +409,88 @@ def test_model_identity_tells_models_apart(trained_pair):
         "a proposer files its costs under its weights"
 
 
-def test_corrupt_cache_file_is_measured_again(trained_pair, tmp_path):
-    model, _, _ = trained_pair
+DAMAGED = {
+    "not JSON": b"{not json",
+    "not UTF-8": b"\xff\xfe{}",
+    "nested too deeply": b"[" * 100_000 + b"]" * 100_000,  # a RecursionError in the JSON parser
+    "no version": b'{"entries": {}}',
+    "an entry that is a list": b'{"version": %d, "entries": {"k": []}}' % stores.CACHE_VERSION,
+    "proposers that are a list": b'{"version": %d, "entries": {"k": {"proposers": []}}}' % stores.CACHE_VERSION,
+    "costs of the wrong shape": b'{"version": %d, "entries": {"k": {"proposers": {"p": {"verify": "x"}}}}}'
+                                % stores.CACHE_VERSION,
+    "a NaN cost": b'{"version": %d, "entries": {"k": {"proposers": {"p": {"verify": [NaN]}}}}}' % stores.CACHE_VERSION,
+}
+
+
+def costs_file(tmp_path, content: bytes):
     path = tmp_path / "xdg" / "mlx_spec" / "tuning.json"
-    path.parent.mkdir(parents=True)
-    path.write_text("{not json")
-    assert CostsStore(measure=lambda *a, **kw: CHEAP).get(model, NgramProposer(3)) == CHEAP
-    assert json.loads(path.read_text())["version"] == stores.CACHE_VERSION, "rewritten whole"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED))
+def test_a_damaged_costs_file_is_moved_aside_with_one_warning(trained_pair, tmp_path, damage):
+    """Any damage: one warning naming the file and where it went, the costs measured afresh, the user's file
+    kept beside the new one (never deleted, never a traceback)."""
+    model, _, _ = trained_pair
+    path = costs_file(tmp_path, DAMAGED[damage])
+    lines = []
+    store = CostsStore(measure=lambda *a, **kw: CHEAP, log=lines.append)
+    assert store.get(model, NgramProposer(3)) == CHEAP, "measured afresh"
+    assert store.get(model, NgramProposer(2)) == CHEAP
+    warned = [line for line in lines if line.startswith("warning:")]
+    assert len(warned) == 1 and str(path) in warned[0], f"one warning naming the file: {lines}"
+    (aside,) = [p for p in path.parent.iterdir() if p.name.startswith("tuning.damaged-")]
+    assert aside.read_bytes() == DAMAGED[damage] and str(aside) in warned[0], "the user's file is kept, and named"
+    assert set(json.loads(path.read_text())["entries"].popitem()[1]["proposers"]) == {"ngram:3", "ngram:2"}
+    lines.clear()
+    assert CostsStore(measure=None, log=lines.append).get(model, NgramProposer(3)) == CHEAP and lines == [], \
+        "the new file answers the next process, without a word"
+
+
+def test_a_costs_file_of_an_older_format_is_replaced_without_a_word(trained_pair, tmp_path):
+    model, _, _ = trained_pair
+    path = costs_file(tmp_path, b'{"version": 1, "entries": {}}')
+    lines = []
+    assert CostsStore(measure=lambda *a, **kw: CHEAP, log=lines.append).get(model, NgramProposer(3)) == CHEAP
+    assert not [line for line in lines if line.startswith("warning:")], lines
+    assert json.loads(path.read_text())["version"] == stores.CACHE_VERSION
+    assert [p.name for p in path.parent.iterdir()] == ["tuning.json"], "old measurements are meant to be redone"
+
+
+def test_a_damaged_costs_file_that_cannot_be_moved_is_left_alone(trained_pair, tmp_path, monkeypatch):
+    model, _, _ = trained_pair
+    path = costs_file(tmp_path, DAMAGED["nested too deeply"])
+
+    def refuse(*a):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(stores.os, "rename", refuse)
+    with pytest.warns(RuntimeWarning, match="cannot be moved aside .Permission denied., so it is ignored"):
+        store = CostsStore(measure=lambda *a, **kw: CHEAP)  # a library call: Python's warnings
+        assert store.get(model, NgramProposer(3)) == CHEAP
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second warning would raise
+        assert store.get(model, NgramProposer(2)) == CHEAP
+    assert path.read_bytes() == DAMAGED["nested too deeply"], "the user's file is not written over"
+
+
+def test_generate_with_a_damaged_costs_file_warns_and_runs(tmp_path, monkeypatch, capsys):
+    """The audit's reproduction: a deeply nested tuning.json made every --num-draft-tokens auto run fail."""
+    import functools
+
+    from conftest import TINY_CODE
+
+    from mlx_spec.generate import main
+
+    path = costs_file(tmp_path, DAMAGED["nested too deeply"])
+    monkeypatch.setattr(tuners, "CostsStore", functools.partial(CostsStore, measure=lambda *a, **kw: CHEAP))
+    rc = main(["--model", str(TINY_CODE / "base"), "--drafter", str(TINY_CODE / "assistant"), "--prompt", "def",
+               "--max-tokens", "4", "--num-draft-tokens", "auto", "--ignore-chat-template"])
+    err = capsys.readouterr().err
+    assert rc == 0 and err.count(f"the costs file {path} is damaged (nested too deeply)") == 1, err
+    assert "Traceback" not in err
 
 
 def test_costs_can_be_measured_for_a_draft_model_proposer():

@@ -11,7 +11,8 @@ import mlx.core as mx
 
 from .. import prompts as prompt_sets
 from ..api import STRICT_ROWS, encode_prompt, load, load_drafter, strict_rows
-from ..cli import ArgumentParser, add_sampling_args, format_prompt, num_draft_tokens, run, sampling_params
+from ..cli import (ArgumentParser, add_sampling_args, format_prompt, load_draft_model, num_draft_tokens, run,
+                   sampling_params)
 from ..errors import MlxSpecError
 from ..identity import machine_identity, model_identity
 from ..memory import resident, weight_bytes
@@ -139,7 +140,7 @@ def build_configs(args, model, references: Dict[int, List[int]], vocab: int) -> 
     if args.random_drafter and not args.drafter:
         raise MlxSpecError("--random-drafter needs --drafter (it randomizes that drafter's weights)")
     if args.draft_model:
-        small = load(args.draft_model)[0]
+        small = load_draft_model(args.draft_model)
         try:
             make_proposer(model, draft_model=small)
         except ImportError as e:

@@ -27,7 +27,7 @@ from mlx_lm.models import gemma4_text as mlx_gemma4
 
 from ..cache import QuantizedKV
 from ..errors import UnsupportedModelError
-from . import gemma4_text
+from . import fields, gemma4_text
 
 # model_type -> transformers' architecture, as Google publishes its assistants (families.MTP's model_types)
 ARCHITECTURES = {"gemma4_assistant": "Gemma4AssistantForCausalLM",
@@ -53,7 +53,12 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
         names = cls.__dataclass_fields__
-        return cls(**{k: v for k, v in params.items() if k in names})
+        args = cls(**{k: v for k, v in params.items() if k in names})
+        fields.integer(args.backbone_hidden_size, "backbone_hidden_size")
+        if args.use_ordered_embeddings:
+            fields.integer(args.num_centroids, "num_centroids")
+            fields.integer(args.centroid_intermediate_top_k, "centroid_intermediate_top_k", 1, args.num_centroids)
+        return args
 
     @property
     def text(self) -> gemma4_text.ModelArgs:

@@ -30,6 +30,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..cache import DEFAULT_MAX_ROLLBACK
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import block_context as bc
+from . import fields
 
 DEFAULT_MASK_TOKEN_ID = 4  # Gemma's <mask>: z-lab's Gemma drafters and mlx-vlm's gemma4_dflash default
 REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -82,6 +83,7 @@ class ModelArgs:
         names = cls.__dataclass_fields__
         args = cls(**{k: v for k, v in flat.items() if k in names})
         args.target_layer_ids = bc.check_target_layers(args.target_layer_ids, "DFlash drafter config")
+        check_ranges(args)
         args.head_dim = args.head_dim or args.hidden_size // args.num_attention_heads
         args.layer_types = list(args.layer_types or [bc.FULL] * args.num_hidden_layers)
         if len(args.layer_types) != args.num_hidden_layers or not set(args.layer_types) <= {bc.FULL, bc.SLIDING}:
@@ -89,9 +91,25 @@ class ModelArgs:
                                  f"{args.num_hidden_layers} full/sliding attention layers")
         if bc.SLIDING in args.layer_types and not args.sliding_window:
             raise ModelLoadError("DFlash drafter config has sliding layers but no sliding_window")
-        if args.block_size < 2:
-            raise ModelLoadError(f"DFlash block_size must be >= 2 (the last token and a mask), got {args.block_size}")
         return args
+
+
+def check_ranges(args: ModelArgs) -> None:
+    """Every number the drafter is built or run from, in range (ValueError naming the field; fields.py).
+    block_size is checked here, at load, not where a round first reaches the native block."""
+    fields.integers(args, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "num_key_value_heads", "vocab_size", "max_position_embeddings"))
+    fields.integers(args, ("head_dim", "sliding_window", "num_target_layers"), optional=True)
+    if args.head_dim is None and args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"hidden_size {args.hidden_size} is not a multiple of num_attention_heads "
+                         f"{args.num_attention_heads} and no head_dim is given")
+    fields.heads_divide(args.num_attention_heads, args.num_key_value_heads, "num_key_value_heads")
+    fields.integer(args.block_size, "block_size (the last token and at least one mask)", low=2)
+    fields.integer(args.mask_token_id, "mask_token_id", low=0)  # within the base's vocabulary: drafting.py
+    fields.positive_number(args.rope_theta, "rope_theta")
+    fields.rope(args.rope_scaling, "rope_scaling")
+    fields.positive_number(args.rms_norm_eps, "rms_norm_eps")
+    fields.positive_number(args.final_logit_softcapping, "final_logit_softcapping", optional=True)
 
 
 class Attention(nn.Module):

@@ -33,6 +33,7 @@ from mlx_lm.models.rope_utils import initialize_rope
 from ..cache import DEFAULT_MAX_ROLLBACK
 from ..errors import ModelLoadError, UnsupportedModelError
 from . import block_context as bc
+from . import fields
 
 ARCHITECTURE = "Gemma4DSparkModel"
 DSPARK_KEYS = ("block_size", "mask_token_id", "target_layer_ids", "num_target_layers", "markov_rank",
@@ -93,14 +94,13 @@ class ModelArgs:
         names = cls.__dataclass_fields__
         args = cls(**{k: v for k, v in flat.items() if k in names})
         args.target_layer_ids = bc.check_target_layers(args.target_layer_ids, "DSpark drafter config")
+        check_ranges(args)
         args.layer_types = list(args.layer_types or [bc.FULL] * args.num_hidden_layers)
         if args.layer_types != [bc.FULL] * args.num_hidden_layers:
             raise UnsupportedModelError(f"DSpark drafter layers must all be full attention, got {args.layer_types}")
         if args.markov_rank and args.markov_head_type != "vanilla":
             raise UnsupportedModelError(f"DSpark markov_head_type {args.markov_head_type!r} is not supported "
                                         "(only 'vanilla')")
-        if args.block_size < 1:
-            raise ModelLoadError(f"DSpark block_size must be >= 1, got {args.block_size}")
         return args
 
     @property
@@ -112,6 +112,21 @@ class ModelArgs:
     @property
     def full_rope(self) -> dict:
         return dict((self.rope_parameters or {}).get(bc.FULL) or DEFAULT_FULL_ROPE)
+
+
+def check_ranges(args: ModelArgs) -> None:
+    """Every number the drafter is built or run from, in range (ValueError naming the field; fields.py).
+    block_size is checked here, at load, not where a round first reaches the native block."""
+    fields.integers(args, ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "num_key_value_heads", "global_head_dim", "vocab_size", "max_position_embeddings"))
+    fields.integers(args, ("num_global_key_value_heads", "num_target_layers"), optional=True)
+    fields.heads_divide(args.num_attention_heads, args.n_kv_heads, "the full layers' K/V heads")
+    fields.integer(args.block_size, "block_size")
+    fields.integer(args.mask_token_id, "mask_token_id", low=0)  # within the base's vocabulary: drafting.py
+    fields.integer(args.markov_rank, "markov_rank", low=0)
+    fields.rope(args.full_rope, "rope_parameters.full_attention")
+    fields.positive_number(args.rms_norm_eps, "rms_norm_eps")
+    fields.positive_number(args.final_logit_softcapping, "final_logit_softcapping", optional=True)
 
 
 class Attention(nn.Module):

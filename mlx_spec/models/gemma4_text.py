@@ -15,7 +15,8 @@ double-wide MLP, k_eq_v, MoE, layer_scalar). What this file adds:
 """
 
 import functools
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 from typing import Dict, List, Optional, Sequence
 
 import mlx.core as mx
@@ -26,6 +27,7 @@ from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, K
                      forward_split_at_switch, quantization_split)
 from ..errors import UnsupportedModelError
 from ..families import LAYER_OUTPUTS, PRODUCER_KV
+from . import fields
 from .base import SpeculativeBase
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -56,16 +58,86 @@ class ModelArgs(mlx_gemma4.ModelArgs):
     @classmethod
     def from_dict(cls, params: dict) -> "ModelArgs":
         params = normalize_text_config(params)
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in params.items() if k in names})
+        names = {f.name for f in dataclass_fields(cls)}
+        args = cls(**{k: v for k, v in params.items() if k in names})
+        check_ranges(args)
+        return args
+
+
+def check_ranges(args: ModelArgs) -> None:
+    """Every size the model is built from, in range (ValueError naming the field otherwise; fields.py)."""
+    fields.integers(args, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                           "num_key_value_heads", "head_dim", "global_head_dim", "sliding_window",
+                           "max_position_embeddings"))
+    fields.integers(args, ("hidden_size_per_layer_input", "vocab_size_per_layer_input"), low=0)
+    fields.integer(args.num_kv_shared_layers, "num_kv_shared_layers", 0, args.num_hidden_layers)
+    fields.heads_divide(args.num_attention_heads, args.num_key_value_heads, "num_key_value_heads")
+    if fields.integer(args.num_global_key_value_heads, "num_global_key_value_heads", optional=True):
+        fields.heads_divide(args.num_attention_heads, args.num_global_key_value_heads, "num_global_key_value_heads")
+    fields.positive_number(args.rms_norm_eps, "rms_norm_eps")
+    fields.positive_number(args.final_logit_softcapping, "final_logit_softcapping", optional=True)
+    if args.enable_moe_block:
+        fields.integers(args, ("num_experts", "moe_intermediate_size"))
+        fields.integer(args.top_k_experts, "top_k_experts", 1, args.num_experts)
+    for layer_type, params in (args.rope_parameters or {}).items():
+        fields.rope(params, f"rope_parameters.{layer_type}")
 
 
 def _layer_types(config: dict) -> List[str]:
-    n = config.get("num_hidden_layers", 30)
-    types = list(config.get("layer_types") or [SLIDING if (i + 1) % 6 else FULL for i in range(n)])
-    if types:
-        types[-1] = FULL  # transformers forces the last layer to full attention
+    """transformers' rule: the config's layer_types, else 5 sliding + 1 full repeated; the last layer full."""
+    n = fields.integer(config.get("num_hidden_layers", 30), "num_hidden_layers")
+    given = config.get("layer_types")
+    if given is None:
+        types = default_layer_types(n)
+    elif isinstance(given, list) and len(given) == n and set(given) <= {SLIDING, FULL}:
+        types = list(given)
+    else:
+        raise ValueError(f"layer_types must list num_hidden_layers = {n} entries, each {SLIDING!r} or {FULL!r}; "
+                         f"got {given!r}"[:300])
+    types[-1] = FULL  # transformers forces the last layer to full attention
+    if given is None:
+        _check_pattern(config.get("sliding_window_pattern"), types)
     return types
+
+
+def default_layer_types(n: int) -> List[str]:
+    """transformers' layout when a config lists none: 5 sliding + 1 full, repeated, the last layer full."""
+    types = [SLIDING if (i + 1) % 6 else FULL for i in range(n)]
+    return types[:-1] + [FULL] if types else types
+
+
+def _check_pattern(pattern, types: List[str]) -> None:
+    """A sliding_window_pattern without layer_types is read two ways: transformers (5.5 to 5.25) ignores it
+    for Gemma 4 and derives `types`; mlx-lm and mlx-vlm repeat (pattern - 1) sliding + 1 full. Where the
+    two layouts differ (the last layer full in both, as Gemma 4 requires), which one the weights were
+    trained with cannot be known, so the config is refused rather than read one way silently."""
+    if pattern is None:
+        return
+    p = fields.integer(pattern, "sliding_window_pattern")
+    theirs = (([SLIDING] * (p - 1) + [FULL]) * (len(types) // p + 1))[: len(types)]
+    theirs[-1] = FULL
+    if theirs != types:
+        raise ValueError(
+            f"sliding_window_pattern {p} without layer_types is read two ways: transformers ignores it for Gemma 4 "
+            f"(layers {layout(types)}), mlx-lm and mlx-vlm follow it (layers {layout(theirs)}); write the "
+            "layer_types the weights were trained with into config.json")
+
+
+def layout(types: Sequence[str]) -> str:
+    """'S S F ...': a layer list, S for sliding, F for full attention."""
+    return " ".join("S" if t == SLIDING else "F" for t in types)
+
+
+def layer_pattern_note(config: dict) -> Optional[str]:
+    """For a weight mismatch: when the config (or its text_config) has no layer_types, the layout was
+    derived, and a layout other than the one the weights were made with shows up as missing or misshapen
+    attention tensors. None when the config states its layer_types (or is no Gemma 4 text config)."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if text.get("layer_types") is not None or not isinstance(text.get("num_hidden_layers", 30), int):
+        return None
+    types = default_layer_types(text.get("num_hidden_layers", 30))
+    return (f"config.json has no layer_types, so its layers were taken as transformers derives them ({layout(types)}); "
+            "if the weights were made with another layout, write their layer_types into config.json")
 
 
 def normalize_text_config(config: dict) -> dict:
@@ -86,7 +158,7 @@ def normalize_text_config(config: dict) -> dict:
     k_eq_v = config.get("attention_k_eq_v", False)
 
     per_layer = config.get("per_layer_config")
-    if per_layer:
+    if per_layer is not None:  # {} too: transformers writes that when no layer differs (no 512 default then)
         overrides = {int(i): dict(v or {}) for i, v in per_layer.items()}
     else:  # the older form: two scalars that transformers expands into per_layer_config
         o = {"head_dim": config.get("global_head_dim", 512)}

@@ -20,8 +20,9 @@ import mlx.nn as nn
 import numpy as np
 
 from ..cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
-from ..models.base import as_base, vocab_size
+from ..models.base import as_base, context_length, vocab_size
 from ..prefill import prefill
+from ..sampling import SamplingError, check_seed
 from .ops import DEFAULT_CONTEXT_NO_WINDOW, DEFAULT_KS, _bits, _dtype_name, check_ops
 from .report import Flip, Forward, ParityError, ParityResult, RowParity, StrictCost
 from .strict import padded_forward
@@ -133,27 +134,55 @@ def check_ks(ks: Sequence[int]) -> List[int]:
     return ks
 
 
+def sliding_window(model) -> Optional[int]:
+    args = getattr(model, "text_args", None) or getattr(model, "args", None)
+    return getattr(args, "sliding_window", None)
+
+
+def default_context(model) -> int:
+    """The prompt length when none is asked for: the sliding window + PAST_WINDOW, so every row is past it."""
+    window = sliding_window(model)
+    return window + PAST_WINDOW if window else DEFAULT_CONTEXT_NO_WINDOW
+
+
+def check_positions(model, context: int, tokens: int, k_max: int) -> None:
+    """The trace (context + tokens positions) and the timed verify after it (k_max more, at most) must fit
+    the model's context: past it the model runs on positions it was never trained on, and memory grows
+    with the numbers however large they are."""
+    limit = context_length(model)
+    need = context + tokens + k_max
+    if limit is not None and need > limit:
+        raise ParityError(f"--context {context} + --tokens {tokens} + the largest k {k_max} = {need} positions, but "
+                          f"the model's context holds {limit} (max_position_embeddings); lower --context or --tokens")
+
+
 def probe(model, *, ks: Sequence[int] = DEFAULT_KS, tokens: int = DEFAULT_TOKENS, context: Optional[int] = None,
           trace: str = "greedy", padding: Optional[bool] = None, cost_reps: int = DEFAULT_COST_REPS,
           seed: int = 0, name: Optional[str] = None) -> ParityResult:
     """Measure verify-vs-step parity of `model` on the current device (see the module docstring).
 
     context: prompt length (default: the sliding window + 32, so every compared row is past the window);
+    context + tokens + the largest k must fit the model's context (max_position_embeddings);
     trace: "greedy" (the model's own continuation) or "random" (pseudo-random tokens, teacher-forced);
     padding: measure strict mode's padded parity too: True, False, or None (only when unpadded rows differ);
-    cost_reps: timed passes per kind for the padding cost (0: not timed)."""
+    cost_reps: timed passes per kind for the padding cost (0: not timed); seed: any integer, as --seed is
+    for generate."""
     started = time.perf_counter()
     ks = check_ks(ks)
     if tokens < 2:
         raise ParityError(f"--tokens must be at least 2, got {tokens}")
     if trace not in ("greedy", "random"):
         raise ParityError(f"the trace is 'greedy' or 'random', got {trace!r}")
-    args = getattr(model, "text_args", None) or getattr(model, "args", None)
-    window = getattr(args, "sliding_window", None)
+    window = sliding_window(model)
     if context is None:
-        context = window + PAST_WINDOW if window else DEFAULT_CONTEXT_NO_WINDOW
+        context = default_context(model)
     if context < 1:
         raise ParityError(f"--context must be at least 1, got {context}")
+    check_positions(model, context, tokens, ks[-1])
+    try:
+        seed = check_seed(seed)
+    except SamplingError as e:
+        raise ParityError(f"--{e}") from None
     vocab = vocab_size(model)
     if vocab is None:
         raise ParityError("cannot tell the model's vocabulary size from its config")

@@ -21,7 +21,8 @@ refuses from a hostile client, and how: http.py and requests.py.
 from .command import build_parser, main
 from .http import Handler, Server
 from .requests import GenerationRequest, RequestDefaults, RequestError, parse_request
-from .worker import Job, JobResult, StopMatcher, TokenLogprob, Worker
+from ..stops import StopMatcher
+from .worker import Job, JobResult, TokenLogprob, Worker
 
 __all__ = ["Server", "Handler", "Worker", "Job", "JobResult", "StopMatcher", "TokenLogprob", "GenerationRequest",
            "RequestDefaults", "RequestError", "parse_request", "build_parser", "main"]

@@ -64,8 +64,8 @@ def main_args(args) -> int:
     if args.max_connections < 1:
         raise MlxSpecError(f"--max-connections must be >= 1, got {args.max_connections}")
     kv = kv_settings(args)
-    check_memory(args.model, args.drafter, (args.max_context or model_dir_context(args.model) or 0)
-                 * args.prompt_cache_slots, kv)  # every slot can hold a context's worth of K/V
+    slots = 1 if args.no_prompt_cache else args.prompt_cache_slots  # each holds up to a context's worth of K/V
+    check_memory(args.model, args.drafter, args.max_context or model_dir_context(args.model), kv, slots=slots)
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # requests can turn drafting on
     saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
     log = None if args.quiet else sys.stderr

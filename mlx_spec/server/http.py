@@ -5,11 +5,14 @@ request, queued or running. `Server` is the HTTP server plus the worker.
 What a client cannot do: hold a connection without sending its request (each read waits at most
 --request-timeout, and the whole request must arrive within it: a 408 or a closed connection), hold more
 than --max-connections at once (connections.py: beyond them a 503 with Retry-After), or make the server
-fail on malformed JSON (too deep, too long a number: a 400).
+fail on malformed JSON (too deep, too long a number: a 400), or frame a body two ways (a repeated
+Content-Length, a Transfer-Encoding: 400 or 501 and the connection closed, so nothing is smuggled behind a
+proxy). Every error, the standard library's own included, has a JSON body.
 """
 
 import json
 import queue
+import re
 import select
 import socket
 import time
@@ -32,6 +35,7 @@ DEFAULT_PORT = 8080
 DEFAULT_MAX_REQUEST_BYTES = 8 * 1024 * 1024
 POLL_S = 0.05  # how often a waiting handler checks that its client is still there
 DRAIN_LIMIT = 64 * 1024 * 1024  # read (and drop) at most this much of a refused body, so the client sees the 413
+_DIGITS = re.compile(r"[0-9]+")  # a Content-Length (RFC 9110: 1*DIGIT; int() would also take "+5", "1_0", "²")
 
 
 class ClientGone(Exception):
@@ -62,6 +66,25 @@ class Handler(BaseHTTPRequestHandler):
 
     def _send_error(self, e: RequestError) -> None:
         self._send_json(e.status, e.body())
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (414, 431, 501, 505, a malformed request line) in our JSON,
+        like every other error, with a status line even when the line's version was unreadable (HTTP/0.9 has
+        none); the connection is closed (what follows cannot be trusted to be a request)."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.0"
+        short = self.responses.get(code, ("Error",))[0]
+        message = (message or short)[:200]  # it may quote the client's request line
+        self.log_error("code %d, message %s", code, message)
+        self.close_connection = True
+        data = json.dumps(RequestError(message, status=code).body()).encode()
+        self.send_response(code, short)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
 
     def _client_gone(self) -> bool:
         """The client closed its end (readable with nothing to read), checked without blocking. Polled first:
@@ -149,15 +172,7 @@ class Handler(BaseHTTPRequestHandler):
         self._generate(req)
 
     def _read_json(self):
-        length = self.headers.get("Content-Length")
-        if length is None:
-            raise RequestError("a Content-Length header is required", status=411)
-        try:
-            length = int(length)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            raise RequestError(f"invalid Content-Length header: {length!r}") from None
+        length = self._content_length()
         limit = self.server.max_request_bytes
         if length > limit:
             self.close_connection = True
@@ -180,6 +195,30 @@ class Handler(BaseHTTPRequestHandler):
             raise RequestError("the request body is nested too deeply") from None
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, a number over Python's digit limit
             raise RequestError(f"the request body is not valid JSON: {str(e)[:200]}") from None
+
+    def _content_length(self) -> int:
+        """The body's length from its one Content-Length header. Framing a proxy could read otherwise is
+        refused and the connection closed (RFC 9112 6.3: request smuggling): a repeated Content-Length, even
+        with the same value, and any Transfer-Encoding (501: bodies here have a Content-Length)."""
+        values = self.headers.get_all("Content-Length") or []
+        if self.headers.get("Transfer-Encoding") is not None:
+            self._refuse_framing(RequestError("Transfer-Encoding is not supported; send the body with one "
+                                              "Content-Length header", status=501), values)
+        if len(values) > 1:
+            self._refuse_framing(RequestError(f"{len(values)} Content-Length headers; send exactly one"), values)
+        if not values:
+            raise RequestError("a Content-Length header is required", status=411)
+        if not _DIGITS.fullmatch(values[0].strip()):
+            self.close_connection = True
+            raise RequestError(f"invalid Content-Length header: {values[0][:40]!r}")
+        return int(values[0])
+
+    def _refuse_framing(self, e: RequestError, lengths: List[str]) -> None:
+        """Answer `e`, read (and drop) what the client may have sent as the body, and close."""
+        self.close_connection = True
+        self._send_error(e)
+        self._drain(max((int(v) for v in lengths if _DIGITS.fullmatch(v.strip())), default=0))
+        raise _AlreadyAnswered
 
     def _drain(self, length: int) -> None:
         """Read and drop a refused body (bounded), so that closing does not reset the connection under the 413."""
@@ -251,7 +290,7 @@ class Handler(BaseHTTPRequestHandler):
         ident, created = srv.new_id(req), int(time.time())
         if req.kind == "chat":
             self._sse(srv.chunk(req, ident, created, {"role": "assistant", "content": ""}))
-        pending, offset = None, 0
+        pending = None
         while True:
             kind, value = pending or self._next_event(job)
             pending = None
@@ -275,8 +314,7 @@ class Handler(BaseHTTPRequestHandler):
                 if not text and not logprobs:
                     continue
                 self._sse(srv.chunk(req, ident, created, {"content": text} if req.kind == "chat" else text,
-                                    logprobs=srv.logprobs(req, logprobs, offset)))
-                offset += len(text)
+                                    logprobs=srv.logprobs(req, logprobs)))
             elif kind == "error":
                 self._sse(value.body())
                 break
@@ -352,7 +390,7 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
 
     def response(self, req: GenerationRequest, text: str, result: JobResult,
                  logprobs: Optional[List[TokenLogprob]] = None) -> dict:
-        lp = self.logprobs(req, logprobs or [], 0)
+        lp = self.logprobs(req, logprobs or [])
         if req.kind == "chat":
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": lp,
                       "finish_reason": result.finish_reason}
@@ -373,18 +411,15 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                 "created": created, "model": self.model_name, "choices": [choice]}
 
     @staticmethod
-    def logprobs(req: GenerationRequest, tokens: List[TokenLogprob], offset: int) -> Optional[dict]:
+    def logprobs(req: GenerationRequest, tokens: List[TokenLogprob]) -> Optional[dict]:
         """OpenAI's logprobs object for these tokens (None when the request did not ask): chat's
-        {"content": [...]}, or the completions API's parallel lists; `offset`: characters of text before."""
+        {"content": [...]}, or the completions API's parallel lists."""
         if req.logprobs is None:
             return None
         if req.kind == "chat":
             return {"content": [{"token": t.token, "logprob": t.logprob, "bytes": t.bytes,
                                  "top_logprobs": [{"token": s, "logprob": v, "bytes": b} for s, b, v in t.top]}
                                 for t in tokens]}
-        offsets = []
-        for t in tokens:
-            offsets.append(offset)
-            offset += len(t.token)
         return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
-                "top_logprobs": [{s: v for s, _, v in t.top} for t in tokens], "text_offset": offsets}
+                "top_logprobs": [{s: v for s, _, v in t.top} for t in tokens],
+                "text_offset": [t.offset for t in tokens]}

@@ -4,7 +4,8 @@ Each request is a conversation turn (conversation.py) against the kept prompt ca
 same conversation, resent) prefills only what is new. The worker puts events on the job's queue for the
 HTTP handler: ("start", prompt tokens), ("text", s)..., then ("done", JobResult) or ("error", RequestError).
 When the request asked for log-probabilities, ("logprobs", [TokenLogprob]) comes right before the ("text",
-s) event (possibly "") that releases those tokens' text.
+s) event (possibly "") that releases the first character of those tokens' text; tokens that a stop string
+cuts out entirely never come (stops.StopCut).
 
 A prompt is rendered (chat template) and counted here, before anything is generated; a text that cannot
 fit the context whatever its tokens (longer than context x the longest token) is refused without
@@ -29,33 +30,7 @@ from ..proposers.base import Proposer
 from ..request import Request
 from ..tuning.tuner import AutoTuner
 from .requests import GenerationRequest, RequestError
-
-
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back any tail that may still become one."""
-
-    def __init__(self, stops: List[str]):
-        self.stops = stops
-        self.pending = ""
-
-    def feed(self, text: str) -> Tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was found)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = max((n for s in self.stops for n in range(min(len(s) - 1, len(self.pending)), 0, -1)
-                    if self.pending.endswith(s[:n])), default=0)
-        out, self.pending = self.pending[: len(self.pending) - hold], self.pending[len(self.pending) - hold :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+from ..stops import StopCut
 
 
 @dataclass
@@ -73,6 +48,7 @@ class TokenLogprob:
     bytes: List[int]
     logprob: float
     top: List[Tuple[str, List[int], float]]  # (token, bytes, logprob), best first
+    offset: int = 0  # where its text starts in the generated text (text_offset)
 
 
 LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for log 0 (JSON has no -Infinity)
@@ -195,12 +171,13 @@ class Worker(threading.Thread):
             return text, [int(piece[3:5], 16)]
         return text, list(text.encode("utf-8", "replace"))
 
-    def _logprob(self, token: int, logprob: float, top, n: int) -> TokenLogprob:
+    def _logprob(self, token: int, logprob: float, top, n: int, offset: int) -> TokenLogprob:
         def floor(x):
             return x if x >= LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf (a masked token) and NaN alike
 
         text, raw = self._token_text(token)
-        return TokenLogprob(text, raw, floor(logprob), [(*self._token_text(t), floor(v)) for t, v in top[:n]])
+        return TokenLogprob(text, raw, floor(logprob), [(*self._token_text(t), floor(v)) for t, v in top[:n]],
+                            offset)
 
     def _max_tokens(self, req: GenerationRequest, n_prompt: int) -> int:
         if not self.max_context:
@@ -220,34 +197,30 @@ class Worker(threading.Thread):
         max_tokens = self._max_tokens(req, len(prompt))
         drafting = req.draft and self.conversations.proposer is not None  # else plain, reported as proposer None
         job.events.put(("start", len(prompt)))
-        stops = StopMatcher(req.stop)
+        cut = StopCut(req.stop)
         want = req.logprobs  # None, or how many alternatives per token
         request = Request(prompt, max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, draft=drafting,
                           num_draft_tokens=req.num_draft_tokens, strict=self.strict,
                           logprobs=0 if want is None else max(want, 1))
         turn = self.conversations.turn(request, should_stop=job.cancelled.is_set)
-        finish, n, stats, logprobs = "length", 0, None, []
+        finish, n, stats = "length", 0, None
         try:
             for r in turn:
                 n, stats = n + 1, r.stats
                 if job.cancelled.is_set():
                     finish = "cancelled"
                     break
+                item = None
                 if want is not None and r.finish_reason != "stop":  # EOS is not text
-                    logprobs.append(self._logprob(r.token, r.logprob, r.top_logprobs, want))
-                text, hit = stops.feed(r.text)
-                if hit:
-                    finish = "stop"
-                elif r.finish_reason:
-                    finish = r.finish_reason
-                    text += stops.flush()
-                if logprobs and (text or hit or r.finish_reason):
+                    item = self._logprob(r.token, r.logprob, r.top_logprobs, want, cut.offset)
+                text, logprobs, hit = cut.feed(r.text, item, last=bool(r.finish_reason))
+                if logprobs:
                     job.events.put(("logprobs", logprobs))
-                    logprobs = []
                     job.events.put(("text", text))
                 elif text:
                     job.events.put(("text", text))
                 if hit or r.finish_reason:
+                    finish = "stop" if hit else r.finish_reason
                     break
         finally:
             turn.close()  # stops the engine at once (cancel, stop string) and settles the slot

@@ -3,13 +3,20 @@
 `$XDG_CACHE_HOME/mlx_spec/tuning.json` (default ~/.cache/...). A `CostsStore` is an object its owner keeps
 (the CLI, a chat, a server): it remembers what it read or measured, and the identities it computed, for
 as long as its owner does. Nothing is kept at module level.
+
+The file is read as untrusted input: a damaged one (not JSON, nested too deeply, an entry of the wrong
+shape, a cost that is not a finite number) is moved aside to `tuning.damaged-<time>.json`, with one warning,
+and the costs are measured afresh; where it cannot be moved, it is ignored and left as it is. A file of an
+older format is replaced without a word: its measurements are meant to be redone.
 """
 
 import json
+import math
 import os
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
@@ -27,14 +34,48 @@ def default_path() -> Path:
     return cache_root() / "tuning.json"
 
 
-def _read(path: Path) -> dict:
+def _empty() -> dict:
+    return {"version": CACHE_VERSION, "entries": {}}
+
+
+def _read(path: Path) -> Tuple[dict, Optional[str]]:
+    """(the file's data, or empty data; what is wrong with the file, None when nothing is). A missing file or
+    one of an older format is empty data, not damage."""
     try:
         data = json.loads(path.read_text())
-        if isinstance(data, dict) and data.get("version") == CACHE_VERSION and isinstance(data.get("entries"), dict):
-            return data
-    except (OSError, ValueError):
-        pass  # missing or unreadable: measure again and rewrite it
-    return {"version": CACHE_VERSION, "entries": {}}
+    except FileNotFoundError:
+        return _empty(), None
+    except RecursionError:
+        return _empty(), "nested too deeply"
+    except (OSError, ValueError) as e:  # unreadable, not UTF-8, not JSON
+        return _empty(), f"unreadable: {str(e)[:120]}"
+    version = data.get("version") if isinstance(data, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool) and version != CACHE_VERSION:
+        return _empty(), None
+    problem = _damage(data)
+    return (data, None) if problem is None else (_empty(), problem)
+
+
+def _damage(data) -> Optional[str]:
+    """What makes the costs file's data unusable, or None: every entry is checked here, so that reading one
+    later cannot fail."""
+    if not isinstance(data, dict) or data.get("version") != CACHE_VERSION:
+        return "not a costs file: no format version"
+    if not isinstance(data.get("entries"), dict):
+        return "not a table of entries"
+    for entry in data["entries"].values():
+        if not isinstance(entry, dict) or not isinstance(entry.get("proposers"), dict):
+            return "an entry is not a table of proposers"
+        for stored in entry["proposers"].values():
+            try:
+                costs = Costs.from_json(stored)
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
+                return "an entry's costs are unreadable"
+            rest = [costs.draft_fixed, costs.draft_step, costs.plain_step_s]
+            if not (costs.verify and all(math.isfinite(v) and v > 0 for v in costs.verify)
+                    and all(math.isfinite(v) and v >= 0 for v in rest)):
+                return "an entry's costs are not finite positive numbers"
+    return None
 
 
 def _write(path: Path, data: dict) -> None:
@@ -62,6 +103,7 @@ class CostsStore:
         self._costs: Dict[Tuple[str, str], Costs] = {}
         self._identities: Dict[int, Tuple[weakref.ref, dict]] = {}
         self._machine: Optional[dict] = None
+        self._keep_file = False  # a damaged file that could not be moved aside: never written over
 
     # -- identities (computed once per model object)
     def model_identity(self, model) -> dict:
@@ -92,7 +134,7 @@ class CostsStore:
         with self._lock:
             if not refresh and (key, pid) in self._costs:
                 return self._costs[key, pid]
-            stored = (_read(self.path)["entries"].get(key) or {}).get("proposers", {}).get(pid)
+            stored = (self._load()["entries"].get(key) or {}).get("proposers", {}).get(pid)
             if not refresh and stored is not None:
                 costs = Costs.from_json(stored)
             else:
@@ -105,8 +147,41 @@ class CostsStore:
             return costs
 
     def _save(self, model, key: str, pid: str, costs: Costs) -> None:
-        data = _read(self.path)  # re-read: another process may have written meanwhile
+        data = self._load()  # re-read: another process may have written meanwhile
         entry = data["entries"].setdefault(key, {"machine": self.machine(), "model": self.model_identity(model),
                                                  "proposers": {}})
         entry["proposers"][pid] = dict(costs.to_json(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
-        _write(self.path, data)
+        if not self._keep_file:
+            _write(self.path, data)
+
+    # -- a damaged file
+    def _load(self) -> dict:
+        data, problem = _read(self.path)
+        if problem is not None and not self._keep_file:
+            self._set_aside(problem)
+        return data
+
+    def _set_aside(self, problem: str) -> None:
+        """Move a damaged costs file aside (never delete what the user has) and say so once."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.stem}.damaged-{stamp}{self.path.suffix}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.stem}.damaged-{stamp}-{n}{self.path.suffix}")
+        try:
+            os.rename(self.path, aside)
+            done = f"moved it to {aside}"
+        except FileNotFoundError:  # another process moved it first (and said so)
+            return
+        except OSError as e:
+            self._keep_file = True
+            done = f"it cannot be moved aside ({e.strerror or e}), so it is ignored and left as it is"
+        self._warn(f"warning: the costs file {self.path} is damaged ({problem}); {done}; its costs are measured "
+                   "again")
+
+    def _warn(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+        else:  # a library call: Python's warning machinery, which the caller controls
+            warnings.warn(line, RuntimeWarning, stacklevel=2)
