@@ -226,10 +226,16 @@ def stream_generate(model, tokenizer, prompt: Union[Prompt, Request], *, propose
     eng = make_engine(model, request, eos_ids=tokenizer.eos_token_ids, proposer=proposer, drafter=drafter,
                       draft_model=draft_model, ngram=ngram, policy=policy, tuner=tuner, prompt_cache=prompt_cache,
                       should_stop=should_stop, on_prefill=on_prefill)
-    text, events = Detokenized(tokenizer, eng.stats), eng.run()
-    with resident(model, eng.proposer.weights if eng.proposer is not None else None):
+    yield from respond(eng, model, tokenizer)
+
+
+def respond(engine: Engine, model, tokenizer) -> Iterator[GenerationResponse]:
+    """Run an Engine (from make_engine) and yield its tokens as GenerationResponses, cut at its request's
+    stop strings, with the weights kept resident meanwhile."""
+    text, events = Detokenized(tokenizer, engine.stats), engine.run()
+    with resident(model, engine.proposer.weights if engine.proposer is not None else None):
         try:
-            yield from _stopped_at_strings((text.response(ev) for ev in events), request.stop)
+            yield from _stopped_at_strings((text.response(ev) for ev in events), engine.request.stop)
         finally:
             events.close()  # a stop string, or the caller closing us: the engine trims its caches now
 

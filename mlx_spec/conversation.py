@@ -7,14 +7,16 @@ model's cache then follows its conversation), and streams; when it ends, however
 closed early, stopped during the prefill, or an exception), the slot is settled: it holds exactly the
 prompt plus what the caller received, or is dropped when an exception left its caches half-updated.
 
-Knows the API's stream_generate and the prompt cache; nothing of chat templates, terminals or HTTP.
+Knows the API's make_engine/respond and the prompt cache; nothing of chat templates, terminals or HTTP.
 """
 
+from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional
 
-from .api import GenerationResponse, stream_generate
+from .api import GenerationResponse, make_engine, respond
 from .cache import KVQuant
-from .prompt_cache import PromptCache
+from .engine import Engine
+from .prompt_cache import PromptCache, Slot
 from .proposers.base import Proposer
 from .request import Request
 from .stats import GenerationStats
@@ -35,6 +37,42 @@ class Conversations:
         """A turn for `request` (its prompt: the whole conversation so far). Its K/V settings are the
         conversations' (the slots' caches have them); request.draft False decodes plainly."""
         return Turn(self, request.replace(kv=self.kv), dict(should_stop=should_stop, on_prefill=on_prefill))
+
+    def start(self, request: Request, *, should_stop: Optional[Callable[[], bool]] = None,
+              on_prefill: Optional[Callable[[int, int], None]] = None) -> "Started":
+        """The slot and the Engine for `request`, for a caller that drives the engine itself (a turn, the
+        batch scheduler). `finish` must follow, however the request ends."""
+        request = request.replace(kv=self.kv)
+        slot, reused = self.prompt_cache.prepare(list(request.prompt))
+        proposer = None
+        if request.draft and self.proposer is not None:
+            if slot.proposer is None:
+                slot.proposer = self.proposer.fork()
+            proposer = slot.proposer
+        try:
+            engine = make_engine(self.model, request, eos_ids=self.tokenizer.eos_token_ids, proposer=proposer,
+                                 tuner=self.tuner, prompt_cache=slot.cache, should_stop=should_stop,
+                                 on_prefill=on_prefill)
+        except BaseException:
+            self.prompt_cache.settle(slot, list(request.prompt), torn=True)  # what it holds is unknown
+            raise
+        return Started(engine, slot, reused)
+
+    def finish(self, started: "Started", received: List[int], torn: bool) -> None:
+        """Record what the slot holds after the request: its prompt plus the tokens the caller received
+        (anything the engine computed past them is rolled back); torn (an exception escaped the engine
+        mid-step, its caches may be half-updated): the slot is dropped."""
+        self.prompt_cache.settle(started.slot, list(started.engine.request.prompt) + list(received), torn)
+
+
+@dataclass
+class Started:
+    """A request that has its slot and Engine (Conversations.start): `reused` prompt tokens came from the
+    slot's K/V."""
+
+    engine: Engine
+    slot: Slot
+    reused: int
 
 
 class Turn:
@@ -62,17 +100,10 @@ class Turn:
 
     def _run(self) -> Iterator[GenerationResponse]:
         owner = self.owner
-        slot, self.reused = owner.prompt_cache.prepare(self.ids)
-        proposer = None
-        if self.drafting:
-            if slot.proposer is None:
-                slot.proposer = owner.proposer.fork()
-            proposer = slot.proposer
-        torn, gen = True, None  # until the engine is running, an exception leaves the slot unknown
+        started = owner.start(self.request, **self.hooks)
+        self.reused = started.reused
+        torn, gen = False, respond(started.engine, owner.model, owner.tokenizer)
         try:
-            gen = stream_generate(owner.model, owner.tokenizer, self.request, proposer=proposer,
-                                  prompt_cache=slot.cache, tuner=owner.tuner, **self.hooks)
-            torn = False
             while True:
                 try:
                     r = next(gen)
@@ -85,6 +116,5 @@ class Turn:
                 self.stats, self.finish_reason = r.stats, r.finish_reason
                 yield r
         finally:
-            if gen is not None:
-                gen.close()  # stops the engine at once (a closed turn, a stop string, a cancel)
-            owner.prompt_cache.settle(slot, self.ids + self.received, torn)
+            gen.close()  # stops the engine at once (a closed turn, a stop string, a cancel)
+            owner.finish(started, self.received, torn)

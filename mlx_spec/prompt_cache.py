@@ -33,11 +33,14 @@ class Slot:
     cache: list
     tokens: List[int] = field(default_factory=list)
     proposer: Optional[object] = None
+    busy: bool = False  # a request is decoding in it (prepared, not yet settled): no other request may take it
 
 
 class PromptCache:
     """`slots` conversations, least recently used evicted first: a request continues the one holding the
-    longest prefix of its prompt, or takes a fresh one (a second conversation need not evict the first)."""
+    longest prefix of its prompt, or takes a fresh one (a second conversation need not evict the first).
+    Requests may run at once (a batching server): a slot in use is never handed to another request, and while
+    every slot is in use a new request gets a slot of its own beyond `slots`, evicted once it is settled."""
 
     def __init__(self, model, enabled: bool = True, slots: int = 1, kv: Optional[KVQuant] = None):
         """enabled=False: every request gets a fresh slot (prepare always reuses 0 tokens); `kv`: quantized
@@ -67,7 +70,8 @@ class PromptCache:
         """(the slot to hand the engine, how many leading tokens of `tokens` its cache holds; 0: fresh)."""
         best, keep = None, 0
         # a pinned prompt serves even with reuse off (it is what the user saved for every request)
-        candidates = (self._slots if self.enabled else []) + ([self._pinned] if self._pinned is not None else [])
+        free = [s for s in self._slots if not s.busy]
+        candidates = (free if self.enabled else []) + ([self._pinned] if self._pinned is not None else [])
         for slot in candidates:
             n = min(common_prefix(slot.tokens, tokens), len(tokens) - 1)  # the last token must run
             if n > keep:
@@ -77,26 +81,34 @@ class PromptCache:
             # a slot free, continue from a copy and keep that one whole. A pinned prompt is always copied.
             share = best is self._pinned or len(best.tokens) > keep and len(self._slots) < self.slots
             if best is self._pinned:
-                while len(self._slots) >= self.slots:
-                    self._slots.pop(0)
+                self._evict(room_for=1)
             slot = Slot(_clone(best.cache), list(best.tokens)) if share else best
             if not share:
                 self._slots.remove(best)
             try:
                 rollback_all(slot.cache, len(slot.tokens) - keep)
                 slot.tokens = slot.tokens[:keep]
-                self._slots.append(slot)
-                return slot, keep
+                return self._take(slot), keep
             except CacheRollbackError:
                 pass  # the sliding window already dropped what this rollback needs: start over
         if not self.enabled:
-            self._slots = []
-        while len(self._slots) >= self.slots:
-            self._slots.pop(0)
+            self._slots = [s for s in self._slots if s.busy]
+        self._evict(room_for=1)
         flags = self.kv.as_dict() if self.kv is not None else {}
         slot = Slot(self.base.make_cache(DEFAULT_MAX_ROLLBACK, **flags))  # as the Engine makes its own
+        return self._take(slot), 0
+
+    def _take(self, slot: Slot) -> Slot:
+        slot.busy = True
         self._slots.append(slot)
-        return slot, 0
+        return slot
+
+    def _evict(self, room_for: int = 0) -> None:
+        """Drop the least recently used slots not in use until `room_for` more fit within `slots`."""
+        for slot in [s for s in self._slots if not s.busy]:
+            if len(self._slots) + room_for <= self.slots:
+                break
+            self._slots.remove(slot)
 
     def settle(self, slot: Slot, known: List[int], torn: bool) -> None:
         """Record which tokens the slot's cache holds after a request, finished or not.
@@ -105,8 +117,17 @@ class PromptCache:
         a prefix of that history too, so anything past `known` (drafts of a round nobody read) is rolled
         back. torn: an exception escaped the engine mid-step, so the caches (the slot's proposer's too) may be
         half-updated: the slot is dropped."""
+        slot.busy = False
         if slot not in self._slots:
             return
+        self._slots.remove(slot)  # the most recently used now
+        self._slots.append(slot)
+        try:
+            self._keep(slot, known, torn)
+        finally:
+            self._evict()
+
+    def _keep(self, slot: Slot, known: List[int], torn: bool) -> None:
         offsets = {c.offset for c in slot.cache}
         if not torn and len(offsets) == 1:
             offset = offsets.pop()

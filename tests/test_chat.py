@@ -14,6 +14,7 @@ import pytest
 from conftest import ROOT, TINY_CODE
 from mlx_spec import conversation as conversation_mod
 from mlx_spec import generate, load, load_drafter, stream_generate
+from mlx_spec.api import respond
 from mlx_spec import chat as chat_mod
 from mlx_spec.chat import ChatSession, ChatUI
 from mlx_spec.proposers import make_proposer
@@ -171,17 +172,17 @@ def test_interrupt_inside_the_engine_drops_the_cache(pair, monkeypatch):
     _, model, tokenizer, drafter = pair
 
     def torn(*args, **kwargs):
-        for i, r in enumerate(stream_generate(*args, **kwargs)):
+        for i, r in enumerate(respond(*args, **kwargs)):
             if i == 3:
                 raise KeyboardInterrupt
             yield r
 
     session = ChatSession(model, tokenizer, proposer=make_proposer(model, drafter=drafter), max_tokens=MAX_TOKENS)
-    monkeypatch.setattr(conversation_mod, "stream_generate", torn)
+    monkeypatch.setattr(conversation_mod, "respond", torn)
     err = io.StringIO()
     ChatUI(session, io.StringIO(LINES[0] + "\n"), io.StringIO(), err).loop()
     assert "[stopped]" in err.getvalue() and session.cache is None, "a torn step drops the cache"
-    monkeypatch.setattr(conversation_mod, "stream_generate", stream_generate)
+    monkeypatch.setattr(conversation_mod, "respond", respond)
     messages = session.messages + [{"role": "user", "content": TURNS[1]}]
     assert [r.token for r in session.reply(TURNS[1])] == reference_reply(model, tokenizer, messages), \
         "after a dropped cache the next turn is a full re-prefill"
