@@ -148,7 +148,7 @@ def test_the_server_continues_requests_that_start_with_its_saved_prompt(pair):
                     session=(prefill(model, saved, None, lambda d, t: None), saved))
     for follow_up in ("    args = parser.parse_args(argv)\n", "    return 0\n"):  # each from the saved prompt
         job = Job(GenerationRequest(kind="text", prompt=CODE + follow_up, max_tokens=12))
-        worker._run(job)
+        worker.run_now(job)
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(v for k, v in events if k == "text")
         result = next(v for k, v in events if k == "done")

@@ -225,9 +225,9 @@ def test_a_client_gone_during_the_prefill_stops_it_there(served, monkeypatch):
     """The worker hands the job's cancel flag to the engine as should_stop: a request cancelled while its
     prompt is being read ends before the next prefill chunk, with no tokens, reported as cancelled."""
     from mlx_spec import engine as engine_mod
-    from mlx_spec.server import GenerationRequest, Job
+    from mlx_spec.server import GenerationRequest, Job, Worker
 
-    _, srv, _, _ = served
+    _, srv, model, tokenizer = served
     asked = []
     real_init = engine_mod.Engine.__init__
 
@@ -239,7 +239,10 @@ def test_a_client_gone_during_the_prefill_stops_it_there(served, monkeypatch):
     monkeypatch.setattr(engine_mod.Engine, "__init__", small_chunks)
     job = Job(GenerationRequest(kind="text", prompt=CODE * 4, max_tokens=50, draft=False))
     job.cancelled.set()
-    srv.worker._run(job)
+    worker = Worker(model, tokenizer, max_context=2048, max_tokens=50)  # driven here, not as a thread
+    worker._start(job)  # as run_now, but without cancelling the ticket: the engine's should_stop must see it
+    while not worker.scheduler.idle:
+        worker.scheduler.step()
     events = [job.events.get_nowait() for _ in range(job.events.qsize())]
     result = next(value for kind, value in events if kind == "done")
     assert not [e for e in events if e[0] == "text"]
@@ -296,7 +299,7 @@ def test_draft_model_server_keeps_its_draft_cache_between_requests(served):
 
     def ask(prompt):
         job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS))
-        worker._run(job)
+        worker.run_now(job)
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(v for k, v in events if k == "text")
         result = next(v for k, v in events if k == "done")
@@ -323,7 +326,7 @@ def test_two_clients_alternating_keep_their_caches_with_two_slots(served):
 
     def ask(prompt):
         job = Job(GenerationRequest(kind="text", prompt=prompt, max_tokens=MAX_TOKENS))
-        worker._run(job)
+        worker.run_now(job)
         events = [job.events.get_nowait() for _ in range(job.events.qsize())]
         text = "".join(v for k, v in events if k == "text")
         assert text == generate(model, tokenizer, prompt, max_tokens=MAX_TOKENS), "as from scratch"
@@ -361,7 +364,7 @@ def test_random_follow_ups_cancels_and_proposers_always_answer_as_from_scratch(s
             job = Job(req)
             if action == "cancel":
                 job.cancelled.set()
-            worker._run(job)
+            worker.run_now(job)
             events = [job.events.get_nowait() for _ in range(job.events.qsize())]
             text = "".join(v for k, v in events if k == "text")
             want = generate(model, tokenizer, prompt, max_tokens=12)

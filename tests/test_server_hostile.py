@@ -291,7 +291,7 @@ def test_an_internal_error_does_not_leak_its_message(srv, monkeypatch):
     def broken(*a, **k):
         raise TypeError("secret detail /home/someone/models")
 
-    monkeypatch.setattr(srv.worker.conversations, "turn", broken)
+    monkeypatch.setattr(srv.worker.conversations, "start", broken)
     status, err, _ = post(srv, "/v1/completions", {"prompt": CODE, "max_tokens": 2})
     assert status == 500 and "secret" not in err["error"]["message"] and "log" in err["error"]["message"]
     monkeypatch.undo()

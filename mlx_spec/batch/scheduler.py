@@ -61,11 +61,17 @@ class Ticket:
 
 class Scheduler:
     def __init__(self, model, *, decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
-                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY):
+                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY, memory_budget: Optional[int] = None,
+                 row_bytes: Optional[Callable[[Engine], int]] = None):
+        """`memory_budget` (bytes) with `row_bytes(engine)` (what a request's K/V take at its longest): a
+        request starts only while the requests started so far, with it, fit the budget (it waits in the queue
+        otherwise); one request alone always starts."""
         if decode_concurrency < 1 or prompt_concurrency < 1:
             raise ValueError("decode_concurrency and prompt_concurrency must be >= 1")
         self.model = model
         self.decode_concurrency, self.prompt_concurrency = decode_concurrency, prompt_concurrency
+        self.memory_budget, self.row_bytes = memory_budget, row_bytes
+        self.committed: Dict[int, int] = {}  # id(ticket) -> its bytes, from its prefill until it ends
         self.waiting: Deque[Ticket] = deque()  # not yet prefilled, or prefilled and waiting for a row
         self.batches: Dict[bool, Batch] = {}  # keyed by whether the rows' K/V are quantized
         self.tickets: Dict[int, Ticket] = {}  # id(row) -> ticket
@@ -103,30 +109,38 @@ class Scheduler:
             self.waiting.remove(t)
             if t._begin is not None:
                 t._begin.close()
-            t.deliver([], Done("cancelled"))
+            self._end(t, [], Done("cancelled"))
         for batch in self.batches.values():
             for row in [r for r in batch.rows if self.tickets[id(r)].cancelled]:
                 self._leave(batch, row, Done("cancelled"))
 
     def _prefill(self) -> None:
-        budget = self.prompt_concurrency
+        """Prefilled requests join while there is room; up to prompt_concurrency others run a chunk each.
+        Requests start in arrival order: one that must wait for memory holds back those behind it (no
+        starving a long request with short ones)."""
+        budget, blocked = self.prompt_concurrency, False
         for t in list(self.waiting):
-            if t.prefilled:  # joins when there is room
+            if t.prefilled:
                 if self.running < self.decode_concurrency:
                     self.waiting.remove(t)
                     self._join(t)
                 continue
-            if budget == 0:
+            if budget == 0 or blocked and t._begin is None:
                 continue
-            budget -= 1
-            self._prefill_chunk(t)
+            if self._prefill_chunk(t):
+                budget -= 1
+            else:
+                blocked = True
 
-    def _prefill_chunk(self, t: Ticket) -> None:
+    def _prefill_chunk(self, t: Ticket) -> bool:
+        """Run t's next prefill chunk; False when t must wait (memory) and used no budget."""
         if t._begin is None:
             if t.engine.max_tokens <= 0:
                 self.waiting.remove(t)
-                t.deliver([], Done("length"))
-                return
+                self._end(t, [], Done("length"))
+                return True
+            if not self._admit(t):
+                return False
             t._begin = t.engine.begin()
         try:
             next(t._begin)
@@ -135,23 +149,36 @@ class Scheduler:
             started = done.value
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
             self.waiting.remove(t)
-            t.deliver([], Done("error", e))
-            return
+            self._end(t, [], Done("error", e))
+            return True
         t._begin = None
         if started is None:  # its should_stop ended it during the prefill
             self.waiting.remove(t)
-            t.deliver([], Done("cancelled"))
-            return
+            self._end(t, [], Done("cancelled"))
+            return True
         event, hidden, _ = started
         if event.finish_reason:
             self.waiting.remove(t)
-            t.deliver([event], Done(event.finish_reason))
-            return
+            self._end(t, [event], Done(event.finish_reason))
+            return True
         t.deliver([event], None)
         t.prefilled, t._hidden = True, hidden
         if self.running < self.decode_concurrency:
             self.waiting.remove(t)
             self._join(t)
+        return True
+
+    def _admit(self, t: Ticket) -> bool:
+        """Whether t may start now under the memory budget (and reserve its bytes if so)."""
+        need = self.row_bytes(t.engine) if self.row_bytes is not None else 0
+        if self.memory_budget is not None and self.committed and sum(self.committed.values()) + need > self.memory_budget:
+            return False
+        self.committed[id(t)] = need
+        return True
+
+    def _end(self, t: Ticket, events: List[TokenEvent], done: Done) -> None:
+        self.committed.pop(id(t), None)
+        t.deliver(events, done)
 
     def _join(self, t: Ticket) -> None:
         quantized = _quantized(t.engine.cache)
@@ -169,7 +196,7 @@ class Scheduler:
             results = batch.round()
         except Exception as e:  # noqa: BLE001 - the batch's caches are torn: every row ends with the error
             for row in list(batch.rows):
-                self.tickets.pop(id(row)).deliver([], Done("error", e))
+                self._end(self.tickets.pop(id(row)), [], Done("error", e))
             del self.batches[quantized]
             return
         for row, events in results:
@@ -184,7 +211,7 @@ class Scheduler:
 
     def _leave(self, batch: Batch, row: Row, done: Done, events: Optional[List[TokenEvent]] = None) -> None:
         batch.remove(row)
-        self.tickets.pop(id(row)).deliver(events or [], done)
+        self._end(self.tickets.pop(id(row)), events or [], done)
 
     def _cross(self, batch: Batch, row: Row) -> None:
         """A full-precision row reached --quantized-kv-start: its K/V are quantized and it moves batches."""

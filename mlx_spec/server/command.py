@@ -6,6 +6,7 @@ import signal
 import sys
 from pathlib import Path
 
+from ..batch.scheduler import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from ..cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
                    load_models, run, sampling_params)
 from ..errors import MlxSpecError
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "each holds up to a context's worth of K/V)")
     p.add_argument("--prompt-cache-file", default=None,
                    help="a saved prompt (mlx_spec.cache_prompt): requests that start with it continue from it")
+    p.add_argument("--decode-concurrency", type=int, default=DEFAULT_DECODE_CONCURRENCY,
+                   help="requests decoded together in one batch, each speculating with its own drafts "
+                   f"(default: {DEFAULT_DECODE_CONCURRENCY}; 1: one at a time)")
+    p.add_argument("--prompt-concurrency", type=int, default=DEFAULT_PROMPT_CONCURRENCY,
+                   help="requests prefilled at once, a chunk each between the batch's rounds "
+                   f"(default: {DEFAULT_PROMPT_CONCURRENCY})")
     add_kv_args(p)
     return p
 
@@ -63,6 +70,9 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--request-timeout must be a number of seconds > 0, got {args.request_timeout}")
     if args.max_connections < 1:
         raise MlxSpecError(f"--max-connections must be >= 1, got {args.max_connections}")
+    for flag in ("decode_concurrency", "prompt_concurrency"):
+        if getattr(args, flag) < 1:
+            raise MlxSpecError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     kv = kv_settings(args)
     slots = 1 if args.no_prompt_cache else args.prompt_cache_slots  # each holds up to a context's worth of K/V
     check_memory(args.model, args.drafter, args.max_context or model_dir_context(args.model), kv, slots=slots)
@@ -77,7 +87,8 @@ def main_args(args) -> int:
                         draft_by_default=not args.no_draft, sampling=sampling, log=log, access_log=log,
                         prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
                         strict=args.strict, request_timeout=args.request_timeout,
-                        max_connections=args.max_connections, kv=kv, session=saved)
+                        max_connections=args.max_connections, kv=kv, session=saved,
+                        decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e
@@ -86,8 +97,8 @@ def main_args(args) -> int:
     proposer = server.worker.proposer
     drafting = f"{proposer}, k={args.num_draft_tokens}" + (" (off by default)" if args.no_draft else "") \
         if proposer else "off"
-    print(f"mlx_spec.server: {args.model} on http://{host}:{port}/v1 (drafting: {drafting})", file=sys.stderr,
-          flush=True)
+    print(f"mlx_spec.server: {args.model} on http://{host}:{port}/v1 (drafting: {drafting}; up to "
+          f"{args.decode_concurrency} requests decoded together)", file=sys.stderr, flush=True)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print("warning: listening beyond this machine; the server has no authentication", file=sys.stderr)
     signal.signal(signal.SIGTERM, _interrupt)  # a service manager's stop: finish as on Ctrl-C

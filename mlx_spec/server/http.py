@@ -28,6 +28,7 @@ from ..sampling import SamplingParams
 from ..tuning.tuner import AutoTuner
 from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT, ConnectionGuard
 from .requests import GenerationRequest, RequestDefaults, RequestError, parse_request
+from ..batch.scheduler import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from .worker import Job, JobResult, TokenLogprob, Worker, _log
 
 DEFAULT_HOST = "127.0.0.1"
@@ -147,7 +148,9 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/v1/models/") and path[len("/v1/models/"):] == self.server.model_name:
             self._send_json(200, self.server.model_card())
         elif path == "/health":
-            self._send_json(200, {"status": "ok"})
+            worker = self.server.worker
+            self._send_json(200, {"status": "ok", "running": worker.running, "waiting": worker.waiting,
+                                  "decode_concurrency": worker.scheduler.decode_concurrency})
         else:
             self._send_error(RequestError(f"no such endpoint: GET {path}", status=404))
 
@@ -349,7 +352,9 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
                  prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None):
+                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None,
+                 decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
+                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY):
         self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -360,7 +365,8 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
         self.worker = Worker(model, tokenizer, proposer, max_context=max_context or context_length(model),
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
                              prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict, kv=kv,
-                             session=session)
+                             session=session, decode_concurrency=decode_concurrency,
+                             prompt_concurrency=prompt_concurrency)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)

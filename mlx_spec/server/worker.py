@@ -1,88 +1,54 @@
-"""Generation: one worker thread owns the model and runs queued requests one at a time, in arrival order.
+"""Generation: one worker thread owns the model and decodes every running request together, in continuous
+batches (batch/scheduler.py): requests join between rounds, prefill in chunks interleaved with the others'
+rounds, and leave when they finish, hit a stop string, or their client goes away.
 
-Each request is a conversation turn (conversation.py) against the kept prompt cache, so a follow-up (the
-same conversation, resent) prefills only what is new. The worker puts events on the job's queue for the
-HTTP handler: ("start", prompt tokens), ("text", s)..., then ("done", JobResult) or ("error", RequestError).
-When the request asked for log-probabilities, ("logprobs", [TokenLogprob]) comes right before the ("text",
-s) event (possibly "") that releases the first character of those tokens' text; tokens that a stop string
-cuts out entirely never come (stops.StopCut).
+Each request is a conversation turn against the kept prompt cache (conversation.py: `start`/`finish`), so a
+follow-up (the same conversation, resent) prefills only what is new; concurrent requests never share a
+slot. A request's output is what it would be alone (the batch is exact: batch/engine.py). The job's events
+for its HTTP handler come from its JobStream (stream.py).
 
-A prompt is rendered (chat template) and counted here, before anything is generated; a text that cannot
-fit the context whatever its tokens (longer than context x the longest token) is refused without
-tokenizing it, so a huge prompt costs other clients milliseconds, not the tokenizer's seconds.
+Up to `decode_concurrency` requests decode at once (`--decode-concurrency`, mlx-lm's flag; 1 runs them one
+at a time), `prompt_concurrency` prefill at once, and no request starts while the K/V of those started, with
+it, would not fit the memory left beside the weights (it waits in the queue instead).
 """
 
-import functools
 import queue
-import re
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional
 
-from ..api import encode_prompt
+from ..batch.scheduler import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY, Scheduler
 from ..cache import KVQuant
 from ..conversation import Conversations
 from ..loading import materialize
-from ..models.base import vocab_size
+from ..memory import resident
 from ..proposers.base import Proposer
 from ..request import Request
 from ..tuning.tuner import AutoTuner
-from .requests import GenerationRequest, RequestError
-from ..stops import StopCut
-
-
-@dataclass
-class Job:
-    request: GenerationRequest
-    events: "queue.Queue" = field(default_factory=queue.Queue)  # ("start", n) ("text", s) ("done", r) ("error", e)
-    cancelled: threading.Event = field(default_factory=threading.Event)
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token's log-probability and its top alternatives, as text (OpenAI's logprobs)."""
-
-    token: str
-    bytes: List[int]
-    logprob: float
-    top: List[Tuple[str, List[int], float]]  # (token, bytes, logprob), best first
-    offset: int = 0  # where its text starts in the generated text (text_offset)
-
-
-LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for log 0 (JSON has no -Infinity)
-NORMALIZATION_SLACK = 4  # input characters per token character at most (a tokenizer may compose characters)
-
-
-@dataclass
-class JobResult:
-    finish_reason: str  # "stop", "length", or "cancelled" (the client went away)
-    prompt_tokens: int
-    completion_tokens: int
-    speculative: dict
-    cached_tokens: int = 0  # prompt tokens whose K/V came from the previous request (not prefilled again)
+from .budget import memory_budget
+from .prompts import PromptReader
+from .requests import RequestError
+from .stream import Job, JobResult, JobStream, TokenLogprob, TokenTexts  # noqa: F401 (the server's names)
 
 
 class Worker(threading.Thread):
-    """Runs queued jobs one after another on the one model; never dies on a failing job."""
+    """Runs the scheduler on the one model; never dies on a failing job."""
 
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, max_context: Optional[int],
                  max_tokens: int, log=None, prompt_cache: bool = True, prompt_cache_slots: int = 1,
                  tuner: Optional[AutoTuner] = None, strict: bool = False, kv: Optional[KVQuant] = None,
-                 session: Optional[tuple] = None):
+                 session: Optional[tuple] = None, decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
+                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY):
         super().__init__(name="mlx_spec-generation", daemon=True)
         self.model, self.tokenizer = model, tokenizer
-        self.max_context, self.max_tokens = max_context, max_tokens
         self.strict = strict
         self.log = log
         self.jobs: "queue.Queue[Optional[Job]]" = queue.Queue()
-        self.current: Optional[Job] = None
         self.finished: deque = deque(maxlen=256)  # recent JobResults, newest last (tests and logs read it)
-        self.vocab_size = vocab_size(model)
-        self.longest_token = _longest_token(tokenizer)
-        self._token_text = functools.lru_cache(maxsize=1 << 16)(self._token_text_uncached)
+        self.prompts = PromptReader(model, tokenizer, max_context, max_tokens)
+        self.texts = TokenTexts(tokenizer)
         materialize(model, proposer.weights if proposer is not None else None)
+        self.weights = proposer.weights if proposer is not None else None
         # A client resends the whole conversation with each request: keep the last ones' K/V (the base's,
         # and a draft model's, per slot) and prefill only what is new. Exact: see PromptCache.
         self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner or AutoTuner(log=log and
@@ -90,6 +56,12 @@ class Worker(threading.Thread):
                                            slots=prompt_cache_slots, kv=kv)
         if session is not None:  # a saved prompt (--prompt-cache-file): requests that start with it continue it
             self.conversations.prompt_cache.pin(*session)
+        budget, row_bytes = memory_budget(model, self.weights, kv)
+        self.scheduler = Scheduler(model, decode_concurrency=decode_concurrency,
+                                   prompt_concurrency=prompt_concurrency, memory_budget=budget,
+                                   row_bytes=row_bytes)
+        self.streams: Dict[int, JobStream] = {}  # id(job) -> its stream, while it runs
+        self._stopping = False
 
     @property
     def proposer(self) -> Optional[str]:
@@ -97,169 +69,130 @@ class Worker(threading.Thread):
         p = self.conversations.proposer
         return p.name if p is not None else None
 
+    @property
+    def running(self) -> int:
+        """Requests decoding now (rows of the batch)."""
+        return self.scheduler.running
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued or prefilling."""
+        return len(self.scheduler.waiting) + self.jobs.qsize()
+
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
 
     def stop(self) -> None:
         """Cancel the running and queued jobs and end the thread (join it: see Server.close)."""
+        self.jobs.put(None)
+
+    def run_now(self, job: Job) -> None:
+        """Run one job to its end on the calling thread (a worker whose thread was not started: tests, tools)."""
+        self._start(job)
+        while not self.scheduler.idle:
+            self._cancel_gone()
+            self.scheduler.step()
+
+    # -- the loop
+    def run(self) -> None:
+        with resident(self.model, self.weights):
+            while self._take_jobs():
+                self._cancel_gone()
+                self.scheduler.step()
+            self._cancel_all()
+        _release_thread_streams()
+
+    def _take_jobs(self) -> bool:
+        """Start what is queued (waiting for a job when nothing runs); False once asked to stop."""
+        block = self.scheduler.idle
+        while True:
+            try:
+                job = self.jobs.get(block=block)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            block = False
+            if not job.cancelled.is_set():
+                self._start(job)
+
+    def _start(self, job: Job) -> None:
+        req = job.request
+        try:
+            prompt = self.prompts.tokens(req)
+            max_tokens = self.prompts.max_new_tokens(req, len(prompt))
+            drafting = req.draft and self.conversations.proposer is not None  # else plain, reported as None
+            request = Request(prompt, max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, draft=drafting,
+                              num_draft_tokens=req.num_draft_tokens, strict=self.strict,
+                              logprobs=0 if req.logprobs is None else max(req.logprobs, 1))
+            started = self.conversations.start(request, should_stop=job.cancelled.is_set)
+        except RequestError as e:
+            job.events.put(("error", e))
+            return
+        except Exception as e:  # noqa: BLE001 - a bug: this client gets a 500, the others keep being served
+            self._failed(job, e)
+            return
+        job.events.put(("start", len(prompt)))
+        stream = JobStream(job, started, self.tokenizer, self.texts, proposer=self.proposer, on_end=self._ended)
+        stream.ticket = self.scheduler.submit(started.engine, stream.deliver)
+        self.streams[id(job)] = stream
+
+    def _cancel_gone(self) -> None:
+        for stream in self.streams.values():
+            if stream.job.cancelled.is_set():
+                stream.ticket.cancel()
+
+    def _cancel_all(self) -> None:
+        for stream in list(self.streams.values()):
+            stream.job.cancelled.set()
+            stream.ticket.cancel()
+        self.scheduler.step()  # the cancelled rows leave, their slots settled
         while True:
             try:
                 job = self.jobs.get_nowait()
             except queue.Empty:
-                break
+                return
             if job is not None:
                 job.cancelled.set()
-        if self.current is not None:
-            self.current.cancelled.set()
-        self.jobs.put(None)
 
-    def run(self) -> None:
-        while True:
-            job = self.current = self.jobs.get()
-            if job is None:
-                _release_thread_streams()
-                return
-            if job.cancelled.is_set():
-                continue
-            try:
-                self._run(job)
-            except RequestError as e:
-                job.events.put(("error", e))
-            except Exception as e:  # a bug: report it to this client (without internals), keep serving the others
-                if self.log:
-                    import traceback
-
-                    traceback.print_exc(file=self.log)
-                job.events.put(("error", RequestError(f"generation failed ({type(e).__name__}); the server's log has "
-                                                      "the details", status=500)))
-            finally:
-                _synchronize()
-
-    def _tokens(self, req: GenerationRequest) -> List[int]:
-        tok = self.tokenizer
-        if req.kind == "chat":
-            if not getattr(tok, "has_chat_template", False):
-                raise RequestError("this model has no chat template; use /v1/completions with a raw prompt")
-            try:  # the model's own template; the kwargs are the allowed switches only (requests.TEMPLATE_KWARGS)
-                text = tok.apply_chat_template(req.messages, add_generation_prompt=True, tokenize=False,
-                                               **req.chat_template_kwargs)
-            except Exception as e:  # jinja raises TemplateError (and anything a template raises itself)
-                raise RequestError(f"the chat template cannot render these messages: {e}", param="messages") from e
-            return self._encode(text, "messages")
-        if isinstance(req.prompt, str):
-            return self._encode(req.prompt, "prompt")
-        if self.vocab_size and not all(0 <= t < self.vocab_size for t in req.prompt):
-            raise RequestError(f"'prompt' token ids must be in [0, {self.vocab_size})", param="prompt")
-        return list(req.prompt)
-
-    def _encode(self, text: str, param: str) -> List[int]:
-        """Token ids of `text`; refused at once, untokenized, when no tokenization of it fits the context."""
-        if self.max_context and self.longest_token:
-            least = len(text) // (self.longest_token * NORMALIZATION_SLACK)  # no tokenization has fewer tokens
-            if least >= self.max_context:
-                raise RequestError(f"the prompt is {len(text)} characters, at least {least} tokens: more than this "
-                                   f"server's context of {self.max_context} tokens (--max-context); shorten it",
-                                   code="context_length_exceeded", param=param)
-        return encode_prompt(self.tokenizer, text)
-
-    def _token_text_uncached(self, token: int) -> Tuple[str, List[int]]:
-        """A token's text and its bytes (a byte-fallback token "<0xE2>" is the one byte, not U+FFFD)."""
-        text = self.tokenizer.decode([token])
-        piece = self.tokenizer.convert_ids_to_tokens(token) if hasattr(self.tokenizer, "convert_ids_to_tokens") \
-            else None
-        if isinstance(piece, str) and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):
-            return text, [int(piece[3:5], 16)]
-        return text, list(text.encode("utf-8", "replace"))
-
-    def _logprob(self, token: int, logprob: float, top, n: int, offset: int) -> TokenLogprob:
-        def floor(x):
-            return x if x >= LOGPROB_FLOOR else LOGPROB_FLOOR  # -inf (a masked token) and NaN alike
-
-        text, raw = self._token_text(token)
-        return TokenLogprob(text, raw, floor(logprob), [(*self._token_text(t), floor(v)) for t, v in top[:n]],
-                            offset)
-
-    def _max_tokens(self, req: GenerationRequest, n_prompt: int) -> int:
-        if not self.max_context:
-            return req.max_tokens or self.max_tokens
-        room = self.max_context - n_prompt
-        if room <= 0 or req.max_tokens is not None and req.max_tokens > room:
-            asked = f" + {req.max_tokens} max_tokens" if req.max_tokens else ""
-            raise RequestError(f"the prompt is {n_prompt} tokens{asked}, more than this server's context of "
-                               f"{self.max_context} tokens (--max-context); shorten the prompt or lower max_tokens",
-                               code="context_length_exceeded", param="messages" if req.kind == "chat" else "prompt")
-        return min(req.max_tokens or self.max_tokens, room)
-
-    def _run(self, job: Job) -> None:
-        req = job.request
-        start = time.perf_counter()
-        prompt = self._tokens(req)
-        max_tokens = self._max_tokens(req, len(prompt))
-        drafting = req.draft and self.conversations.proposer is not None  # else plain, reported as proposer None
-        job.events.put(("start", len(prompt)))
-        cut = StopCut(req.stop)
-        want = req.logprobs  # None, or how many alternatives per token
-        request = Request(prompt, max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, draft=drafting,
-                          num_draft_tokens=req.num_draft_tokens, strict=self.strict,
-                          logprobs=0 if want is None else max(want, 1))
-        turn = self.conversations.turn(request, should_stop=job.cancelled.is_set)
-        finish, n, stats = "length", 0, None
-        try:
-            for r in turn:
-                n, stats = n + 1, r.stats
-                if job.cancelled.is_set():
-                    finish = "cancelled"
-                    break
-                item = None
-                if want is not None and r.finish_reason != "stop":  # EOS is not text
-                    item = self._logprob(r.token, r.logprob, r.top_logprobs, want, cut.offset)
-                text, logprobs, hit = cut.feed(r.text, item, last=bool(r.finish_reason))
-                if logprobs:
-                    job.events.put(("logprobs", logprobs))
-                    job.events.put(("text", text))
-                elif text:
-                    job.events.put(("text", text))
-                if hit or r.finish_reason:
-                    finish = "stop" if hit else r.finish_reason
-                    break
-        finally:
-            turn.close()  # stops the engine at once (cancel, stop string) and settles the slot
-        if n == 0 and job.cancelled.is_set():  # the client went away during the prefill, which stopped there
-            finish = "cancelled"
-        spec = {"proposer": self.proposer if drafting else None,
-                "num_draft_tokens": req.num_draft_tokens if drafting else 0}
-        if stats is not None:
-            d = stats.as_dict()
-            spec.update({k: d[k] for k in ("rounds", "drafted", "accepted", "tau", "acceptance_rate",
-                                           "acceptance_by_position", "plain_steps")})
-        result = JobResult(finish, len(prompt), n, spec, turn.reused)
+    def _ended(self, stream: JobStream, result: Optional[JobResult], error: Optional[BaseException]) -> None:
+        """A stream's request ended: settle its slot, then tell its client."""
+        self.streams.pop(id(stream.job), None)
+        self.conversations.finish(stream.started, stream.received, torn=error is not None)
+        if error is not None:
+            self._failed(stream.job, error)
+            return
+        if not stream.received and stream.job.cancelled.is_set():
+            result.finish_reason = "cancelled"  # the client went away during the prefill, which stopped there
         self.finished.append(result)
-        job.events.put(("done", result))
-        if self.log and stats is not None:
-            tau = f", τ {stats.tau:.2f}, acceptance {stats.acceptance_rate:.0%}" if stats.rounds else ""
-            _log(self.log, f"{req.kind}: {len(prompt)} prompt ({turn.reused} cached) + {n} tokens, "
-                 f"{stats.generation_tps:.1f} tok/s{tau}, {finish}, {time.perf_counter() - start:.2f} s")
+        stream.job.events.put(("done", result))
+        if self.log:
+            self._log_result(stream, result)
 
+    def _failed(self, job: Job, error: BaseException) -> None:
+        if isinstance(error, RequestError):
+            job.events.put(("error", error))
+            return
+        if self.log:
+            import traceback
 
-def _longest_token(tokenizer) -> Optional[int]:
-    """Characters in the tokenizer's longest token (a token covers at most that much text, up to
-    NORMALIZATION_SLACK), or None when the vocabulary cannot be read."""
-    try:
-        return max(map(len, tokenizer.get_vocab()), default=None) or None
-    except Exception:  # not every tokenizer has get_vocab; then prompts are only counted
-        return None
+            traceback.print_exception(error, file=self.log)
+        job.events.put(("error", RequestError(f"generation failed ({type(error).__name__}); the server's log has "
+                                              "the details", status=500)))
+
+    def _log_result(self, stream: JobStream, result: JobResult) -> None:
+        import time
+
+        stats = stream.engine.stats
+        tau = f", τ {stats.tau:.2f}, acceptance {stats.acceptance_rate:.0%}" if stats.rounds else ""
+        _log(self.log, f"{stream.job.request.kind}: {result.prompt_tokens} prompt ({result.cached_tokens} cached) "
+             f"+ {result.completion_tokens} tokens, {stats.generation_tps:.1f} tok/s{tau}, {result.finish_reason}, "
+             f"{time.perf_counter() - stream.start:.2f} s; {self.running} running, {self.waiting} waiting")
 
 
 def _log(stream, line: str) -> None:
     stream.write(line + "\n")  # one write per line, so lines from different threads do not interleave
     stream.flush()
-
-
-def _synchronize() -> None:
-    """Finish this thread's queued MLX work (an interrupted generation leaves a step in flight)."""
-    import mlx.core as mx
-
-    mx.synchronize()
 
 
 def _release_thread_streams() -> None:
