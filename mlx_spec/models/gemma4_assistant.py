@@ -340,8 +340,13 @@ class RowsStepper:
         self._between = [mx.compile(lambda h, o, R, i=i: self._query(i + 1, self._finish_layer(i, h, o), R))
                          for i in range(last)]
         self._exit = mx.compile(lambda h, o: self._head(self._finish_layer(last, h, o)))
+        self._exit_greedy = mx.compile(lambda h, o: self._greedy_head(self._finish_layer(last, h, o)))
 
     # -- traced pieces
+    def _greedy_head(self, h: mx.array):
+        h, h_next = self._head(h)
+        return self.model.greedy_tokens(h), h_next
+
     def _query(self, i: int, h: mx.array, R: dict):
         """Layer i's normed, rotated queries (B, n_heads, D) from the residual stream h (B, H)."""
         layer = self.model.model.layers[i]
@@ -394,11 +399,18 @@ class RowsStepper:
 
     def step(self, state: dict, embedded: mx.array, hidden: mx.array):
         """embedded, hidden: (B, H_base). Returns (h (B, H) for the head, h_next (B, H_base))."""
+        return self._exit(*self._layers(state, embedded, hidden))
+
+    def greedy_step(self, state: dict, embedded: mx.array, hidden: mx.array):
+        """Returns (each row's argmax token (B,) int32, h_next (B, H_base)), the head folded in."""
+        return self._exit_greedy(*self._layers(state, embedded, hidden))
+
+    def _layers(self, state: dict, embedded: mx.array, hidden: mx.array):
         R = {t: r for t, (_, _, r, _) in state.items()}
         h, q = self._enter(embedded, hidden, R)
         for i, between in enumerate(self._between):
             h, q = between(h, self._attend(q, *self._kv(state, i)), R)
-        return self._exit(h, self._attend(q, *self._kv(state, len(self.types) - 1)))
+        return h, self._attend(q, *self._kv(state, len(self.types) - 1))
 
     def _kv(self, state: dict, i: int):
         k, v, _, bias = state[self.types[i]]

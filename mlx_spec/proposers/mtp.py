@@ -77,10 +77,14 @@ class MTPProposer:
         token = mx.array([c.history[-1] for c in ctxs], mx.int32)
         hidden = mx.concatenate([c.hidden for c in ctxs])  # (B, H_base)
         tokens, probs = [], [[] for _ in ctxs]
+        sampled = [i for i, c in enumerate(ctxs) if not c.sampler.greedy]
         for step in range(max(ks)):
-            h, hidden = self.rows_stepper.step(state, self.base.embed_scaled(token), hidden)
-            token = self.drafter.greedy_tokens(h)
-            sampled = [i for i, c in enumerate(ctxs) if not c.sampler.greedy]
+            embedded = self.base.embed_scaled(token)
+            if not sampled:  # the argmax folded into the compiled head
+                token, hidden = self.rows_stepper.greedy_step(state, embedded, hidden)
+            else:
+                h, hidden = self.rows_stepper.step(state, embedded, hidden)
+                token = self.drafter.greedy_tokens(h)
             if sampled:  # rows that sample draw one by one, each from its own keyed noise
                 picks = [token[i : i + 1] for i in range(len(ctxs))]
                 for i in sampled:
