@@ -179,3 +179,33 @@ def test_sliding_rows_compact_past_their_slack():
                              [200, 20], [keep + SLIDING_SLACK - 1, 20], None, False, WINDOW)
     capacity, ends = cache._layout_after(3)
     assert ends == [keep, 20], "compaction keeps each row's last `keep` positions (or all it has)"
+
+
+def test_each_rows_drafts_and_q_are_its_own(trained_pair):
+    """MTP drafts all rows in one pass per step: each row's drafts and their distributions q (what rejection
+    sampling divides by) equal what the one-row proposer gives for that row's context, sampler and noise."""
+    from mlx_spec.batch.cache import stack_rows
+    from mlx_spec.proposers.base import RoundContext
+    from mlx_spec.sampling import Sampler
+
+    model, tok, drafter = trained_pair
+    prop = make_proposer(model, drafter=drafter)
+    settings = [SamplingParams(temp=1.5, top_k=5, acceptance="rejection"), SamplingParams(),
+                SamplingParams(temp=0.6, acceptance="rejection"), SamplingParams(temp=1.0, acceptance="rejection")]
+    ctxs, caches = [], []
+    for i, params in enumerate(settings):
+        ids = tok.encode(["def fibonacci(n):", "import os\n", "class Stack:\n    def", "x = [1, 2"][i])
+        cache = model.make_cache(17)
+        _, hidden = model.forward(mx.array([ids[:-1]]), cache)
+        caches.append(cache)
+        ctxs.append(RoundContext(ids, len(ids) - 1, hidden[:, -1:], cache, Sampler(params, seed=40 + i)))
+    rows = stack_rows(caches)
+    batched = prop.propose_rows([RoundContext(c.history, c.position, c.hidden.reshape(1, -1), None, c.sampler)
+                                 for c in ctxs], [3, 2, 3, 1], rows, [0, 1, 2, 3])
+    for i, (ctx, k) in enumerate(zip(ctxs, [3, 2, 3, 1])):
+        alone = prop.propose(ctx, k)
+        assert batched[i].tokens.tolist() == alone.tokens.tolist(), f"row {i}: its drafts"
+        if alone.probs is None:
+            assert batched[i].probs is None, f"row {i}: greedy drafts carry no q"
+        else:
+            assert mx.allclose(batched[i].probs, alone.probs, atol=1e-5).item(), f"row {i}: q is its own"

@@ -130,3 +130,30 @@ def test_block_drafter_samples_have_the_plain_distribution(trained_pair, plain, 
                    _block_proposer(model, family))
     stat, dof = two_sample_chi2(plain, spec)
     assert stat < chi2_bound(dof), f"{family}/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"
+
+
+def batch_samples(model, prompt, sampling, make_proposer, n=N, rows=8):
+    """As `samples`, but the requests decode as rows of batches of `rows`, each with its own seed and its
+    own fork of the proposer (test_batch.py checks directly that each row's drafts and q are its own)."""
+    from mlx_spec.batch.scheduler import Scheduler
+
+    out = Counter()
+    for first in range(0, n, rows):
+        sched, got = Scheduler(model, decode_concurrency=rows), {}
+        for seed in range(first, first + rows):
+            eng = Engine(model, Request(prompt, sampling=sampling, max_tokens=3, seed=seed + 20_000),
+                         proposer=make_proposer(), policy=FixedK(2))
+            sched.submit(eng, lambda events, done, s=seed: got.setdefault(s, []).extend(e.token for e in events))
+        sched.drain()
+        for tokens in got.values():
+            out[tuple(tokens[1:])] += 1
+    return out
+
+
+def test_batched_rows_sample_the_plain_distribution(trained_pair, plain):
+    """Rejection sampling per row of a batch, the MTP rows drafting together, each from its own noise."""
+    model, tokenizer, drafter = trained_pair
+    spec = batch_samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance="rejection"),
+                         lambda: MTPProposer(drafter, model))
+    stat, dof = two_sample_chi2(plain, spec)
+    assert stat < chi2_bound(dof), f"batched mtp/rejection: chi2 {stat:.1f} on {dof} dof: the distribution moved"
