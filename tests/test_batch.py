@@ -50,6 +50,10 @@ def proposer(model, kind: str):
         return make_proposer(model, ngram=2)
     if kind == "draft_model":
         return make_proposer(model, draft_model=make_base("dense_keqv", seed=3))
+    if kind == "eagle3":
+        from test_eagle3 import make_eagle3
+
+        return make_proposer(model, drafter=make_eagle3(model, aux=(1, 2, 3), draft_vocab=128))
     config = dflash_config(model) if kind == "dflash" else dspark_config(model)
     return make_proposer(model, drafter=make_block_drafter(config))
 
@@ -102,9 +106,9 @@ def test_greedy_rows_equal_alone(variant, kind):
     assert_alone(model, prop, got, done)
 
 
-@pytest.mark.parametrize("kind", ["dflash", "dspark", "draft_model"])
+@pytest.mark.parametrize("kind", ["dflash", "dspark", "draft_model", "eagle3"])
 def test_greedy_rows_equal_alone_other_proposers(kind):
-    model = base("e2b")
+    model = base("dense_keqv" if kind == "eagle3" else "e2b")  # the EAGLE-3 drafter's aux ids fit 4 layers
     prop = proposer(model, kind)
     got, done, _ = batched(model, prop)
     assert_alone(model, prop, got, done)
@@ -209,3 +213,35 @@ def test_each_rows_drafts_and_q_are_its_own(trained_pair):
             assert batched[i].probs is None, f"row {i}: greedy drafts carry no q"
         else:
             assert mx.allclose(batched[i].probs, alone.probs, atol=1e-5).item(), f"row {i}: q is its own"
+
+
+def test_a_long_prompt_prefills_a_chunk_per_round_while_rows_decode():
+    """A request with a long prompt joins two running rows: its prefill runs one chunk per step, and the
+    running rows get a round (tokens) at every one of those steps."""
+    model = base("e2b")
+    sched = Scheduler(model, decode_concurrency=4, prompt_concurrency=1)
+    log = []
+    for i in range(2):
+        sched.submit(engine(model, PROMPTS[i], policy=FixedK(0), max_tokens=60),
+                     lambda events, done, i=i: log.append((i, len(events))))
+    for _ in range(3):
+        sched.step()  # both running
+    chunks = []
+    long_prompt = [(7 * j) % 250 + 3 for j in range(100)]  # 99 positions to prefill: 7 chunks of 16
+    sched.submit(engine(model, long_prompt, policy=FixedK(0), max_tokens=5, prefill_step=16,
+                        on_prefill=lambda done, total: chunks.append(len(log))),
+                 lambda events, done: log.append(("long", len(events))))
+    while not any(entry[0] == "long" for entry in log):
+        sched.step()
+    assert len(chunks) == 7, "the long prompt prefilled in its 16-token chunks"
+    between = [chunks[j + 1] - chunks[j] for j in range(len(chunks) - 1)]
+    assert all(n == 2 for n in between), f"each running row got one round between two chunks: {between}"
+
+
+def test_strict_rows_pad_the_batch_width_and_stay_exact():
+    """Strict mode (on a device whose kernels change with the row count) pads every pass to its row count;
+    in a batch every row's pass is that wide. Here (rows compute alike) it must change nothing."""
+    model = base("e2b")
+    prop = proposer(model, "mtp")
+    got, done, _ = batched(model, prop, strict_rows=9)
+    assert_alone(model, prop, got, done)

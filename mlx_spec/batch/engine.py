@@ -88,7 +88,8 @@ class Batch:
         rows = self.rows
         asked = [self._budget(row) for row in rows]
         drafts = self._propose(asked)
-        L = 1 + max(d.k for d in drafts)
+        # strict rows (a device whose kernels change with the row count) run every pass at their row count
+        L = max([1 + max(d.k for d in drafts)] + [row.engine.strict_rows or 0 for row in rows])
         verify = mx.stack([self._verify_row(row, d, L) for row, d in zip(rows, drafts)])  # (B, L)
         logits, hidden = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
         results = self._verify(logits, verify, drafts)
