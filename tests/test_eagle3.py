@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from eagle3_checkpoints import eagle3_config, eagle3_weights
-from tiny_models import WINDOW, make_base
+from tiny_models import WINDOW, engine, make_base
 
 from mlx_spec.engine import Engine
 from mlx_spec.models.gemma4_eagle3 import Model, ModelArgs
@@ -19,6 +19,7 @@ from mlx_spec.proposers.base import Draft, RoundContext
 from mlx_spec.proposers.eagle3 import MAX_PENDING, Eagle3Proposer
 from mlx_spec.sampling import Sampler, SamplingParams
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 MAX_TOKENS = 3 * WINDOW
 PROMPTS = {"short": [2, 17, 33, 4, 90], "long": [2] + [(i * 37) % 250 + 3 for i in range(2 * WINDOW + 3)]}
@@ -52,7 +53,7 @@ def pair(variant: str, family: str):
 
 
 def run(model, prompt, proposer=None, k=3, max_tokens=MAX_TOKENS, **kw):
-    eng = Engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
+    eng = engine(model, prompt, proposer=proposer, policy=FixedK(k), max_tokens=max_tokens, **kw)
     return [ev.token for ev in eng.run()], eng
 
 
@@ -176,7 +177,7 @@ def test_a_reused_prompt_cache_reuses_the_context():
     conv = Conversations(base, Tok(), make_proposer(base, drafter=drafter))
     ids = list(PROMPTS["long"])
     for turn in range(3):
-        t = conv.turn(ids, sampling=SamplingParams(), max_tokens=11 + turn, num_draft_tokens=3)
+        t = conv.turn(Request(ids, sampling=SamplingParams(), max_tokens=11 + turn, num_draft_tokens=3))
         got = [r.token for r in t]
         want, _ = run(base, ids, max_tokens=11 + turn)
         assert got == want, f"turn {turn}: equals a run from scratch"
@@ -242,7 +243,7 @@ def test_plain_steps_hand_features_over_in_batches():
     context = drafter.context
     drafter.context = lambda f, t, c: (calls.append(f.shape[1]), context(f, t, c))[1]
     try:
-        eng = Engine(base, prompt, proposer=proposer, policy=LongPlainStretch(), max_tokens=150)
+        eng = Engine(base, Request(prompt, max_tokens=150), proposer=proposer, policy=LongPlainStretch())
         assert [e.token for e in eng.run()] == plain
     finally:
         del drafter.context
@@ -321,8 +322,8 @@ def _sample_counts(model, prompt, sampling, make=None, n=400):
     """(counts of tokens 2-3, drafts accepted) over n seeds: tokens 2-3 come from one speculative round."""
     out, accepted = Counter(), 0
     for seed in range(n):
-        eng = Engine(model, prompt, proposer=make() if make else None, sampling=sampling, policy=FixedK(2),
-                     max_tokens=3, seed=seed + (10_000 if make else 0))
+        eng = Engine(model, Request(prompt, sampling=sampling, max_tokens=3, seed=seed + (10_000 if make else 0)),
+                     proposer=make() if make else None, policy=FixedK(2))
         out[tuple(e.token for e in eng.run())[1:]] += 1
         accepted += eng.stats.accepted
     return out, accepted

@@ -16,6 +16,7 @@ from mlx_spec.proposers import make_proposer
 from mlx_spec.proposers.base import RoundContext
 from mlx_spec.sampling import Sampler, SamplingParams
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 ATOL = 2e-4  # fp32 on both sides; sums may be ordered differently
 DRAFTERS = ("eagle3", "eagle3_wide")
@@ -72,11 +73,11 @@ def test_drafts_and_logits_match_mlx_vlm(base, gold, ckpt, name):
 @pytest.mark.parametrize("name", DRAFTERS)
 def test_speculative_equals_plain(base, gold, ckpt, name):
     proposer = make_proposer(base, drafter=load_drafter(str(ckpt[name]), base))
-    plain = [e.token for e in Engine(base, gold["prompt"].tolist(), max_tokens=len(gold["plain"])).run()]
+    plain = [e.token for e in Engine(base, Request(gold["prompt"].tolist(), max_tokens=len(gold["plain"]))).run()]
     assert plain == gold["plain"].tolist(), "plain greedy equals mlx-vlm's, past the window"
     for k in (1, 3, 5):
-        eng = Engine(base, gold["prompt"].tolist(), proposer=proposer.fork(), policy=FixedK(k),
-                     max_tokens=len(gold["plain"]))
+        eng = Engine(base, Request(gold["prompt"].tolist(), max_tokens=len(gold["plain"])), proposer=proposer.fork(),
+                     policy=FixedK(k))
         assert [e.token for e in eng.run()] == plain, f"{name} k={k} must equal plain decoding"
     # mlx-vlm's own loop leaves plain decoding with eagle3_wide (its rotating-cache rollback after the window
     # wraps: see make_eagle3_goldens.py); if this changes, mlx-vlm or the goldens did

@@ -19,6 +19,7 @@ from mlx_spec.errors import ModelLoadError, PairingError, UnsupportedModelError,
 from mlx_spec.generate import main
 from mlx_spec.proposers import make_proposer
 from mlx_spec.tuning import FixedK
+from mlx_spec.request import Request
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def base(ckpt):
 
 
 def greedy(model, proposer=None, k=3, n=24):
-    eng = Engine(model, tokens(seed=3, n=21), proposer=proposer, policy=FixedK(k), max_tokens=n)
+    eng = Engine(model, Request(tokens(seed=3, n=21), max_tokens=n), proposer=proposer, policy=FixedK(k))
     return [e.token for e in eng.run()]
 
 
