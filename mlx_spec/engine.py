@@ -184,7 +184,7 @@ class Engine:
                 return done.value
 
     def _prefill_chunks(self):
-        """The prefill as a generator: it yields after each chunk (a scheduler interleaves other requests'
+        """The prefill as a generator: it yields between chunks (a scheduler interleaves other requests'
         rounds there) and returns (first token, hidden at the last prompt position)."""
         tokens = mx.array(self.history)[None]  # (1, T)
         T = tokens.shape[1]
@@ -271,7 +271,7 @@ class Engine:
             self._trim_cache_to_history()
 
     def begin(self):
-        """The request up to its first token, as a generator that yields after each prefill chunk (a batch
+        """The request up to its first token, as a generator that yields between prefill chunks (a batch
         scheduler runs other requests' rounds there). Returns (the first TokenEvent, the base's hidden at
         the last prompt position (1, 1, H) or None, when generation started), or None when `should_stop`
         ended it during the prefill."""

@@ -35,10 +35,12 @@ def prefill_chunks(forward: Callable[[mx.array], object], tokens: Sequence[int],
                    start: int = 0, step: int = PREFILL_STEP, should_stop: Optional[Callable[[], bool]] = None,
                    on_progress: Optional[Callable[[int, int], None]] = None,
                    total: Optional[int] = None) -> Generator[None, None, bool]:
-    """`prefill` as a generator that yields after each chunk (a batch scheduler runs other requests'
+    """`prefill` as a generator that yields between chunks (a batch scheduler runs other requests'
     rounds there); it returns what `prefill` returns."""
     total = len(tokens) if total is None else total
     for s in range(start, len(tokens), step):
+        if s > start:
+            yield  # between chunks: after the last one the caller goes on at once (a request joins sooner)
         if should_stop is not None and should_stop():
             return False
         e = min(s + step, len(tokens))
@@ -46,7 +48,6 @@ def prefill_chunks(forward: Callable[[mx.array], object], tokens: Sequence[int],
         mx.eval([(c.keys, c.values) for c in caches()])
         if on_progress is not None:
             on_progress(e, total)
-        yield
     return True
 
 

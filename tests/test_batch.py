@@ -245,3 +245,19 @@ def test_strict_rows_pad_the_batch_width_and_stay_exact():
     prop = proposer(model, "mtp")
     got, done, _ = batched(model, prop, strict_rows=9)
     assert_alone(model, prop, got, done)
+
+
+def test_prompt_concurrency_prefills_that_many_at_once():
+    """Two long prompts with --prompt-concurrency 2 both prefill from the first step, a chunk each per step
+    (a request mid-prefill must not read as one that waits for memory and hold back the next)."""
+    model = base("e2b")
+    sched = Scheduler(model, decode_concurrency=4, prompt_concurrency=2)
+    chunks = {0: [], 1: []}
+    for i in range(2):
+        prompt = [(7 * j + i) % 250 + 3 for j in range(65)]  # 64 positions to prefill: 4 chunks of 16
+        sched.submit(engine(model, prompt, policy=FixedK(0), max_tokens=3, prefill_step=16,
+                            on_prefill=lambda done, total, i=i: chunks[i].append(done)),
+                     lambda events, done: None)
+    for step in range(3):
+        sched.step()
+        assert len(chunks[0]) == len(chunks[1]) == step + 1, f"step {step}: both prompts ran a chunk {chunks}"

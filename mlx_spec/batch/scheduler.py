@@ -144,7 +144,7 @@ class Scheduler:
             t._begin = t.engine.begin()
         try:
             next(t._begin)
-            return  # one chunk done; more to come
+            return True  # one chunk done; more to come
         except StopIteration as done:
             started = done.value
         except Exception as e:  # noqa: BLE001 - one request's failure is its own
