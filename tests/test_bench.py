@@ -163,7 +163,7 @@ def test_tuning_cache_is_written_under_xdg(bench_run):
     (["--model", BASE, "--ngram", "--mlx-lm"], "--mlx-lm goes with --concurrency"),
     (["--model", BASE, "--ngram", "--concurrency", "1,2", "--http", "4"], "one of --concurrency's"),
     (["--model", BASE, "--ngram", "--concurrency", "2", "--oracle", "0.1"], "--oracle does not apply"),
-    (["--model", BASE, "--ngram", "--concurrency", "2", "--clock", "cpu"], "wall time"),
+    (["--model", BASE, "--ngram", "--concurrency", "2", "--http", "2", "--clock", "cpu"], "another process"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):
     assert bench.main(argv) == 2
@@ -357,10 +357,13 @@ def test_concurrency_reports_every_configuration_at_every_client_count(load_run)
     assert load_by(results, "mtp k=2", 2)["vs_one_at_a_time"] is not None, "batched vs one at a time, same pass"
     assert load_by(results, "mtp k=2", 1)["vs_one_at_a_time"] is None, "at one client the batch is one at a time"
     assert load_by(results, "plain", 2)["vs_plain_batch"] is None
+    assert load_by(results, "mtp k=2, over HTTP", 2)["vs_scheduler"] is not None, "the server next to the scheduler"
     for config in ("mtp k=2", "mtp k=2, over HTTP"):
         spec = load_by(results, config, 2)
         assert spec["rounds"] > 0 and spec["tau"] >= 1, f"{config}: drafts were verified and counted"
     assert load_by(results, "mlx-lm", 2)["tau"] is None, "the peer drafts nothing"
+    assert load_by(results, "mlx-lm", 2)["aggregate_tps_cpu"]["median"] > 0, "in-process runs have a CPU-time rate"
+    assert load_by(results, "plain, over HTTP", 2)["aggregate_tps_cpu"] is None, "... the server's process has not"
     assert "is_batchable" in table, "the table says that mlx-lm's server does not batch with a draft model"
 
 

@@ -51,10 +51,12 @@ class Answer:
 
 @dataclass
 class Load:
-    """One closed-loop run: every answer, and the time from the first request to the last answer."""
+    """One closed-loop run: every answer, the wall time from the first request to the last answer, and this
+    process's CPU time over the run (None where the work ran in another process: over HTTP)."""
 
     answers: List[Answer]
     seconds: float
+    cpu_seconds: Optional[float] = None
 
     @property
     def tokens(self) -> int:
@@ -64,6 +66,12 @@ class Load:
     def tps(self) -> float:
         """Aggregate tokens/s: every client's tokens over the run's wall time."""
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def cpu_tps(self) -> Optional[float]:
+        """Every client's tokens per second of this process's CPU time: steadier than wall time on a machine
+        shared with other jobs, blind to cores working in parallel and to GPU time."""
+        return self.tokens / self.cpu_seconds if self.cpu_seconds else None
 
 
 def plan(n_prompts: int, clients: int) -> List[List[int]]:
@@ -97,7 +105,7 @@ def through_scheduler(model, clients: List[List[int]], make_engine: Callable[[in
     todo = [deque(c) for c in clients]
     ready: Deque[int] = deque(range(len(clients)))
     answers: List[Answer] = []
-    start = clock()
+    start, cpu = clock(), time.process_time()
 
     def send(c: int) -> None:
         i = todo[c].popleft()
@@ -125,7 +133,7 @@ def through_scheduler(model, clients: List[List[int]], make_engine: Callable[[in
         while ready:
             send(ready.popleft())
         scheduler.step()
-    return Load(answers, clock() - start)
+    return Load(answers, clock() - start, time.process_time() - cpu)
 
 
 def through_mlx_lm(peer, clients: List[List[int]], ids: List[List[int]], max_tokens: int, eos_ids,
@@ -141,7 +149,7 @@ def through_mlx_lm(peer, clients: List[List[int]], ids: List[List[int]], max_tok
     todo = [deque(c) for c in clients]
     live = {}  # uid -> (client, answer)
     answers: List[Answer] = []
-    start = clock()
+    start, cpu = clock(), time.process_time()
 
     def send(c: int) -> None:
         i = todo[c].popleft()
@@ -166,4 +174,4 @@ def through_mlx_lm(peer, clients: List[List[int]], ids: List[List[int]], max_tok
                         send(c)
     finally:
         gen.close()
-    return Load(answers, clock() - start)
+    return Load(answers, clock() - start, time.process_time() - cpu)

@@ -24,8 +24,9 @@ def check_concurrency_args(args) -> None:
     for attr, flag in NOT_WITH_CONCURRENCY.items():
         if getattr(args, attr):
             raise MlxSpecError(f"{flag} does not apply with --concurrency")
-    if args.clock != "wall":
-        raise MlxSpecError("--concurrency measures wall time (requests overlap): leave out --clock cpu")
+    if args.clock != "wall" and args.http is not None:
+        raise MlxSpecError("--clock cpu counts this process's CPU time, and the --http server is another process: "
+                           "use one or the other")
     if args.http is not None and args.http not in args.concurrency:
         raise MlxSpecError(f"--http {args.http}: the client count must be one of --concurrency's "
                            f"({','.join(map(str, args.concurrency))})")
