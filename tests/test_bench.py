@@ -353,6 +353,8 @@ def test_concurrency_reports_every_configuration_at_every_client_count(load_run)
         assert r["matches_plain"] == 1.0, f"{name}: every greedy answer equals its prompt's plain output alone"
         assert r["config"] in table, f"{name} is in the table"
     assert load_by(results, "mtp k=2, one at a time", 2)["decode_concurrency"] == 1
+    assert load_by(results, "mtp k=2, one at a time", 2)["mean_rows"]["max"] <= 1, "one at a time: one row at most"
+    assert 0 < load_by(results, "mtp k=2", 2)["mean_rows"]["median"] <= 2, "two clients: two rows at most"
     assert load_by(results, "mtp k=2", 2)["decode_concurrency"] == 2
     assert load_by(results, "mtp k=2", 2)["vs_one_at_a_time"] is not None, "batched vs one at a time, same pass"
     assert load_by(results, "mtp k=2", 1)["vs_one_at_a_time"] is None, "at one client the batch is one at a time"

@@ -57,6 +57,7 @@ class Load:
     answers: List[Answer]
     seconds: float
     cpu_seconds: Optional[float] = None
+    mean_rows: Optional[float] = None  # rows decoding between the scheduler's steps, on average (ours only)
 
     @property
     def tokens(self) -> int:
@@ -129,11 +130,13 @@ def through_scheduler(model, clients: List[List[int]], make_engine: Callable[[in
 
         scheduler.submit(engine, deliver)
 
+    rows = []
     while ready or not scheduler.idle:
         while ready:
             send(ready.popleft())
         scheduler.step()
-    return Load(answers, clock() - start, time.process_time() - cpu)
+        rows.append(scheduler.running)
+    return Load(answers, clock() - start, time.process_time() - cpu, sum(rows) / max(1, len(rows)))
 
 
 def through_mlx_lm(peer, clients: List[List[int]], ids: List[List[int]], max_tokens: int, eos_ids,

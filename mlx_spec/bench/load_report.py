@@ -76,6 +76,7 @@ def summarize_load(cfg: LoadConfig, concurrency: int, loads: List[Load], against
         "ttft_s": _latency(loads, lambda a: a.ttft if a.times else None),
         "itl_s": _latency(loads, lambda a: a.itl if a.times else None),
         **{name: _ratios(loads, other, clock) for name, other in against.items()},
+        "mean_rows": _spread([x.mean_rows for x in loads]),
         "tau": total.tau if stats else None, "acceptance_rate": total.acceptance_rate if stats else None,
         "acceptance_by_position": total.acceptance_by_position if stats else None,
         "rounds": total.rounds, "drafted": total.drafted, "accepted": total.accepted,
@@ -113,6 +114,10 @@ def _ms(s: Optional[dict]) -> str:
     return "-" if s is None else f"{s['median'] * 1000:.0f}"
 
 
+def _rows(s: Optional[dict]) -> str:
+    return "-" if s is None else f"{s['median']:.1f}"
+
+
 def _tps(s: Optional[dict]) -> str:
     return "-" if s is None else f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
 
@@ -130,10 +135,10 @@ def format_load_table(results: List[dict]) -> str:
         ("tok/s: every client's tokens per second of this process's CPU time (--clock cpu)" if rate != "aggregate_tps"
          else "tok/s: every client's tokens over the run's wall time") + ", median (min-max) over passes; vs: the "
         "same ratio taken within each pass, median; TTFT, ITL (ms, wall): median and p90 over the requests, median "
-        "over passes",
+        "over passes; rows: requests decoding between the scheduler's steps, mean",
         "",
         f"{'C':>2}  {'config':<32}{'tok/s (range)':>17}{'vs plain':>9}{'vs 1-at-':>9}{'TTFT':>7}{'p90':>6}"
-        f"{'ITL':>6}{'p90':>6}{'tau':>6}{'accept':>7}{'exact':>6}",
+        f"{'ITL':>6}{'p90':>6}{'rows':>6}{'tau':>6}{'accept':>7}{'exact':>6}",
         f"{'':>2}  {'':<32}{'':>17}{'batch':>9}{'a-time':>9}",
     ]
     for r in results:
@@ -143,7 +148,8 @@ def format_load_table(results: List[dict]) -> str:
         lines.append(f"{r['concurrency']:>2}  {r['config']:<32}{_tps(r[rate]):>17}"
                      f"{_x(r['vs_plain_batch']):>9}{_x(r['vs_one_at_a_time']):>9}"
                      f"{_ms(r['ttft_s']['median']):>7}{_ms(r['ttft_s']['p90']):>6}"
-                     f"{_ms(r['itl_s']['median']):>6}{_ms(r['itl_s']['p90']):>6}{tau:>6}{acc:>7}{exact:>6}")
+                     f"{_ms(r['itl_s']['median']):>6}{_ms(r['itl_s']['p90']):>6}{_rows(r['mean_rows']):>6}{tau:>6}"
+                     f"{acc:>7}{exact:>6}")
     autos = [r for r in results if r["k_counts"]]
     if autos:
         lines.append("")
