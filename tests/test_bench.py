@@ -160,6 +160,10 @@ def test_tuning_cache_is_written_under_xdg(bench_run):
     (["--model", BASE, "--ngram", "--prompts", "poetry"], "--prompts"),
     (["--model", BASE, "--ngram", "--repeats", "0"], "--repeats"),
     (["--model", BASE, "--draft-model", ASSISTANT], "pass it with --drafter"),
+    (["--model", BASE, "--ngram", "--mlx-lm"], "--mlx-lm goes with --concurrency"),
+    (["--model", BASE, "--ngram", "--concurrency", "1,2", "--http", "4"], "one of --concurrency's"),
+    (["--model", BASE, "--ngram", "--concurrency", "2", "--oracle", "0.1"], "--oracle does not apply"),
+    (["--model", BASE, "--ngram", "--concurrency", "2", "--http", "2", "--clock", "cpu"], "another process"),
 ])
 def test_user_errors_are_one_line(argv, message, capsys):
     assert bench.main(argv) == 2
@@ -295,3 +299,109 @@ def test_every_configuration_is_timed_between_two_plain_runs_of_its_prompt(monke
         assert base.generation_tokens == 20
         assert base.generation_time == pytest.approx(prompt0[before][2] + prompt0[after][2])
         assert results[cfg.label][0][0].stats.generation_time == pytest.approx(prompt0[pos][2])
+
+
+# --- --concurrency: batching under C closed-loop clients ----------------------------------------------
+
+LOAD_FIELDS = {"config", "backend", "proposer", "k", "concurrency", "decode_concurrency", "aggregate_tps",
+               "aggregate_tps_samples", "ttft_s", "itl_s", "vs_plain_batch", "vs_one_at_a_time", "tau",
+               "acceptance_rate", "acceptance_by_position", "matches_plain", "requests", "tokens", "environment"}
+
+
+@pytest.fixture(scope="module")
+def load_run(tmp_path_factory):
+    """One tiny --concurrency run at 1 and 2 clients: MTP k=2, the mlx-lm peer, and the check through a real
+    server process at 2 clients."""
+    tmp = tmp_path_factory.mktemp("load")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp / "xdg"))
+    mp.setattr(probe, "DEFAULT_PROBE_REPS", 1)
+    out = tmp / "load.json"
+    argv = ["--model", BASE, "--drafter", ASSISTANT, "--num-draft-tokens", "2", "--concurrency", "1,2",
+            "--prompts", "code", "--max-tokens", "8", "--repeats", "1", "--ignore-chat-template", "--mlx-lm",
+            "--http", "2", "--quiet", "--json", str(out)]
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = bench.main(argv)
+    mp.undo()
+    return rc, json.loads(out.read_text()), buf.getvalue()
+
+
+def load_by(results, config, c):
+    return next(r for r in results if r["config"] == config and r["concurrency"] == c)
+
+
+def test_concurrency_reports_every_configuration_at_every_client_count(load_run):
+    rc, results, table = load_run
+    assert rc == 0
+    got = {(r["config"], r["concurrency"]) for r in results}
+    want = {("plain", 1), ("mtp k=2", 1), ("mlx-lm", 1), ("plain", 2), ("mtp k=2", 2),
+            ("mtp k=2, one at a time", 2), ("mlx-lm", 2), ("plain, over HTTP", 2), ("mtp k=2, over HTTP", 2)}
+    assert got == want, "plain and speculative batching, one at a time only where C > 1, the peer, HTTP at --http"
+    n_prompts = len(prompts.builtin("code"))
+    for r in results:
+        name = f"{r['config']} at {r['concurrency']}"
+        assert not LOAD_FIELDS - set(r), f"{name} lacks {LOAD_FIELDS - set(r)}"
+        assert r["requests"] == r["concurrency"] * n_prompts, f"{name}: every client sends every prompt once"
+        assert r["tokens"] > 0 and r["aggregate_tps"]["median"] > 0, name
+        for lat in ("ttft_s", "itl_s"):
+            assert 0 < r[lat]["median"]["median"] and r[lat]["median"]["median"] <= r[lat]["p90"]["median"], \
+                f"{name}: {lat} median <= p90"
+        assert r["matches_plain"] == 1.0, f"{name}: every greedy answer equals its prompt's plain output alone"
+        assert r["config"] in table, f"{name} is in the table"
+    assert load_by(results, "mtp k=2, one at a time", 2)["decode_concurrency"] == 1
+    assert load_by(results, "mtp k=2, one at a time", 2)["mean_rows"]["max"] <= 1, "one at a time: one row at most"
+    assert 0 < load_by(results, "mtp k=2", 2)["mean_rows"]["median"] <= 2, "two clients: two rows at most"
+    assert load_by(results, "mtp k=2", 2)["decode_concurrency"] == 2
+    assert load_by(results, "mtp k=2", 2)["vs_one_at_a_time"] is not None, "batched vs one at a time, same pass"
+    assert load_by(results, "mtp k=2", 1)["vs_one_at_a_time"] is None, "at one client the batch is one at a time"
+    assert load_by(results, "plain", 2)["vs_plain_batch"] is None
+    assert load_by(results, "mtp k=2, over HTTP", 2)["vs_scheduler"] is not None, "the server next to the scheduler"
+    for config in ("mtp k=2", "mtp k=2, over HTTP"):
+        spec = load_by(results, config, 2)
+        assert spec["rounds"] > 0 and spec["tau"] >= 1, f"{config}: drafts were verified and counted"
+    assert load_by(results, "mlx-lm", 2)["tau"] is None, "the peer drafts nothing"
+    assert load_by(results, "mlx-lm", 2)["aggregate_tps_cpu"]["median"] > 0, "in-process runs have a CPU-time rate"
+    assert load_by(results, "plain, over HTTP", 2)["aggregate_tps_cpu"] is None, "... the server's process has not"
+    assert "is_batchable" in table, "the table says that mlx-lm's server does not batch with a draft model"
+
+
+def test_closed_loop_keeps_c_requests_in_flight(monkeypatch):
+    """C clients keep C rows decoding together (plain batching, speculative batching); decode concurrency 1
+    keeps one."""
+    from mlx_spec import load, load_drafter
+    from mlx_spec.batch.scheduler import Scheduler
+    from mlx_spec.bench import clients, concurrency
+    from mlx_spec.proposers import make_proposer
+    from mlx_spec.sampling import SamplingParams
+
+    widths = []
+    step = Scheduler.step
+
+    def counting(self):
+        step(self)
+        widths.append(self.running)
+
+    monkeypatch.setattr(Scheduler, "step", counting)
+    model, tokenizer = load(BASE)
+    mtp = make_proposer(model, drafter=load_drafter(ASSISTANT, model))
+    ids = [tokenizer.encode(p) for p in ("def f(x):\n", "import os\n", "class A:\n")]
+    lb = concurrency.LoadBench(model, ids, {"mtp": mtp}, [2], SamplingParams(), tokenizer.eos_token_ids, 0, 32,
+                               tuning.AutoTuner())
+    for cfg, want in ((concurrency.LoadConfig(), 3), (concurrency.LoadConfig("mtp", 2), 3),
+                      (concurrency.LoadConfig("mtp", 2, serial=True), 1)):
+        widths.clear()
+        load_ = lb.run(cfg, 3)
+        assert max(widths) == want, f"{cfg.label}: {want} rows decode together"
+        assert sorted(a.prompt for a in load_.answers) == sorted(i for c in clients.plan(3, 3) for i in c)
+
+
+def test_percentile_and_plan():
+    from mlx_spec.bench.clients import percentile, plan
+
+    assert plan(3, 2) == [[0, 1, 2], [1, 2, 0]], "each client sends every prompt, starting at its own"
+    assert percentile([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 90) == pytest.approx(9.1)
+    assert percentile([4.0], 90) == 4.0 and percentile([], 50) is None

@@ -79,6 +79,15 @@ def test_gpu_measure_shapes_runs_on_the_tiny_shape(tmp_path):
     assert r["shape"] == "tiny" and len(r["verify_cost"]) == 9 and r["draft_step_cost"] > 0
 
 
+def test_batch_round_profile_runs_and_splits_every_phase():
+    """The batched-round profile (docs/BATCHING.md) still finds every phase it times in Batch.round."""
+    r = run(sys.executable, "examples/measure/batch_round.py", "--widths", "2", "--rounds", "2", "--clock", "cpu")
+    rows = [line.split() for line in r.stdout.splitlines() if line.split()[:1] == ["2"]]
+    assert [row[1] for row in rows] == ["0", "3"], "a plain and a drafted batch of 2 rows"
+    assert all(len(row) == 14 for row in rows), "round, tokens, ms/token, 7 phases, the rest"
+    assert float(rows[1][3]) > float(rows[0][3]), "a drafted round emits more tokens than a plain one"
+
+
 def test_mlx_vlm_wrapper_gives_the_same_model(tmp_path):
     """The comparison's multimodal wrapper of the tiny base loads (Google's gemma4 layout) and decodes
     exactly what the text-only checkpoint decodes, so both implementations compare on the same model."""

@@ -4,6 +4,7 @@
                    [--oracle RATE[,RATE...]] [--num-draft-tokens 1,2,3,auto] [--max-tokens N]
                    [--repeats R] [--prompts all|chat|code|summarize|structured|FILE] [--temp T]
                    [--json PATH] [--plot PATH]
+    mlx_spec.bench --model M (a proposer, as above) --concurrency 1,2,4,8 [--mlx-lm] [--http C] ...
 
 Method: the costs of this machine are probed first (tuning.probe: plain step, (k+1)-token
 verify passes, drafting), then every configuration decodes every prompt once to warm up, then `--repeats`
@@ -28,6 +29,16 @@ oracle proposer (drafting about free) it is speedup / (tau / verify_cost[k]). It
     runner.py   configurations, one decode, the interleaved passes
     report.py   aggregation (paired medians, efficiency), the table, the plot
     command.py  the command line
+
+With --concurrency, batching instead (concurrency.py's docstring has the method): C closed-loop clients
+through the server's batch scheduler, plain batching vs speculative batching vs one request at a time,
+mlx-lm's BatchGenerator beside them (--mlx-lm) and a real server process as a check (--http C).
+
+    clients.py       closed-loop clients: through the scheduler, through mlx-lm; Answer, Load
+    http_clients.py  the same through a `mlx_spec.server` process (http.client, streamed)
+    concurrency.py   configurations at each C, references, warm-up, interleaved passes
+    load_report.py   tok/s, TTFT, ITL, tau, exactness, ratios within a pass; the table
+    load_command.py  the --concurrency flags, the peer and server set-up, the JSON
 
 Knows the engine's public surface (Engine, its stats, the Proposer and DraftPolicy contracts) and the
 tuning package; it decodes nothing itself.

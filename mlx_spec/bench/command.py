@@ -23,6 +23,7 @@ from ..proposers.oracle import OracleProposer
 from ..tuning import AutoTuner, CostsStore
 from ..version import __version__
 from ..long_context import add_kv_args, kv_settings
+from .load_command import check_concurrency_args, measure_concurrency
 from .memory import format_memory, peak_by_context
 from .report import format_table, plot, summarize
 from .runner import Bench, Config, baseline_label
@@ -63,6 +64,16 @@ def rate_list(value: str) -> List[float]:
     return rates
 
 
+def concurrency_list(value: str) -> List[int]:
+    try:
+        out = [int(x) for x in value.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected client counts, e.g. 1,2,4,8; got {value!r}") from None
+    if not out or any(n < 1 for n in out):
+        raise argparse.ArgumentTypeError(f"client counts must be >= 1, got {value!r}")
+    return sorted(set(out))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="mlx_spec.bench", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PATH", help="draw speedup and acceptance by position (needs matplotlib)")
     p.add_argument("--memory-contexts", type=context_list, default=None, metavar="N,N,..",
                    help="also measure peak memory after prefilling contexts of these lengths (e.g. 1024,8192,32768)")
+    p.add_argument("--concurrency", type=concurrency_list, metavar="C,C,..",
+                   help="measure batching instead: C clients at once, each sending its next prompt when its answer "
+                        "is complete, plain batching vs speculative batching vs one at a time (docs/BATCHING.md)")
+    p.add_argument("--mlx-lm", action="store_true",
+                   help="with --concurrency: also run mlx-lm's BatchGenerator on the same files (loads the base again)")
+    p.add_argument("--http", type=int, metavar="C",
+                   help="with --concurrency: also run the first proposer and plain through a real mlx_spec.server "
+                        "process with C clients (C one of --concurrency's)")
     add_kv_args(p)
     p.add_argument("--strict", action="store_true",
                    help="strict mode for every run (plain ones too): pads where this device needs it")
@@ -176,6 +195,7 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--repeats must be >= 1, got {args.repeats}")
     if args.oracle and args.temp > 0:
         raise MlxSpecError("--oracle proposes the greedy continuation; use it with --temp 0")
+    check_concurrency_args(args)
     kv = kv_settings(args)
     model, tokenizer = load(args.model)
     prompt_list = prompt_sets.resolve(args.prompts)
@@ -183,6 +203,9 @@ def main_args(args) -> int:
            for p in prompt_list]
     references: Dict[int, List[int]] = {}
     configs = build_configs(args, model, references, vocab_size(model) or 256)
+    if args.concurrency:
+        return measure_concurrency(args, model, tokenizer, ids, configs, sampling, kv,
+                                   environment(args, model, len(ids)))
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bench = Bench(model, ids, sampling, tokenizer.eos_token_ids, args.seed if args.seed is not None else 0,
                   args.max_tokens, progress=not args.quiet, tuner=AutoTuner(CostsStore(clock=clock)),
