@@ -13,9 +13,12 @@ from .cache import DEFAULT_KV_GROUP_SIZE, KVQuant
 from .engine import DEFAULT_NUM_DRAFT_TOKENS, Engine
 from .errors import MlxSpecError, PairingError
 from .checkpoint import read_config
+from .distributed.loading import share_drafter
+from .distributed.requests import agree_request, checked
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
 from .families import checkpoint_type, drafter_types, for_type
 from .memory import resident
+from .models.base import as_base
 from .paths import cache_root
 from .proposers import make_proposer
 from .proposers.base import Proposer
@@ -123,6 +126,7 @@ def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype
             f"({', '.join(drafter_types())}); for an ordinary small model use --draft-model"
         )
     drafter, _, _ = load_model(model_dir, dtype=dtype)
+    share_drafter(drafter, base)  # a base sharded over ranks: the drafter reads what this rank holds
     family.check_pairing(drafter, base)
     return drafter
 
@@ -174,6 +178,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     """
     ids = encode_prompt(tokenizer, prompt)
     sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
+    ranks = as_base(model).ranks
+    if ranks is not None:  # sharded: every rank decodes rank 0's request
+        ids, seed, sampling, num_draft_tokens = agree_request(ranks, ids, seed, sampling, num_draft_tokens)
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
     kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start)
     policy = draft_policy(num_draft_tokens, model, proposer, tuner, kv) if proposer is not None else None
@@ -188,8 +195,9 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     eng.stats.strict_rows = rows or 0
     detok = tokenizer.detokenizer
     detok.reset()
+    events = checked(ranks, eng.run(), ids) if ranks is not None and ranks.check else eng.run()
     with resident(model, proposer.weights if proposer is not None else None):
-        for ev in eng.run():
+        for ev in events:
             if ev.finish_reason == "stop":  # EOS is not text
                 detok.finalize()
             else:
