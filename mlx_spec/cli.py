@@ -61,6 +61,13 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                         "with the row count: every decode pass padded to one row count; free where the device is "
                         "row-invariant (mlx_spec.doctor tells)")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    g = p.add_argument_group("under mlx.launch (several ranks)")
+    g.add_argument("--pipeline", action="store_true",
+                   help="split the layers over the ranks (pipeline parallel) instead of the heads and MLPs (tensor "
+                        "parallel, the default): one hop per stage instead of an all-reduce per layer")
+    g.add_argument("--check-ranks", action="store_true",
+                   help="after every token, check that every rank holds the same tokens (debugging; one collective "
+                        "per token)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -122,16 +129,19 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
     """(model, tokenizer, proposer or None) from the model/draft flags. `with_proposer` (default: not
     --no-draft) loads the proposer even with --no-draft, for surfaces that can turn drafting on later."""
     from .api import load, load_drafter
+    from .distributed import launched
+    from .distributed.commands import agreed, load_for_command
 
-    model, tokenizer = load(args.model)
+    model, tokenizer = load_for_command(args) if launched() else load(args.model)  # launched: sharded over ranks
     if not (with_proposer if with_proposer is not None else not args.no_draft):
         return model, tokenizer, None
     if args.drafter:
-        drafter = load_drafter(args.drafter, model, base_path=args.model)
+        drafter = agreed(model, lambda: load_drafter(args.drafter, model, base_path=args.model), "loading the drafter")
         print(f"[mlx_spec] drafter: {drafter.describe()}", file=sys.stderr, flush=True)
         return model, tokenizer, make_proposer(model, drafter=drafter)
     if args.draft_model:
-        return model, tokenizer, make_proposer(model, draft_model=load(args.draft_model)[0])
+        draft_model = agreed(model, lambda: load(args.draft_model)[0], "loading the draft model")
+        return model, tokenizer, make_proposer(model, draft_model=draft_model)
     if args.ngram is not None:
         if args.ngram < 1:
             raise MlxSpecError(f"--ngram N must be >= 1, got {args.ngram}")
@@ -141,7 +151,9 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
 
 def make_tuner(args) -> Optional[AutoTuner]:
     """An AutoTuner for --num-draft-tokens auto (it says on stderr when a first use stops to measure)."""
-    if args.num_draft_tokens != "auto":
+    from .distributed import launched
+
+    if args.num_draft_tokens != "auto" or launched():  # across ranks auto becomes a fixed k (distributed/requests.py)
         return None
     return AutoTuner(log=lambda line: print(line, file=sys.stderr, flush=True))
 
