@@ -200,7 +200,8 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
     except MlxSpecError as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_by_root", False):  # an error all ranks agreed on is printed once, by rank 0
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -6,7 +6,8 @@ once and shared here. Knows nothing of models or decoding.
 """
 
 import os
-import threading
+import subprocess
+import sys
 import zlib
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, TypeVar
@@ -38,30 +39,33 @@ def connect_timeout() -> float:
     return value if value > 0 else CONNECT_TIMEOUT_S
 
 
+# a watchdog process: unless its stdin closes within the timeout (the parent connected), it writes the error
+# and ends the parent, whose thread is then blocked inside mx.distributed.init holding the GIL
+_WATCHDOG = """import os, select, signal, sys
+if not select.select([sys.stdin], [], [], float(sys.argv[2]))[0]:
+    os.write(2, sys.argv[3].encode())
+    os.kill(int(sys.argv[1]), signal.SIGTERM)
+"""
+
+
 def connect(timeout_s: Optional[float] = None) -> mx.distributed.Group:
     """The launched group (strict: a rank that cannot join is an error, never a silent single process).
-    mx.distributed.init blocks without limit while a ring rank waits for its peers, so it runs on a helper
-    thread and gives up after `timeout_s` (MLX_SPEC_CONNECT_TIMEOUT, default 120 s)."""
+    A ring rank that listens waits without limit for peers that never come, inside mx.distributed.init and
+    holding the GIL, so a watchdog process ends this one after `timeout_s` (MLX_SPEC_CONNECT_TIMEOUT,
+    default 120 s) with one error line."""
     timeout_s = timeout_s or connect_timeout()
-    box = {}
-
-    def init():
-        try:
-            box["group"] = mx.distributed.init(strict=True)
-        except RuntimeError as e:
-            box["error"] = e
-
-    thread = threading.Thread(target=init, name="mlx_spec-connect", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if thread.is_alive():
-        raise DistributedError(f"the ranks did not connect within {timeout_s:g} s ({CONNECT_TIMEOUT_ENV}): check that "
-                               "every host in the hostfile was started, is reachable at its address and has the "
-                               "port free")
-    if "error" in box:
-        raise DistributedError(f"the distributed backend failed to connect: {box['error']}; check the hostfile's "
-                               "addresses and that every host runs the same command") from None
-    return box["group"]
+    message = (f"error: the ranks did not connect within {timeout_s:g} s ({CONNECT_TIMEOUT_ENV}): check that every "
+               "host in the hostfile was started, is reachable at its address and has its port free\n")
+    watchdog = subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(os.getpid()), str(timeout_s), message],
+                                stdin=subprocess.PIPE)
+    try:
+        return mx.distributed.init(strict=True)
+    except RuntimeError as e:
+        raise DistributedError(f"the distributed backend failed to connect: {e}; check the hostfile's addresses and "
+                               "that every host runs the same command") from None
+    finally:
+        watchdog.stdin.close()
+        watchdog.wait()
 
 
 @dataclass(frozen=True)
@@ -120,7 +124,9 @@ class Ranks:
         if failed:
             r, m = failed[0]
             more = f" (and on {len(failed) - 1} other rank{'s' if len(failed) > 2 else ''})" if len(failed) > 1 else ""
-            raise DistributedError(f"{what} failed on rank {r}{more}: {m}")
+            error = DistributedError(f"{what} failed on rank {r}{more}: {m}")
+            error.reported_by_root = not self.is_root  # the commands print it once, on rank 0
+            raise error
         return result
 
     def check_same(self, tokens: Sequence[int], where: str) -> None:
