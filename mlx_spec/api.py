@@ -212,6 +212,9 @@ def strict_rows(model, policy: Optional[DraftPolicy]) -> Optional[int]:
     """The row count strict mode pads to on this device, or None where rows already compute alike."""
     from .parity.verdict import row_invariant
 
+    if as_base(model).ranks is not None:
+        raise MlxSpecError("strict mode is not available on a model split over ranks (its op check runs the layers "
+                           "one by one); MLX's CPU backend computes rows alike anyway (mlx_spec.doctor)")
     if isinstance(policy, FixedK) and policy.k >= STRICT_ROWS:
         raise MlxSpecError(f"strict mode verifies at most {STRICT_ROWS - 1} drafts per round; lower "
                            "--num-draft-tokens (or use auto)")

@@ -61,6 +61,11 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                         "with the row count: every decode pass padded to one row count; free where the device is "
                         "row-invariant (mlx_spec.doctor tells)")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    add_rank_args(p)
+
+
+def add_rank_args(p: argparse.ArgumentParser) -> None:
+    """How a command run under mlx.launch splits the model over the ranks (docs/DISTRIBUTED.md)."""
     g = p.add_argument_group("under mlx.launch (several ranks)")
     g.add_argument("--pipeline", action="store_true",
                    help="split the layers over the ranks (pipeline parallel) instead of the heads and MLPs (tensor "

@@ -242,6 +242,16 @@ def test_generate_under_mlx_launch_writes_once(tmp_path, capsys):
         assert err.count(line) == 1, f"{line!r} must be on stderr once (rank 0's):\n{err}"
 
 
+@pytest.mark.slow
+def test_bench_under_mlx_launch():
+    out, err = launch([sys.executable, "-m", "mlx_spec.bench", "--model", str(TINY_CODE / "base"), "--drafter",
+                       str(TINY_CODE / "assistant"), "--num-draft-tokens", "3", "--max-tokens", "16", "--repeats", "1",
+                       "--prompts", "code", "--ignore-chat-template", "--quiet"], timeout=600)
+    assert out.count("mtp k=3") == 2 and "not checked (the model is split over ranks)" in out, \
+        f"rank 0 alone writes the table, once:\n{out}\n{err[-2000:]}"
+    assert err.count("[mlx_spec] distributed:") == 1
+
+
 def test_a_split_that_does_not_divide_is_one_error():
     out, err = launch([sys.executable, "-m", "mlx_spec.generate", "--model", str(TINY_CODE / "base"), "--prompt",
                        "x", "--max-tokens", "2"], n=3, timeout=120)
