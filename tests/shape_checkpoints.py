@@ -5,7 +5,7 @@ sharing, per-layer inputs, whether a layer is sliding or full) is the shape's; t
     base_dir, drafter_dir = write_shape(tmp_path, "26b", q_bits=4)
 
 Widths are chosen so 2 ranks can split them, quantized too (group 32): intermediate 256, per-layer-input
-width 64. The 12B is written in Google's `gemma4_unified` layout (text under `language_model.`).
+width 64; except the MoE's dense MLP, an odd number of quantization groups wide as the 26B-A4B's. The 12B is written in Google's `gemma4_unified` layout (text under `language_model.`).
 """
 
 import json
@@ -32,6 +32,8 @@ def base_config(shape: str) -> dict:
         config["num_kv_shared_layers"] = len(LAYERS) // 2  # E2B shares 20 of 35, E4B 18 of 42
     if config.get("hidden_size_per_layer_input"):
         config["hidden_size_per_layer_input"] = 64
+    if config.get("enable_moe_block"):  # 26B: 2112 = 33 groups of 64, which 2 ranks cannot share; 96 = 3 of 32
+        config["intermediate_size"] = 96
     return config
 
 

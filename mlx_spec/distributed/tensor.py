@@ -43,15 +43,30 @@ def _in_features(linear: nn.Module) -> int:
     return linear["weight"].shape[1] * (32 // bits if bits else 1)
 
 
-def _check_split(linear: nn.Module, group, what: str, axis: str) -> None:
-    """A linear whose outputs (axis 'out') or inputs ('in') N ranks share: whole rows, whole quantization groups."""
+def _split_problem(linear: nn.Module, group, axis: str):
+    """Why N ranks cannot share a linear's outputs (axis 'out') or inputs ('in') in whole rows and whole
+    quantization groups, or None when they can."""
     N = group.size()
     n = linear["weight"].shape[0] if axis == "out" else _in_features(linear)
     group_size = getattr(linear, "group_size", None) if axis == "in" else None
     if n % N or (group_size and (n // N) % group_size):
-        groups = f" in whole {group_size}-wide quantization groups" if group_size else ""
-        raise DistributedError(f"{N} ranks cannot split {what} ({n} features){groups}; use a number of ranks that "
+        return f"{n} features" + (f" in whole {group_size}-wide quantization groups" if group_size else "")
+    return None
+
+
+def _check_split(linear: nn.Module, group, what: str, axis: str) -> None:
+    problem = _split_problem(linear, group, axis)
+    if problem:
+        raise DistributedError(f"{group.size()} ranks cannot split {what} ({problem}); use a number of ranks that "
                                "does, or --pipeline")
+
+
+def mlp_splits(layer: nn.Module, group) -> bool:
+    """Whether N ranks can share the layer's dense MLP. The 26B-A4B's (2112 wide, 2% of its layer next to the
+    experts) does not split into whole 64-wide groups over 2 ranks; a MoE layer then keeps it whole on every
+    rank (no all-sum for it either)."""
+    mlp = layer.mlp
+    return not (_split_problem(mlp.gate_proj, group, "out") or _split_problem(mlp.down_proj, group, "in"))
 
 
 def check_layer(layer: nn.Module, group) -> None:
@@ -61,8 +76,9 @@ def check_layer(layer: nn.Module, group) -> None:
                                f"use a number of ranks that divides {attn.n_heads}, or --pipeline")
     kv_heads(attn.n_kv_heads, group)
     _check_split(attn.o_proj, group, f"layer {layer.layer_idx}'s attention output", "in")
-    _check_split(layer.mlp.gate_proj, group, f"layer {layer.layer_idx}'s MLP", "out")
-    _check_split(layer.mlp.down_proj, group, f"layer {layer.layer_idx}'s MLP", "in")
+    if not layer.enable_moe:  # a MoE layer's small dense MLP stays whole where it does not split (mlp_splits)
+        _check_split(layer.mlp.gate_proj, group, f"layer {layer.layer_idx}'s MLP", "out")
+        _check_split(layer.mlp.down_proj, group, f"layer {layer.layer_idx}'s MLP", "in")
     if layer.enable_moe:
         check_experts(layer.experts.switch_glu.gate_proj.num_experts, group)
 
@@ -81,9 +97,10 @@ def shard_attention(attn: nn.Module, group) -> None:
 def shard_layer(layer: nn.Module, group) -> None:
     shard_attention(layer.self_attn, group)
     mlp = layer.mlp
-    mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
-    mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
-    mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
+    if mlp_splits(layer, group):
+        mlp.gate_proj = shard_linear(mlp.gate_proj, "all-to-sharded", group=group)
+        mlp.up_proj = shard_linear(mlp.up_proj, "all-to-sharded", group=group)
+        mlp.down_proj = shard_linear(mlp.down_proj, "sharded-to-all", group=group)
     if layer.enable_moe:
         shard_experts(layer.experts, layer.experts.switch_glu.gate_proj.num_experts, group)
 
@@ -116,12 +133,12 @@ def describe(model: nn.Module, group) -> str:
         start, stop = kv_heads(attn.n_kv_heads, group)
         kv[layer.layer_type.split("_")[0]] = f"{stop - start} of {attn.n_kv_heads}" + (
             " (replicated)" if stop - start == attn.n_kv_heads else "")
-    moe = ""
-    if args.enable_moe_block:
-        moe = f", {args.num_experts // N} of {args.num_experts} experts"
+    mlp = f"1/{N} of each MLP" if all(mlp_splits(layer, group) for layer in layers) else \
+        "the dense MLP whole (it does not split into whole quantization groups)"
+    moe = f", {args.num_experts // N} of {args.num_experts} experts" if args.enable_moe_block else ""
     ple = " and per-layer inputs" if args.hidden_size_per_layer_input else ""
     return (f"each rank holds {args.num_attention_heads // N} of {args.num_attention_heads} query heads, K/V heads "
-            f"{', '.join(f'{t} {d}' for t, d in kv.items())}, 1/{N} of each MLP{moe}, 1/{N} of the vocabulary "
+            f"{', '.join(f'{t} {d}' for t, d in kv.items())}, {mlp}{moe}, 1/{N} of the vocabulary "
             f"(embeddings{ple}, head)")
 
 
