@@ -252,6 +252,32 @@ def test_bench_under_mlx_launch():
     assert err.count("[mlx_spec] distributed:") == 1
 
 
+@pytest.mark.slow
+def test_chat_under_mlx_launch():
+    """mlx.launch gives every rank the lines typed into it: every rank runs the same turns, rank 0 answers."""
+    import tempfile
+
+    cmd = [LAUNCH, "--backend", "ring", "-n", "2", "--starting-port", str(_free_ports(2)), "--", sys.executable, "-m",
+           "mlx_spec.chat", "--model", str(TINY_CODE / "base"), "--drafter", str(TINY_CODE / "assistant"),
+           "--max-tokens", "12", "--num-draft-tokens", "3"]
+    with tempfile.TemporaryFile("w+") as out:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        proc.stdin.write("def main(\nimport os\n/quit\n")
+        proc.stdin.flush()
+        try:
+            proc.wait(timeout=300)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("chat under mlx.launch did not end at /quit")
+        out.seek(0)
+        text = out.read()
+    import re
+
+    assert len(re.findall(r"^\[\d+ tokens", text, flags=re.M)) == 2 and text.count("[mlx_spec] distributed:") == 1, \
+        f"two turns, answered once (by rank 0):\n{text}"
+
+
 def test_a_split_that_does_not_divide_is_one_error():
     out, err = launch([sys.executable, "-m", "mlx_spec.generate", "--model", str(TINY_CODE / "base"), "--prompt",
                        "x", "--max-tokens", "2"], n=3, timeout=120)
@@ -271,3 +297,50 @@ def test_ranks_that_never_connect_are_an_error_not_a_hang(tmp_path):
     # the blocked rank is ended by its watchdog (SIGTERM): no exit code of its own, one error line
     assert proc.returncode != 0 and proc.stderr.count("error:") == 1 \
         and "error: the ranks did not connect within 2 s" in proc.stderr, proc.stderr
+
+
+def test_server_under_mlx_launch_answers_the_openai_client(tmp_path):
+    """Rank 0 alone listens; rank 1 follows every turn it runs (to the token where a stop string ends it), so
+    the texts are one process's, request after request, streamed or not."""
+    import time
+    import urllib.request
+
+    openai = pytest.importorskip("openai")
+    from mlx_spec import generate, load
+
+    port, first = _free_ports(1), _free_ports(2)
+    cmd = [LAUNCH, "--backend", "ring", "-n", "2", "--starting-port", str(first), "--", sys.executable, "-m",
+           "mlx_spec.server", "--model", str(TINY_CODE / "base"), "--drafter", str(TINY_CODE / "assistant"),
+           "--port", str(port), "--num-draft-tokens", "3", "--check-ranks"]
+    err = tmp_path / "stderr"
+    with open(err, "w") as err_file:
+        server = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err_file, text=True,
+                                  start_new_session=True)
+    try:
+        for _ in range(1200):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, f"the server exited:\n{err.read_text()}"
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", timeout=300)
+        model, tokenizer = load(str(TINY_CODE / "base"))
+        prompts = ["def main(", "import os\n"]
+        for prompt in prompts:
+            r = client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0)
+            assert r.choices[0].text == generate(model, tokenizer, prompt, max_tokens=24), \
+                "under mlx.launch the server's text is one process's"
+            assert r.model_extra["speculative"]["proposer"] == "mtp"
+        whole = generate(model, tokenizer, prompts[0], max_tokens=24)
+        stop = whole[10:14]  # a stop string inside the text: rank 0 ends the turn early, and rank 1 with it
+        chunks = client.completions.create(model="m", prompt=prompts[0], max_tokens=24, temperature=0, stop=[stop],
+                                           stream=True)
+        assert "".join(c.choices[0].text for c in chunks) == whole[: whole.index(stop)]
+        r = client.completions.create(model="m", prompt=prompts[1], max_tokens=8, temperature=0)
+        assert r.choices[0].text == generate(model, tokenizer, prompts[1], max_tokens=8), \
+            "after a turn cut short, the ranks still run the same turns"
+        assert server.poll() is None and "error" not in err.read_text()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)

@@ -35,7 +35,7 @@ def _median_ms(fn, reps: int = 20) -> float:
     return statistics.median(times) * 1e3
 
 
-def pass_costs(model) -> dict:
+def pass_costs(model, reps: int) -> dict:
     """The base's one-token step and 4-token verify pass after a 64-token context, in ms."""
     from mlx_spec.cache import rollback_all
     from mlx_spec.models.base import as_base
@@ -48,7 +48,7 @@ def pass_costs(model) -> dict:
         mx.eval(base.forward(mx.arange(8, 8 + n)[None], cache)[0])
         rollback_all(cache, n)
 
-    return {"step_ms": _median_ms(lambda: run(1)), "verify4_ms": _median_ms(lambda: run(4))}
+    return {"step_ms": _median_ms(lambda: run(1), reps), "verify4_ms": _median_ms(lambda: run(4), reps)}
 
 
 def collective_latency_ms(ranks) -> float:
@@ -79,7 +79,7 @@ def speed(args) -> None:
     out = {"mode": mode if ranks else "one process", "ranks": ranks.size if ranks else 1,
            "plain_tps": statistics.median(runs["plain"]),
            "spec_tps": statistics.median(runs["spec"]) if runs["spec"] else None,
-           "all_sum_ms": collective_latency_ms(ranks), **pass_costs(model)}
+           "all_sum_ms": collective_latency_ms(ranks), **pass_costs(model, args.reps)}
     if ranks is None or ranks.is_root:
         print(json.dumps(out), flush=True)
 
@@ -137,6 +137,7 @@ def main():
     s.add_argument("--k", type=int, default=3)
     s.add_argument("--max-tokens", type=int, default=64)
     s.add_argument("--repeats", type=int, default=2)
+    s.add_argument("--reps", type=int, default=20, help="timed passes for the step and verify costs")
     h = sub.add_parser("shapes")
     h.add_argument("--pipeline", action="store_true")
     w = sub.add_parser("write-e2b")

@@ -15,7 +15,9 @@ from .loading import load
 
 T = TypeVar("T")
 # flags whose state cannot be split over ranks (yet): their K/V files hold one process's caches
-UNSUPPORTED = (("prompt_cache_file", "--prompt-cache-file"), ("session", "--session"))
+UNSUPPORTED = (("prompt_cache_file", "--prompt-cache-file", "its file holds one process's K/V caches"),
+               ("session", "--session", "its file holds one process's K/V caches"),
+               ("strict", "--strict", "its op check runs the layers one by one"))
 
 
 class _ErrorsOnly:
@@ -58,14 +60,18 @@ def _quiet_unless_root(ranks: Ranks) -> None:
     sys.excepthook = excepthook
 
 
+def _refuse_unsupported(args) -> None:
+    for name, flag, why in UNSUPPORTED:
+        if getattr(args, name, None):
+            raise MlxSpecError(f"{flag} is not supported across ranks: {why}")
+
+
 def load_for_command(args) -> tuple:
     """(model, tokenizer) for a command run under mlx.launch: --pipeline picks the mode, --check-ranks the
     per-token digest check. Refuses flags whose state cannot be split over ranks."""
     ranks = Ranks(connect(), PIPELINE if getattr(args, "pipeline", False) else TENSOR)
     _quiet_unless_root(ranks)
-    for name, flag in UNSUPPORTED:
-        if getattr(args, name, None):
-            raise MlxSpecError(f"{flag} is not supported across ranks: its file holds one process's K/V caches")
+    ranks.agree(lambda: _refuse_unsupported(args), "starting")
     model, tokenizer = load(args.model, ranks.mode, group=ranks.group, check=getattr(args, "check_ranks", False))
     if getattr(args, "num_draft_tokens", None) == "auto" and not getattr(args, "no_draft", False) and ranks.is_root \
             and (args.drafter or args.draft_model or args.ngram is not None):

@@ -106,6 +106,16 @@ class Ranks:
         n = self.from_root([len(ids)])[0]
         return self.from_root(list(ids)[:n] + [0] * (n - len(ids)))
 
+    def root_bytes(self, data: bytes) -> bytes:
+        """Rank 0's bytes (any length) on every rank."""
+        n = self.from_root([len(data)])[0]
+        if n == 0:
+            return b""
+        local = np.zeros(n, np.uint8)
+        local[: min(n, len(data))] = np.frombuffer(data[:n], np.uint8)
+        rows = mx.distributed.all_gather(mx.array(local), group=self.group)
+        return bytes(np.array(rows[:n]))
+
     def gather_texts(self, text: str) -> List[str]:
         data = np.zeros(MESSAGE_BYTES, np.uint8)
         raw = text.encode("utf-8", "replace")[:MESSAGE_BYTES]

@@ -8,7 +8,12 @@ from pathlib import Path
 
 from ..cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
                    load_models, run, sampling_params)
+from ..conversation import Conversations
+from ..distributed.serving import Lockstep, follow
 from ..errors import MlxSpecError
+from ..loading import materialize
+from ..models.base import as_base
+from ..tuning.tuner import AutoTuner
 from ..long_context import add_kv_args, check_memory, kv_settings, load_session, model_dir_context
 from ..loading import is_hub_id
 from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
@@ -67,6 +72,13 @@ def main_args(args) -> int:
     check_memory(args.model, args.drafter, (args.max_context or model_dir_context(args.model) or 0)
                  * args.prompt_cache_slots, kv)  # every slot can hold a context's worth of K/V
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # requests can turn drafting on
+    ranks = as_base(model).ranks
+    lockstep = Lockstep(ranks) if ranks is not None else None
+    if ranks is not None and not ranks.is_root:  # under mlx.launch rank 0 alone listens; this rank follows it
+        materialize(model, proposer.weights if proposer is not None else None)
+        follow(Conversations(model, tokenizer, proposer, tuner=AutoTuner(), reuse_cache=not args.no_prompt_cache,
+                             slots=args.prompt_cache_slots, kv=kv), lockstep)
+        return 0
     saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
     log = None if args.quiet else sys.stderr
     try:
@@ -77,7 +89,7 @@ def main_args(args) -> int:
                         draft_by_default=not args.no_draft, sampling=sampling, log=log, access_log=log,
                         prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
                         strict=args.strict, request_timeout=args.request_timeout,
-                        max_connections=args.max_connections, kv=kv, session=saved)
+                        max_connections=args.max_connections, kv=kv, session=saved, lockstep=lockstep)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

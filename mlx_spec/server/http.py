@@ -311,7 +311,8 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
                  prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None):
+                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None, lockstep=None):
+        """`lockstep`: the model is split over ranks (distributed.serving): every turn is run on every rank."""
         self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -322,7 +323,7 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
         self.worker = Worker(model, tokenizer, proposer, max_context=max_context or context_length(model),
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
                              prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict, kv=kv,
-                             session=session)
+                             session=session, lockstep=lockstep)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)

@@ -93,8 +93,11 @@ class Worker(threading.Thread):
     def __init__(self, model, tokenizer, proposer: Optional[Proposer] = None, *, max_context: Optional[int],
                  max_tokens: int, log=None, prompt_cache: bool = True, prompt_cache_slots: int = 1,
                  tuner: Optional[AutoTuner] = None, strict: bool = False, kv: Optional[KVQuant] = None,
-                 session: Optional[tuple] = None):
+                 session: Optional[tuple] = None, lockstep=None):
+        """`lockstep` (distributed.serving.Lockstep): the model is split over ranks, and every turn this worker
+        runs is announced to the other ranks, which run it too, token for token."""
         super().__init__(name="mlx_spec-generation", daemon=True)
+        self.lockstep = lockstep
         self.model, self.tokenizer = model, tokenizer
         self.max_context, self.max_tokens = max_context, max_tokens
         self.strict = strict
@@ -140,6 +143,8 @@ class Worker(threading.Thread):
         while True:
             job = self.current = self.jobs.get()
             if job is None:
+                if self.lockstep is not None:
+                    self.lockstep.shutdown()  # the other ranks stop following
                 _release_thread_streams()
                 return
             if job.cancelled.is_set():
@@ -221,16 +226,20 @@ class Worker(threading.Thread):
         job.events.put(("start", len(prompt)))
         stops = StopMatcher(req.stop)
         want = req.logprobs  # None, or how many alternatives per token
-        turn = self.conversations.turn(prompt, sampling=req.sampling, max_tokens=max_tokens, seed=req.seed,
-                                       num_draft_tokens=req.num_draft_tokens, drafting=drafting,
-                                       should_stop=job.cancelled.is_set, strict=self.strict,
-                                       logprobs=0 if want is None else max(want, 1))
-        finish, n, stats, logprobs = "length", 0, None, []
+        settings = dict(sampling=req.sampling, max_tokens=max_tokens, seed=req.seed, drafting=drafting,
+                        num_draft_tokens=req.num_draft_tokens, strict=self.strict,
+                        logprobs=0 if want is None else max(want, 1))
+        should_stop, tell = job.cancelled.is_set, (lambda go: go)
+        if self.lockstep is not None:  # the other ranks run this turn too, as far as this one runs it
+            self.lockstep.announce(prompt, settings)
+            should_stop, tell = self.lockstep.should_stop(should_stop), self.lockstep.go
+        turn = self.conversations.turn(prompt, should_stop=should_stop, **settings)
+        finish, n, stats, logprobs, told_end = "length", 0, None, [], False
         try:
             for r in turn:
                 n, stats = n + 1, r.stats
                 if job.cancelled.is_set():
-                    finish = "cancelled"
+                    finish, told_end = "cancelled", not tell(False)
                     break
                 if want is not None and r.finish_reason != "stop":  # EOS is not text
                     logprobs.append(self._logprob(r.token, r.logprob, r.top_logprobs, want))
@@ -246,9 +255,12 @@ class Worker(threading.Thread):
                     job.events.put(("text", text))
                 elif text:
                     job.events.put(("text", text))
-                if hit or r.finish_reason:
+                told_end = not tell(not (hit or r.finish_reason))
+                if told_end:
                     break
         finally:
+            if not told_end and n and self.lockstep is not None:  # an exception left the other ranks waiting
+                tell(False)
             turn.close()  # stops the engine at once (cancel, stop string) and settles the slot
         if n == 0 and job.cancelled.is_set():  # the client went away during the prefill, which stopped there
             finish = "cancelled"
