@@ -64,6 +64,8 @@ def exact(mode: str, dspark: str, sweep: str = "") -> dict:
         sampled = dict(temp=0.8, seed=11)
         res["sampled plain"] = tokens(model, tokenizer, PROMPT, **sampled)
         res["sampled mtp"] = tokens(model, tokenizer, PROMPT, drafter=mtp, num_draft_tokens=3, **sampled)
+        res["kv8 plain"] = tokens(model, tokenizer, PROMPT, kv_bits=8, kv_group_size=32)
+        res["kv8 mtp"] = tokens(model, tokenizer, PROMPT, drafter=mtp, num_draft_tokens=3, kv_bits=8, kv_group_size=32)
     ids = tokenizer.encode(PROMPT)
     res["one process"], res["one process margins"] = greedy_with_margins(one, ids, MAX_TOKENS)
     _, res["sharded margins"] = greedy_with_margins(model, ids, MAX_TOKENS)
