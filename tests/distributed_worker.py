@@ -68,7 +68,6 @@ def exact(mode: str, dspark: str, sweep: str = "") -> dict:
         res["kv8 mtp"] = tokens(model, tokenizer, PROMPT, drafter=mtp, num_draft_tokens=3, kv_bits=8, kv_group_size=32)
     ids = tokenizer.encode(PROMPT)
     res["one process"], res["one process margins"] = greedy_with_margins(one, ids, MAX_TOKENS)
-    _, res["sharded margins"] = greedy_with_margins(model, ids, MAX_TOKENS)
     return res
 
 

@@ -6,7 +6,8 @@ group (launched by `mlx.launch`), tensor parallel (the default) or pipeline para
     pipeline.py   layers split over ranks (pipeline_run.py: one pass, the K/V mirrors)
     loading.py    each rank loads only its part; the one stderr line on how the model is sharded
     requests.py   one request, the same on every rank; the per-token digest check
-    output.py     rank 0 alone writes (the commands)
+    commands.py   the commands under mlx.launch: rank 0 alone writes, errors agreed
+    serving.py    the server: rank 0 listens and announces each turn, the other ranks follow
 
 Every rank runs the same engine on the same request: drafters are replicated (an MTP assistant's attention is
 sharded with the base's K/V heads), so every rank drafts, verifies, accepts and rolls back identically.
