@@ -137,6 +137,8 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
     from .distributed import launched
     from .distributed.commands import agreed, load_for_command
 
+    if not launched() and (getattr(args, "pipeline", False) or getattr(args, "check_ranks", False)):
+        print("note: --pipeline and --check-ranks apply under mlx.launch only (docs/DISTRIBUTED.md)", file=sys.stderr)
     model, tokenizer = load_for_command(args) if launched() else load(args.model)  # launched: sharded over ranks
     if not (with_proposer if with_proposer is not None else not args.no_draft):
         return model, tokenizer, None

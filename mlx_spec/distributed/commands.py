@@ -16,7 +16,6 @@ from .loading import load
 T = TypeVar("T")
 # flags whose state cannot be split over ranks (yet): their K/V files hold one process's caches
 UNSUPPORTED = (("prompt_cache_file", "--prompt-cache-file", "its file holds one process's K/V caches"),
-               ("session", "--session", "its file holds one process's K/V caches"),
                ("strict", "--strict", "its op check runs the layers one by one"))
 
 
