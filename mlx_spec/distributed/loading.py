@@ -11,6 +11,9 @@ sharded.
 import sys
 from typing import Optional, Tuple
 
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
 from ..checkpoint import read_config, read_weights, weight_files
 from ..errors import DistributedError, ModelLoadError
 from ..families import PRODUCER_KV, of_drafter
@@ -37,6 +40,14 @@ def _lazy_model(path_or_repo: str, dtype: Optional[str], ranks: Ranks):
     return model, config, model_dir
 
 
+def _materialize_one_by_one(model) -> None:
+    """Evaluate the parameters one at a time: each reads its whole tensor from the file and keeps its slice, so
+    at most one whole tensor is in memory beside this rank's part (all at once, MLX would read them first)."""
+    for _, p in tree_flatten(model.parameters()):
+        mx.eval(p)
+    materialize(model)  # the rest (RoPE tables and the like)
+
+
 def _split(model, ranks: Ranks) -> str:
     base = as_base(model)
     return base.shard(ranks.group) if ranks.mode == TENSOR else base.pipeline(ranks.group)
@@ -54,7 +65,7 @@ def load(path_or_repo: str, mode: str = TENSOR, *, group=None, check: bool = Fal
     model, config, model_dir = ranks.agree(lambda: _lazy_model(path_or_repo, dtype, ranks), "loading the model")
     whole = parameter_bytes(model)
     held = ranks.agree(lambda: _split(model, ranks), f"splitting the model ({mode} parallel)")
-    materialize(model)
+    _materialize_one_by_one(model)
     model.ranks = ranks
     tokenizer = ranks.agree(lambda: load_tokenizer(model_dir, config), "loading the tokenizer")
     mine = parameter_bytes(model)
