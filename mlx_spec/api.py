@@ -12,9 +12,12 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 from .engine import Engine, TokenEvent
 from .errors import MlxSpecError, PairingError
 from .checkpoint import read_config
+from .distributed.loading import share_drafter
+from .distributed.requests import agree_request, checked
 from .loading import is_hub_id, load_model, load_tokenizer, resolve_model_path
 from .families import checkpoint_type, drafter_types, for_type
 from .memory import resident
+from .models.base import as_base
 from .paths import cache_root
 from .proposers import make_proposer
 from .proposers.base import Proposer
@@ -123,6 +126,7 @@ def load_drafter(path_or_repo: str, base, base_path: Optional[str] = None, dtype
             f"({', '.join(drafter_types())}); for an ordinary small model use --draft-model"
         )
     drafter, _, _ = load_model(model_dir, dtype=dtype)
+    share_drafter(drafter, base)  # a base sharded over ranks: the drafter reads what this rank holds
     family.check_pairing(drafter, base)
     return drafter
 
@@ -223,6 +227,9 @@ def stream_generate(model, tokenizer, prompt: Union[Prompt, Request], *, propose
     """
     policy = settings.pop("num_draft_tokens") if _is_policy(settings.get("num_draft_tokens")) else None
     request = make_request(tokenizer, prompt, **settings)
+    ranks = as_base(model).ranks
+    if ranks is not None:  # sharded: every rank decodes rank 0's request
+        request, policy = agree(ranks, request, policy)
     eng = make_engine(model, request, eos_ids=tokenizer.eos_token_ids, proposer=proposer, drafter=drafter,
                       draft_model=draft_model, ngram=ngram, policy=policy, tuner=tuner, prompt_cache=prompt_cache,
                       should_stop=should_stop, on_prefill=on_prefill)
@@ -233,11 +240,24 @@ def respond(engine: Engine, model, tokenizer) -> Iterator[GenerationResponse]:
     """Run an Engine (from make_engine) and yield its tokens as GenerationResponses, cut at its request's
     stop strings, with the weights kept resident meanwhile."""
     text, events = Detokenized(tokenizer, engine.stats), engine.run()
+    ranks = as_base(model).ranks
+    if ranks is not None and ranks.check:  # every token followed by a check that every rank emitted the same
+        events = checked(ranks, events, engine.request.prompt)
     with resident(model, engine.proposer.weights if engine.proposer is not None else None):
         try:
             yield from _stopped_at_strings((text.response(ev) for ev in events), engine.request.stop)
         finally:
             events.close()  # a stop string, or the caller closing us: the engine trims its caches now
+
+
+def agree(ranks, request: Request, policy: Optional[DraftPolicy]):
+    """(request, policy) as rank 0 has them, on every rank: its prompt ids, its seed (a fresh one drawn once),
+    and a draft length every rank follows (distributed/requests.py)."""
+    ids, seed, sampling, k = agree_request(ranks, request.prompt, request.seed, request.sampling,
+                                           policy if policy is not None else request.num_draft_tokens)
+    if not isinstance(k, (int, str)):  # a caller's policy, or rank 0's choices of it
+        policy, k = k, request.num_draft_tokens
+    return request.replace(prompt=tuple(ids), seed=seed, sampling=sampling, num_draft_tokens=k), policy
 
 
 def _is_policy(value) -> bool:
@@ -267,6 +287,9 @@ def strict_rows(model, policy: Optional[DraftPolicy]) -> Optional[int]:
     """The row count strict mode pads to on this device, or None where rows already compute alike."""
     from .parity.verdict import row_invariant
 
+    if as_base(model).ranks is not None:
+        raise MlxSpecError("strict mode is not available on a model split over ranks (its op check runs the layers "
+                           "one by one); MLX's CPU backend computes rows alike anyway (mlx_spec.doctor)")
     if isinstance(policy, FixedK) and policy.k >= STRICT_ROWS:
         raise MlxSpecError(f"strict mode verifies at most {STRICT_ROWS - 1} drafts per round; lower "
                            "--num-draft-tokens (or use auto)")

@@ -203,6 +203,19 @@ class _Quantizable:
         return tuple(QuantizedKV(*b, self.kv.group_size, self.kv.bits) for b in view)
 
 
+class SharedQuantizedKV:
+    """Stands in for a KV-shared layer's cache when its producer's K/V are quantized: the layer then attends
+    them quantized and stores nothing (update is identity)."""
+
+    quantized_next = True
+
+    def __init__(self, producer):
+        self.bits, self.group_size = producer.bits, producer.group_size
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
 class FullKVCache(_Quantizable, KVCache):
     """Full-attention cache (every position) with a checked rollback, optionally quantized.
 

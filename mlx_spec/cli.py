@@ -65,6 +65,18 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
                         "with the row count: every decode pass padded to one row count; free where the device is "
                         "row-invariant (mlx_spec.doctor tells)")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    add_rank_args(p)
+
+
+def add_rank_args(p: argparse.ArgumentParser) -> None:
+    """How a command run under mlx.launch splits the model over the ranks (docs/DISTRIBUTED.md)."""
+    g = p.add_argument_group("under mlx.launch (several ranks)")
+    g.add_argument("--pipeline", action="store_true",
+                   help="split the layers over the ranks (pipeline parallel) instead of the heads and MLPs (tensor "
+                        "parallel, the default): one hop per stage instead of an all-reduce per layer")
+    g.add_argument("--check-ranks", action="store_true",
+                   help="after every token, check that every rank holds the same tokens (debugging; one collective "
+                        "per token)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, seed: bool = True) -> None:
@@ -126,16 +138,21 @@ def load_models(args, with_proposer: Optional[bool] = None) -> Tuple[object, obj
     """(model, tokenizer, proposer or None) from the model/draft flags. `with_proposer` (default: not
     --no-draft) loads the proposer even with --no-draft, for surfaces that can turn drafting on later."""
     from .api import load, load_drafter
+    from .distributed import launched
+    from .distributed.commands import agreed, load_for_command
 
-    model, tokenizer = load(args.model)
+    if not launched() and (getattr(args, "pipeline", False) or getattr(args, "check_ranks", False)):
+        print("note: --pipeline and --check-ranks apply under mlx.launch only (docs/DISTRIBUTED.md)", file=sys.stderr)
+    model, tokenizer = load_for_command(args) if launched() else load(args.model)  # launched: sharded over ranks
     if not (with_proposer if with_proposer is not None else not args.no_draft):
         return model, tokenizer, None
     if args.drafter:
-        drafter = load_drafter(args.drafter, model, base_path=args.model)
+        drafter = agreed(model, lambda: load_drafter(args.drafter, model, base_path=args.model), "loading the drafter")
         print(f"[mlx_spec] drafter: {drafter.describe()}", file=sys.stderr, flush=True)
         return model, tokenizer, make_proposer(model, drafter=drafter)
     if args.draft_model:
-        return model, tokenizer, make_proposer(model, draft_model=load_draft_model(args.draft_model))
+        draft_model = agreed(model, lambda: load_draft_model(args.draft_model), "loading the draft model")
+        return model, tokenizer, make_proposer(model, draft_model=draft_model)
     if args.ngram is not None:
         if args.ngram < 1:
             raise MlxSpecError(f"--ngram N must be >= 1, got {args.ngram}")
@@ -161,7 +178,9 @@ def load_draft_model(path: str):
 
 def make_tuner(args) -> Optional[AutoTuner]:
     """An AutoTuner for --num-draft-tokens auto (it says on stderr when a first use stops to measure)."""
-    if args.num_draft_tokens != "auto":
+    from .distributed import launched
+
+    if args.num_draft_tokens != "auto" or launched():  # across ranks auto becomes a fixed k (distributed/requests.py)
         return None
     return AutoTuner(log=lambda line: print(line, file=sys.stderr, flush=True))
 
@@ -208,7 +227,8 @@ def run(main: Callable[[argparse.Namespace], int], parser: argparse.ArgumentPars
     except MlxSpecError as e:
         if getattr(args, "verbose", False):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_by_root", False):  # an error all ranks agreed on is printed once, by rank 0
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

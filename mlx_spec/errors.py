@@ -38,3 +38,15 @@ class CacheRollbackError(RuntimeError):
 
     Not a user error: it means the engine would silently diverge from plain decoding, so it stops instead.
     """
+
+
+class DistributedError(MlxSpecError):
+    """Ranks of an mx.distributed group cannot work together: they did not connect, cannot split the model
+    (heads, layers, quantization groups), or one of them met an error the others are told about."""
+
+    reported_by_root = False  # True on the ranks whose copy of an agreed error rank 0 prints for all
+
+
+class RankDivergenceError(RuntimeError):
+    """Two ranks hold different tokens. Not a user error: every rank must compute the same thing, so a
+    divergence is a bug, and decoding stops where it was found."""

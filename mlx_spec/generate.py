@@ -17,6 +17,7 @@ import sys
 from .api import encode_prompt, generate, stream_generate  # noqa: F401  (`from mlx_spec import generate`)
 from .cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, format_prompt, load_models,
                   make_tuner, print_stats, read_stdin, run, sampling_params, valid_text)
+from .distributed.group import launched
 from .errors import MlxSpecError
 from .long_context import (PrefillProgress, add_kv_args, check_memory, fit_context, kv_flags, kv_settings,
                            load_session, model_dir_context)
@@ -57,6 +58,9 @@ def main_args(args) -> int:
         raise MlxSpecError(f"--max-tokens must be >= 0, got {args.max_tokens}")
     if args.max_context is not None and args.max_context < 2:
         raise MlxSpecError(f"--max-context must be >= 2, got {args.max_context}")
+    if args.prompt == "-" and launched():
+        raise MlxSpecError("under mlx.launch stdin never ends (mlx.launch does not pass its end on): give the prompt "
+                           "with --prompt TEXT")
     prompt = read_stdin() if args.prompt == "-" else valid_text(args.prompt, "--prompt")
     system = valid_text(args.system_prompt, "--system-prompt") if args.system_prompt else None
     kv = kv_settings(args)

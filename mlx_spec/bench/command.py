@@ -11,8 +11,9 @@ import mlx.core as mx
 
 from .. import prompts as prompt_sets
 from ..api import STRICT_ROWS, encode_prompt, load, load_drafter, strict_rows
-from ..cli import (ArgumentParser, add_sampling_args, format_prompt, load_draft_model, num_draft_tokens, run,
-                   sampling_params)
+from ..cli import (ArgumentParser, add_rank_args, add_sampling_args, format_prompt, load_draft_model,
+                   num_draft_tokens, run, sampling_params)
+from ..distributed.group import launched
 from ..errors import MlxSpecError
 from ..identity import machine_identity, model_identity
 from ..memory import resident, weight_bytes
@@ -114,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wall time (default), or this process's CPU time: steadier on a busy shared machine "
                         "with MLX's CPU backend, but blind to overlap (async_eval) and to GPU time")
     p.add_argument("--verbose", action="store_true", help="show tracebacks for errors")
+    add_rank_args(p)
     p.add_argument("--quiet", action="store_true",
                    help="no progress lines on stderr (by default each phase and pass says how long is left)")
     add_sampling_args(p)
@@ -183,7 +185,8 @@ def environment(args, model, n_prompts: int) -> dict:
             "mlx_lm": mlx_lm.__version__, "mlx_spec": __version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "prompts": n_prompts, "prompt_set": args.prompts, "max_tokens": args.max_tokens,
             "repeats": args.repeats, "seed": args.seed, "clock": args.clock,
-            "row_invariant": row_invariant(model, STRICT_ROWS), "strict": args.strict,
+            # the op check runs the model's layers one by one: not on a model split over ranks
+            "row_invariant": None if launched() else row_invariant(model, STRICT_ROWS), "strict": args.strict,
             "kv": kv_settings(args).as_dict() if args.kv_bits is not None else None}
 
 
@@ -197,7 +200,15 @@ def main_args(args) -> int:
         raise MlxSpecError("--oracle proposes the greedy continuation; use it with --temp 0")
     check_concurrency_args(args)
     kv = kv_settings(args)
-    model, tokenizer = load(args.model)
+    if launched() and "auto" in args.num_draft_tokens:
+        raise MlxSpecError("under mlx.launch --num-draft-tokens takes integers only: auto times rounds on each rank "
+                           "apart, which ranks cannot share")
+    if launched():
+        from ..distributed.commands import load_for_command
+
+        model, tokenizer = load_for_command(args)  # sharded; rank 0 alone writes
+    else:
+        model, tokenizer = load(args.model)
     prompt_list = prompt_sets.resolve(args.prompts)
     ids = [encode_prompt(tokenizer, format_prompt(tokenizer, p.text, None, not args.ignore_chat_template))
            for p in prompt_list]
@@ -209,7 +220,8 @@ def main_args(args) -> int:
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     bench = Bench(model, ids, sampling, tokenizer.eos_token_ids, args.seed if args.seed is not None else 0,
                   args.max_tokens, progress=not args.quiet, tuner=AutoTuner(CostsStore(clock=clock)),
-                  strict_rows=strict_rows(model, None) if args.strict else None, kv=kv)
+                  strict_rows=strict_rows(model, None) if args.strict else None, kv=kv,
+                  probe=not launched())  # a cost probe stops on a time budget: ranks would disagree
     weights = {id(c.weights): c.weights for c in configs if c.weights is not None}
     with resident(model, *weights.values()):  # as stream_generate keeps them, on Apple silicon
         references.update(bench.references())

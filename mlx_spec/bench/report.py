@@ -183,7 +183,8 @@ def format_table(results: List[dict]) -> str:
         f"{env['machine']['device']} ({env['machine']['chip']}) | {env['prompts']} prompts x {env['max_tokens']} "
         f"tokens, {env['repeats']} repeats, temp {results[0]['temp']:g}",
         f"plain: {results[0]['plain_tps']:.1f} tok/s, peak memory {results[0]['plain_peak_memory_bytes'] / MB:.1f} MB",
-        "parity: " + ("a verify row equals the one-token step here (row-invariant; strict costs nothing)"
+        "parity: " + ("not checked (the model is split over ranks)" if env.get("row_invariant") is None else
+                      "a verify row equals the one-token step here (row-invariant; strict costs nothing)"
                       if env.get("row_invariant") else "verify rows round differently from one-token steps here "
                       "(mlx_spec.doctor; --strict pads)") + (", strict mode on" if env.get("strict") else ""),
         "",

@@ -145,9 +145,12 @@ class Bench:
     PLAIN = Config(None, 0)
 
     def __init__(self, model, ids, sampling, eos_ids, seed: int, max_tokens: int, progress: bool = False,
-                 tuner: Optional[AutoTuner] = None, strict_rows: Optional[int] = None, kv: Optional[KVQuant] = None):
+                 tuner: Optional[AutoTuner] = None, strict_rows: Optional[int] = None, kv: Optional[KVQuant] = None,
+                 probe: bool = True):
         """`tuner`: the bench's own (its costs store, the clock, what auto learns across the runs);
-        `strict_rows`: strict mode's padding, for plain and speculative runs alike (None: off)."""
+        `strict_rows`: strict mode's padding, for plain and speculative runs alike (None: off); `probe`
+        False: no cost probes (efficiency is then not reported)."""
+        self.probing = probe
         self.model, self.ids, self.sampling, self.eos_ids = model, ids, sampling, eos_ids
         self.strict_rows, self.kv = strict_rows, kv
         self.seed, self.max_tokens, self.progress = seed, max_tokens, progress
@@ -186,8 +189,10 @@ class Bench:
 
     def probe(self, configs: List[Config]) -> Dict[str, Costs]:
         """Fresh costs per proposer family (saved to the costs file, so `auto` uses them too)."""
-        self.log("measuring verify and drafting costs on this machine")
         costs: Dict[str, Costs] = {}
+        if not self.probing:
+            return costs
+        self.log("measuring verify and drafting costs on this machine")
         for cfg in configs:
             if cfg.family not in costs:
                 costs[cfg.family] = self.tuner.store.get(self.model, cfg.make(0), refresh=True, kv=self.kv)
@@ -196,6 +201,8 @@ class Bench:
     def reprobe(self, configs: List[Config], samples: Dict[str, List[Costs]]) -> None:
         """One more short probe per family, taken between the measured passes, so the costs that
         efficiency compares with come from the same minutes as the runs (a shared machine drifts)."""
+        if not self.probing:
+            return
         for family, cfg in {c.family: c for c in configs}.items():
             samples.setdefault(family, []).append(measure_costs(self.model, cfg.make(0), reps=2, kv=self.kv,
                                                                 clock=self.tuner.clock))

@@ -20,11 +20,14 @@ import mlx.core as mx
 from ..cache import DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, forward_split_at_switch, make_rewindable
 from ..errors import UnsupportedModelError
 
+EMBEDDING_OUTPUT = -1  # a captured "layer" id: the scaled embedding that enters layer 0 (DeepSpec's -1)
+
 
 class SpeculativeBase:
     """Mixin for models that implement the engine's interface themselves."""
 
     features: FrozenSet[str] = frozenset()  # what drafters may read of it (families.PRODUCER_KV, LAYER_OUTPUTS)
+    ranks = None  # the mx.distributed ranks it is sharded over (distributed.group.Ranks), or None: one process
 
     def forward(self, inputs: mx.array, cache=None) -> Tuple[mx.array, Optional[mx.array]]:
         raise NotImplementedError
@@ -38,6 +41,19 @@ class SpeculativeBase:
         which layer is which raise."""
         raise UnsupportedModelError(f"{type(self).__name__} does not expose its decoder layers' outputs; "
                                     "block drafters need a Gemma 4 base")
+
+    def shard(self, group) -> str:
+        """Tensor parallel over an mx.distributed group, in place; returns what each rank holds, in words."""
+        raise UnsupportedModelError(f"{_kind(self)} cannot be sharded over ranks: only Gemma 4 models can")
+
+    def pipeline(self, group) -> str:
+        """Pipeline parallel over an mx.distributed group, in place; returns what each rank runs, in words."""
+        raise UnsupportedModelError(f"{_kind(self)} cannot be split over ranks: only Gemma 4 models can")
+
+
+def _kind(base) -> str:
+    model = getattr(base, "model", base) if isinstance(base, MlxLmBase) else base
+    return getattr(model, "model_type", None) or type(model).__name__
 
 
 class MlxLmBase(SpeculativeBase):

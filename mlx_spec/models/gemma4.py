@@ -69,6 +69,12 @@ class Model(nn.Module, SpeculativeBase):
     def make_cache(self, *args, **kwargs):
         return self.language_model.make_cache(*args, **kwargs)
 
+    def shard(self, group) -> str:
+        return self.language_model.shard(group)
+
+    def pipeline(self, group) -> str:
+        return self.language_model.pipeline(group)
+
     def sanitize(self, weights):
         return mlx_gemma4_mm.Model.sanitize(self, weights)
 

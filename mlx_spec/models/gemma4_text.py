@@ -23,12 +23,12 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models import gemma4_text as mlx_gemma4
 
-from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SlidingKVCache,
-                     forward_split_at_switch, quantization_split)
+from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SharedQuantizedKV,
+                     SlidingKVCache, forward_split_at_switch, quantization_split)
 from ..errors import UnsupportedModelError
 from ..families import LAYER_OUTPUTS, PRODUCER_KV
 from . import fields
-from .base import SpeculativeBase
+from .base import EMBEDDING_OUTPUT, SpeculativeBase  # noqa: F401  (EMBEDDING_OUTPUT: re-exported)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 UNIFIED_TEXT = "gemma4_unified_text"  # the text config of gemma4_unified (12B): gemma4_text without PLE keys
@@ -37,7 +37,6 @@ UNIFIED_TEXT = "gemma4_unified_text"  # the text config of gemma4_unified (12B):
 GEMMA4_TEXT_DEFAULTS = (("hidden_size_per_layer_input", 256), ("vocab_size_per_layer_input", 262144))
 UNIFIED_DEFAULTS = (("hidden_size_per_layer_input", 0), ("vocab_size_per_layer_input", 0), ("sliding_window", 1024),
                     ("max_position_embeddings", 262144))
-EMBEDDING_OUTPUT = -1  # a captured "layer" id: the scaled embedding that enters layer 0 (DeepSpec's -1)
 
 
 @dataclass
@@ -235,26 +234,13 @@ class Gemma4TextModel(mlx_gemma4.Gemma4TextModel):
         for i, (layer, c, mask, prev) in enumerate(zip(self.layers, cache, masks, self.previous_kvs)):
             kvs, offset = intermediates[prev]  # KV-shared layers reuse their producer's K/V and offset
             if c is None and prev != i and getattr(cache[prev], "quantized", False):
-                c = _SharedQuantizedKV(cache[prev])  # the producer's K/V are quantized triples
+                c = SharedQuantizedKV(cache[prev])  # the producer's K/V are quantized triples
             pli = per_layer_inputs[:, :, i, :] if per_layer_inputs is not None else None
             h, kvs, offset = layer(h, mask, c, per_layer_input=pli, shared_kv=kvs, offset=offset)
             intermediates[i] = (kvs, offset)
             if i in capture:
                 captured[i] = h
         return self.norm(h), [captured[i] for i in capture]
-
-
-class _SharedQuantizedKV:
-    """Stands in for a KV-shared layer's cache when its producer's K/V are quantized: the layer then attends
-    them quantized and stores nothing (update is identity)."""
-
-    quantized_next = True
-
-    def __init__(self, producer):
-        self.bits, self.group_size = producer.bits, producer.group_size
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
 
 
 def quantized_attention(queries: mx.array, q_keys, q_values, scale: float, mask, group_size: int, bits: int):
@@ -396,6 +382,20 @@ class Model(nn.Module, SpeculativeBase):
         kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start, head_dims)
         return [FullKVCache(kv) if t == FULL else SlidingKVCache(self.args.sliding_window, max_rollback, kv)
                 for t in types]
+
+    def shard(self, group) -> str:
+        """Tensor parallel over an mx.distributed group, in place (mlx-lm's method name; distributed/tensor.py).
+        Returns what each rank holds, in words."""
+        from ..distributed.tensor import shard_text_model
+
+        return shard_text_model(self, group)
+
+    def pipeline(self, group) -> str:
+        """Pipeline parallel over an mx.distributed group, in place (distributed/pipeline.py). Returns which
+        layers each rank runs, in words."""
+        from ..distributed.pipeline import pipeline_text_model
+
+        return pipeline_text_model(self, group)
 
     def sanitize(self, weights: dict) -> dict:
         if self.args.tie_word_embeddings:  # some exports store the tied head too; it is embed_tokens

@@ -9,11 +9,14 @@ from pathlib import Path
 from ..batch.scheduler import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY
 from ..cli import (DEFAULT_MAX_TOKENS, ArgumentParser, add_model_args, add_sampling_args, check_length_args,
                    load_models, run, sampling_params)
+from ..distributed.serving import Lockstep
 from ..errors import MlxSpecError
+from ..models.base import as_base, context_length
 from ..long_context import add_kv_args, check_memory, kv_settings, load_session, model_dir_context
 from ..loading import is_hub_id
 from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
 from .http import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server
+from .worker import Worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -77,6 +80,15 @@ def main_args(args) -> int:
     slots = 1 if args.no_prompt_cache else args.prompt_cache_slots  # each holds up to a context's worth of K/V
     check_memory(args.model, args.drafter, args.max_context or model_dir_context(args.model), kv, slots=slots)
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # requests can turn drafting on
+    ranks = as_base(model).ranks
+    lockstep = Lockstep(ranks) if ranks is not None else None
+    if ranks is not None and not ranks.is_root:  # under mlx.launch rank 0 alone listens; this rank follows it
+        Worker(model, tokenizer, proposer, max_context=args.max_context or context_length(model),
+               max_tokens=args.max_tokens, prompt_cache=not args.no_prompt_cache,
+               prompt_cache_slots=args.prompt_cache_slots, strict=args.strict, kv=kv,
+               decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
+               lockstep=lockstep).follow()
+        return 0
     saved = load_session(args.prompt_cache_file, model, kv) if args.prompt_cache_file else None
     log = None if args.quiet else sys.stderr
     try:
@@ -88,7 +100,8 @@ def main_args(args) -> int:
                         prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
                         strict=args.strict, request_timeout=args.request_timeout,
                         max_connections=args.max_connections, kv=kv, session=saved,
-                        decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency)
+                        decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
+                        lockstep=lockstep)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

@@ -354,7 +354,9 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  kv: Optional[KVQuant] = None, session: Optional[tuple] = None,
                  decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
-                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY):
+                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY, lockstep=None):
+        """`lockstep`: the model is split over ranks (distributed/serving.py): rank 0's worker tells the other
+        ranks each step what to run."""
         self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
@@ -366,7 +368,7 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
                              prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict, kv=kv,
                              session=session, decode_concurrency=decode_concurrency,
-                             prompt_concurrency=prompt_concurrency)
+                             prompt_concurrency=prompt_concurrency, lockstep=lockstep)
         family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
         self.address_family = family  # IPv6 hosts (::1) too
         super().__init__(address, Handler)

@@ -92,6 +92,7 @@ class JobStream:
         self.received: List[int] = []
         self.hit = False
         self.ticket: Optional[Ticket] = None
+        self.number = 0  # which request the worker started, counting from 0 (the same on every rank)
         self.start = time.perf_counter()
 
     def deliver(self, events: List[TokenEvent], done: Optional[Done]) -> None:

@@ -20,6 +20,7 @@ from typing import Dict, List, Optional
 from ..batch.scheduler import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY, Scheduler
 from ..cache import KVQuant
 from ..conversation import Conversations
+from ..distributed.serving import Lockstep, Plan, agreed, decode_start, encode_start
 from ..loading import materialize
 from ..memory import resident
 from ..proposers.base import Proposer
@@ -27,7 +28,7 @@ from ..request import Request
 from ..tuning.tuner import AutoTuner
 from .budget import memory_budget
 from .prompts import PromptReader
-from .requests import RequestError
+from .requests import GenerationRequest, RequestError
 from .stream import Job, JobResult, JobStream, TokenLogprob, TokenTexts  # noqa: F401 (the server's names)
 
 
@@ -38,8 +39,11 @@ class Worker(threading.Thread):
                  max_tokens: int, log=None, prompt_cache: bool = True, prompt_cache_slots: int = 1,
                  tuner: Optional[AutoTuner] = None, strict: bool = False, kv: Optional[KVQuant] = None,
                  session: Optional[tuple] = None, decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
-                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY):
+                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY, lockstep: Optional[Lockstep] = None):
+        """`lockstep` (distributed/serving.py): the model is split over ranks; rank 0's worker runs as a
+        thread beside the HTTP server and tells the others each step what to run (`follow` on the others)."""
         super().__init__(name="mlx_spec-generation", daemon=True)
+        self.lockstep = lockstep
         self.model, self.tokenizer = model, tokenizer
         self.strict = strict
         self.log = log
@@ -56,12 +60,15 @@ class Worker(threading.Thread):
                                            slots=prompt_cache_slots, kv=kv)
         if session is not None:  # a saved prompt (--prompt-cache-file): requests that start with it continue it
             self.conversations.prompt_cache.pin(*session)
-        budget, row_bytes = memory_budget(model, self.weights, kv)
+        # split over ranks, each rank holds its own share of the K/V: admission by memory would differ by rank
+        budget, row_bytes = memory_budget(model, self.weights, kv) if lockstep is None else (None, None)
         self.scheduler = Scheduler(model, decode_concurrency=decode_concurrency,
                                    prompt_concurrency=prompt_concurrency, memory_budget=budget,
                                    row_bytes=row_bytes)
         self.streams: Dict[int, JobStream] = {}  # id(job) -> its stream, while it runs
-        self._stopping = False
+        self.numbered: Dict[int, JobStream] = {}  # the n-th request started -> its stream, while it runs
+        self.started = 0
+        self._plan = Plan()  # rank 0: what the other ranks must do before the next step
 
     @property
     def proposer(self) -> Optional[str]:
@@ -96,11 +103,38 @@ class Worker(threading.Thread):
     # -- the loop
     def run(self) -> None:
         with resident(self.model, self.weights):
-            while self._take_jobs():
+            while True:
+                alive = self._take_jobs()
                 self._cancel_gone()
+                if self.lockstep is not None:  # the other ranks do the same before this step
+                    self.lockstep.exchange(self._take_plan(stop=not alive))
+                if not alive:
+                    break
                 self.scheduler.step()
             self._cancel_all()
         _release_thread_streams()
+
+    def follow(self) -> None:
+        """A rank other than 0 (on the calling thread): start, cancel and step as rank 0's plans say, until
+        rank 0 stops."""
+        with resident(self.model, self.weights):
+            while True:
+                plan = self.lockstep.exchange()
+                for entry in plan.starts:
+                    self._start_following(entry)
+                for number in plan.cancels:
+                    if number in self.numbered:
+                        self.numbered[number].ticket.cancel()
+                if plan.stop:
+                    break
+                self.scheduler.step()
+            self._cancel_all()
+
+    def _take_plan(self, stop: bool) -> Plan:
+        plan, self._plan = self._plan, Plan()
+        plan.cancels = [n for n, stream in self.numbered.items() if stream.ticket.cancelled]
+        plan.stop = stop
+        return plan
 
     def _take_jobs(self) -> bool:
         """Start what is queued (waiting for a job when nothing runs); False once asked to stop."""
@@ -125,7 +159,9 @@ class Worker(threading.Thread):
             request = Request(prompt, max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, draft=drafting,
                               num_draft_tokens=req.num_draft_tokens, strict=self.strict,
                               logprobs=0 if req.logprobs is None else max(req.logprobs, 1))
-            started = self.conversations.start(request, should_stop=job.cancelled.is_set)
+            if self.lockstep is not None:  # every rank runs it alike: a cancel comes through the plan only
+                request = agreed(request)
+            started = self.conversations.start(request, should_stop=None if self.lockstep else job.cancelled.is_set)
         except RequestError as e:
             job.events.put(("error", e))
             return
@@ -133,9 +169,20 @@ class Worker(threading.Thread):
             self._failed(job, e)
             return
         job.events.put(("start", len(prompt)))
+        if self.lockstep is not None:
+            self._plan.starts.append(encode_start(self.started, request, req.kind, req.stop, req.logprobs))
+        self._submit(job, started)
+
+    def _submit(self, job: Job, started) -> None:
         stream = JobStream(job, started, self.tokenizer, self.texts, proposer=self.proposer, on_end=self._ended)
         stream.ticket = self.scheduler.submit(started.engine, stream.deliver)
-        self.streams[id(job)] = stream
+        stream.number, self.started = self.started, self.started + 1
+        self.streams[id(job)] = self.numbered[stream.number] = stream
+
+    def _start_following(self, entry: dict) -> None:
+        """A request rank 0 started, started here alike (its job's events go nowhere)."""
+        job = Job(GenerationRequest(kind=entry["kind"], stop=entry["stop"], logprobs=entry["want"]))
+        self._submit(job, self.conversations.start(decode_start(entry)))
 
     def _cancel_gone(self) -> None:
         for stream in self.streams.values():
@@ -158,6 +205,7 @@ class Worker(threading.Thread):
     def _ended(self, stream: JobStream, result: Optional[JobResult], error: Optional[BaseException]) -> None:
         """A stream's request ended: settle its slot, then tell its client."""
         self.streams.pop(id(stream.job), None)
+        self.numbered.pop(stream.number, None)
         self.conversations.finish(stream.started, stream.received, torn=error is not None)
         if error is not None:
             self._failed(stream.job, error)
