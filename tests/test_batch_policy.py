@@ -1,6 +1,7 @@
 """The batch's draft-length policy: the cost model by width (table-driven, crafted costs and acceptance),
-the costs file's widths (round trip, old files) and the width probe. No timing in any assert: costs are
-injected."""
+the policy's choices and state (auto-off and probes, calibration, rows keeping their own estimates), the
+costs file's widths (round trip, old files, lazy measurement), and greedy output staying exact with the
+policy choosing k. No timing in any assert: costs and round times are injected."""
 
 import copy
 import itertools
@@ -12,9 +13,17 @@ import numpy as np
 import pytest
 
 from tiny_models import make_base, make_drafter
+from mlx_spec.batch.scheduler import Scheduler
+from mlx_spec.draft_policy import FixedK
+from mlx_spec.engine import Engine
 from mlx_spec.proposers import make_proposer
-from mlx_spec.tuning import Costs, CostsStore, WidthCosts
+from mlx_spec.proposers.base import RoundResult
+from mlx_spec.proposers.oracle import OracleProposer
+from mlx_spec.tuning import AutoTuner, BatchDraftPolicy, Costs, CostsStore, WidthCosts
 from mlx_spec.tuning import batch_costs as bc
+from mlx_spec.tuning import batch_policy as bp
+from mlx_spec.tuning import policy as policies
+from mlx_spec.tuning.policy import AutoDraftPolicy, AcceptanceEstimate, PairState
 
 K = 8
 FLAT = WidthCosts([1.0] * (K + 1))  # extra verify tokens free, drafting free
@@ -175,6 +184,205 @@ def test_an_old_costs_file_keeps_working(model, tmp_path):
     entry["widths"]["mtp:abc"]["3"] = {"verify": "garbled"}
     path.write_text(json.dumps({"version": 2, "entries": {next(iter(json.loads(path.read_text())["entries"])): entry}}))
     assert set(CostsStore().widths(model, prop)) == {2}, "an unreadable width is measured again, the others kept"
+
+
+# --- the policy -----------------------------------------------------------------------------------------
+
+class FakeBatch:
+    """What BatchDraftPolicy reads of a Batch: rows (with engines), each row's budget, the K/V kind."""
+
+    quantized = False
+
+    def __init__(self, engines, caps=None):
+        self.rows = [SimpleNamespace(engine=e) for e in engines]
+        self.caps = caps or {}
+
+    def budget(self, row, k):
+        return 0 if row.engine.proposer is None else max(0, min(k, self.caps.get(id(row.engine), k)))
+
+
+class FakeEngine:
+    """What the policy reads of a row's engine (compared by identity, as engines are)."""
+
+    def __init__(self, policy, identity):
+        self.policy, self.proposer, self.kv = policy, SimpleNamespace(identity=identity), None
+
+
+def fake_engine(policy, identity="mtp"):
+    return FakeEngine(policy, identity)
+
+
+def auto_policy(state=None):
+    return AutoDraftPolicy(SINGLE_COSTS, state if state is not None else PairState(AcceptanceEstimate()))
+
+
+def make_policy(model, widths, **kw):
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS, measure_width=fake_width(widths))
+    return BatchDraftPolicy(model, AutoTuner(store), **kw)
+
+
+def run_round(policy, batch, accepted=lambda b, k: k, seconds=None):
+    ks = policy.plan(batch)
+    results = [RoundResult(k, accepted(b, k)) for b, k in enumerate(ks)]
+    for row, r, k in zip(batch.rows, results, ks):
+        if k:
+            row.engine.policy.observe(r)  # what engine.settle does
+    policy.observe(batch, ks, results, seconds if seconds is not None else 0.0)
+    return ks
+
+
+def test_policy_drafts_at_a_narrow_width_and_decodes_plainly_at_a_wide_one(model):
+    widths = lambda rows: FLAT if rows <= 2 else LINEAR  # noqa: E731
+    policy = make_policy(model, widths)
+    narrow = FakeBatch([fake_engine(auto_policy()) for _ in range(2)])
+    assert all(k > 0 for k in run_round(policy, narrow)), "drafting pays at 2 rows"
+    wide = FakeBatch([fake_engine(auto_policy()) for _ in range(8)])
+    ks = [run_round(policy, wide) for _ in range(bp.PROBE_SPACING + bp.STEADY_ROUNDS)]
+    assert policy.widths_measured == 2, "the batch stayed at 8 rows: that width was measured"
+    for _ in range(200):
+        assert run_round(policy, wide) == [0] * 8, "where no K can pay at this width: plain batched steps"
+    assert policy.probes == 0, "and no probes: no acceptance could make drafting pay here"
+
+
+def test_policy_turns_a_row_off_and_probes_it_after_a_backoff(model):
+    """Per-row costs: a row whose drafts are all rejected stops drafting while a good row drafts on, and
+    is re-probed after FIRST_PROBE_AFTER rounds, the backoff doubling while probes fail."""
+    per_row = WidthCosts(FLAT.verify, 0.2, 0.1, per_row=True)
+    policy = make_policy(model, per_row)
+    good, bad = fake_engine(auto_policy(), "ngram"), fake_engine(auto_policy(), "ngram")
+    batch = FakeBatch([good, bad])
+    history = [run_round(policy, batch, accepted=lambda b, k: k if b == 0 else 0) for _ in range(300)]
+    bad_ks = [ks[1] for ks in history]
+    assert all(ks[0] > 0 for ks in history), "the good row drafts every round"
+    off = bad_ks.index(0)
+    probes = [i for i in range(off, len(bad_ks)) if bad_ks[i] > 0]
+    assert probes[0] - off == policies.FIRST_PROBE_AFTER, "the first probe after FIRST_PROBE_AFTER plain rounds"
+    assert probes[1] - (probes[0] + 1) == 2 * policies.FIRST_PROBE_AFTER, \
+        "a failed probe (the round after it turns the row off again) doubles the backoff"
+
+
+def test_rows_learn_on_their_own_and_the_pair_learns_from_all(model):
+    pair = PairState(AcceptanceEstimate())
+    a, b = fake_engine(auto_policy(pair)), fake_engine(auto_policy(pair))
+    policy = make_policy(model, FLAT)
+    batch = FakeBatch([a, b])
+    for _ in range(20):
+        run_round(policy, batch, accepted=lambda row, k: k if row == 0 else 0)
+    alpha_a, alpha_b = a.policy.state.estimate.alphas()[0], b.policy.state.estimate.alphas()[0]
+    assert alpha_a > 0.95 and alpha_b < 0.2, "each row keeps its own acceptance"
+    assert a.policy.state is not pair and b.policy.state is not pair
+    assert pair.estimate.trials[0] > 20, "the pair's shared state learnt from both rows' rounds"
+    assert 0.3 < pair.estimate.alphas()[0] < 0.7, "... pooled"
+
+
+def test_a_fixed_row_keeps_its_k_and_auto_rows_draft_beside_it(model):
+    policy = make_policy(model, HALF)
+    weak = PairState(AcceptanceEstimate(trials=[50.0] * K, hits=[15.0] * K))
+    batch = FakeBatch([fake_engine(FixedK(3)), fake_engine(auto_policy(weak))])
+    ks = run_round(policy, batch, accepted=lambda b, k: 0)
+    assert ks[0] == 3 and ks[1] > 0, "the fixed row asks 3; the weak auto row rides along on its pass"
+    alone = make_policy(model, HALF)
+    assert run_round(alone, FakeBatch([fake_engine(auto_policy(copy.deepcopy(weak)))] * 2)) == [0, 0], \
+        "alone, the same acceptance does not pay"
+
+
+def test_budget_caps_an_auto_row(model):
+    e1, e2 = fake_engine(auto_policy()), fake_engine(auto_policy())
+    batch = FakeBatch([e1, e2], caps={id(e1): 1})
+    ks = make_policy(model, FLAT).plan(batch)
+    assert ks[0] == 1 and ks[1] > 1, "a row near its max tokens drafts at most what is left"
+
+
+def test_calibration_corrects_a_wrong_measurement(model):
+    """The file says verifying is nearly free (HALF would not pay for these rows), but drafted rounds take
+    three times what it says: re-timed, the policy decodes plainly."""
+    cheap = WidthCosts([1.0 + 0.05 * k for k in range(K + 1)], plain_step_s=0.01)
+    truth = WidthCosts([1.0 + 0.8 * k for k in range(K + 1)])
+    policy = make_policy(model, cheap)
+    rows = [fake_engine(auto_policy(PairState(AcceptanceEstimate(trials=[50.0] * K, hits=[35.0] * K))))
+            for _ in range(4)]
+    batch = FakeBatch(rows)
+    history = []
+    for _ in range(400):
+        ks = policy.plan(batch)
+        seconds = bc.round_cost([bc.RowView()] * 4, ks, truth, {}) * 0.01
+        results = [RoundResult(k, int(k * 0.7)) for k in ks]
+        policy.observe(batch, ks, results, seconds)
+        history.append(max(ks))
+    assert history[1] > 0, "the file's costs say draft"
+    assert policy.calibrations >= 1, "plain steps are re-timed while drafting"
+    assert sum(1 for k in history[-100:] if k) <= 2, "once the real round costs are known: plain (but for probes)"
+
+
+def test_widths_are_measured_lazily(model):
+    """The first width is measured when first needed; another is interpolated until the batch stays at it,
+    then measured; a batch passing through a width (draining) never stops to measure it."""
+    calls = []
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS,
+                       measure_width=fake_width(lambda rows: WidthCosts(FLAT.verify, plain_step_s=0.01 * rows), calls))
+    policy = BatchDraftPolicy(model, AutoTuner(store), probe_spacing=4)
+    engines = [fake_engine(auto_policy()) for _ in range(8)]
+    run_round(policy, FakeBatch(engines[:4]))
+    assert calls == [4], "the first width is measured at once"
+    for n in (3, 2, 1):  # draining: a round at each width
+        run_round(policy, FakeBatch(engines[:n]))
+    assert calls == [4], "passing widths are interpolated, not measured"
+    for _ in range(bp.STEADY_ROUNDS):
+        run_round(policy, FakeBatch(engines))
+    assert calls == [4, 8], "a width the batch stays at is measured"
+
+
+def test_a_round_that_stopped_to_measure_a_width_is_not_timed(model):
+    """Its wall time holds the probe's seconds: taken as a plain step's, it would make drafting look cheap."""
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS,
+                       measure_width=fake_width(WidthCosts(LINEAR.verify, plain_step_s=0.01)))
+    policy = BatchDraftPolicy(model, AutoTuner(store), probe_spacing=1)
+    run_round(policy, FakeBatch([fake_engine(auto_policy())]), seconds=0.01)  # width 1 measured
+    wide = FakeBatch([fake_engine(auto_policy()) for _ in range(4)])
+    for _ in range(bp.STEADY_ROUNDS - 1):  # interpolated from width 1, timed as plain steps
+        assert run_round(policy, wide, seconds=0.01) == [0] * 4
+    assert policy.widths_measured == 1
+    run_round(policy, wide, seconds=5.0)  # measures width 4: seconds of probing
+    assert policy.widths_measured == 2
+    assert math.isclose(policy._widths[None, 4].plain_overhead, 1.0), "the measuring round's time is not a step's"
+
+
+# --- exactness with the policy choosing k -----------------------------------------------------------------
+
+PROMPTS = [[1, 5, 9, 3], [2, 7] * 10, list(range(3, 40)), [4], [9, 9, 8], [6, 1, 6, 1, 6]]
+MAX_TOKENS = [60, 30, 45, 25, 40, 35]
+
+
+def plain_tokens(model, prompt, n):
+    return [e.token for e in Engine(model, prompt, max_tokens=n).run()]
+
+
+@pytest.mark.parametrize("varying", [False, True])
+def test_greedy_rows_equal_alone_with_the_policy_choosing_k(model, varying):
+    """Auto rows (oracle drafts at several acceptance rates, a random MTP drafter), a fixed-k row and a
+    plain row in one batch: every request's tokens are plain greedy's, whatever K the policy chose. With
+    `varying`, costs change with the width, so K changes as rows finish."""
+    widths = (lambda rows: FLAT if rows <= 3 else LINEAR) if varying else FLAT
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS, measure_width=fake_width(widths))
+    tuner = AutoTuner(store)
+    policy = BatchDraftPolicy(model, tuner)
+    sched = Scheduler(model, policy=policy)
+    mtp = make_proposer(model, drafter=make_drafter(model))
+    refs = [plain_tokens(model, p, n) for p, n in zip(PROMPTS, MAX_TOKENS)]
+    proposers = [OracleProposer(PROMPTS[0] + refs[0], 0.1), OracleProposer(PROMPTS[1] + refs[1], 0.5),
+                 OracleProposer(PROMPTS[2] + refs[2], 0.0), mtp, mtp, None]
+    got = {i: [] for i in range(len(PROMPTS))}
+    for i, (prompt, n, prop) in enumerate(zip(PROMPTS, MAX_TOKENS, proposers)):
+        rule = FixedK(2) if i == 4 else (tuner.policy(model, prop) if prop is not None else None)
+        eng = Engine(model, prompt, proposer=prop, policy=rule, max_tokens=n)
+        sched.submit(eng, lambda events, finished, i=i: got[i].extend(e.token for e in events))
+    sched.drain()
+    for i in range(len(PROMPTS)):
+        assert got[i] == refs[i], f"request {i}: with the batch policy its tokens differ from plain greedy"
+    drafted = [k for k in policy.k_counts if k > 0]
+    assert drafted, "the policy drafted"
+    if varying:
+        assert policy.k_counts.get(0, 0) > 0, "and decoded plainly while the batch was wide"
 
 
 # --- the width probe ----------------------------------------------------------------------------------------
