@@ -126,7 +126,7 @@ class CostsStore:
     # -- costs by width (a batch's rounds)
     def widths(self, model, proposer, kv: Optional[KVQuant] = None) -> Dict[int, WidthCosts]:
         """{B: costs} measured so far for this pair (quantized K/V rows: `kv`), from memory or the file.
-        The dict is the store's: `measure_width` adds to it."""
+        The dict is the store's: `measure_width_now` adds to it."""
         key, pid = self.key(model), _pid(proposer, kv, start=False)
         with self._lock:
             if (key, pid) not in self._widths:

@@ -7,9 +7,11 @@ over a few passes after one warm-up pass (compilation at this width):
     rounds whose rows carry k canned drafts (random tokens, no drafter): verify[k];
     rounds drafted by the real proposer, its drafting timed inside the round (evaluated on its own): the
     drafter's cost for all rows at once (an MTP drafter's `propose_rows`) or per row.
-Medians, as ratios to the plain round (batch_costs.WidthCosts). What it costs: (1 + PROBE_VERIFY_KS +
-PROBE_DRAFT_KS) rounds per pass, 1 + WIDTH_PROBE_REPS passes, B prefills of the synthetic prompt; stopped
-after WIDTH_PROBE_BUDGET_S once MIN_PROBE_REPS passes are in.
+Kept: the fastest of each kind's timings, as ratios to the fastest plain round (batch_costs.WidthCosts).
+Other work on the machine only adds time, and one busy moment during the few plain rounds would otherwise
+make every verify look cheap (the policy re-times rounds as it runs them, which corrects what is left).
+What it costs: PLAIN_ROUNDS + the verify and draft lengths probed, in rounds per pass; 1 + WIDTH_PROBE_REPS
+passes (stopped after WIDTH_PROBE_BUDGET_S once MIN_PROBE_REPS are in); B prefills of the synthetic prompt.
 
 Knows the Batch, the Engine and the Proposer protocol; nothing of files or policies.
 """
@@ -30,7 +32,7 @@ from .batch_costs import WidthCosts
 from .costs import K_MAX, fit_line, isotonic
 from .probe import DEFAULT_PROBE_CONTEXT, MIN_PROBE_REPS, PROBE_DRAFT_KS, PROBE_VERIFY_KS
 
-WIDTH_PROBE_REPS = 3  # timed passes (plus the warm-up); medians are kept
+WIDTH_PROBE_REPS = 3  # timed passes (plus the warm-up); the fastest of each kind is kept
 WIDTH_PROBE_BUDGET_S = 2.0  # no more passes once this much time has gone and MIN_PROBE_REPS are in
 PLAIN_ROUNDS = 3  # plain rounds per pass (the unit: timed most)
 
@@ -140,14 +142,14 @@ def measure_width(model, proposer, rows: int, *, kv: Optional[KVQuant] = None, k
                 verify[k].append(v[k])
             for k in draft_ks:
                 draft[k].append(d[k])
-    step = float(np.median(plain))
+    step = min(plain)
     measured = [0] + verify_ks
     # a pass with drafts costs at least a plain one: a faster reading is noise (and verify[0] is the unit)
-    ratios = [1.0] + [max(1.0, float(np.median(verify[k])) / step) for k in verify_ks]
+    ratios = [1.0] + [max(1.0, min(verify[k]) / step) for k in verify_ks]
     verify_cost = isotonic(np.interp(range(k_max + 1), measured, ratios).tolist())
     per_row = bool(wrappers) and not isinstance(wrappers[0], _CannedRows)
     fixed, per_step = 0.0, 0.0
     if draft_ks:
         share = rows if per_row else 1  # per-row proposers: the mean row's drafting
-        fixed, per_step = fit_line(draft_ks, [float(np.median(draft[k])) / share / step for k in draft_ks])
+        fixed, per_step = fit_line(draft_ks, [min(draft[k]) / share / step for k in draft_ks])
     return WidthCosts(verify_cost, fixed, per_step, per_row, step)
