@@ -93,7 +93,7 @@ class BatchDraftPolicy:
         self._steady: Dict[bool, Tuple[int, int]] = {}  # ... and (its width, rounds in a row at that width)
         self._last_measured = -probe_spacing
         self.rounds = 0
-        self.k_counts: Dict[int, int] = {}  # the auto rows' K per round (0: no auto row drafted)
+        self.k_counts: Dict[int, Dict[int, int]] = {}  # by width: the auto rows' K per round (0: none drafted)
         self.probes = self.calibrations = self.widths_measured = 0
 
     # -- the RoundPolicy contract
@@ -121,7 +121,8 @@ class BatchDraftPolicy:
             if kind.state is not None:
                 row.engine.policy.assign(k)
         top = max((k for v, k in zip(views, ks) if v.fixed is None), default=0)
-        self.k_counts[top] = self.k_counts.get(top, 0) + 1
+        counts = self.k_counts.setdefault(len(rows), {})
+        counts[top] = counts.get(top, 0) + 1
         return ks
 
     def observe(self, batch, asked: List[int], results, seconds: float) -> None:
@@ -144,7 +145,8 @@ class BatchDraftPolicy:
         self._time(self._width(_kv(batch), last.rows), last, asked, [r.drafted for r in results], seconds)
 
     def summary(self) -> dict:
-        return {"k_counts": dict(sorted(self.k_counts.items())), "probes": self.probes,
+        return {"k_counts": {b: dict(sorted(c.items())) for b, c in sorted(self.k_counts.items())},
+                "probes": self.probes,
                 "calibrations": self.calibrations, "widths_measured": self.widths_measured,
                 "overheads": {b: round(w.overhead, 4) for (kv, b), w in sorted(self._widths.items(),
                                                                               key=lambda x: x[0][1])}}
