@@ -216,18 +216,28 @@ def auto_policy(state=None):
     return AutoDraftPolicy(SINGLE_COSTS, state if state is not None else PairState(AcceptanceEstimate()))
 
 
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def make_policy(model, widths, **kw):
     store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS, measure_width=fake_width(widths))
-    return BatchDraftPolicy(model, AutoTuner(store), **kw)
+    return BatchDraftPolicy(model, AutoTuner(store), clock=FakeClock(), **kw)
 
 
-def run_round(policy, batch, accepted=lambda b, k: k, seconds=None):
+def run_round(policy, batch, accepted=lambda b, k: k, seconds=0.0):
+    """One round as Batch.round drives the policy; the round itself takes `seconds` on the policy's clock."""
     ks = policy.plan(batch)
+    policy.clock.now += seconds
     results = [RoundResult(k, accepted(b, k)) for b, k in enumerate(ks)]
     for row, r, k in zip(batch.rows, results, ks):
         if k:
             row.engine.policy.observe(r)  # what engine.settle does
-    policy.observe(batch, ks, results, seconds if seconds is not None else 0.0)
+    policy.observe(batch, ks, results)
     return ks
 
 
@@ -305,9 +315,8 @@ def test_calibration_corrects_a_wrong_measurement(model):
     history = []
     for _ in range(400):
         ks = policy.plan(batch)
-        seconds = bc.round_cost([bc.RowView()] * 4, ks, truth, {}) * 0.01
-        results = [RoundResult(k, int(k * 0.7)) for k in ks]
-        policy.observe(batch, ks, results, seconds)
+        policy.clock.now += bc.round_cost([bc.RowView()] * 4, ks, truth, {}) * 0.01
+        policy.observe(batch, ks, [RoundResult(k, int(k * 0.7)) for k in ks])
         history.append(max(ks))
     assert history[1] > 0, "the file's costs say draft"
     assert policy.calibrations >= 1, "plain steps are re-timed while drafting"
@@ -320,7 +329,7 @@ def test_widths_are_measured_lazily(model):
     calls = []
     store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS,
                        measure_width=fake_width(lambda rows: WidthCosts(FLAT.verify, plain_step_s=0.01 * rows), calls))
-    policy = BatchDraftPolicy(model, AutoTuner(store), probe_spacing=4)
+    policy = BatchDraftPolicy(model, AutoTuner(store), probe_spacing=4, clock=FakeClock())
     engines = [fake_engine(auto_policy()) for _ in range(8)]
     run_round(policy, FakeBatch(engines[:4]))
     assert calls == [4], "the first width is measured at once"
@@ -332,19 +341,23 @@ def test_widths_are_measured_lazily(model):
     assert calls == [4, 8], "a width the batch stays at is measured"
 
 
-def test_a_round_that_stopped_to_measure_a_width_is_not_timed(model):
-    """Its wall time holds the probe's seconds: taken as a plain step's, it would make drafting look cheap."""
-    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS,
-                       measure_width=fake_width(WidthCosts(LINEAR.verify, plain_step_s=0.01)))
-    policy = BatchDraftPolicy(model, AutoTuner(store), probe_spacing=1)
+def test_a_round_that_stopped_to_measure_a_width_is_timed_without_the_measuring(model):
+    """The probe's seconds are not the round's: taken as a plain step's, they would make drafting look cheap."""
+    clock = FakeClock()
+
+    def measure(model, proposer, rows, **kw):
+        clock.now += 5.0  # a second or two on a real model; more here
+        return WidthCosts(LINEAR.verify, plain_step_s=0.01)
+
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS, measure_width=measure)
+    policy = BatchDraftPolicy(model, AutoTuner(store), probe_spacing=1, clock=clock)
     run_round(policy, FakeBatch([fake_engine(auto_policy())]), seconds=0.01)  # width 1 measured
     wide = FakeBatch([fake_engine(auto_policy()) for _ in range(4)])
     for _ in range(bp.STEADY_ROUNDS - 1):  # interpolated from width 1, timed as plain steps
         assert run_round(policy, wide, seconds=0.01) == [0] * 4
-    assert policy.widths_measured == 1
-    run_round(policy, wide, seconds=5.0)  # measures width 4: seconds of probing
+    run_round(policy, wide, seconds=0.01)  # measures width 4 while planning
     assert policy.widths_measured == 2
-    assert math.isclose(policy._widths[None, 4].plain_overhead, 1.0), "the measuring round's time is not a step's"
+    assert math.isclose(policy._widths[None, 4].plain_overhead, 1.0), "the measuring is not a step's time"
 
 
 # --- exactness with the policy choosing k -----------------------------------------------------------------

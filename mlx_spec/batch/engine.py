@@ -6,7 +6,7 @@ and the batch moves its K/V into rows-caches (cache.py here) for as long as it d
 
 One round:
     each row asks its policy for k (0: a plain step), or the batch's `RoundPolicy` chooses every row's k
-    (tuning/batch_policy.py: for aggregate tokens/s at this width); its proposer drafts (an MTP drafter
+    (tuning/batch_policy.py: for aggregate tokens/s at this width, timing the rounds it plans); its proposer drafts (an MTP drafter
     runs once for all its rows; other proposers per row);
     the base runs (B, L) tokens, row b's `[bonus, d1..dk_b]` padded to L = 1 + max k with copies of its
     last token;
@@ -58,8 +58,9 @@ class RoundPolicy(Protocol):
     def plan(self, batch: "Batch") -> List[int]:
         """Each row's k this round, in row order (the batch caps each at `budget(row, k)`)."""
 
-    def observe(self, batch: "Batch", asked: List[int], results: List[RoundResult], seconds: float) -> None:
-        """What the round did per row (asked, then drafted and accepted) and its wall time in seconds."""
+    def observe(self, batch: "Batch", asked: List[int], results: List[RoundResult]) -> None:
+        """What the round did per row: what it asked, then drafted and accepted (the round ends here: a
+        policy that times rounds times from `plan` to `observe`)."""
 
 
 class Batch:
@@ -98,7 +99,6 @@ class Batch:
     def round(self) -> List[Tuple[Row, List[TokenEvent]]]:
         """One round for every row: (row, the TokenEvents it emitted), in row order. Finished rows stay until
         `remove`d (their caches still hold them)."""
-        start = time.perf_counter()
         rows = self.rows
         asked = self._asked()
         drafts = self._propose(asked)
@@ -126,7 +126,7 @@ class Batch:
         rollback_rows(self.caches, counts)
         if self.policy is not None:
             results = [RoundResult(d.k, n) for d, n in zip(drafts, accepted)]
-            self.policy.observe(self, asked, results, time.perf_counter() - start)
+            self.policy.observe(self, asked, results)
         return out
 
     def _verify(self, logits: mx.array, verify: mx.array, drafts: List[Draft]) -> List[mx.array]:

@@ -15,7 +15,8 @@ at once when no width is measured yet; until then it is interpolated from measur
 passes through every width below its own in a few rounds each: those are not worth a stop).
 
 As AutoDraftPolicy does for one request, it keeps, per width, measured / modelled time of drafted rounds
-and of plain steps (`observe` gets each round's wall time) and scales round costs by their ratio, re-timing
+and of plain steps (each round timed from the end of `plan` to `observe`: drafting, the base pass,
+acceptance and emission, not the policy's own choosing) and scales round costs by their ratio, re-timing
 plain steps every so often while drafting, so a wrong or stale measurement corrects itself; and an auto row
 that stops drafting (auto-off) is re-probed with one drafted round after a backoff that doubles while
 probes fail.
@@ -24,9 +25,10 @@ Knows rows' engines and their policies (through the Batch it is handed), never t
 """
 
 import copy
+import time
 import weakref
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Optional, Tuple
+from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 from ..cache import KVQuant
 from .batch_costs import RowView, WidthCosts, at_width, choose_round, round_cost
@@ -74,17 +76,20 @@ class _Round:
     views: List[RowView]
     verify: Optional[WidthCosts]
     drafting: Dict[Hashable, WidthCosts]
-    measured: bool  # a width was measured while planning it: its wall time holds the probe
+    started: float = 0.0  # clock() when the plan was handed over: the round's own time starts
 
 
 class BatchDraftPolicy:
     """Chooses every row's k each round of a Batch (the batch/engine.py `RoundPolicy` contract)."""
 
     def __init__(self, model, tuner: Optional[AutoTuner] = None, *, k_max: int = K_MAX,
-                 min_speedup: float = MIN_SPEEDUP, probe_spacing: int = PROBE_SPACING):
+                 min_speedup: float = MIN_SPEEDUP, probe_spacing: int = PROBE_SPACING,
+                 clock: Optional[Callable[[], float]] = None):
         """`tuner`: where costs are filed and what pairs learnt (the scheduler owner's, shared with its
-        one-request calls); a fresh one by default."""
+        one-request calls); a fresh one by default. `clock` times rounds (default: the tuner's, which
+        its store's probes use too)."""
         self.model, self.tuner = model, tuner if tuner is not None else AutoTuner()
+        self.clock = clock or self.tuner.clock or time.perf_counter
         self.k_max, self.min_speedup, self.probe_spacing = k_max, min_speedup, probe_spacing
         self._rows: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Engine -> _Row
         self._widths: Dict[Tuple[Optional[KVQuant], int], _Width] = {}
@@ -104,12 +109,12 @@ class BatchDraftPolicy:
         kinds = [self._row(r.engine) for r in rows]
         if all(k.state is None for k in kinds):  # no auto row: every row's own k, nothing to choose
             return [batch.budget(r, r.engine.policy.next_k()) for r in rows]
-        kv, steady, measured = _kv(batch), self._steady_rounds(batch), self.widths_measured
+        kv, steady = _kv(batch), self._steady_rounds(batch)
         views, drafting = [], {}
         for row, kind in zip(rows, kinds):
             views.append(self._view(batch, row, kind, drafting, kv, steady))
         verify = next((drafting[v.drafter] for v in views if v.fixed is None and v.drafter in drafting), None)
-        self._last[batch.quantized] = _Round(len(rows), views, verify, drafting, self.widths_measured > measured)
+        last = self._last[batch.quantized] = _Round(len(rows), views, verify, drafting)
         if verify is None:
             return [v.fixed or 0 for v in views]
         width = self._width(kv, len(rows))
@@ -123,10 +128,12 @@ class BatchDraftPolicy:
         top = max((k for v, k in zip(views, ks) if v.fixed is None), default=0)
         counts = self.k_counts.setdefault(len(rows), {})
         counts[top] = counts.get(top, 0) + 1
+        last.started = self.clock()  # after choosing (and any width measured meanwhile): the round's own time
         return ks
 
-    def observe(self, batch, asked: List[int], results, seconds: float) -> None:
-        """What the round got (per row: asked, RoundResult) and its wall time."""
+    def observe(self, batch, asked: List[int], results) -> None:
+        """What the round got (per row: asked, RoundResult); the round ends here."""
+        now = self.clock()
         for row, a, r in zip(batch.rows, asked, results):
             kind = self._rows.get(row.engine)
             if kind is None or a == 0:
@@ -136,13 +143,12 @@ class BatchDraftPolicy:
             elif kind.fixed is not None:
                 kind.fixed.observe(r.drafted, r.accepted)
         last = self._last.pop(batch.quantized, None)
-        if (last is None or last.verify is None or last.verify.plain_step_s <= 0 or last.measured
-                or last.rows != len(batch.rows)):
+        if last is None or last.verify is None or last.verify.plain_step_s <= 0 or last.rows != len(batch.rows):
             return
         if self._timed_width.get(batch.quantized) != last.rows:  # the first round at a new width compiles
             self._timed_width[batch.quantized] = last.rows
             return
-        self._time(self._width(_kv(batch), last.rows), last, asked, [r.drafted for r in results], seconds)
+        self._time(self._width(_kv(batch), last.rows), last, asked, [r.drafted for r in results], now - last.started)
 
     def summary(self) -> dict:
         return {"k_counts": {b: dict(sorted(c.items())) for b, c in sorted(self.k_counts.items())},
