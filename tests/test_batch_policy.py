@@ -427,3 +427,16 @@ def test_the_width_probe_times_real_rounds_of_every_proposer_family(model, kind)
     assert costs.verify == sorted(costs.verify), "a longer pass costs at least a shorter one"
     assert costs.plain_step_s > 0 and costs.draft_fixed >= 0 and costs.draft_step >= 0
     assert costs.per_row == (kind != "mtp"), "an MTP drafter drafts its rows together; the others per row"
+
+
+def test_the_width_probe_times_everything_on_its_clock(model):
+    """Drafting is timed on the probe's clock like the rounds (a CPU-seconds clock on a shared machine must
+    not meet wall seconds): with a clock that ticks once per reading, a plain round is one tick and every
+    drafting one tick, whatever k."""
+    from mlx_spec.tuning.width_probe import measure_width
+
+    ticks = itertools.count()
+    costs = measure_width(model, make_proposer(model, drafter=make_drafter(model)), 2, reps=1, context=16,
+                          clock=lambda: float(next(ticks)))
+    assert math.isclose(costs.plain_step_s, 1.0) and math.isclose(costs.draft_fixed + costs.draft_step, 1.0) \
+        and costs.draft_step < 1e-9, f"drafting timed on the probe's clock: {costs}"

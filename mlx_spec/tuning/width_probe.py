@@ -42,8 +42,8 @@ class _Canned:
     cost) or the real proposer's, its drafting timed into `seconds`. Everything else is the real one's (a
     block drafter's context is fed and rolled back as in a real round)."""
 
-    def __init__(self, real, pool: mx.array):
-        self.real, self.pool, self.canned, self.seconds = real, pool, True, 0.0
+    def __init__(self, real, pool: mx.array, clock: Callable[[], float]):
+        self.real, self.pool, self.clock, self.canned, self.seconds = real, pool, clock, True, 0.0
 
     def __getattr__(self, name):
         if name.startswith("propose"):  # only _CannedRows drafts rows together
@@ -60,10 +60,10 @@ class _Canned:
             self.real.observe(result)
 
     def _timed(self, call):
-        start = time.perf_counter()
+        start = self.clock()
         out = call()
         mx.eval([d.tokens for d in (out if isinstance(out, list) else [out])])
-        self.seconds += time.perf_counter() - start
+        self.seconds += self.clock() - start
         return out
 
 
@@ -76,7 +76,7 @@ class _CannedRows(_Canned):
         return self._timed(lambda: self.real.propose_rows(ctxs, ks, caches, rows))
 
 
-def _rows(model, proposer, rows: int, context: int, kv: Optional[KVQuant], seed: int):
+def _rows(model, proposer, rows: int, context: int, kv: Optional[KVQuant], seed: int, clock):
     """A Batch of `rows` synthetic greedy rows and their (shared, or per-row) probe proposers."""
     rng = np.random.default_rng(seed)
     vocab = vocab_size(model) or 256
@@ -87,7 +87,7 @@ def _rows(model, proposer, rows: int, context: int, kv: Optional[KVQuant], seed:
         if proposer is not None:
             real = proposer.fork()
             if id(real) not in wrappers:
-                wrappers[id(real)] = (_CannedRows if hasattr(real, "propose_rows") else _Canned)(real, pool)
+                wrappers[id(real)] = (_CannedRows if hasattr(real, "propose_rows") else _Canned)(real, pool, clock)
             prop = wrappers[id(real)]
         prompt = rng.integers(4, vocab, size=context).tolist()
         engine = Engine(model, prompt, proposer=prop, policy=FixedK(0), max_tokens=1 << 30, kv=kv)
@@ -120,7 +120,7 @@ def measure_width(model, proposer, rows: int, *, kv: Optional[KVQuant] = None, k
     `kv`: quantized K/V rows (measured quantized from the start). Without a proposer the draft cost is 0."""
     if kv is not None:
         kv = KVQuant(kv.bits, kv.group_size, 0)
-    batch, wrappers = _rows(model, proposer, rows, context, kv, seed)
+    batch, wrappers = _rows(model, proposer, rows, context, kv, seed, clock)
     verify_ks = sorted({k for k in PROBE_VERIFY_KS if 0 < k <= k_max} | {k_max})
     draft_ks = [k for k in PROBE_DRAFT_KS if k <= k_max] if wrappers else []
     plain: List[float] = []
