@@ -271,6 +271,21 @@ def test_policy_turns_a_row_off_and_probes_it_after_a_backoff(model):
         "a failed probe (the round after it turns the row off again) doubles the backoff"
 
 
+def test_rows_that_are_off_probe_in_the_same_rounds(model):
+    """Rows that stopped drafting at different rounds take the first probe due together: a probe round
+    costs the whole batch a drafted pass, so B rows must not probe B times as often."""
+    policy = make_policy(model, HALF)
+    engines = [fake_engine(auto_policy()) for _ in range(4)]
+    history = []
+    for n in range(1, 5):  # a row joins every 3 rounds; all drafts are rejected
+        history += [run_round(policy, FakeBatch(engines[:n]), accepted=lambda b, k: 0) for _ in range(3)]
+    history += [run_round(policy, FakeBatch(engines), accepted=lambda b, k: 0) for _ in range(300)]
+    late = [ks for ks in history[40:]]
+    probe_rounds = [ks for ks in late if any(ks)]
+    assert probe_rounds and all(all(ks) for ks in probe_rounds), "every row probes in the same rounds"
+    assert len(probe_rounds) <= 4, f"as one row would: {len(probe_rounds)} probe rounds in {len(late)}"
+
+
 def test_rows_learn_on_their_own_and_the_pair_learns_from_all(model):
     pair = PairState(AcceptanceEstimate())
     a, b = fake_engine(auto_policy(pair)), fake_engine(auto_policy(pair))

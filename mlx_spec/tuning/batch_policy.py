@@ -113,6 +113,7 @@ class BatchDraftPolicy:
         views, drafting = [], {}
         for row, kind in zip(rows, kinds):
             views.append(self._view(batch, row, kind, drafting, kv, steady))
+        self._probes(views, kinds)
         verify = next((drafting[v.drafter] for v in views if v.fixed is None and v.drafter in drafting), None)
         last = self._last[batch.quantized] = _Round(len(rows), views, verify, drafting)
         if verify is None:
@@ -184,9 +185,21 @@ class BatchDraftPolicy:
             return RowView(kind.fixed.alphas(), kind.fixed.empty_rate, fixed=k, drafter=key)
         st, cap = kind.state, batch.budget(row, self.k_max)
         forced = st.probe_due and st.plain_left <= 0 and cap > 0
-        if forced:  # one drafted round to see whether drafting pays again; its evidence counts for more
-            st.estimate.shrink(PROBE_WEIGHT)
         return RowView(st.estimate.alphas(), st.estimate.empty_rate, cap=cap, forced=forced, drafter=key)
+
+    @staticmethod
+    def _probes(views: List[RowView], kinds: List[_Row]) -> None:
+        """A probe round costs the whole batch a drafted pass: every auto row waiting for a probe takes it
+        now, so the rows' probes fall in the same rounds (B rows off would otherwise probe B times as
+        often). Each probing row's evidence counts for more."""
+        if not any(v.forced for v in views):
+            return
+        for view, kind in zip(views, kinds):
+            st = kind.state
+            if st is not None and st.probe_due and view.cap > 0:
+                view.forced = True
+                st.estimate.shrink(PROBE_WEIGHT)
+                view.alphas = st.estimate.alphas()
 
     def _auto_off(self, views, kinds, ks, calibrating: bool, verify, drafting, width: _Width) -> None:
         """Auto rows' probe state, as AutoDraftPolicy keeps it: a row that stops drafting drafts again for one
@@ -197,7 +210,7 @@ class BatchDraftPolicy:
             if st is None or view.cap <= 0:
                 continue
             if view.forced:
-                st.probe_due = False
+                st.probe_due, st.plain_left = False, 0
                 self.probes += 1
             if k > 0:
                 st.rounds_on += 1
