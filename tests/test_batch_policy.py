@@ -116,6 +116,13 @@ def test_the_greedy_subset_is_the_best_subset():
         assert math.isclose(plan.rate, best, rel_tol=1e-9), "the chosen rows are the best subset at the best K"
 
 
+def test_can_pay_is_whether_perfect_acceptance_would_pay():
+    weak = [auto([0.0] * K)] * 4
+    assert bc.can_pay(weak, HALF, {"mtp": HALF}), "at half a step per token, all-accepted drafts would pay"
+    assert not bc.can_pay(weak, LINEAR, {"mtp": LINEAR}), "at a step per token nothing can: no probes there"
+    assert not bc.can_pay([fixed(3), fixed(0, drafter=None)], FLAT, {"mtp": FLAT}), "no auto row, nothing to pay"
+
+
 def test_budgets_and_probes():
     plan = bc.choose_round([auto(THREE, cap=2), auto(THREE)], FLAT, {"mtp": FLAT})
     assert plan.ks == [2, 3], "a row drafts no more than its budget (max tokens, a K/V switch)"

@@ -18,7 +18,7 @@ Knows numbers only: nothing of models, clocks, files or rows' engines.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Hashable, List, Mapping, Optional, Sequence
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 from .costs import K_MAX, MIN_SPEEDUP, expected_tokens
 
@@ -129,6 +129,11 @@ class _Cost:
         self.verify, self.drafting = verify, drafting
         self.top, self.per_row, self.together = 0, 0.0, {}
 
+    def copy(self) -> "_Cost":
+        out = _Cost(self.verify, self.drafting)
+        out.top, out.per_row, out.together = self.top, self.per_row, dict(self.together)
+        return out
+
     def add(self, row: RowView, k: int) -> None:
         if k <= 0:
             return
@@ -162,33 +167,41 @@ def round_rate(rows: Sequence[RowView], ks: Sequence[int], verify: WidthCosts,
     return sum(row_tokens(r, k) for r, k in zip(rows, ks)) / round_cost(rows, ks, verify, drafting, overhead)
 
 
+def _baseline(rows: Sequence[RowView], verify: WidthCosts, drafting) -> Tuple[List[int], _Cost, float]:
+    """The rounds' part without auto rows drafting: each row's k, its cost, its tokens."""
+    base = [r.fixed if r.fixed is not None else 0 for r in rows]
+    cost = _Cost(verify, drafting)
+    for row, k in zip(rows, base):
+        cost.add(row, k)
+    return base, cost, sum(row_tokens(r, k) for r, k in zip(rows, base))
+
+
 def choose_round(rows: Sequence[RowView], verify: WidthCosts, drafting: Mapping[Hashable, WidthCosts], *,
                  k_max: int = K_MAX, overhead: float = 1.0, min_speedup: float = MIN_SPEEDUP) -> Plan:
     """The plan maximising expected aggregate tokens per plain batched step: the auto rows' common K
     (each drafts min(K, cap)), and which of them draft at all. Without a forced row, drafting must beat the
     baseline by `min_speedup` (a tie goes to the plain step)."""
-    base = [r.fixed if r.fixed is not None else 0 for r in rows]
-    baseline = round_rate(rows, base, verify, drafting, overhead)
+    base, base_cost, base_tokens = _baseline(rows, verify, drafting)
+    baseline = base_tokens / base_cost.total(overhead)
     auto = [b for b, r in enumerate(rows) if r.fixed is None and r.cap > 0]
     forced = [b for b in auto if rows[b].forced]
-    free = [b for b in auto if not rows[b].forced]
+    units = _units(rows, [b for b in auto if not rows[b].forced], drafting)
+    charged = {rows[b].drafter for b, k in enumerate(base) if k > 0} | {rows[b].drafter for b in forced}
     tokens = {b: _tokens_by_k(rows[b], k_max) for b in auto}
     best: Optional[Plan] = None
     for K in range(1, k_max + 1) if auto else ():
-        ks = list(base)
+        ks, cost, n = list(base), base_cost.copy(), base_tokens
         for b in forced:
-            ks[b] = min(K, rows[b].cap)
-        cost = _Cost(verify, drafting)
-        for row, k in zip(rows, ks):
-            cost.add(row, k)
-        n = sum(tokens[b][ks[b]] if b in tokens else row_tokens(rows[b], ks[b]) for b in range(len(rows)))
-        candidates = [] if not forced else [(n / cost.total(overhead), list(ks))]
-        for members in _units(rows, free, K, tokens, drafting, {rows[b].drafter for b in range(len(rows)) if ks[b]}):
-            for b in members:
-                k = min(K, rows[b].cap)
+            ks[b] = k = min(K, rows[b].cap)
+            n += tokens[b][k] - 1.0
+            cost.add(rows[b], k)
+        candidates = [(n / cost.total(overhead), list(ks))] if forced else []
+        for unit in sorted((_Unit(rows, m, K, tokens, drafting, charged) for m in units), key=lambda u: u.ratio,
+                           reverse=True):
+            for b, k in zip(unit.members, unit.ks):
                 ks[b] = k
-                n += tokens[b][k] - 1.0
-                cost.add(rows[b], k)
+            n += unit.gain
+            unit.add_to(cost)
             candidates.append((n / cost.total(overhead), list(ks)))
         for rate, plan in candidates:
             if best is None or rate > best.rate:
@@ -198,21 +211,51 @@ def choose_round(rows: Sequence[RowView], verify: WidthCosts, drafting: Mapping[
     return best
 
 
-def _units(rows: Sequence[RowView], free: List[int], K: int, tokens, drafting, charged) -> List[List[int]]:
-    """The free auto rows in the order they join the round's drafting, best gain per cost first: a row of a
-    per-row proposer is one unit, the rows of a proposer that drafts them together one unit (free once its
-    drafter runs anyway for other rows)."""
+def can_pay(rows: Sequence[RowView], verify: WidthCosts, drafting: Mapping[Hashable, WidthCosts], *,
+            k_max: int = K_MAX, overhead: float = 1.0, min_speedup: float = MIN_SPEEDUP) -> bool:
+    """Whether some K would beat the baseline if every auto row drafted min(K, cap) and every draft were
+    accepted: where not, acceptance cannot make drafting pay at this width (no probe can change that)."""
+    base, base_cost, base_tokens = _baseline(rows, verify, drafting)
+    auto = [b for b, r in enumerate(rows) if r.fixed is None and r.cap > 0]
+    for K in range(1, k_max + 1) if auto else ():
+        cost, n = base_cost.copy(), base_tokens
+        for b in auto:
+            k = min(K, rows[b].cap)
+            n += k
+            cost.add(rows[b], k)
+        if n / cost.total(overhead) >= min_speedup * base_tokens / base_cost.total(overhead):
+            return True
+    return False
+
+
+def _units(rows: Sequence[RowView], free: List[int], drafting) -> List[List[int]]:
+    """The free auto rows as the units that join a round's drafting: a row of a per-row proposer alone, the
+    rows of a proposer that drafts them together as one."""
     units: Dict[Hashable, List[int]] = {}
     for b in free:
         d = drafting.get(rows[b].drafter)
         units.setdefault(b if d is None or d.per_row else ("together", rows[b].drafter), []).append(b)
+    return list(units.values())
 
-    def ratio(members: List[int]) -> float:
-        gain = sum(tokens[b][min(K, rows[b].cap)] - 1.0 for b in members)
-        d = drafting.get(rows[members[0]].drafter)
-        if d is None or (not d.per_row and rows[members[0]].drafter in charged):
-            return float("inf")
-        cost = sum(d.draft(min(K, rows[b].cap)) for b in members) if d.per_row else d.draft(K)
-        return gain / cost if cost > 0 else float("inf")
 
-    return sorted(units.values(), key=ratio, reverse=True)
+class _Unit:
+    """Rows that join a round's drafting together at K: their ks, expected extra tokens, what they add to
+    the round's cost, and gain per cost (infinite where they add no drafting: a shared drafter that runs
+    anyway for other rows). Units join best first."""
+
+    def __init__(self, rows, members: List[int], K: int, tokens, drafting, charged):
+        self.members, self.ks = members, [min(K, rows[b].cap) for b in members]
+        self.gain = sum(tokens[b][k] - 1.0 for b, k in zip(members, self.ks))
+        self.top, self.drafter = max(self.ks), rows[members[0]].drafter
+        d = drafting.get(self.drafter)
+        self.per_row = d is not None and d.per_row
+        self.cost = 0.0 if d is None else sum(d.draft(k) for k in self.ks) if self.per_row else d.draft(self.top)
+        free = d is None or (not self.per_row and self.drafter in charged)
+        self.ratio = float("inf") if free or self.cost <= 0 else self.gain / self.cost
+
+    def add_to(self, cost: _Cost) -> None:
+        cost.top = max(cost.top, self.top)
+        if self.per_row:
+            cost.per_row += self.cost
+        elif self.drafter in cost.drafting:
+            cost.together[self.drafter] = max(cost.together.get(self.drafter, 0), self.top)

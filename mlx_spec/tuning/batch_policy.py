@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Callable, Dict, Hashable, List, Optional, Tuple
 
 from ..cache import KVQuant
-from .batch_costs import RowView, WidthCosts, at_width, choose_round, round_cost
+from .batch_costs import Plan, RowView, WidthCosts, at_width, can_pay, choose_round, round_cost
 from .costs import CALIBRATE_EVERY, K_MAX, MIN_SPEEDUP, calibration_interval
 from .policy import (FIRST_PROBE_AFTER, MAX_PROBE_AFTER, OVERHEAD_MAX, OVERHEAD_MIN, OVERHEAD_SMOOTHING,
                      PLAIN_SMOOTHING, PROBE_WEIGHT, RESET_BACKOFF_ROUNDS, AcceptanceEstimate, AutoDraftPolicy,
@@ -93,6 +93,7 @@ class BatchDraftPolicy:
         self.k_max, self.min_speedup, self.probe_spacing = k_max, min_speedup, probe_spacing
         self._rows: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # Engine -> _Row
         self._widths: Dict[Tuple[Optional[KVQuant], int], _Width] = {}
+        self._tables: Dict[Tuple[str, Optional[KVQuant]], Dict[int, WidthCosts]] = {}  # by proposer, K/V
         self._last: Dict[bool, _Round] = {}  # by the batch's K/V kind: its latest round
         self._timed_width: Dict[bool, int] = {}  # ... and the width its last timed round had
         self._steady: Dict[bool, Tuple[int, int]] = {}  # ... and (its width, rounds in a row at that width)
@@ -119,8 +120,7 @@ class BatchDraftPolicy:
         if verify is None:
             return [v.fixed or 0 for v in views]
         width = self._width(kv, len(rows))
-        plan = choose_round(views, verify, drafting, k_max=self.k_max, overhead=width.overhead,
-                            min_speedup=self.min_speedup)
+        plan = self._choose(views, verify, drafting, width)
         ks, calibrating = self._calibrate(width, views, plan, verify.plain_step_s > 0)
         self._auto_off(views, kinds, ks, calibrating, verify, drafting, width)
         for row, kind, k in zip(rows, kinds, ks):
@@ -201,6 +201,15 @@ class BatchDraftPolicy:
                 st.estimate.shrink(PROBE_WEIGHT)
                 view.alphas = st.estimate.alphas()
 
+    def _choose(self, views: List[RowView], verify: WidthCosts, drafting, width: _Width) -> Plan:
+        """choose_round, after a cheap check that drafting can pay here at all (a wide batch where it cannot
+        runs plain rounds without weighing every K)."""
+        kw = dict(k_max=self.k_max, overhead=width.overhead, min_speedup=self.min_speedup)
+        if not any(v.forced for v in views) and not can_pay(views, verify, drafting, **kw):
+            base = [v.fixed or 0 for v in views]
+            return Plan(base, 1.0, 1.0)
+        return choose_round(views, verify, drafting, **kw)
+
     def _auto_off(self, views, kinds, ks, calibrating: bool, verify, drafting, width: _Width) -> None:
         """Auto rows' probe state, as AutoDraftPolicy keeps it: a row that stops drafting drafts again for one
         round after `backoff` plain ones (doubling while probes fail); none when no K could ever pay here."""
@@ -219,23 +228,18 @@ class BatchDraftPolicy:
                 continue
             if calibrating:
                 continue
-            if never is None:
-                never = self._never(views, verify, drafting, width)
-            if never:
-                continue
             if st.plain_left > 0:
                 st.plain_left -= 1
-            elif not st.probe_due:
+                continue
+            if st.probe_due:
+                continue
+            if never is None:
+                never = not can_pay(views, verify, drafting, k_max=self.k_max, overhead=width.overhead,
+                                    min_speedup=self.min_speedup)
+            if not never:
                 st.plain_left, st.probe_due = st.backoff - 1, True
                 st.backoff = min(2 * st.backoff, MAX_PROBE_AFTER)
                 st.rounds_on = 0
-
-    def _never(self, views, verify, drafting, width: _Width) -> bool:
-        """Whether no K pays at this width even if every auto row's every draft were accepted."""
-        perfect = [RowView([1.0] * self.k_max, 0.0, v.cap, v.fixed, False, v.drafter) for v in views]
-        plan = choose_round(perfect, verify, drafting, k_max=self.k_max, overhead=width.overhead,
-                            min_speedup=self.min_speedup)
-        return all(k == (v.fixed or 0) for v, k in zip(views, plan.ks))
 
     # -- costs and timing
     def _steady_rounds(self, batch) -> int:
@@ -248,7 +252,9 @@ class BatchDraftPolicy:
     def _costs(self, proposer, rows: int, kv, steady: int) -> WidthCosts:
         """This width's costs: measured, else measured now (nothing measured yet; or the batch stays at this
         width, PROBE_SPACING rounds after the last measurement), else interpolated from measured widths."""
-        table = self.tuner.store.widths(self.model, proposer, kv)
+        table = self._tables.get((proposer.identity, kv))
+        if table is None:  # the store's own dict (measuring adds to it): asked once, not every round
+            table = self._tables[proposer.identity, kv] = self.tuner.store.widths(self.model, proposer, kv)
         if rows in table:
             return table[rows]
         if not table or (steady >= STEADY_ROUNDS and self.rounds - self._last_measured >= self.probe_spacing):
