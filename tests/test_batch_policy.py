@@ -261,6 +261,18 @@ def test_policy_drafts_at_a_narrow_width_and_decodes_plainly_at_a_wide_one(model
     assert policy.probes == 0, "and no probes: no acceptance could make drafting pay here"
 
 
+def test_a_batch_drafts_only_for_a_clear_gain(model):
+    """Expected 1.07x (K=1 at half a step per token, 60% acceptance): one request would draft, a batch runs
+    plain rounds (MIN_BATCH_SPEEDUP: what the model misses of a batch's rounds must not make it slower)."""
+    def rows():
+        return [fake_engine(auto_policy(PairState(AcceptanceEstimate(trials=[50.0] * K, hits=[30.0] * K))))
+                for _ in range(4)]
+
+    views = [auto(r.policy.state.estimate.alphas()) for r in rows()]
+    assert 1.02 < bc.choose_round(views, HALF, {"mtp": HALF}).speedup < bp.MIN_BATCH_SPEEDUP
+    assert run_round(make_policy(model, HALF), FakeBatch(rows())) == [0] * 4, "a batch needs a clear gain"
+
+
 def test_policy_turns_a_row_off_and_probes_it_after_a_backoff(model):
     """Per-row costs: a row whose drafts are all rejected stops drafting while a good row drafts on, and
     is re-probed after FIRST_PROBE_AFTER rounds, the backoff doubling while probes fail."""
