@@ -338,23 +338,40 @@ def test_budget_caps_an_auto_row(model):
 
 
 def test_calibration_corrects_a_wrong_measurement(model):
-    """The file says verifying is nearly free (HALF would not pay for these rows), but drafted rounds take
-    three times what it says: re-timed, the policy decodes plainly."""
-    cheap = WidthCosts([1.0 + 0.05 * k for k in range(K + 1)], plain_step_s=0.01)
-    truth = WidthCosts([1.0 + 0.8 * k for k in range(K + 1)])
-    policy = make_policy(model, cheap)
+    """The file's plain step was timed at a busy moment (10 ms; it takes 3 ms) while its verify ratios hold
+    (drafted rounds take what it says, in its 10 ms steps): drafting loses 3x, which only re-timing plain
+    steps while drafting can show. Re-timed, the policy decodes plainly."""
+    costs = WidthCosts([1.0 + 0.05 * k for k in range(K + 1)], plain_step_s=0.01)
+    policy = make_policy(model, costs)
     rows = [fake_engine(auto_policy(PairState(AcceptanceEstimate(trials=[50.0] * K, hits=[35.0] * K))))
             for _ in range(4)]
-    batch = FakeBatch(rows)
-    history = []
+    batch, history = FakeBatch(rows), []
     for _ in range(400):
         ks = policy.plan(batch)
-        policy.clock.now += bc.round_cost([bc.RowView()] * 4, ks, truth, {}) * 0.01
+        policy.clock.now += bc.round_cost([bc.RowView()] * 4, ks, costs, {}) * 0.01 if any(ks) else 0.003
         policy.observe(batch, ks, [RoundResult(k, int(k * 0.7)) for k in ks])
         history.append(max(ks))
     assert history[1] > 0, "the file's costs say draft"
     assert policy.calibrations >= 1, "plain steps are re-timed while drafting"
-    assert sum(1 for k in history[-100:] if k) <= 2, "once the real round costs are known: plain (but for probes)"
+    assert sum(1 for k in history[-100:] if k) <= 2, "once a plain step's real cost is known: plain (but for probes)"
+
+
+def test_busy_moments_do_not_make_drafting_look_cheap(model):
+    """Rows at 60% acceptance where a K=1 round costs what the file says: plain rounds (1.07x expected from
+    drafting, under MIN_BATCH_SPEEDUP). One plain round in four takes 4x (another process ran): an average of
+    the readings would halve the plain step's measured cost relative to rounds and start drafting."""
+    costs = WidthCosts(HALF.verify, plain_step_s=0.01)
+    policy = make_policy(model, costs)
+    rows = [fake_engine(auto_policy(PairState(AcceptanceEstimate(trials=[50.0] * K, hits=[30.0] * K))))
+            for _ in range(4)]
+    batch, drafted = FakeBatch(rows), 0
+    for i in range(300):
+        ks = policy.plan(batch)
+        policy.clock.now += bc.round_cost([bc.RowView()] * 4, ks, costs, {}) * 0.01 * (4 if i % 4 == 3 and not any(ks)
+                                                                                        else 1)
+        policy.observe(batch, ks, [RoundResult(k, int(k * 0.6)) for k in ks])
+        drafted += any(ks)
+    assert drafted <= 300 // policies.FIRST_PROBE_AFTER, f"{drafted} drafted rounds: only probes"
 
 
 def test_widths_are_measured_lazily(model):
@@ -391,7 +408,7 @@ def test_a_round_that_stopped_to_measure_a_width_is_timed_without_the_measuring(
         assert run_round(policy, wide, seconds=0.01) == [0] * 4
     run_round(policy, wide, seconds=0.01)  # measures width 4 while planning
     assert policy.widths_measured == 2
-    assert math.isclose(policy._widths[None, 4].plain_overhead, 1.0), "the measuring is not a step's time"
+    assert max(policy._widths[None, 4].plain) < 1.01, "the measuring is not a step's time"
 
 
 # --- exactness with the policy choosing k -----------------------------------------------------------------

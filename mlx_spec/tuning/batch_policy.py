@@ -16,7 +16,7 @@ passes through every width below its own in a few rounds each: those are not wor
 
 As AutoDraftPolicy does for one request, it keeps, per width, measured / modelled time of drafted rounds
 and of plain steps (each round timed from the end of `plan` to `observe`: drafting, the base pass,
-acceptance and emission, not the policy's own choosing) and scales round costs by their ratio, re-timing
+acceptance and emission, not the policy's own choosing) and scales round costs by their medians' ratio, re-timing
 plain steps every so often while drafting, so a wrong or stale measurement corrects itself; and an auto row
 that stops drafting (auto-off) is re-probed with one drafted round after a backoff that doubles while
 probes fail.
@@ -27,15 +27,16 @@ Knows rows' engines and their policies (through the Batch it is handed), never t
 import copy
 import time
 import weakref
-from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, List, Optional, Tuple
+from collections import deque
+from dataclasses import dataclass, field
+from statistics import median
+from typing import Callable, Deque, Dict, Hashable, List, Optional, Tuple
 
 from ..cache import KVQuant
 from .batch_costs import Plan, RowView, WidthCosts, at_width, can_pay, choose_round, round_cost
 from .costs import CALIBRATE_EVERY, K_MAX, calibration_interval
-from .policy import (FIRST_PROBE_AFTER, MAX_PROBE_AFTER, OVERHEAD_MAX, OVERHEAD_MIN, OVERHEAD_SMOOTHING,
-                     PLAIN_SMOOTHING, PROBE_WEIGHT, RESET_BACKOFF_ROUNDS, AcceptanceEstimate, AutoDraftPolicy,
-                     PairState)
+from .policy import (FIRST_PROBE_AFTER, MAX_PROBE_AFTER, OVERHEAD_MAX, OVERHEAD_MIN, PROBE_WEIGHT,
+                     RESET_BACKOFF_ROUNDS, AcceptanceEstimate, AutoDraftPolicy, PairState)
 from .tuner import AutoTuner
 
 PROBE_SPACING = 32  # rounds between two width measurements (each stops the batch for a second or two)
@@ -45,6 +46,7 @@ CALIBRATION_STEPS = 2  # plain rounds per re-timing (a batch's rounds are not pi
 # on the tiny pair (CPU, 8 rows), rounds the model put at 1.05-1.17x ran at 0.96-0.97x of plain batching
 # (switching pass shapes, rows' bookkeeping between rounds), and a batch must never be slower than plain.
 MIN_BATCH_SPEEDUP = 1.10
+PLAIN_READINGS, ROUND_READINGS = 15, 31  # recent timings kept per width (plain steps are re-timed rarely)
 
 
 @dataclass
@@ -59,13 +61,24 @@ class _Row:
 
 @dataclass
 class _Width:
-    """Timing at one width and K/V kind (PairState's overheads, per width)."""
+    """Timing at one width and K/V kind: measured / modelled time of recent plain steps and drafted rounds
+    (PairState's overheads, per width). Medians, not averages: every round is timed, and time another
+    process takes only ever adds, more of it to a short plain step than to a longer round, so averages
+    would lean towards drafting on a busy machine."""
 
-    round_overhead: float = 1.0
-    plain_overhead: float = 1.0
+    plain: Deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_READINGS))
+    drafted: Deque[float] = field(default_factory=lambda: deque(maxlen=ROUND_READINGS))
     rounds_since_plain: int = CALIBRATE_EVERY - CALIBRATION_STEPS  # calibrate early: the file may be stale
     calibrate_every: int = CALIBRATE_EVERY
     plain_left: int = 0  # calibration plain rounds still to run
+
+    @property
+    def plain_overhead(self) -> float:
+        return median(self.plain) if self.plain else 1.0
+
+    @property
+    def round_overhead(self) -> float:
+        return median(self.drafted) if self.drafted else 1.0
 
     @property
     def overhead(self) -> float:
@@ -295,14 +308,12 @@ class BatchDraftPolicy:
         got no drafts, an n-gram without a match, are neither)."""
         step = last.verify.plain_step_s
         if not any(asked):
-            ratio, attr, rate = seconds / step, "plain_overhead", PLAIN_SMOOTHING
+            readings, ratio = width.plain, seconds / step
         elif any(drafted):
-            modelled = round_cost(last.views, drafted, last.verify, last.drafting) * step
-            ratio, attr, rate = seconds / modelled, "round_overhead", OVERHEAD_SMOOTHING
+            readings, ratio = width.drafted, seconds / (round_cost(last.views, drafted, last.verify, last.drafting) * step)
         else:
             return
-        ratio = min(max(ratio, OVERHEAD_MIN), OVERHEAD_MAX)
-        setattr(width, attr, getattr(width, attr) + rate * (ratio - getattr(width, attr)))
+        readings.append(min(max(ratio, OVERHEAD_MIN), OVERHEAD_MAX))
 
 
 def _kv(batch) -> Optional[KVQuant]:
