@@ -137,9 +137,9 @@ class BatchDraftPolicy:
         if verify is None:
             return [v.fixed or 0 for v in views]
         width = self._width(kv, len(rows))
-        plan = self._choose(views, verify, drafting, width)
+        plan, pays = self._choose(views, kinds, verify, drafting, width)
         ks, calibrating = self._calibrate(width, views, plan, verify.plain_step_s > 0)
-        self._auto_off(views, kinds, ks, calibrating, verify, drafting, width)
+        self._auto_off(views, kinds, ks, calibrating, not pays)
         for row, kind, k in zip(rows, kinds, ks):
             if kind.state is not None:
                 row.engine.policy.assign(k)
@@ -202,7 +202,7 @@ class BatchDraftPolicy:
             return RowView(kind.fixed.alphas(), kind.fixed.empty_rate, fixed=k, drafter=key)
         st, cap = kind.state, batch.budget(row, self.k_max)
         forced = st.probe_due and st.plain_left <= 0 and cap > 0
-        return RowView(st.estimate.alphas(), st.estimate.empty_rate, cap=cap, forced=forced, drafter=key)
+        return RowView((), st.estimate.empty_rate, cap=cap, forced=forced, drafter=key)  # alphas when weighed
 
     @staticmethod
     def _probes(views: List[RowView], kinds: List[_Row]) -> None:
@@ -216,21 +216,23 @@ class BatchDraftPolicy:
             if st is not None and st.probe_due and view.cap > 0:
                 view.forced = True
                 st.estimate.shrink(PROBE_WEIGHT)
-                view.alphas = st.estimate.alphas()
 
-    def _choose(self, views: List[RowView], verify: WidthCosts, drafting, width: _Width) -> Plan:
-        """choose_round, after a cheap check that drafting can pay here at all (a wide batch where it cannot
-        runs plain rounds without weighing every K)."""
+    def _choose(self, views: List[RowView], kinds: List[_Row], verify: WidthCosts, drafting,
+                width: _Width) -> Tuple[Plan, bool]:
+        """(choose_round's plan, whether drafting could pay here at all). Checked first, cheaply: a wide batch
+        where no acceptance could make drafting pay runs plain rounds without weighing every K."""
         kw = dict(k_max=self.k_max, overhead=width.overhead, min_speedup=self.min_speedup)
-        if not any(v.forced for v in views) and not can_pay(views, verify, drafting, **kw):
-            base = [v.fixed or 0 for v in views]
-            return Plan(base, 1.0, 1.0)
-        return choose_round(views, verify, drafting, **kw)
+        pays = can_pay(views, verify, drafting, **kw)
+        if not pays and not any(v.forced for v in views):
+            return Plan([v.fixed or 0 for v in views], 1.0, 1.0), False
+        for view, kind in zip(views, kinds):
+            if kind.state is not None:
+                view.alphas = kind.state.estimate.alphas()
+        return choose_round(views, verify, drafting, **kw), pays
 
-    def _auto_off(self, views, kinds, ks, calibrating: bool, verify, drafting, width: _Width) -> None:
+    def _auto_off(self, views, kinds, ks, calibrating: bool, never: bool) -> None:
         """Auto rows' probe state, as AutoDraftPolicy keeps it: a row that stops drafting drafts again for one
         round after `backoff` plain ones (doubling while probes fail); none when no K could ever pay here."""
-        never = None
         for view, kind, k in zip(views, kinds, ks):
             st = kind.state
             if st is None or view.cap <= 0:
@@ -248,12 +250,7 @@ class BatchDraftPolicy:
             if st.plain_left > 0:
                 st.plain_left -= 1
                 continue
-            if st.probe_due:
-                continue
-            if never is None:
-                never = not can_pay(views, verify, drafting, k_max=self.k_max, overhead=width.overhead,
-                                    min_speedup=self.min_speedup)
-            if not never:
+            if not st.probe_due and not never:
                 st.plain_left, st.probe_due = st.backoff - 1, True
                 st.backoff = min(2 * st.backoff, MAX_PROBE_AFTER)
                 st.rounds_on = 0
