@@ -374,6 +374,16 @@ def test_busy_moments_do_not_make_drafting_look_cheap(model):
     assert drafted <= 300 // policies.FIRST_PROBE_AFTER, f"{drafted} drafted rounds: only probes"
 
 
+def test_only_fresh_timings_are_compared():
+    """Plain steps timed 3x slow under load long ago, drafted rounds timed now: not a 1/3 ratio."""
+    width = bp._Width()
+    width.plain.extend((t, 3.0) for t in range(10))
+    width.drafted.extend((t, 1.0) for t in range(200, 210))
+    assert width.overhead(210) == 1.0, "stale plain timings do not count: the file's ratios stand"
+    width.plain.extend((t, 1.5) for t in range(205, 208))
+    assert width.overhead(210) == 1.0 / 1.5, "fresh ones of both kinds do"
+
+
 def test_widths_are_measured_lazily(model):
     """The first width is measured when first needed; another is interpolated until the batch stays at it,
     then measured; a batch passing through a width (draining) never stops to measure it."""
@@ -408,7 +418,7 @@ def test_a_round_that_stopped_to_measure_a_width_is_timed_without_the_measuring(
         assert run_round(policy, wide, seconds=0.01) == [0] * 4
     run_round(policy, wide, seconds=0.01)  # measures width 4 while planning
     assert policy.widths_measured == 2
-    assert max(policy._widths[None, 4].plain) < 1.01, "the measuring is not a step's time"
+    assert max(r for _, r in policy._widths[None, 4].plain) < 1.01, "the measuring is not a step's time"
 
 
 # --- exactness with the policy choosing k -----------------------------------------------------------------

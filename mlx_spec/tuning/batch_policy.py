@@ -46,7 +46,8 @@ CALIBRATION_STEPS = 2  # plain rounds per re-timing (a batch's rounds are not pi
 # on the tiny pair (CPU, 8 rows), rounds the model put at 1.05-1.17x ran at 0.96-0.97x of plain batching
 # (switching pass shapes, rows' bookkeeping between rounds), and a batch must never be slower than plain.
 MIN_BATCH_SPEEDUP = 1.10
-PLAIN_READINGS, ROUND_READINGS = 15, 31  # recent timings kept per width (plain steps are re-timed rarely)
+PLAIN_READINGS, ROUND_READINGS = 15, 31  # recent timings kept per width
+FRESH_ROUNDS = 96  # ... and how many rounds back they count (three re-timings where the verdict is close)
 
 
 @dataclass
@@ -62,27 +63,26 @@ class _Row:
 @dataclass
 class _Width:
     """Timing at one width and K/V kind: measured / modelled time of recent plain steps and drafted rounds
-    (PairState's overheads, per width). Medians, not averages: every round is timed, and time another
-    process takes only ever adds, more of it to a short plain step than to a longer round, so averages
-    would lean towards drafting on a busy machine."""
+    (PairState's overheads, per width), as (round number, ratio) readings.
 
-    plain: Deque[float] = field(default_factory=lambda: deque(maxlen=PLAIN_READINGS))
-    drafted: Deque[float] = field(default_factory=lambda: deque(maxlen=ROUND_READINGS))
+    Medians, not averages: every round is timed, and time another process takes only ever adds, more of it
+    to a short plain step than to a longer round, so averages lean towards drafting on a busy machine. Only
+    readings of the last FRESH_ROUNDS rounds count: a plain step timed under other load than the rounds it
+    is compared with would tip the ratio either way (without fresh ones, the costs file's ratios stand)."""
+
+    plain: Deque[Tuple[int, float]] = field(default_factory=lambda: deque(maxlen=PLAIN_READINGS))
+    drafted: Deque[Tuple[int, float]] = field(default_factory=lambda: deque(maxlen=ROUND_READINGS))
     rounds_since_plain: int = CALIBRATE_EVERY - CALIBRATION_STEPS  # calibrate early: the file may be stale
     calibrate_every: int = CALIBRATE_EVERY
     plain_left: int = 0  # calibration plain rounds still to run
 
-    @property
-    def plain_overhead(self) -> float:
-        return median(self.plain) if self.plain else 1.0
-
-    @property
-    def round_overhead(self) -> float:
-        return median(self.drafted) if self.drafted else 1.0
-
-    @property
-    def overhead(self) -> float:
-        return self.round_overhead / self.plain_overhead
+    def overhead(self, now: int) -> float:
+        """Measured / modelled time of a drafted round, relative to a plain step's, from fresh readings."""
+        plain = [r for t, r in self.plain if now - t <= FRESH_ROUNDS]
+        drafted = [r for t, r in self.drafted if now - t <= FRESH_ROUNDS]
+        if not plain or not drafted:
+            return 1.0
+        return median(drafted) / median(plain)
 
 
 @dataclass
@@ -172,7 +172,7 @@ class BatchDraftPolicy:
         return {"k_counts": {b: dict(sorted(c.items())) for b, c in sorted(self.k_counts.items())},
                 "probes": self.probes,
                 "calibrations": self.calibrations, "widths_measured": self.widths_measured,
-                "overheads": {b: round(w.overhead, 4) for (kv, b), w in sorted(self._widths.items(),
+                "overheads": {b: round(w.overhead(self.rounds), 4) for (kv, b), w in sorted(self._widths.items(),
                                                                               key=lambda x: x[0][1])}}
 
     # -- rows
@@ -221,7 +221,7 @@ class BatchDraftPolicy:
                 width: _Width) -> Tuple[Plan, bool]:
         """(choose_round's plan, whether drafting could pay here at all). Checked first, cheaply: a wide batch
         where no acceptance could make drafting pay runs plain rounds without weighing every K."""
-        kw = dict(k_max=self.k_max, overhead=width.overhead, min_speedup=self.min_speedup)
+        kw = dict(k_max=self.k_max, overhead=width.overhead(self.rounds), min_speedup=self.min_speedup)
         pays = can_pay(views, verify, drafting, **kw)
         if not pays and not any(v.forced for v in views):
             return Plan([v.fixed or 0 for v in views], 1.0, 1.0), False
@@ -310,7 +310,7 @@ class BatchDraftPolicy:
             readings, ratio = width.drafted, seconds / (round_cost(last.views, drafted, last.verify, last.drafting) * step)
         else:
             return
-        readings.append(min(max(ratio, OVERHEAD_MIN), OVERHEAD_MAX))
+        readings.append((self.rounds, min(max(ratio, OVERHEAD_MIN), OVERHEAD_MAX)))
 
 
 def _kv(batch) -> Optional[KVQuant]:
