@@ -290,6 +290,21 @@ def test_policy_turns_a_row_off_and_probes_it_after_a_backoff(model):
         "a failed probe (the round after it turns the row off again) doubles the backoff"
 
 
+def test_a_new_request_starts_from_its_pairs_verdict(model):
+    """What rows learnt about probing (the backoff) is the pair's, as for one request after another: the
+    next request of the pair probes at the backoff its predecessors reached, not from the start."""
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS, measure_width=fake_width(HALF))
+    tuner = AutoTuner(store)
+    policy = BatchDraftPolicy(model, tuner, clock=FakeClock())
+    prop = SimpleNamespace(identity="mtp")
+    first = FakeEngine(tuner.policy(model, prop), "mtp")
+    for _ in range(200):
+        run_round(policy, FakeBatch([first]), accepted=lambda b, k: 0)
+    assert first.policy.state.backoff > 4 * policies.FIRST_PROBE_AFTER, "failed probes grew the backoff"
+    second = tuner.policy(model, prop)
+    assert second.state.backoff == first.policy.state.backoff, "the next request starts from it"
+
+
 def test_rows_that_are_off_probe_in_the_same_rounds(model):
     """Rows that stopped drafting at different rounds take the first probe due together: a probe round
     costs the whole batch a drafted pass, so B rows must not probe B times as often."""

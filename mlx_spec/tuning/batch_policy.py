@@ -254,6 +254,11 @@ class BatchDraftPolicy:
                 st.plain_left, st.probe_due = st.backoff - 1, True
                 st.backoff = min(2 * st.backoff, MAX_PROBE_AFTER)
                 st.rounds_on = 0
+        for kind in kinds:  # the pair's verdict is its latest row's, as one request after another leaves it
+            if kind.pair is not None:
+                st, pair = kind.state, kind.pair
+                pair.plain_left, pair.probe_due, pair.backoff, pair.rounds_on = (st.plain_left, st.probe_due,
+                                                                                 st.backoff, st.rounds_on)
 
     # -- costs and timing
     def _steady_rounds(self, batch) -> int:
