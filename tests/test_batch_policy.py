@@ -395,8 +395,10 @@ def test_only_fresh_timings_are_compared():
     width.plain.extend((t, 3.0) for t in range(10))
     width.drafted.extend((t, 1.0) for t in range(200, 210))
     assert width.overhead(210) == 1.0, "stale plain timings do not count: the file's ratios stand"
-    width.plain.extend((t, 1.5) for t in range(205, 208))
-    assert width.overhead(210) == 1.0 / 1.5, "fresh ones of both kinds do"
+    width.plain.extend((t, 1.05) for t in range(205, 208))
+    assert width.overhead(210) == 1.0 / 1.05, "fresh ones of both kinds do"
+    width.plain.extend((t, 2.0) for t in range(207, 210))
+    assert width.overhead(210) == bp.MIN_OVERHEAD, "a round looks at most MIN_OVERHEAD as costly as the file says"
 
 
 def test_widths_are_measured_lazily(model):

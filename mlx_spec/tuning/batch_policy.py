@@ -48,6 +48,10 @@ CALIBRATION_STEPS = 2  # plain rounds per re-timing (a batch's rounds are not pi
 MIN_BATCH_SPEEDUP = 1.10
 PLAIN_READINGS, ROUND_READINGS = 15, 31  # recent timings kept per width
 FRESH_ROUNDS = 96  # ... and how many rounds back they count (three re-timings where the verdict is close)
+# Live timings may show rounds costing more than the probe's interleaved best-of timings (bookkeeping of
+# accepted tokens, sampled rows), but hardly less: on a loaded machine their ratio still swung to 0.55-0.8,
+# so they may make a round look at most this much cheaper than the costs file says.
+MIN_OVERHEAD = 0.9
 
 
 @dataclass
@@ -82,7 +86,7 @@ class _Width:
         drafted = [r for t, r in self.drafted if now - t <= FRESH_ROUNDS]
         if not plain or not drafted:
             return 1.0
-        return median(drafted) / median(plain)
+        return max(MIN_OVERHEAD, median(drafted) / median(plain))
 
 
 @dataclass
