@@ -7,7 +7,8 @@ over a few passes after one warm-up pass (compilation at this width):
     rounds whose rows carry k canned drafts (random tokens, no drafter): verify[k];
     rounds drafted by the real proposer, its drafting timed inside the round (evaluated on its own): the
     drafter's cost for all rows at once (an MTP drafter's `propose_rows`) or per row.
-Kept: the fastest of each kind's timings, as ratios to the fastest plain round (batch_costs.WidthCosts).
+Kept: the fastest of each kind's timings over the passes (a pass's plain reading is the median of its
+plain rounds, so every kind is a best of as many readings), as ratios to the plain one (WidthCosts).
 Other work on the machine only adds time, and one busy moment during the few plain rounds would otherwise
 make every verify look cheap (the policy re-times rounds as it runs them, which corrects what is left).
 What it costs: PLAIN_ROUNDS + the verify and draft lengths probed, in rounds per pass; 1 + WIDTH_PROBE_REPS
@@ -136,8 +137,8 @@ def measure_width(model, proposer, rows: int, *, kv: Optional[KVQuant] = None, k
         for k in draft_ks:
             _round(batch, k, wrappers, False, clock)
             d[k] = sum(w.seconds for w in wrappers)
-        if rep:
-            plain.extend(p)
+        if rep:  # one plain reading per pass, as for each verify length: best-of-n over as many readings
+            plain.append(float(np.median(p)))
             for k in verify_ks:
                 verify[k].append(v[k])
             for k in draft_ks:
