@@ -259,6 +259,10 @@ def test_policy_drafts_at_a_narrow_width_and_decodes_plainly_at_a_wide_one(model
     for _ in range(200):
         assert run_round(policy, wide) == [0] * 8, "where no K can pay at this width: plain batched steps"
     assert policy.probes == 0, "and no probes: no acceptance could make drafting pay here"
+    for e in wide.rows[:4]:  # rows that were off at a narrower width, a probe due
+        e.engine.policy.state.probe_due, e.engine.policy.state.plain_left = True, 0
+    assert run_round(policy, wide) == [0] * 8, "a probe waits for a width where it could change the verdict"
+    assert wide.rows[0].engine.policy.state.probe_due, "... and is still due there"
 
 
 def test_a_batch_drafts_only_for_a_clear_gain(model):

@@ -224,10 +224,12 @@ class BatchDraftPolicy:
     def _choose(self, views: List[RowView], kinds: List[_Row], verify: WidthCosts, drafting,
                 width: _Width) -> Tuple[Plan, bool]:
         """(choose_round's plan, whether drafting could pay here at all). Checked first, cheaply: a wide batch
-        where no acceptance could make drafting pay runs plain rounds without weighing every K."""
+        where no acceptance could make drafting pay runs plain rounds without weighing every K or probing."""
         kw = dict(k_max=self.k_max, overhead=width.overhead(self.rounds), min_speedup=self.min_speedup)
         pays = can_pay(views, verify, drafting, **kw)
-        if not pays and not any(v.forced for v in views):
+        if not pays:  # a probe here could not change the verdict: it waits for a width where it could
+            for view in views:
+                view.forced = False
             return Plan([v.fixed or 0 for v in views], 1.0, 1.0), False
         for view, kind in zip(views, kinds):
             if kind.state is not None:
