@@ -5,8 +5,9 @@ keeps what is the request's own (history, sampler, policy, proposer, limits, sta
 and the batch moves its K/V into rows-caches (cache.py here) for as long as it decodes with others.
 
 One round:
-    each row asks its policy for k (0: a plain step), its proposer drafts (an MTP drafter runs once for all
-    its rows; other proposers per row);
+    each row asks its policy for k (0: a plain step), or the batch's `RoundPolicy` chooses every row's k
+    (tuning/batch_policy.py: for aggregate tokens/s at this width, timing the rounds it plans); its proposer drafts (an MTP drafter
+    runs once for all its rows; other proposers per row);
     the base runs (B, L) tokens, row b's `[bonus, d1..dk_b]` padded to L = 1 + max k with copies of its
     last token;
     each row accepts its own prefix with its own sampler (engine.verify), all rows' results read back
@@ -25,13 +26,13 @@ Knows the Engine's per-request pieces and rows-caches; nothing of text, HTTP or 
 
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import List, Optional, Protocol, Tuple
 
 import mlx.core as mx
 
 from ..cache import rollback_all
 from ..engine import Engine, TokenEvent
-from ..proposers.base import Draft, RoundContext
+from ..proposers.base import Draft, RoundContext, RoundResult
 from .cache import join_rows, rollback_rows, select_rows
 
 
@@ -50,13 +51,26 @@ class Row:
         return len(self.engine.history) - 1
 
 
+class RoundPolicy(Protocol):
+    """What chooses every row's k for a round, seeing the whole batch (tuning/ implements it; a scheduler
+    owns one). Without one, each row asks its own policy."""
+
+    def plan(self, batch: "Batch") -> List[int]:
+        """Each row's k this round, in row order (the batch caps each at `budget(row, k)`)."""
+
+    def observe(self, batch: "Batch", asked: List[int], results: List[RoundResult]) -> None:
+        """What the round did per row: what it asked, then drafted and accepted (the round ends here: a
+        policy that times rounds times from `plan` to `observe`)."""
+
+
 class Batch:
     """Rows of requests decoding together; `round()` runs one propose + verify for all of them."""
 
-    def __init__(self, model):
+    def __init__(self, model, policy: Optional[RoundPolicy] = None):
         from ..models.base import as_base
 
         self.base = as_base(model)
+        self.policy = policy
         self.rows: List[Row] = []
         self.caches: Optional[list] = None  # per layer, a rows-cache (B rows)
 
@@ -86,7 +100,7 @@ class Batch:
         """One round for every row: (row, the TokenEvents it emitted), in row order. Finished rows stay until
         `remove`d (their caches still hold them)."""
         rows = self.rows
-        asked = [self._budget(row) for row in rows]
+        asked = self._asked()
         drafts = self._propose(asked)
         # strict rows (a device whose kernels change with the row count) run every pass at their row count
         L = max([1 + max(d.k for d in drafts)] + [row.engine.strict_rows or 0 for row in rows])
@@ -95,11 +109,12 @@ class Batch:
         results = self._verify(logits, verify, drafts)
         sizes = [r.shape[0] for r in results]
         values = mx.concatenate(results).tolist()  # the round's one host synchronisation
-        out, counts, at = [], [], 0
+        out, counts, accepted, at = [], [], [], 0
         for b, (row, d, size) in enumerate(zip(rows, drafts, sizes)):
             mine = values[at : at + size]
             at += size
             n = mine[0]
+            accepted.append(n)
             counts.append(L - 1 - n)  # rejected drafts and padding
             if row.engine.reads:  # its context gave back what the base's cache gives back
                 rollback_all(row.engine.proposer.context_cache, d.k - n)
@@ -110,6 +125,9 @@ class Batch:
             row.finished = bool(events) and events[-1].finish_reason is not None
             out.append((row, events))
         rollback_rows(self.caches, counts)
+        if self.policy is not None:
+            results = [RoundResult(d.k, n) for d, n in zip(drafts, accepted)]
+            self.policy.observe(self, asked, results)
         return out
 
     def _verify(self, logits: mx.array, verify: mx.array, drafts: List[Draft]) -> List[mx.array]:
@@ -147,11 +165,19 @@ class Batch:
                 row.engine.proposer.extend(features[b : b + 1, : d.k + 1])
         return logits, hidden
 
-    def _budget(self, row: Row) -> int:
+    def _asked(self) -> List[int]:
+        if self.policy is not None:
+            return [self.budget(row, k) for row, k in zip(self.rows, self.policy.plan(self))]
+        return [self.budget(row, row.engine.policy.next_k()) if row.engine.proposer is not None else 0
+                for row in self.rows]
+
+    def budget(self, row: Row, k: int) -> int:
+        """At most k drafts for the row this round: none without a proposer, never past its max tokens or
+        its K/V switch."""
         engine = row.engine
         if engine.proposer is None:
             return 0
-        k = engine.draft_budget(engine.policy.next_k())
+        k = engine.draft_budget(k)
         kv = engine.kv
         if kv is not None and not self.quantized and row.position < kv.start:
             k = min(k, kv.start - row.position - 1)  # the round ends at the switch (scheduler.py)

@@ -11,6 +11,10 @@ caches (a prompt-cache slot's), proposer, policy and sampler. Each `step()`:
 Every event goes to its request's `deliver(events, finished)`, in order; `finished` is None while the
 request runs, then a `Done` saying how it ended.
 
+Draft lengths: the scheduler owns the batch's `RoundPolicy` when it is given one (tuning.BatchDraftPolicy:
+each round's k for every auto row, for aggregate tokens/s at the batch's width); without one each row asks
+its own policy.
+
 K/V quantization (--kv-bits with --quantized-kv-start N): rows whose caches are still full precision and
 rows already quantized cannot share a buffer, so they decode in two batches (one base pass each); a row
 moves across when it reaches N positions (its rounds are cut to end exactly there, so no pass straddles
@@ -24,7 +28,7 @@ from typing import Callable, Deque, Dict, List, Optional
 from collections import deque
 
 from ..engine import Engine, TokenEvent
-from .engine import Batch, Row
+from .engine import Batch, Row, RoundPolicy
 
 DEFAULT_DECODE_CONCURRENCY = 8  # mlx-lm's server flag default
 DEFAULT_PROMPT_CONCURRENCY = 1
@@ -62,13 +66,14 @@ class Ticket:
 class Scheduler:
     def __init__(self, model, *, decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
                  prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY, memory_budget: Optional[int] = None,
-                 row_bytes: Optional[Callable[[Engine], int]] = None):
+                 row_bytes: Optional[Callable[[Engine], int]] = None, policy: Optional[RoundPolicy] = None):
         """`memory_budget` (bytes) with `row_bytes(engine)` (what a request's K/V take at its longest): a
         request starts only while the requests started so far, with it, fit the budget (it waits in the queue
-        otherwise); one request alone always starts."""
+        otherwise); one request alone always starts. `policy`: chooses each round's draft lengths for the
+        batch (tuning/batch_policy.py); None: every row's own policy."""
         if decode_concurrency < 1 or prompt_concurrency < 1:
             raise ValueError("decode_concurrency and prompt_concurrency must be >= 1")
-        self.model = model
+        self.model, self.policy = model, policy
         self.decode_concurrency, self.prompt_concurrency = decode_concurrency, prompt_concurrency
         self.memory_budget, self.row_bytes = memory_budget, row_bytes
         self.committed: Dict[int, int] = {}  # id(ticket) -> its bytes, from its prefill until it ends
@@ -182,7 +187,7 @@ class Scheduler:
 
     def _join(self, t: Ticket) -> None:
         quantized = _quantized(t.engine.cache)
-        batch = self.batches.setdefault(quantized, Batch(self.model))
+        batch = self.batches.setdefault(quantized, Batch(self.model, self.policy))
         t.row = batch.add(t.engine, t._hidden)
         t._hidden = None
         self.tickets[id(t.row)] = t

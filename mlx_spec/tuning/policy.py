@@ -202,6 +202,12 @@ class AutoDraftPolicy:
             st.backoff = FIRST_PROBE_AFTER
         return self._give(k)
 
+    def assign(self, k: int) -> None:
+        """A batch policy chose this round's k for the request (instead of `next_k`): count it, and let
+        `observe` learn from the round. Rounds are timed by the batch policy, not here."""
+        self._give(k)
+        self._since = None
+
     def observe(self, result: RoundResult) -> None:
         if self._asked > 0:  # rounds the policy ran plainly teach nothing about acceptance
             self.state.estimate.observe(result.drafted, result.accepted)

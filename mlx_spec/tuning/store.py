@@ -8,6 +8,10 @@ The file is read as untrusted input: a damaged one (not JSON, nested too deeply,
 shape, a cost that is not a finite number) is moved aside to `tuning.damaged-<time>.json`, with one warning,
 and the costs are measured afresh; where it cannot be moved, it is ignored and left as it is. A file of an
 older format is replaced without a word: its measurements are meant to be redone.
+
+An entry holds a single request's costs by proposer (`proposers`) and a batch's costs by proposer and
+width (`widths`: {proposer: {B: WidthCosts}}, each width measured when a batch first needs it). A file
+without `widths` (written before batches) reads as no width measured yet; its other costs stay valid.
 """
 
 import json
@@ -24,8 +28,10 @@ from typing import Callable, Dict, Optional, Tuple
 from ..cache import KVQuant
 from ..identity import machine_identity, model_identity, short_hash
 from ..paths import cache_root
+from .batch_costs import WidthCosts
 from .costs import Costs
 from .probe import measure_costs
+from .width_probe import measure_width
 
 CACHE_VERSION = 2  # 2: the compiled draft stepper made drafting cheaper; re-measure
 
@@ -94,13 +100,14 @@ class CostsStore:
     """Costs for (model, proposer) on this machine: from memory, else the file, else measured and saved."""
 
     def __init__(self, path: Optional[Path] = None, *, clock: Callable[[], float] = time.perf_counter,
-                 log: Optional[Callable[[str], None]] = None, measure=measure_costs):
+                 log: Optional[Callable[[str], None]] = None, measure=measure_costs, measure_width=measure_width):
         """`log`: where to say that a first use stops to measure (the CLI passes stderr; a library call
-        stays silent). `measure`: the probe (tests pass a fake)."""
+        stays silent). `measure`, `measure_width`: the probes (tests pass fakes)."""
         self.path = Path(path) if path is not None else default_path()
-        self.clock, self.log, self.measure = clock, log, measure
+        self.clock, self.log, self.measure, self.measure_width = clock, log, measure, measure_width
         self._lock = threading.Lock()
         self._costs: Dict[Tuple[str, str], Costs] = {}
+        self._widths: Dict[Tuple[str, str], Dict[int, WidthCosts]] = {}
         self._identities: Dict[int, Tuple[weakref.ref, dict]] = {}
         self._machine: Optional[dict] = None
         self._keep_file = False  # a damaged file that could not be moved aside: never written over
@@ -128,9 +135,9 @@ class CostsStore:
             **measure_kw) -> Costs:
         """`refresh=True` measures again (and saves). `kv`: costs with quantized K/V (its attention costs
         differ), measured and filed on their own."""
-        key, pid = self.key(model), proposer.identity if proposer is not None else "none"
+        key, pid = self.key(model), _pid(proposer, kv)
         if kv is not None:
-            pid, measure_kw = f"{pid}|kv{kv.bits}g{kv.group_size}s{kv.start}", dict(measure_kw, kv=kv)
+            measure_kw = dict(measure_kw, kv=kv)
         with self._lock:
             if not refresh and (key, pid) in self._costs:
                 return self._costs[key, pid]
@@ -146,13 +153,42 @@ class CostsStore:
             self._costs[key, pid] = costs
             return costs
 
-    def _save(self, model, key: str, pid: str, costs: Costs) -> None:
+    def _save(self, model, key: str, pid: str, costs: Costs, rows: Optional[int] = None) -> None:
+        """File `costs` under the entry's proposers, or under its widths at `rows`."""
         data = self._load()  # re-read: another process may have written meanwhile
         entry = data["entries"].setdefault(key, {"machine": self.machine(), "model": self.model_identity(model),
                                                  "proposers": {}})
-        entry["proposers"][pid] = dict(costs.to_json(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        stamped = dict(costs.to_json(), measured_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        if rows is None:
+            entry.setdefault("proposers", {})[pid] = stamped
+        else:
+            entry.setdefault("widths", {}).setdefault(pid, {})[str(rows)] = stamped
         if not self._keep_file:
             _write(self.path, data)
+
+    # -- costs by width (a batch's rounds)
+    def widths(self, model, proposer, kv: Optional[KVQuant] = None) -> Dict[int, WidthCosts]:
+        """{B: costs} measured so far for this pair (quantized K/V rows: `kv`), from memory or the file.
+        The dict is the store's: `measure_width_now` adds to it."""
+        key, pid = self.key(model), _pid(proposer, kv, start=False)
+        with self._lock:
+            if (key, pid) not in self._widths:
+                stored = ((self._load()["entries"].get(key) or {}).get("widths") or {}).get(pid) or {}
+                self._widths[key, pid] = _widths_from_json(stored)
+            return self._widths[key, pid]
+
+    def measure_width_now(self, model, proposer, rows: int, kv: Optional[KVQuant] = None) -> WidthCosts:
+        """Measure this width now (a batch reached it first), remember it and save it."""
+        table = self.widths(model, proposer, kv)
+        key, pid = self.key(model), _pid(proposer, kv, start=False)
+        if self.log is not None:
+            self.log(f"[mlx_spec] measuring batched rounds of {rows} rows on this machine (first use; cached in "
+                     f"{self.path})")
+        costs = self.measure_width(model, proposer, rows, kv=kv, clock=self.clock)
+        with self._lock:
+            table[rows] = costs
+            self._save(model, key, pid, costs, rows)
+        return costs
 
     # -- a damaged file
     def _load(self) -> dict:
@@ -185,3 +221,23 @@ class CostsStore:
             self.log(line)
         else:  # a library call: Python's warning machinery, which the caller controls
             warnings.warn(line, RuntimeWarning, stacklevel=2)
+
+
+def _pid(proposer, kv: Optional[KVQuant], start: bool = True) -> str:
+    """What costs are filed under: the proposer's identity, and the K/V quantization (its attention costs
+    differ). A batch's quantized rows are quantized from their first position, so `start` is left out."""
+    pid = proposer.identity if proposer is not None else "none"
+    if kv is not None:
+        pid += f"|kv{kv.bits}g{kv.group_size}" + (f"s{kv.start}" if start else "")
+    return pid
+
+
+def _widths_from_json(stored: dict) -> Dict[int, WidthCosts]:
+    """The widths an entry holds; one that does not parse (a hand edit, a future field) is measured again."""
+    out = {}
+    for rows, d in stored.items() if isinstance(stored, dict) else ():
+        try:
+            out[int(rows)] = WidthCosts.from_json(d)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            continue
+    return out
