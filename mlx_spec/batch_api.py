@@ -18,6 +18,7 @@ from .proposers.base import Proposer
 from .request import Request
 from .stats import GenerationStats
 from .stops import StopMatcher
+from .tuning.batch_policy import BatchDraftPolicy
 from .tuning.tuner import AutoTuner
 
 
@@ -72,7 +73,8 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[Prompt, Request]], 
     The proposer (`drafter`, `draft_model`, `ngram` or `proposer`, as in `stream_generate`) is shared: every
     request gets its own fork of it. `max_tokens` may be one number or one per prompt (mlx-lm's form);
     `settings` are stream_generate's keywords (sampling, seed, num_draft_tokens, stop, logprobs, kv_bits, ...)
-    for every prompt given as text or ids. `num_draft_tokens="auto"` shares one `tuner` across requests."""
+    for every prompt given as text or ids. `num_draft_tokens="auto"` chooses each round's k for the whole
+    batch from this machine's costs at the batch's width (tuning/batch_policy.py), with one `tuner`."""
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(prompts):
@@ -81,7 +83,9 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[Prompt, Request]], 
         tuner = AutoTuner()  # one for the batch: what a request learns, the next one starts from
     requests = [p if isinstance(p, Request) else make_request(tokenizer, p, max_tokens=n, **settings)
                 for p, n in zip(prompts, limits)]
-    scheduler = Scheduler(model, decode_concurrency=decode_concurrency, prompt_concurrency=prompt_concurrency)
+    auto = any(r.num_draft_tokens == "auto" for r in requests) and proposer is not None
+    scheduler = Scheduler(model, decode_concurrency=decode_concurrency, prompt_concurrency=prompt_concurrency,
+                          policy=BatchDraftPolicy(model, tuner) if auto else None)
     outputs = []
     for request in requests:
         engine = make_engine(model, request, eos_ids=tokenizer.eos_token_ids, tuner=tuner,

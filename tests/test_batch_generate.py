@@ -39,3 +39,11 @@ def test_bad_lengths_are_refused(trained_pair):
     model, tok, _ = trained_pair
     with pytest.raises(ValueError, match="max_tokens has 2 entries for 3 prompts"):
         batch_generate(model, tok, PROMPTS[:3], max_tokens=[4, 4])
+
+
+def test_auto_draft_lengths_stay_exact(trained_pair):
+    """num_draft_tokens="auto": the batch policy picks each round's k from this machine's costs at the
+    batch's width (measured on first need); only speed may change."""
+    model, tok, drafter = trained_pair
+    out = batch_generate(model, tok, PROMPTS[:4], drafter=drafter, max_tokens=24, num_draft_tokens="auto")
+    assert out.texts == [generate(model, tok, p, max_tokens=24) for p in PROMPTS[:4]], "auto in a batch is exact"

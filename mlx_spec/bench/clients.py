@@ -98,11 +98,11 @@ def median(xs: Sequence[float]) -> Optional[float]:
 
 
 def through_scheduler(model, clients: List[List[int]], make_engine: Callable[[int], Engine],
-                      decode_concurrency: int) -> Load:
+                      decode_concurrency: int, policy=None) -> Load:
     """Run `clients` (plan()) through a Scheduler as the server's worker runs it: requests that clients send
     are submitted before the next step, the step decodes every running row together. `make_engine(i)`: the
-    Engine for prompt i (its caches, proposer fork, policy)."""
-    scheduler = Scheduler(model, decode_concurrency=decode_concurrency)
+    Engine for prompt i (its caches, proposer fork, policy); `policy`: the batch's round policy (auto)."""
+    scheduler = Scheduler(model, decode_concurrency=decode_concurrency, policy=policy)
     todo = [deque(c) for c in clients]
     ready: Deque[int] = deque(range(len(clients)))
     answers: List[Answer] = []

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Tuple, Union
 from ..api import Detokenized, make_engine
 from ..engine import TokenEvent
 from ..request import Request
+from ..tuning.batch_policy import BatchDraftPolicy
 from ..stats import GenerationStats
 from .clients import Load, plan, through_mlx_lm, through_scheduler
 from .http_clients import ServerProcess, through_http
@@ -75,6 +76,7 @@ class LoadBench:
         self.model, self.ids, self.proposers, self.ks = model, ids, proposers, ks
         self.sampling, self.eos_ids, self.seed, self.max_tokens = sampling, list(eos_ids), seed, max_tokens
         self.tuner, self.kv, self.strict, self.peer, self.http = tuner, kv, strict, peer, http
+        self.batch_policies = {}  # proposer -> its BatchDraftPolicy, kept across runs as the tuner is
         self.progress = progress
         self.plain_s_per_token = 0.0  # measured by references()
 
@@ -114,8 +116,11 @@ class LoadBench:
             if cfg.proposer is not None:
                 body["num_draft_tokens"] = cfg.k
             return through_http(self.http.port, clients, self.ids, body, self.seed)
+        policy = None
+        if cfg.proposer is not None and cfg.k == "auto":  # as the server: one batch policy for auto rows
+            policy = self.batch_policies.setdefault(cfg.proposer, BatchDraftPolicy(self.model, self.tuner))
         return through_scheduler(self.model, clients, lambda i: self.engine(cfg, i, n),
-                                 1 if cfg.serial else concurrency)
+                                 1 if cfg.serial else concurrency, policy)
 
     def _peer_sampler(self):
         from mlx_lm.sample_utils import make_sampler

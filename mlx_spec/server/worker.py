@@ -25,6 +25,7 @@ from ..loading import materialize
 from ..memory import resident
 from ..proposers.base import Proposer
 from ..request import Request
+from ..tuning.batch_policy import BatchDraftPolicy
 from ..tuning.tuner import AutoTuner
 from .budget import memory_budget
 from .prompts import PromptReader
@@ -62,9 +63,11 @@ class Worker(threading.Thread):
             self.conversations.prompt_cache.pin(*session)
         # split over ranks, each rank holds its own share of the K/V: admission by memory would differ by rank
         budget, row_bytes = memory_budget(model, self.weights, kv) if lockstep is None else (None, None)
+        # auto rows: each round's k chosen for the whole batch at its width (none across ranks: auto is a fixed k)
+        policy = BatchDraftPolicy(model, self.conversations.tuner) if lockstep is None else None
         self.scheduler = Scheduler(model, decode_concurrency=decode_concurrency,
                                    prompt_concurrency=prompt_concurrency, memory_budget=budget,
-                                   row_bytes=row_bytes)
+                                   row_bytes=row_bytes, policy=policy)
         self.streams: Dict[int, JobStream] = {}  # id(job) -> its stream, while it runs
         self.numbered: Dict[int, JobStream] = {}  # the n-th request started -> its stream, while it runs
         self.started = 0

@@ -29,10 +29,10 @@ from ..draft_policy import FixedK
 from ..engine import Engine
 from ..models.base import vocab_size
 from ..proposers.base import Draft
+from ..request import Request
 from .batch_costs import WidthCosts
 from .costs import K_MAX, fit_line, isotonic
 from .probe import DEFAULT_PROBE_CONTEXT, MIN_PROBE_REPS, PROBE_DRAFT_KS, PROBE_VERIFY_KS
-from mlx_spec.request import Request
 
 WIDTH_PROBE_REPS = 3  # timed passes (plus the warm-up); the fastest of each kind is kept
 WIDTH_PROBE_BUDGET_S = 2.0  # no more passes once this much time has gone and MIN_PROBE_REPS are in
