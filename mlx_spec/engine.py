@@ -10,8 +10,7 @@ the base's distribution; then the caches give back exactly the k - n rejected po
 cache.py). One host synchronisation per round: the `.tolist()` of the round result.
 
 Log-probabilities (`logprobs=N`): per emitted token, its log-probability and the top N under the base's
-distribution (log-softmax of the processed logits at temperature 1, as mlx-lm's server reports them),
-computed in the round's graph and read with the round's one `.tolist()` (bit-cast into its int32 result).
+distribution (logprobs.py), computed in the round's graph and read with the round's one `.tolist()`.
 
 Base features: for a proposer that reads decoder-layer outputs (proposers/base.py, FeatureReader), every
 base pass captures them and hands them to the proposer, and every rollback of the base's cache rolls its
@@ -23,11 +22,11 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
 from .draft_policy import DraftPolicy, FixedK
 from .errors import CacheRollbackError
+from .logprobs import logprob_rows, unpack_logprobs
 from .models.base import as_base
 from .parity.strict import padded_forward
 from .prefill import PREFILL_STEP, prefill_chunks
@@ -64,28 +63,6 @@ def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence
 def _pad_rows(rows: mx.array, n: int) -> mx.array:
     """(R, V) -> (n, V) with copies of the last row."""
     return rows if rows.shape[0] >= n else mx.concatenate([rows, mx.repeat(rows[-1:], n - rows.shape[0], axis=0)])
-
-
-def _logprob_rows(rows: mx.array, chosen: mx.array, n: int) -> mx.array:
-    """Per row of processed logits (R, V): log p(chosen token) and the top n (ids, log p; best first) under
-    softmax at temperature 1, packed as int32 (R, 1 + 2n) with the floats bit-cast, so they travel in the
-    round's one host read."""
-    n = min(n, rows.shape[-1])
-    lp = rows.astype(mx.float32)
-    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)  # (R, V)
-    token_lp = mx.take_along_axis(lp, chosen.astype(mx.int32)[:, None], axis=-1)  # (R, 1)
-    top = mx.argpartition(-lp, kth=n - 1, axis=-1)[:, :n]  # (R, n), unordered
-    top_lp = mx.take_along_axis(lp, top, axis=-1)
-    order = mx.argsort(-top_lp, axis=-1)
-    top, top_lp = mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(top_lp, order, axis=-1)
-    return mx.concatenate([mx.view(token_lp, mx.int32), top.astype(mx.int32), mx.view(top_lp, mx.int32)], axis=1)
-
-
-def _unpack_logprobs(values: List[int]) -> Tuple[float, List[Tuple[int, float]]]:
-    """One row of `_logprob_rows`, read back: (log p(token), [(id, log p)] * n)."""
-    n = (len(values) - 1) // 2
-    floats = np.array(values, np.int32).view(np.float32).tolist()
-    return floats[0], list(zip(values[1 : 1 + n], floats[1 + n :]))
 
 
 class _Stopped(Exception):
@@ -148,7 +125,7 @@ class Engine:
         else:
             token = self.sampler.sample(logits[None], [position])
         if self.logprobs:
-            token = mx.concatenate([token, _logprob_rows(logits[None], token, self.logprobs)[0]])
+            token = mx.concatenate([token, logprob_rows(logits[None], token, self.logprobs)[0]])
         return token
 
     def _decode_forward(self, tokens: mx.array):
@@ -239,13 +216,13 @@ class Engine:
         return None
 
     def _emit(self, token: int, from_draft: bool, logprobs: Optional[List[int]] = None) -> TokenEvent:
-        """`logprobs`: the token's packed row of `_logprob_rows`, when asked for."""
+        """`logprobs`: the token's packed row of `logprob_rows`, when asked for."""
         self.emitted += 1
         self.history.append(token)
         self.stats.generation_tokens = self.emitted
         event = TokenEvent(token, from_draft, self._finish(token))
         if logprobs is not None:
-            event.logprob, event.top_logprobs = _unpack_logprobs(logprobs)
+            event.logprob, event.top_logprobs = unpack_logprobs(logprobs)
         return event
 
     def _emit_sampled(self, values: List[int]) -> TokenEvent:
@@ -386,7 +363,7 @@ class Engine:
         if self.logprobs:  # row i predicts the i-th token emitted: draft i while accepted, then the bonus
             drafts = draft.tokens.astype(mx.int32)
             chosen = mx.where(mx.arange(draft.k + 1) < n, mx.concatenate([drafts, nxt.astype(mx.int32)[None]]), nxt)
-            result = mx.concatenate([result, _logprob_rows(rows, chosen, self.logprobs).reshape(-1)])
+            result = mx.concatenate([result, logprob_rows(rows, chosen, self.logprobs).reshape(-1)])
         return result
 
     def _settle_round(self, pending):
