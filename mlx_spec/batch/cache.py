@@ -136,6 +136,44 @@ class _RowsCache:
             mask = mask & (q - p < window)
         return mask[:, None]
 
+    def tree_mask(self, depths: mx.array, ancestors: mx.array) -> mx.array:
+        """(B, 1, L, C) bool for a pass whose row b has query i at position offsets[b] + depths[b, i] (a tree
+        verify, trees/views.py): it sees the cached positions inside its window and the pass's slots that
+        hold itself or an ancestor (ancestors[b, i, j]). A chain's depths and ancestors give `make_mask`'s."""
+        B, L = depths.shape
+        capacity, ends = self._layout_after(L)
+        window = self._window()
+        offsets, E = mx.array(self.offsets, mx.int32)[:, None, None], mx.array(ends, mx.int32)[:, None, None]
+        slot = mx.arange(capacity, dtype=mx.int32)[None, None]  # (1, 1, C)
+        q, p = offsets + depths[:, :, None], offsets - E + slot  # (B, L, 1), (B, 1, C)
+        j = mx.broadcast_to(mx.clip(slot - E, 0, L - 1), (B, L, capacity))  # the pass's row in each slot
+        cached = slot < E
+        new = (slot >= E) & (slot < E + L) & mx.take_along_axis(ancestors, j, axis=2)
+        if window is not None:
+            cached = cached & (q - p < window)
+            new = new & (depths[:, :, None] - mx.take_along_axis(mx.broadcast_to(depths[:, None], j.shape), j, 2)
+                         < window)
+        return (cached | new)[:, None]
+
+    def compact(self, keeps: Sequence[Sequence[int]]) -> None:
+        """After a pass (a tree verify in some rows), row b keeps the pass's rows keeps[b] (increasing, from
+        row 0) at consecutive positions, row keeps[b][j] at the pass's j-th, and gives back the rest. Checked
+        like `rollback`."""
+        L = self.last_written
+        if len(keeps) != self.rows:
+            raise ValueError(f"compact got {len(keeps)} rows of kept positions for {self.rows} rows")
+        for b, keep in enumerate(keeps):
+            if not keep or keep[0] != 0 or keep[-1] >= L or any(y <= x for x, y in zip(keep, keep[1:])):
+                raise CacheRollbackError(f"row {b}: cannot keep rows {list(keep)} of a pass of {L}")
+        if any(k[-1] != len(k) - 1 for k in keeps):  # rows to move: one gather and one scatter for all rows
+            M = max(len(k) for k in keeps)
+            src = mx.array([[e - L + (k[j] if j < len(k) else j) for j in range(M)]
+                            for e, k in zip(self.ends, keeps)])
+            dst = mx.array([[e - L + j for j in range(M)] for e in self.ends])
+            self.keys = _scatter(self.keys, _gather(self.keys, src), dst)
+            self.values = _scatter(self.values, _gather(self.values, src), dst)
+        self.rollback([L - len(k) for k in keeps])
+
     def rollback(self, counts: Sequence[int]) -> None:
         """Give back the newest counts[b] positions of row b (each at most the last pass's L)."""
         if len(counts) != self.rows:
