@@ -24,15 +24,17 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 import mlx.core as mx
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, KVQuant, rollback_all
-from .draft_policy import DraftPolicy, FixedK
+from .draft_policy import DraftPolicy, FixedK, tree_budget
 from .errors import CacheRollbackError
 from .logprobs import logprob_rows, unpack_logprobs
-from .models.base import as_base
+from .families import TREE_PASS
+from .models.base import as_base, offers
 from .parity.strict import padded_forward
 from .prefill import PREFILL_STEP, prefill_chunks
-from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers
+from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers, grows_trees
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats
+from .trees.round import TreeRound, depth_before_switch
 
 __all__ = ["Engine", "TokenEvent", "DEFAULT_NUM_DRAFT_TOKENS", "MAX_DRAFT_TOKENS"]
 
@@ -112,6 +114,9 @@ class Engine:
         self.kv_flags = kv.as_dict() if kv is not None else {}
         self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK, **self.kv_flags)
         self.reads = feature_layers(proposer) if proposer is not None else ()  # base layers the proposer reads
+        # whether a round may verify a tree when the policy asks for one (else it drafts a chain)
+        self.trees = grows_trees(proposer) and offers(self.base, TREE_PASS) and not self.processors \
+            and not strict_rows
         self.history = list(prompt)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.emitted = 0
@@ -342,14 +347,24 @@ class Engine:
         """Build one propose + verify graph and start it on the device; nothing waits for it here."""
         asked = self.draft_budget(k)
         position = len(self.history) - 1
-        ctx = RoundContext(self.history, position, hidden, self.cache, self.sampler)
-        draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
+        draft = self.propose(RoundContext(self.history, position, hidden, self.cache, self.sampler), asked)
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
+        if draft.parents is not None:
+            return TreeRound(self, draft, position, asked)
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = self._decode_forward(verify_in[None])  # (1, k+1, V)
         result = self.verify(draft, logits[0], verify_in, position)
         mx.async_eval(result)
         return asked, draft.k, result, vhidden
+
+    def propose(self, ctx: RoundContext, asked: int) -> Draft:
+        """This round's drafts: a tree when the policy gives it nodes and this request can verify one (trees/:
+        a Gemma 4 base, a proposer that grows trees, no logits processors or strict padding), else a chain."""
+        nodes = tree_budget(self.policy) if asked > 0 else 0
+        depth = depth_before_switch(self.cache, asked) if nodes else 0
+        if nodes and depth > 0 and self.trees:
+            return self.proposer.propose_tree(ctx, nodes, depth)
+        return self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
 
     def draft_budget(self, k: int) -> int:
         """At most k drafts, never past max_tokens."""
@@ -369,6 +384,8 @@ class Engine:
     def _settle_round(self, pending):
         """Wait for a queued round (the round's one host synchronisation), roll back what the base rejected,
         and emit. Returns (the round's TokenEvents, the hidden state for the next round)."""
+        if isinstance(pending, TreeRound):
+            return pending.settle(self)
         asked, k, result, vhidden = pending
         values = result.tolist()
         n = values[0]
@@ -376,20 +393,21 @@ class Engine:
         events = self.settle(values, asked, k)
         return events, (vhidden[:, n : n + 1] if vhidden is not None else None)
 
-    def settle(self, values: List[int], asked: int, k: int) -> List[TokenEvent]:
+    def settle(self, values: List[int], asked: int, k: int, nodes: int = 0) -> List[TokenEvent]:
         """A round's result read back ([n, next, k drafts, packed log-probability rows]): tell the proposer
         and the policy, count, and emit (the caller rolled the caches back by k - n). Ends at the first
-        finished token, trimming the caches to the history there."""
+        finished token, trimming the caches to the history there. A tree round (`nodes` > 0) gives its kept
+        branch as the k drafts (k its depth bound)."""
         n, nxt, drafts = values[0], values[1], values[2 : 2 + k]
         rows = values[2 + k :]  # (k+1) packed log-probability rows when asked, else empty
         width = len(rows) // (k + 1)
-        outcome = RoundResult(drafted=k, accepted=n)
+        outcome = RoundResult(drafted=nodes or k, accepted=n, tree=bool(nodes))
         if self.proposer is not None:
             self.proposer.observe(outcome)
         if asked:  # the policy learns from what the proposer gave, even 0 drafts
             self.policy.observe(outcome)
         if k:
-            self.stats.record_round(k, n)
+            self.stats.record_round(nodes or k, n, positions=k, tree=bool(nodes))
         events = []
         for i, tok in enumerate(drafts[:n] + [nxt]):
             events.append(self._emit(tok, i < n, rows[i * width : (i + 1) * width] if width else None))
