@@ -214,6 +214,24 @@ def test_trained_pair_trees_accept_more_than_chains(trained_pair):
     assert tau["tree"] >= tau["chain"], f"tau of a tree of 8 ({tau['tree']:.2f}) >= a chain of 8 ({tau['chain']:.2f})"
 
 
+@pytest.mark.parametrize("family", ["assistant", "dflash"])
+def test_seeded_trees_give_plain_samplings_text(trained_pair, family):
+    """Coupled mode (a seed): each node is drawn with the base's own noise at its position and a child is kept
+    when it equals the base's draw, so the text is plain sampling's, token for token."""
+    from conftest import TINY_CODE
+
+    from mlx_spec import load_drafter
+    from mlx_spec.sampling import SamplingParams
+
+    model, tokenizer, _ = trained_pair
+    prop = make_proposer(model, drafter=load_drafter(str(TINY_CODE / family), model))
+    prompt, sampling = tokenizer.encode("def parse(line):\n    "), SamplingParams(temp=1.0, top_k=50)
+    want = plain(model, prompt, 60, sampling=sampling, seed=5)
+    eng = Engine(model, prompt, proposer=prop, policy=FixedTree(8), max_tokens=60, sampling=sampling, seed=5)
+    assert [e.token for e in eng.run()] == want, "seeded tree decoding gives plain sampling's tokens"
+    assert eng.stats.accepted > 0, "some nodes were kept"
+
+
 def test_logprobs_with_trees_equal_plain():
     model = base("e2b")
     want = [(e.token, e.logprob, e.top_logprobs) for e in Engine(model, PROMPT, max_tokens=30, logprobs=3).run()]
