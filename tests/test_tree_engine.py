@@ -248,3 +248,53 @@ def test_stopping_inside_a_branch_leaves_the_cache_at_the_history():
         next(gen)
     gen.close()
     assert eng.cache[0].offset == len(eng.history) - 1, "the cache holds history[:-1], a queued tree round undone"
+
+
+# --- rows of a batch: a tree row beside chain rows and plain rows equals its output alone ---------------
+
+BATCH_PROMPTS = [PROMPT, [2, 7] * 10, list(range(3, 40)), [4, 5, 6, 4, 5, 7, 4, 5]]
+BATCH_POLICIES = [FixedTree(8), FixedK(3), FixedTree(16, depth=5), FixedTree(4)]
+
+
+def _batched(model, make, policies=BATCH_POLICIES, **settings):
+    from mlx_spec.batch.scheduler import Scheduler
+
+    sched, out, engines = Scheduler(model, decode_concurrency=8), {}, []
+    for i, (prompt, policy) in enumerate(zip(BATCH_PROMPTS, policies)):
+        engines.append(Engine(model, prompt, proposer=make(), policy=policy, max_tokens=40 + 5 * i, **settings))
+        sched.submit(engines[-1], lambda events, finished, i=i: out.setdefault(i, []).extend(e.token for e in events))
+    sched.drain()
+    return [out[i] for i in range(len(BATCH_PROMPTS))], engines
+
+
+@pytest.mark.parametrize("family", ["ngram", "mtp", "dflash"])
+def test_tree_rows_equal_alone(family):
+    model = base("e2b")
+    prop = _tree_proposer(model, family)
+    got, engines = _batched(model, prop.fork)
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        assert got[i] == plain(model, prompt, 40 + 5 * i), f"row {i}: in a batch with trees, greedy equals plain"
+    assert sum(e.stats.tree_rounds for e in engines) > 10, "rows verified trees"
+    if family == "ngram":
+        assert sum(e.stats.accepted for e in engines) > 30, "tree rows kept nodes"
+
+
+def test_tree_rows_with_quantized_kv_equal_alone():
+    model = base("dense_keqv", quantizable=True)
+    kv = KVQuant(8, 32, 30)  # rows cross the switch in different rounds and change batches
+    got, engines = _batched(model, lambda: make_proposer(model, ngram=2), kv=kv)
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        assert got[i] == plain(model, prompt, 40 + 5 * i, kv=kv), f"row {i}: quantized K/V, trees, equals plain"
+
+
+def test_trained_pair_tree_rows_sample_plain_text(trained_pair):
+    from mlx_spec.sampling import SamplingParams
+
+    model, tokenizer, drafter = trained_pair
+    sampling = SamplingParams(temp=1.0, top_k=50)
+    prop = make_proposer(model, drafter=drafter)
+    got, engines = _batched(model, prop.fork, sampling=sampling, seed=3)
+    for i, prompt in enumerate(BATCH_PROMPTS):
+        assert got[i] == plain(model, prompt, 40 + 5 * i, sampling=sampling, seed=3), \
+            f"row {i}: seeded tree rows give plain sampling's text"
+    assert sum(e.stats.accepted for e in engines if e.stats.tree_rounds) > 0, "tree rows kept nodes"

@@ -146,13 +146,13 @@ class _RowsCache:
         offsets, E = mx.array(self.offsets, mx.int32)[:, None, None], mx.array(ends, mx.int32)[:, None, None]
         slot = mx.arange(capacity, dtype=mx.int32)[None, None]  # (1, 1, C)
         q, p = offsets + depths[:, :, None], offsets - E + slot  # (B, L, 1), (B, 1, C)
-        j = mx.broadcast_to(mx.clip(slot - E, 0, L - 1), (B, L, capacity))  # the pass's row in each slot
+        j = mx.clip(slot - E, 0, L - 1)[:, 0]  # (B, C): the pass's row each slot holds
         cached = slot < E
-        new = (slot >= E) & (slot < E + L) & mx.take_along_axis(ancestors, j, axis=2)
+        seen = mx.take_along_axis(ancestors, mx.broadcast_to(j[:, None], (B, L, capacity)), axis=2)  # (B, L, C)
+        new = (slot >= E) & (slot < E + L) & seen
         if window is not None:
             cached = cached & (q - p < window)
-            new = new & (depths[:, :, None] - mx.take_along_axis(mx.broadcast_to(depths[:, None], j.shape), j, 2)
-                         < window)
+            new = new & (depths[:, :, None] - mx.take_along_axis(depths, j, axis=1)[:, None] < window)
         return (cached | new)[:, None]
 
     def compact(self, keeps: Sequence[Sequence[int]]) -> None:
@@ -251,6 +251,11 @@ class RowsFullCache(_RowsCache):
         out.keys, out.values, out.offset, out.quantized = _map(self.keys, cut), _map(self.values, cut), n, self.quantized
         return out
 
+    def row_drafter_view(self, b: int):
+        """Row b's (K, V) as a one-row cache's `drafter_view` gives them: (1, n_kv, offset, hd)."""
+        cut = lambda x: x[b : b + 1, :, : self.ends[b]]  # noqa: E731
+        return _for_drafter(self, (_map(self.keys, cut), _map(self.values, cut)))
+
     def drafter_views(self):
         """(K, V) of all rows (B, n_kv, C, hd), and the valid-slot mask (B, C) for a query at each row's
         next position (every earlier position)."""
@@ -318,6 +323,12 @@ class RowsSlidingCache(_RowsCache):
         out.keys, out.values = _map(self.keys, take), _map(self.values, take)
         out._start, out._end, out.offset, out.quantized = 0, n, self.offsets[b], self.quantized
         return out
+
+    def row_drafter_view(self, b: int):
+        """Row b's last window + 1 positions (fewer early on), as SlidingKVCache.drafter_view gives them."""
+        end = self.ends[b]
+        cut = lambda x: x[b : b + 1, :, end - min(self.window + 1, end) : end]  # noqa: E731
+        return _for_drafter(self, (_map(self.keys, cut), _map(self.values, cut)))
 
     def drafter_views(self):
         """(K, V) of all rows and the valid-slot mask (B, C) for a query at each row's next position: the

@@ -13,6 +13,8 @@ One round:
     in one host synchronisation;
     the caches give back each row's own rejected tail and padding (L - 1 - n_b positions), no clamp to
     the batch's shortest acceptance.
+A row may verify a draft tree (trees/): its nodes are its drafts, each at its own position and seeing its
+own ancestors, and its kept branch is compacted into place (chain rows' compaction moves nothing).
 A row's output equals its output alone: its attention reads its own slots in the same order (see
 cache.py), its sampler draws by (seed, position), and padding is never attended by a real position.
 
@@ -30,8 +32,11 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 
 from ..cache import rollback_all
+from ..draft_policy import tree_budget
 from ..engine import Engine, TokenEvent
 from ..proposers.base import Draft, RoundContext
+from ..trees.round import shape_of, unpack, verify_tree
+from ..trees.views import rows_layout, rows_views
 from .cache import join_rows, rollback_rows, select_rows
 
 
@@ -86,36 +91,47 @@ class Batch:
         """One round for every row: (row, the TokenEvents it emitted), in row order. Finished rows stay until
         `remove`d (their caches still hold them)."""
         rows = self.rows
-        asked = [self._budget(row) for row in rows]
-        drafts = self._propose(asked)
+        budgets = [self._budget(row) for row in rows]  # (k, tree nodes) per row
+        drafts = self._propose(budgets)
         L = 1 + max(d.k for d in drafts)
         verify = mx.stack([self._verify_row(row, d, L) for row, d in zip(rows, drafts)])  # (B, L)
-        logits, hidden = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
+        logits, hidden, features = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
         results = self._verify(logits, verify, drafts)
         sizes = [r.shape[0] for r in results]
         values = mx.concatenate(results).tolist()  # the round's one host synchronisation
-        out, counts, at = [], [], 0
+        out, keeps, at = [], [], 0
         for b, (row, d, size) in enumerate(zip(rows, drafts, sizes)):
             mine = values[at : at + size]
             at += size
-            n = mine[0]
-            counts.append(L - 1 - n)  # rejected drafts and padding
-            if row.engine.reads:  # its context gave back what the base's cache gives back
-                rollback_all(row.engine.proposer.context_cache, d.k - n)
-            events = row.engine.settle(mine, asked[b], d.k)
+            if d.parents is None:
+                n, keep = mine[0], list(range(mine[0] + 1))
+                if row.engine.reads:  # its context gave back what the base's cache gives back
+                    rollback_all(row.engine.proposer.context_cache, d.k - n)
+                events = row.engine.settle(mine, budgets[b][0], d.k)
+            else:  # a tree: its context takes the kept branch's features again (trees/round.py)
+                n, keep, mine = unpack(mine, d.depth)
+                if row.engine.reads:
+                    rollback_all(row.engine.proposer.context_cache, d.k + 1)
+                    row.engine.proposer.extend(features[b : b + 1, mx.array(keep)])
+                events = row.engine.settle(mine, budgets[b][0], d.depth, nodes=d.k)
+            keeps.append(keep)  # the rest (rejected drafts, other nodes, padding) is given back
             row.engine._time(row.gen_start)
             if hidden is not None:
-                row.hidden = hidden[b, n][None]
+                row.hidden = hidden[b, keep[-1]][None]
             row.finished = bool(events) and events[-1].finish_reason is not None
             out.append((row, events))
-        rollback_rows(self.caches, counts)
+        if any(d.parents is not None for d in drafts):
+            for c in self.caches:
+                c.compact(keeps)
+        else:
+            rollback_rows(self.caches, [L - len(keep) for keep in keeps])
         return out
 
     def _verify(self, logits: mx.array, verify: mx.array, drafts: List[Draft]) -> List[mx.array]:
         """Each row's round result (engine.verify's packing). Greedy rows without processors or
         log-probabilities are verified together (one argmax for all of them); the others by their engine."""
         results: List[Optional[mx.array]] = [None] * len(self.rows)
-        plain = [b for b, row in enumerate(self.rows) if _greedy_only(row.engine)]
+        plain = [b for b, row in enumerate(self.rows) if _greedy_only(row.engine) and drafts[b].parents is None]
         if plain:
             index = mx.array(plain, mx.int32)
             ks = mx.array([drafts[b].k for b in plain], mx.int32)[:, None]
@@ -128,59 +144,74 @@ class Batch:
             for g, b in enumerate(plain):
                 results[b] = packed[g, : 2 + drafts[b].k]
         for b, (row, d) in enumerate(zip(self.rows, drafts)):
-            if results[b] is None:
+            if results[b] is None and d.parents is not None:
+                e = row.engine
+                results[b] = verify_tree(e.sampler, shape_of(d), d, logits[b, : d.k + 1], verify[b, : d.k + 1],
+                                         row.position, e.logprobs)
+            elif results[b] is None:
                 results[b] = row.engine.verify(d, logits[b, : d.k + 1], verify[b, : d.k + 1], row.position)
         return results
 
     def _forward(self, verify: mx.array, drafts: List[Draft]):
-        """The base pass over every row; rows whose proposer reads decoder-layer outputs (block drafters)
-        get their rows of them, so each context grows with its row of the base's cache."""
+        """The base pass over every row: (logits, hidden, features or None). Rows whose proposer reads
+        decoder-layer outputs (block drafters) get their rows of them, so each context grows with its row of
+        the base's cache. When a row verifies a tree, every row's queries sit at their own positions and see
+        their own ancestors (a chain row's: the causal mask; trees/views.py)."""
+        caches = self.caches
+        if any(d.parents is not None for d in drafts):
+            shapes = [shape_of(d) if d.parents is not None else None for d in drafts]
+            caches = rows_views(caches, *rows_layout(shapes, [d.k for d in drafts], verify.shape[1]))
         reads = {row.engine.reads for row in self.rows if row.engine.reads}
         if not reads:
-            return self.base.forward(verify, self.caches)
+            return (*self.base.forward(verify, caches), None)
         if len(reads) > 1:
             raise ValueError(f"rows read different base layers {sorted(reads)}: one proposer family per batch")
-        logits, hidden, features = self.base.forward_layers(verify, self.caches, next(iter(reads)))
+        logits, hidden, features = self.base.forward_layers(verify, caches, next(iter(reads)))
         for b, (row, d) in enumerate(zip(self.rows, drafts)):
             if row.engine.reads:
                 row.engine.proposer.extend(features[b : b + 1, : d.k + 1])
-        return logits, hidden
+        return logits, hidden, features
 
-    def _budget(self, row: Row) -> int:
+    def _budget(self, row: Row) -> Tuple[int, int]:
+        """(drafts k, or a tree's depth bound; the tree's nodes, 0 for a chain) for the row's round."""
         engine = row.engine
         if engine.proposer is None:
-            return 0
+            return 0, 0
         k = engine.draft_budget(engine.policy.next_k())
+        nodes = tree_budget(engine.policy) if k > 0 else 0
         kv = engine.kv
         if kv is not None and not self.quantized and row.position < kv.start:
             k = min(k, kv.start - row.position - 1)  # the round ends at the switch (scheduler.py)
-        return max(0, k)
+        return max(0, k), nodes if engine.trees and k > 0 else 0
 
     @property
     def quantized(self) -> bool:
         return bool(self.caches) and self.caches[0].quantized
 
-    def _propose(self, asked: List[int]) -> List[Draft]:
-        """Each row's drafts: one batched call per proposer that drafts rows together, else per row."""
+    def _propose(self, budgets: List[Tuple[int, int]]) -> List[Draft]:
+        """Each row's drafts: one batched call per proposer that drafts rows together, else per row; a tree
+        per row (its proposer reads its row of the base's caches as a one-row cache)."""
         drafts: List[Optional[Draft]] = [None] * len(self.rows)
         groups = {}
-        for b, (row, k) in enumerate(zip(self.rows, asked)):
+        for b, (row, (k, nodes)) in enumerate(zip(self.rows, budgets)):
             p = row.engine.proposer
             if k <= 0:
                 drafts[b] = Draft.empty()
+            elif nodes:
+                drafts[b] = p.propose_tree(self._context(row, [_RowView(c, b) for c in self.caches]), nodes, k)
             elif hasattr(p, "propose_rows"):
                 groups.setdefault(id(p), (p, []))[1].append(b)
             else:
                 drafts[b] = p.propose(self._context(row), k)
         for p, members in groups.values():
             ctxs = [self._context(self.rows[b]) for b in members]
-            for b, d in zip(members, p.propose_rows(ctxs, [asked[b] for b in members], self.caches, members)):
+            for b, d in zip(members, p.propose_rows(ctxs, [budgets[b][0] for b in members], self.caches, members)):
                 drafts[b] = d
         return drafts
 
-    def _context(self, row: Row) -> RoundContext:
+    def _context(self, row: Row, caches: Optional[list] = None) -> RoundContext:
         e = row.engine
-        return RoundContext(e.history, row.position, row.hidden, None, e.sampler)
+        return RoundContext(e.history, row.position, row.hidden, caches, e.sampler)
 
     @staticmethod
     def _verify_row(row: Row, draft: Draft, L: int) -> mx.array:
@@ -189,6 +220,16 @@ class Batch:
         last = row.engine.history[-1]
         pad = mx.full((L - 1 - draft.k,), last, mx.int32)
         return mx.concatenate([mx.array([last], mx.int32), draft.tokens.astype(mx.int32), pad])
+
+
+class _RowView:
+    """Row b of a rows-cache as a proposer reads a one-row cache (an MTP drafter's tree reads its K/V)."""
+
+    def __init__(self, cache, b: int):
+        self.cache, self.b = cache, b
+
+    def drafter_view(self):
+        return self.cache.row_drafter_view(self.b)
 
 
 def _greedy_only(engine: Engine) -> bool:
