@@ -145,7 +145,8 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
                     prompt_cache: Optional[list] = None, should_stop: Optional[Callable[[], bool]] = None,
                     strict: bool = False, logprobs: int = 0, kv_bits: Optional[int] = None,
                     kv_group_size: int = DEFAULT_KV_GROUP_SIZE, quantized_kv_start: int = 0,
-                    on_prefill: Optional[Callable[[int, int], None]] = None) -> Iterator[GenerationResponse]:
+                    on_prefill: Optional[Callable[[int, int], None]] = None,
+                    tree_nodes: Union[int, str, None] = None) -> Iterator[GenerationResponse]:
     """Yield a GenerationResponse per generated token.
 
     Speculation: pass `drafter` (from `load_drafter`), `draft_model` (a smaller model sharing the
@@ -171,12 +172,19 @@ def stream_generate(model, tokenizer, prompt: Prompt, *, proposer: Optional[Prop
     cache holds full precision until it holds `quantized_kv_start` positions); rollback stays exact.
     Speculative greedy equals plain greedy with the same settings. A given `prompt_cache` brings its own.
     `on_prefill(done, total)` is called after each prefill chunk.
+
+    `tree_nodes=N` (1..16) drafts a tree of N nodes each round, no deeper than an int `num_draft_tokens`,
+    verified in the round's one base pass (docs/TREES.md); "auto" (with num_draft_tokens "auto") chooses a
+    chain or a tree each round from this machine's measured costs. 0 or None: chains. Same exactness.
     """
     ids = encode_prompt(tokenizer, prompt)
     sampling = (sampling or SamplingParams(temp, top_p, top_k, min_p, acceptance)).validate()
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
     kv = KVQuant.from_flags(kv_bits, kv_group_size, quantized_kv_start)
-    policy = draft_policy(num_draft_tokens, model, proposer, tuner, kv) if proposer is not None else None
+    if tree_nodes and (strict or logits_processors):
+        raise MlxSpecError("tree_nodes: trees are verified without strict mode's padding and without logits "
+                           "processors (they see one history per row); use chains with them")
+    policy = draft_policy(num_draft_tokens, model, proposer, tuner, kv, tree_nodes) if proposer is not None else None
     if policy is None:
         proposer = None  # k = 0: plain decoding (a draft model is not even prefilled)
     rows = strict_rows(model, policy) if strict else None

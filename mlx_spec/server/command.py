@@ -77,7 +77,7 @@ def main_args(args) -> int:
                         draft_by_default=not args.no_draft, sampling=sampling, log=log, access_log=log,
                         prompt_cache=not args.no_prompt_cache, prompt_cache_slots=args.prompt_cache_slots,
                         strict=args.strict, request_timeout=args.request_timeout,
-                        max_connections=args.max_connections, kv=kv, session=saved)
+                        max_connections=args.max_connections, kv=kv, session=saved, tree_nodes=args.tree_nodes)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

@@ -311,14 +311,14 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                  sampling: SamplingParams = SamplingParams(), log=None, access_log=None, prompt_cache: bool = True,
                  prompt_cache_slots: int = 1, tuner: Optional[AutoTuner] = None, strict: bool = False,
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
-                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None):
+                 kv: Optional[KVQuant] = None, session: Optional[tuple] = None, tree_nodes=0):
         self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
         self.access_log = access_log
         self.created = int(time.time())
         self.defaults = RequestDefaults(sampling.validate(), draft_by_default and proposer is not None,
-                                        num_draft_tokens)
+                                        num_draft_tokens, tree_nodes)
         self.worker = Worker(model, tokenizer, proposer, max_context=max_context or context_length(model),
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
                              prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict, kv=kv,

@@ -222,7 +222,8 @@ class Worker(threading.Thread):
         stops = StopMatcher(req.stop)
         want = req.logprobs  # None, or how many alternatives per token
         turn = self.conversations.turn(prompt, sampling=req.sampling, max_tokens=max_tokens, seed=req.seed,
-                                       num_draft_tokens=req.num_draft_tokens, drafting=drafting,
+                                       num_draft_tokens=req.num_draft_tokens, tree_nodes=req.tree_nodes,
+                                       drafting=drafting,
                                        should_stop=job.cancelled.is_set, strict=self.strict,
                                        logprobs=0 if want is None else max(want, 1))
         finish, n, stats, logprobs = "length", 0, None, []
@@ -253,10 +254,11 @@ class Worker(threading.Thread):
         if n == 0 and job.cancelled.is_set():  # the client went away during the prefill, which stopped there
             finish = "cancelled"
         spec = {"proposer": self.proposer if drafting else None,
-                "num_draft_tokens": req.num_draft_tokens if drafting else 0}
+                "num_draft_tokens": req.num_draft_tokens if drafting else 0,
+                "tree_nodes": req.tree_nodes if drafting else 0}
         if stats is not None:
             d = stats.as_dict()
-            spec.update({k: d[k] for k in ("rounds", "drafted", "accepted", "tau", "acceptance_rate",
+            spec.update({k: d[k] for k in ("rounds", "tree_rounds", "drafted", "accepted", "tau", "acceptance_rate",
                                            "acceptance_by_position", "plain_steps")})
         result = JobResult(finish, len(prompt), n, spec, turn.reused)
         self.finished.append(result)

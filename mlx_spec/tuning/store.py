@@ -12,7 +12,7 @@ import threading
 import time
 import weakref
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from ..cache import KVQuant
 from ..identity import machine_identity, model_identity, short_hash
@@ -83,12 +83,16 @@ class CostsStore:
 
     # -- costs
     def get(self, model, proposer=None, *, refresh: bool = False, kv: Optional[KVQuant] = None,
-            **measure_kw) -> Costs:
+            tree_budgets: Sequence[int] = (), **measure_kw) -> Costs:
         """`refresh=True` measures again (and saves). `kv`: costs with quantized K/V (its attention costs
-        differ), measured and filed on their own."""
+        differ), measured and filed on their own. `tree_budgets`: with tree rounds of these many nodes too
+        (filed on their own: a first use of trees measures them)."""
         key, pid = self.key(model), proposer.identity if proposer is not None else "none"
         if kv is not None:
             pid, measure_kw = f"{pid}|kv{kv.bits}g{kv.group_size}s{kv.start}", dict(measure_kw, kv=kv)
+        if tree_budgets:
+            pid = f"{pid}|trees{','.join(map(str, tree_budgets))}"
+            measure_kw = dict(measure_kw, tree_budgets=tuple(tree_budgets))
         with self._lock:
             if not refresh and (key, pid) in self._costs:
                 return self._costs[key, pid]
