@@ -9,8 +9,8 @@ length under the drafter's own distribution. Built on the device with fixed shap
       step       the drafter's logits for each frontier node's children (W, V): an MTP drafter's batched
                  step, a block drafter's row d (DSpark: with its Markov bias after the frontier token)
       children   each row's top K: by the drafter's logits (greedy), or by the sampler's scores plus the
-                 noise of position p + d (coupled: the base's own noise; rejection and match: the drafter's,
-                 which makes the K a draw without replacement, Gumbel-top-k)
+                 noise of position p + d (coupled: the base's own noise; rejection and match: the drafter's, a
+                 vector of its own per frontier row, which makes the K a draw without replacement, Gumbel-top-k)
       keys       key(child of rank r) = key(parent) + log q_(r) - DELTA * (1 + r), where q_(r) is the row's
                  r-th largest probability
       next frontier: the W children with the largest keys
@@ -20,9 +20,13 @@ Keys fall strictly from parent to child and from sibling to sibling (the DELTA t
 largest contain each one's parent and earlier siblings, and sorted by key they come in topological order
 with siblings in drawing order, as shape.py wants. With W >= N and K >= N this is exactly DDTree's tree.
 
-Why ranks and not the drawn tokens' own probabilities: whether a node's children exist must not depend on
-the draws those children are tried against (accept.py's rejection rule), and q_(r) depends on the parent
-only. For greedy drafts the two are the same numbers.
+Why ranks and not the drawn tokens' own probabilities: whether a node's r-th child exists must not depend
+on that child's own draw (accept.py's rejection rule). Its key depends on its parent only; what can push it
+out of the N are nodes with larger keys: its earlier siblings' subtrees (drawn before it: allowed), never its
+own subtree (smaller keys), and other parents' subtrees, whose draws are independent of its own because each
+frontier row draws with its own noise. For greedy drafts the keys are the drawn tokens' own probabilities.
+With a single row of noise per position, a cousin's draw would share its noise and could decide whether it
+is in the tree. The first frontier row (the all-first-children path: the chain) draws with the chain's noise.
 """
 
 from typing import Callable
@@ -30,7 +34,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..proposers.base import Draft
-from ..sampling import BASE, DRAFT
+from ..sampling import BASE, BRANCH, DRAFT
 
 DELTA = 0.01  # tie-break per rank and depth, in log-probability (far above float32 rounding of the keys)
 LOG_FLOOR = -50.0  # log q below this counts as this: keeps keys finite (q < 2e-22 is never worth a row)
@@ -67,8 +71,7 @@ def grow(step: Step, *, sampler, root: int, position: int, nodes: int, depth: in
             children = _top(logits, K)
             ranked = mx.take_along_axis(logq, children, axis=-1)
         else:
-            noise = sampler.gumbel([position + d], V, BASE if sampler.mode == "coupled" else DRAFT)
-            children = _top(scores + noise, K)
+            children = _top(scores + _noise(sampler, position + d, W, V), K)
             ranked = mx.take_along_axis(logq, _top(logq, K), axis=-1)
         child_keys = keys[:, None] + mx.maximum(ranked, LOG_FLOOR) - DELTA * (1 + mx.arange(K))  # (W, K)
         found["token"].append(children.reshape(-1))
@@ -95,6 +98,16 @@ def grow(step: Step, *, sampler, root: int, position: int, nodes: int, depth: in
                                  mx.take(cand["rank"], chosen)) if rejection else None
     return Draft(mx.take(cand["token"], chosen).astype(mx.int32), probs, parents=parents.astype(mx.int32),
                  depth=depth, branching=min(branching, V))
+
+
+def _noise(sampler, position: int, rows: int, vocab: int) -> mx.array:
+    """(1 or rows, V) Gumbel noise for a depth's draws: coupled, the base's own at the position (so a child
+    equals the base's draw exactly when the base would draw it); otherwise the drafter's, one row per frontier
+    node (the first row the chain's draft noise)."""
+    if sampler.mode == "coupled":
+        return sampler.gumbel([position], vocab, BASE)
+    return mx.concatenate([sampler.gumbel([position], vocab, DRAFT if w == 0 else BRANCH + w - 1)
+                           for w in range(rows)])
 
 
 def _without_replacement(q: mx.array, picks: mx.array, qrow: mx.array, rank: mx.array) -> mx.array:
