@@ -34,6 +34,8 @@ from .prefill import PREFILL_STEP, prefill_chunks
 from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers, grows_trees
 from .sampling import Sampler, SamplingParams
 from .stats import GenerationStats
+from .trees.grow import MAX_BRANCHING
+from .trees.ranks import RankAcceptance
 from .trees.round import TreeRound, depth_before_switch
 
 __all__ = ["Engine", "TokenEvent", "DEFAULT_NUM_DRAFT_TOKENS", "MAX_DRAFT_TOKENS"]
@@ -117,6 +119,7 @@ class Engine:
         # whether a round may verify a tree when the policy asks for one (else it drafts a chain)
         self.trees = grows_trees(proposer) and offers(self.base, TREE_PASS) and not self.processors \
             and not strict_rows
+        self.tree_ranks = RankAcceptance()  # how often a node's r-th child is kept, from this request's trees
         self.history = list(prompt)
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.emitted = 0
@@ -347,7 +350,7 @@ class Engine:
         """Build one propose + verify graph and start it on the device; nothing waits for it here."""
         asked = self.draft_budget(k)
         position = len(self.history) - 1
-        draft = self.propose(RoundContext(self.history, position, hidden, self.cache, self.sampler), asked)
+        draft = self.propose(self.round_context(position, hidden, self.cache), asked)
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
         if draft.parents is not None:
             return TreeRound(self, draft, position, asked)
@@ -356,6 +359,11 @@ class Engine:
         result = self.verify(draft, logits[0], verify_in, position)
         mx.async_eval(result)
         return asked, draft.k, result, vhidden
+
+    def round_context(self, position: int, hidden, caches) -> RoundContext:
+        """What the proposer reads this round; a sampled tree also this request's measured rank acceptance."""
+        ranks = None if self.sampler.greedy else self.tree_ranks.log_probs(MAX_DRAFT_TOKENS, MAX_BRANCHING)
+        return RoundContext(self.history, position, hidden, caches, self.sampler, ranks)
 
     def propose(self, ctx: RoundContext, asked: int) -> Draft:
         """This round's drafts: a tree when the policy gives it nodes and this request can verify one (trees/:

@@ -233,3 +233,15 @@ def test_ngram_tree_merges_continuations():
     tokens, parents = lookup_tree(history, 2, 6, 3)
     assert tokens[:3] == [3, 9, 1] and parents[:3] == [-1, 0, 1], "the first branch is the chain's lookup"
     assert 4 in tokens and parents[tokens.index(4)] == -1, "another match's continuation branches at the root"
+
+
+def test_rank_acceptance_counts_what_each_round_tried():
+    from mlx_spec.trees.ranks import RankAcceptance
+
+    r = RankAcceptance()
+    r.observe([0, 1], 2)  # kept: a first child, then a second child; its node's two children both rejected
+    assert [c[:2] for c in r.first] == [[1.0, 1.0], [1.0, 0.0], [1.0, 0.0]], \
+        "first children: kept at depth 0, rejected at depths 1 and 2"
+    assert r.later == [[2.0, 1.0]], "second children: kept at depth 1, rejected at depth 2"
+    fresh = RankAcceptance().log_probs(3, 2)
+    assert fresh[2][0] * 3 > fresh[0][1], "before evidence, three first children are worth more than a sibling"

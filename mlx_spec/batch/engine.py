@@ -109,7 +109,8 @@ class Batch:
                     rollback_all(row.engine.proposer.context_cache, d.k - n)
                 events = row.engine.settle(mine, budgets[b][0], d.k)
             else:  # a tree: its context takes the kept branch's features again (trees/round.py)
-                n, keep, mine = unpack(mine, d.depth)
+                n, keep, mine, ranks = unpack(mine, d.depth)
+                row.engine.tree_ranks.observe(*ranks)
                 if row.engine.reads:
                     rollback_all(row.engine.proposer.context_cache, d.k + 1)
                     row.engine.proposer.extend(features[b : b + 1, mx.array(keep)])
@@ -210,8 +211,7 @@ class Batch:
         return drafts
 
     def _context(self, row: Row, caches: Optional[list] = None) -> RoundContext:
-        e = row.engine
-        return RoundContext(e.history, row.position, row.hidden, caches, e.sampler)
+        return row.engine.round_context(row.position, row.hidden, caches)
 
     @staticmethod
     def _verify_row(row: Row, draft: Draft, L: int) -> mx.array:

@@ -46,6 +46,8 @@ class RoundContext:
     base_cache: the base's rewindable caches, already rolled back to `position`.
     sampler: draws each draft from the proposer's logits (`sampler.draft`), so drafts use the request's
         temperature, filters, acceptance mode and position-keyed noise (sampling.py).
+    rank_logp: for a tree of sampled drafts, [d][r]: log P(a depth-d node's r-th child is the one kept), as
+        this request's tree rounds measured it (trees/ranks.py); None where not used.
     """
 
     history: List[int]
@@ -53,6 +55,7 @@ class RoundContext:
     hidden: Optional[mx.array]
     base_cache: list
     sampler: "object"  # sampling.Sampler
+    rank_logp: Optional[List[List[float]]] = None
 
 
 @dataclass

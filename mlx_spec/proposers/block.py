@@ -102,7 +102,7 @@ class BlockProposer:
         if depth <= 0:
             return Draft.empty()
         return grow(self.tree_step(ctx, depth), sampler=ctx.sampler, root=ctx.history[-1], position=ctx.position,
-                    nodes=nodes, depth=depth, width=nodes)
+                    nodes=nodes, depth=depth, width=nodes, rank_logp=ctx.rank_logp)
 
     def _begin(self, ctx: RoundContext, k: int) -> int:
         """Check the context is in step with the base's cache; the drafts this round may have."""

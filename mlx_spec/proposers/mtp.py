@@ -116,7 +116,7 @@ class MTPProposer:
             return self.drafter.full_logits_rows(h)
 
         return grow(step, sampler=ctx.sampler, root=ctx.history[-1], position=ctx.position, nodes=nodes,
-                    depth=depth, width=min(nodes, TREE_WIDTH))
+                    depth=depth, width=min(nodes, TREE_WIDTH), rank_logp=ctx.rank_logp)
 
     @cached_property
     def rows_stepper(self):

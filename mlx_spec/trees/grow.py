@@ -11,8 +11,9 @@ length under the drafter's own distribution. Built on the device with fixed shap
       children   each row's top K: by the drafter's logits (greedy), or by the sampler's scores plus the
                  noise of position p + d (coupled: the base's own noise; rejection and match: the drafter's, a
                  vector of its own per frontier row, which makes the K a draw without replacement, Gumbel-top-k)
-      keys       key(child of rank r) = key(parent) + log q_(r) - DELTA * (1 + r), where q_(r) is the row's
-                 r-th largest probability
+      keys       key(child of rank r) = key(parent) + log s_r - DELTA * (1 + r); greedy: s_r = q_(r), the row's
+                 r-th largest probability; sampled drafts: the measured chance that a node's r-th child is
+                 the one kept (ranks.py: the drafter's probabilities misjudge depth against width there)
       next frontier: the W children with the largest keys
     the tree: the N candidates with the largest keys over all depths.
 
@@ -29,7 +30,7 @@ With a single row of noise per position, a cousin's draw would share its noise a
 is in the tree. The first frontier row (the all-first-children path: the chain) draws with the chain's noise.
 """
 
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
@@ -51,10 +52,11 @@ def _top(x: mx.array, k: int) -> mx.array:
 
 
 def grow(step: Step, *, sampler, root: int, position: int, nodes: int, depth: int, width: int,
-         branching: int = MAX_BRANCHING) -> Draft:
+         branching: int = MAX_BRANCHING, rank_logp: Optional[Sequence[Sequence[float]]] = None) -> Draft:
     """A tree of at most `nodes` nodes and depth `depth` after the root token `root` (at `position`).
     `step(d, rows, tokens)`: the drafter's logits for the children of the frontier (rows: each frontier
-    node's row in the previous frontier; tokens: their tokens)."""
+    node's row in the previous frontier; tokens: their tokens). `rank_logp`: for sampled drafts, [d][r] log P(a
+    depth-d node's r-th child is kept) (ranks.py); without it they are ranked by the drafter's probabilities."""
     greedy, rejection = sampler.greedy, not sampler.greedy and sampler.mode == "rejection"
     tokens, rows, keys = mx.array([root], mx.int32), mx.zeros((1,), mx.int32), mx.zeros((1,), mx.float32)
     ids = mx.array([-1], mx.int32)  # the frontier's candidate ids (-1: the root)
@@ -72,7 +74,8 @@ def grow(step: Step, *, sampler, root: int, position: int, nodes: int, depth: in
             ranked = mx.take_along_axis(logq, children, axis=-1)
         else:
             children = _top(scores + _noise(sampler, position + d, W, V), K)
-            ranked = mx.take_along_axis(logq, _top(logq, K), axis=-1)
+            ranked = mx.take_along_axis(logq, _top(logq, K), axis=-1) if rank_logp is None \
+                else mx.array(list(rank_logp[d - 1][:K]), mx.float32)[None]
         child_keys = keys[:, None] + mx.maximum(ranked, LOG_FLOOR) - DELTA * (1 + mx.arange(K))  # (W, K)
         found["token"].append(children.reshape(-1))
         found["key"].append(child_keys.reshape(-1))

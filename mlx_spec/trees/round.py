@@ -10,7 +10,9 @@ A block drafter's context holds K/V rotated at their positions, so moving its en
 rotation: it takes the pass's features as a chain's pass does (so any rollback of the engine keeps the two
 in step), and at settle gives the pass back and takes the branch's features again, at consecutive positions.
 
-Result, int32: [n, next token, the branch's tokens (D), its rows (D), log-probability rows (D+1) if asked].
+Result, int32: [n, next token, the branch's tokens (D), its rows (D), their ranks among their siblings (D),
+the children of its last node (all rejected), log-probability rows (D+1) if asked]. The ranks teach the
+request's RankAcceptance (ranks.py), which shapes its next sampled trees.
 """
 
 from typing import List
@@ -63,7 +65,10 @@ def verify_tree(sampler, shape: TreeShape, draft: Draft, logits: mx.array, verif
                                         mx.take(accept_u, depths, axis=0),
                                         mx.take(sampler.uniforms(after, RESAMPLE), depths))
     tokens = mx.take(verify_in, path).astype(mx.int32)
-    result = mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), tokens, path])
+    last = mx.take(path, mx.maximum(n - 1, 0)) * (n > 0)  # the branch's last row (the root when n = 0)
+    rejected = (mx.take(shape.children, last, axis=0) >= 0).sum()[None].astype(mx.int32)
+    result = mx.concatenate([mx.stack([n, nxt]).astype(mx.int32), tokens, path,
+                             mx.take(shape.sibling_rank, path).astype(mx.int32), rejected])
     if logprobs:  # row j of the branch predicts its (j+1)-th emitted token: a node while accepted, then next
         rows = mx.take(logits, mx.concatenate([mx.zeros((1,), mx.int32), path]), axis=0)  # (D+1, V)
         chosen = mx.where(mx.arange(D + 1) < n, mx.concatenate([tokens, nxt[None]]), nxt)
@@ -72,9 +77,11 @@ def verify_tree(sampler, shape: TreeShape, draft: Draft, logits: mx.array, verif
 
 
 def unpack(values: List[int], depth: int):
-    """(n, the kept rows [0] + branch, the engine's chain layout [n, next, D tokens, log-probability rows])."""
-    n = values[0]
-    return n, [0] + values[2 + depth : 2 + depth + n], values[: 2 + depth] + values[2 + 2 * depth :]
+    """(n, the kept rows [0] + branch, the engine's chain layout [n, next, D tokens, log-probability rows],
+    (the branch's ranks among their siblings, the children its last node had))."""
+    n, D = values[0], depth
+    ranks = (values[2 + 2 * D : 2 + 2 * D + n], values[2 + 3 * D])
+    return n, [0] + values[2 + D : 2 + D + n], values[: 2 + D] + values[3 + 3 * D :], ranks
 
 
 class TreeRound:
@@ -97,7 +104,8 @@ class TreeRound:
     def settle(self, engine):
         """(the round's TokenEvents, the base's hidden at the kept branch's end (1, 1, H) or None)."""
         e = engine
-        n, keep, values = unpack(self.result.tolist(), self.draft.depth)
+        n, keep, values, ranks = unpack(self.result.tolist(), self.draft.depth)
+        e.tree_ranks.observe(*ranks)
         for c in e.cache:
             c.compact(keep, self.L)
         if e.reads:
