@@ -132,3 +132,27 @@ def test_trees_need_a_base_and_proposer_that_can_grow_them(trained_pair):
     with pytest.raises(MlxSpecError, match="needs a Gemma 4 base"):
         draft_policy(3, make_llama(), make_proposer(make_llama(), ngram=2), tree_nodes=8)
     assert isinstance(draft_policy(3, model, make_proposer(model, drafter=drafter), tree_nodes=8), FixedTree)
+
+
+def test_tree_costs_reuse_the_chain_costs(tmp_path):
+    """auto with trees decides between chains on the very costs auto without trees uses: the trees' probe
+    adds tree rounds and the rows past the chain's, nothing else."""
+    from types import SimpleNamespace
+
+    from mlx_spec.tuning import CostsStore
+
+    calls = []
+
+    def fake_probe(model, proposer, clock=None, tree_budgets=(), kv=None, **kw):
+        calls.append(tuple(tree_budgets))
+        return Costs(verify=[float(len(calls))] * (17 if tree_budgets else 9), draft_step=0.1 * len(calls),
+                     tree={n: 5.0 for n in tree_budgets})
+
+    store = CostsStore(tmp_path / "tuning.json", measure=fake_probe)
+    store.model_identity = lambda model: {"weights_hash": "tiny"}
+    proposer = SimpleNamespace(identity="mtp:abc")
+    chain = store.get(None, proposer)
+    trees = store.get(None, proposer, tree_budgets=(4, 8, 16))
+    assert calls == [(), (4, 8, 16)], "the chain costs are measured once, the trees' on their first use"
+    assert trees.verify[:9] == chain.verify and trees.draft_step == chain.draft_step, "chain costs shared"
+    assert len(trees.verify) == 17 and trees.tree == {4: 5.0, 8: 5.0, 16: 5.0}, "rows up to 16 and tree rounds"

@@ -5,6 +5,7 @@
 as long as its owner does. Nothing is kept at module level.
 """
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -85,14 +86,24 @@ class CostsStore:
     def get(self, model, proposer=None, *, refresh: bool = False, kv: Optional[KVQuant] = None,
             tree_budgets: Sequence[int] = (), **measure_kw) -> Costs:
         """`refresh=True` measures again (and saves). `kv`: costs with quantized K/V (its attention costs
-        differ), measured and filed on their own. `tree_budgets`: with tree rounds of these many nodes too
-        (filed on their own: a first use of trees measures them)."""
+        differ), measured and filed on their own. `tree_budgets`: the chain costs (got as without them) with
+        tree rounds of these many nodes and verify passes of their rows added (filed on their own, measured
+        on first use of trees), so auto with trees decides between chains exactly as auto without them."""
+        if tree_budgets:
+            return self._with_trees(model, proposer, refresh, kv, tuple(tree_budgets), measure_kw)
         key, pid = self.key(model), proposer.identity if proposer is not None else "none"
         if kv is not None:
             pid, measure_kw = f"{pid}|kv{kv.bits}g{kv.group_size}s{kv.start}", dict(measure_kw, kv=kv)
-        if tree_budgets:
-            pid = f"{pid}|trees{','.join(map(str, tree_budgets))}"
-            measure_kw = dict(measure_kw, tree_budgets=tuple(tree_budgets))
+        return self._get(model, proposer, key, pid, refresh, measure_kw)
+
+    def _with_trees(self, model, proposer, refresh: bool, kv, budgets, measure_kw) -> Costs:
+        chain = self.get(model, proposer, refresh=refresh, kv=kv, **measure_kw)
+        pid = f"{proposer.identity}|" + (f"kv{kv.bits}g{kv.group_size}s{kv.start}|" if kv is not None else "") \
+            + f"trees{','.join(map(str, budgets))}"
+        trees = self._get(model, proposer, self.key(model), pid, refresh, dict(measure_kw, kv=kv, tree_budgets=budgets))
+        return dataclasses.replace(chain, verify=chain.verify + trees.verify[len(chain.verify):], tree=trees.tree)
+
+    def _get(self, model, proposer, key: str, pid: str, refresh: bool, measure_kw: dict) -> Costs:
         with self._lock:
             if not refresh and (key, pid) in self._costs:
                 return self._costs[key, pid]
