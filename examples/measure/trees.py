@@ -54,7 +54,7 @@ def main():
     tuner = AutoTuner()
     print(f"{len(prompts)} held-out prompts x {a.tokens} tokens; T > 0: {a.acceptance}, seed 0")
     print(f"{'drafter':<10}{'temp':>5}  {'config':<16}{'tau':>6}{'tau med':>9}{'speedup here':>14}"
-          f"{'projected M3U':>15}")
+          f"{'projected M3U':>15}{'tree rounds':>13}")
     for name in a.drafters.split(","):
         drafter = load_drafter(str(PAIR / name), model)
         for temp in [float(t) for t in a.temps.split(",")]:
@@ -76,8 +76,9 @@ def main():
                 runs, speedups = results[label]
                 pooled = GenerationStats.total(runs)
                 proj = f"{projected(pooled):.2f}x" if k and pooled.rounds else "-"
+                trees = f"{pooled.tree_rounds / pooled.rounds:.0%}" if pooled.rounds else "-"
                 print(f"{name:<10}{temp:>5}  {label:<16}{pooled.tau:>6.2f}{statistics.median(s.tau for s in runs):>9.2f}"
-                      f"{statistics.median(speedups):>13.2f}x{proj:>15}", flush=True)
+                      f"{statistics.median(speedups):>13.2f}x{proj:>15}{trees:>13}", flush=True)
 
 
 if __name__ == "__main__":
