@@ -11,6 +11,7 @@ import pytest
 
 from tiny_models import dflash_config, dspark_config, make_base, make_block_drafter, make_drafter
 from mlx_spec import cache as cache_module
+from mlx_spec.batch import cache as rows_cache
 from mlx_spec.cache import KVQuant
 from mlx_spec.draft_policy import FixedK, FixedTree
 from mlx_spec.engine import Engine
@@ -267,6 +268,18 @@ def _batched(model, make, policies=BATCH_POLICIES, **settings):
     return [out[i] for i in range(len(BATCH_PROMPTS))], engines
 
 
+def _left_exact(model, engines):
+    """A row that left the batch holds exactly its history minus the last token, as a clean prefill does."""
+    for i, eng in enumerate(engines):
+        clean = model.make_cache()
+        model(mx.array([eng.history[:-1]]), clean)
+        for layer, (ours, want) in enumerate(zip(eng.cache, clean)):
+            assert ours.offset == want.offset, f"row {i}: its cache ends at its history"
+            for x, y in zip(ours.drafter_view(), want.drafter_view()):
+                assert x.shape == y.shape and mx.allclose(x, y, atol=1e-5).item(), \
+                    f"row {i}, layer {layer}: K/V differ from a run that never saw the other nodes"
+
+
 @pytest.mark.parametrize("family", ["ngram", "mtp", "dflash"])
 def test_tree_rows_equal_alone(family):
     model = base("e2b")
@@ -275,8 +288,37 @@ def test_tree_rows_equal_alone(family):
     for i, prompt in enumerate(BATCH_PROMPTS):
         assert got[i] == plain(model, prompt, 40 + 5 * i), f"row {i}: in a batch with trees, greedy equals plain"
     assert sum(e.stats.tree_rounds for e in engines) > 10, "rows verified trees"
+    _left_exact(model, engines)
     if family == "ngram":
         assert sum(e.stats.accepted for e in engines) > 30, "tree rows kept nodes"
+
+
+def _rows_causal(self, depths, ancestors):
+    return self.make_mask(depths.shape[1])
+
+
+def _rows_compact_one_off(self, keeps):
+    """Each row's kept branch written one slot too late (the bug the checks must see)."""
+    L = self.last_written
+    M = max(len(k) for k in keeps)
+    src = mx.array([[e - L + (k[j] if j < len(k) else j) for j in range(M)] for e, k in zip(self.ends, keeps)])
+    dst = mx.array([[e - L + min(j + (0 < j < len(k)), L - 1) for j in range(M)] for e, k in zip(self.ends, keeps)])
+    self.keys = rows_cache._scatter(self.keys, rows_cache._gather(self.keys, src), dst)
+    self.values = rows_cache._scatter(self.values, rows_cache._gather(self.values, src), dst)
+    self.rollback([L - len(k) for k in keeps])
+
+
+@pytest.mark.parametrize("mutation", ["causal mask", "compaction one position off"])
+def test_the_rows_checks_catch_a_broken_tree(monkeypatch, mutation):
+    model = base("e2b")
+    if mutation == "causal mask":
+        monkeypatch.setattr(rows_cache._RowsCache, "tree_mask", _rows_causal)
+    else:
+        monkeypatch.setattr(rows_cache._RowsCache, "compact", _rows_compact_one_off)
+    with pytest.raises(AssertionError):
+        got, engines = _batched(model, _tree_proposer(model, "ngram").fork)
+        assert all(got[i] == plain(model, p, 40 + 5 * i) for i, p in enumerate(BATCH_PROMPTS)), "equals plain"
+        _left_exact(model, engines)
 
 
 def test_tree_rows_with_quantized_kv_equal_alone():

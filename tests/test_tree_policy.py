@@ -156,3 +156,26 @@ def test_tree_costs_reuse_the_chain_costs(tmp_path):
     assert calls == [(), (4, 8, 16)], "the chain costs are measured once, the trees' on their first use"
     assert trees.verify[:9] == chain.verify and trees.draft_step == chain.draft_step, "chain costs shared"
     assert len(trees.verify) == 17 and trees.tree == {4: 5.0, 8: 5.0, 16: 5.0}, "rows up to 16 and tree rounds"
+
+
+def test_a_request_sets_its_tree():
+    from mlx_spec.server.requests import RequestDefaults, RequestError, parse_request
+
+    req = parse_request({"prompt": "x", "tree_nodes": 8}, "text")
+    assert req.tree_nodes == 8, "a request's tree_nodes"
+    assert parse_request({"prompt": "x"}, "text", RequestDefaults(tree_nodes=4)).tree_nodes == 4, \
+        "the server's --tree-nodes is the default"
+    for bad in ({"tree_nodes": 17}, {"tree_nodes": "auto", "num_draft_tokens": 3}, {"tree_nodes": True}):
+        with pytest.raises(RequestError):
+            parse_request({"prompt": "x", **bad}, "text")
+
+
+def test_the_command_refuses_a_tree_it_cannot_grow(capsys):
+    from conftest import TINY_CODE
+
+    from mlx_spec.generate import main
+
+    rc = main(["--model", str(TINY_CODE / "base"), "--draft-model", str(TINY_CODE / "base"), "--prompt", "x",
+               "--tree-nodes", "8", "--num-draft-tokens", "4", "--max-tokens", "4"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --tree-nodes" in err and "Traceback" not in err, "one error line, exit 2"
