@@ -11,6 +11,10 @@ auto with chains only, and with --tree-nodes auto (costs measured here on first 
 
     python examples/measure/trees.py [--prompts 8] [--tokens 96] [--temps 0,0.7,1.0] [--sizes 4,8,16]
                                      [--drafters assistant,dflash] [--acceptance rejection] [--no-auto]
+                                     [--shift S]
+
+--shift S multiplies every weight of the base by (1 + S * N(0, 1)) (seed 0): a base the drafter was not
+trained for, where it is less sure of the base's next token.
 """
 
 import argparse
@@ -31,6 +35,19 @@ def projected(stats: GenerationStats) -> float:
     return stats.tau / (0.83 + 0.17 * stats.drafted / stats.rounds)
 
 
+def shift(model, scale: float) -> None:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    key = mx.random.key(0)
+    params = []
+    for name, w in tree_flatten(model.parameters()):
+        key, sub = mx.random.split(key)
+        params.append((name, w * (1 + scale * mx.random.normal(w.shape, key=sub))))
+    model.update(tree_unflatten(params))
+    mx.eval(model.parameters())
+
+
 def run(model, tok, ids, drafter, temp, acceptance, tokens, seed, **drafting):
     stats, start = None, time.perf_counter()
     for r in stream_generate(model, tok, ids, drafter=drafter, temp=temp, acceptance=acceptance, seed=seed,
@@ -48,8 +65,11 @@ def main():
     p.add_argument("--drafters", default="assistant,dflash")
     p.add_argument("--acceptance", default="rejection", help="the rule at temp > 0 (rejection, coupled, match)")
     p.add_argument("--no-auto", action="store_true")
+    p.add_argument("--shift", type=float, default=0.0)
     a = p.parse_args()
     model, tok = load(str(PAIR / "base"))
+    if a.shift:
+        shift(model, a.shift)
     prompts = heldout_prompts(tok, a.prompts)
     tuner = AutoTuner()
     print(f"{len(prompts)} held-out prompts x {a.tokens} tokens; T > 0: {a.acceptance}, seed 0")
