@@ -9,6 +9,7 @@ branch the base agrees with, and compacts that branch's K/V into consecutive pos
     views.py     the verify pass's view of the base's caches: node positions and the tree mask
     accept.py    acceptance on a tree (pure): follow the base's own token; multi-candidate rejection
     grow.py      the best-first builder from a drafter's distributions (MTP steps, DFlash/DSpark blocks)
+    ranks.py     how often a node's r-th child is kept, learnt per request (how sampled trees spend nodes)
     ngram.py     prompt-lookup continuations merged into one tree
     round.py     one tree round in the Engine: propose, verify, accept, compact, emit
 
