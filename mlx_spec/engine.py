@@ -360,9 +360,11 @@ class Engine:
         mx.async_eval(result)
         return asked, draft.k, result, vhidden
 
-    def round_context(self, position: int, hidden, caches) -> RoundContext:
-        """What the proposer reads this round; a sampled tree also this request's measured rank acceptance."""
-        ranks = None if self.sampler.greedy else self.tree_ranks.log_probs(MAX_DRAFT_TOKENS, MAX_BRANCHING)
+    def round_context(self, position: int, hidden, caches, tree: bool = False) -> RoundContext:
+        """What the proposer reads this round; for a tree of sampled drafts also this request's measured rank
+        acceptance."""
+        ranks = self.tree_ranks.log_probs(MAX_DRAFT_TOKENS, MAX_BRANCHING) if tree and not self.sampler.greedy \
+            else None
         return RoundContext(self.history, position, hidden, caches, self.sampler, ranks)
 
     def propose(self, ctx: RoundContext, asked: int) -> Draft:
@@ -371,7 +373,8 @@ class Engine:
         nodes = tree_budget(self.policy) if asked > 0 else 0
         depth = depth_before_switch(self.cache, asked) if nodes else 0
         if nodes and depth > 0 and self.trees:
-            return self.proposer.propose_tree(ctx, nodes, depth)
+            tree_ctx = self.round_context(ctx.position, ctx.hidden, ctx.base_cache, tree=True)
+            return self.proposer.propose_tree(tree_ctx, nodes, depth)
         return self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
 
     def draft_budget(self, k: int) -> int:

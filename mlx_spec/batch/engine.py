@@ -199,7 +199,8 @@ class Batch:
             if k <= 0:
                 drafts[b] = Draft.empty()
             elif nodes:
-                drafts[b] = p.propose_tree(self._context(row, [_RowView(c, b) for c in self.caches]), nodes, k)
+                ctx = row.engine.round_context(row.position, row.hidden, [_RowView(c, b) for c in self.caches], True)
+                drafts[b] = p.propose_tree(ctx, nodes, k)
             elif hasattr(p, "propose_rows"):
                 groups.setdefault(id(p), (p, []))[1].append(b)
             else:
@@ -210,8 +211,8 @@ class Batch:
                 drafts[b] = d
         return drafts
 
-    def _context(self, row: Row, caches: Optional[list] = None) -> RoundContext:
-        return row.engine.round_context(row.position, row.hidden, caches)
+    def _context(self, row: Row) -> RoundContext:
+        return row.engine.round_context(row.position, row.hidden, None)
 
     @staticmethod
     def _verify_row(row: Row, draft: Draft, L: int) -> mx.array:
