@@ -160,7 +160,8 @@ def make_engine(model, request: Request, *, eos_ids: Sequence[int] = (), propose
     strict mode's row count on this device."""
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
     if proposer is not None and request.draft:
-        policy = policy or draft_policy(request.num_draft_tokens, model, proposer, tuner, request.kv)
+        policy = policy or draft_policy(request.num_draft_tokens, model, proposer, tuner, request.kv,
+                                        request.tree_nodes)
     else:
         policy = None
     if policy is None:
@@ -224,6 +225,10 @@ def stream_generate(model, tokenizer, prompt: Union[Prompt, Request], *, propose
     `logprobs=N` (N >= 1) fills each response's `logprob` and `top_logprobs` (N alternatives) from the base
     model's distribution, the same with drafting on or off; computed only when asked. `stop` strings end
     the text before the first of them (finish_reason "stop").
+
+    `tree_nodes=N` (1..16) drafts a tree of N nodes each round, no deeper than an int `num_draft_tokens`,
+    verified in the round's one base pass (docs/TREES.md); "auto" (with num_draft_tokens "auto") chooses a
+    chain or a tree each round from this machine's measured costs. 0: chains. Same exactness.
     """
     policy = settings.pop("num_draft_tokens") if _is_policy(settings.get("num_draft_tokens")) else None
     request = make_request(tokenizer, prompt, **settings)
@@ -252,7 +257,10 @@ def respond(engine: Engine, model, tokenizer) -> Iterator[GenerationResponse]:
 
 def agree(ranks, request: Request, policy: Optional[DraftPolicy]):
     """(request, policy) as rank 0 has them, on every rank: its prompt ids, its seed (a fresh one drawn once),
-    and a draft length every rank follows (distributed/requests.py)."""
+    and a draft length every rank follows (distributed/requests.py). Draft trees are refused across ranks."""
+    if request.tree_nodes:
+        raise MlxSpecError("tree_nodes is not supported on a model split over ranks (a tree's verify pass over "
+                           "split layers is not checked yet): leave it 0, drafts stay chains")
     ids, seed, sampling, k = agree_request(ranks, request.prompt, request.seed, request.sampling,
                                            policy if policy is not None else request.num_draft_tokens)
     if not isinstance(k, (int, str)):  # a caller's policy, or rank 0's choices of it

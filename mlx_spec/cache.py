@@ -187,6 +187,21 @@ class _Quantizable:
             )
         return True
 
+    def compact(self, keep: Sequence[int], written: int) -> int:
+        """After a pass that wrote `written` positions (a tree verify), keep its rows `keep` (increasing, from
+        row 0) at consecutive positions, row keep[j] at the pass's j-th, and forget the others. Checked like
+        `rollback`; returns the positions given back."""
+        keep, (first, end) = list(keep), self._slots()
+        if not keep or keep[0] != 0 or keep[-1] >= written or any(b <= a for a, b in zip(keep, keep[1:])) \
+                or written > end - first:
+            raise CacheRollbackError(f"cannot keep rows {keep} of a pass of {written} (the cache holds {end - first})")
+        if keep[-1] != len(keep) - 1:  # rows to move: one gather, written back in place
+            index = mx.array(keep, mx.int32) + (end - written)
+            for buf in (self.keys, self.values):
+                take = lambda x: mx.take(x, index, axis=2)  # noqa: E731
+                _put(buf, tuple(map(take, buf)) if _is_quantized(buf) else take(buf), end - written)
+        return self.rollback(written - len(keep))
+
     def _new(self, keys: mx.array, values: mx.array):
         """The incoming K/V (B, n_kv, S, hd) in this cache's storage form."""
         if self.quantized:
@@ -228,6 +243,9 @@ class FullKVCache(_Quantizable, KVCache):
 
     def _snapshot(self):
         return self.keys, self.values
+
+    def _slots(self):
+        return 0, self.offset
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._before_update()
@@ -313,6 +331,9 @@ class SlidingKVCache(_Quantizable):
 
     def _snapshot(self):
         return self.keys, self.values, self._start, self._end
+
+    def _slots(self):
+        return self._start, self._end
 
     def update_and_fetch(self, keys: mx.array, values: mx.array):
         self._before_update()

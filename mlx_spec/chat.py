@@ -66,10 +66,10 @@ class ChatSession:
                  sampling: SamplingParams = SamplingParams(), seed: Optional[int] = None, num_draft_tokens=3,
                  drafting: Optional[bool] = None, reuse_cache: bool = True, tuner: Optional[AutoTuner] = None,
                  strict: bool = False, kv: Optional[KVQuant] = None, session: Optional[tuple] = None,
-                 on_prefill: Optional[Callable[[int, int], None]] = None):
+                 on_prefill: Optional[Callable[[int, int], None]] = None, tree_nodes=None):
         """`kv`: quantized K/V (--kv-bits ...); `session`: (caches, token ids) of a saved prompt
         (--prompt-cache-file) that every conversation starting with those tokens continues from;
-        `on_prefill(done, total)`: progress of a long turn's prefill."""
+        `on_prefill(done, total)`: progress of a long turn's prefill; `tree_nodes`: --tree-nodes."""
         if not getattr(tokenizer, "has_chat_template", False):
             raise MlxSpecError("this model's tokenizer has no chat template (no chat_template in "
                                "tokenizer_config.json or chat_template.jinja); use mlx_spec.generate for raw prompts")
@@ -81,7 +81,7 @@ class ChatSession:
         self.max_context = max_context or context_length(model)
         self.sampling = sampling.validate()
         self.seed = seed
-        self.num_draft_tokens = num_draft_tokens
+        self.num_draft_tokens, self.tree_nodes = num_draft_tokens, tree_nodes
         self.strict, self.session, self.on_prefill = strict, session, on_prefill
         self.conversations = Conversations(model, tokenizer, proposer, tuner=tuner, reuse_cache=reuse_cache, kv=kv)
         if session is not None:  # kept whole: every conversation that starts with it continues from a copy
@@ -139,7 +139,8 @@ class ChatSession:
         self.messages = messages
         seed = None if self.seed is None else self.seed + self.turns  # reproducible, not the same draws each turn
         request = Request(tokens, max_tokens=max_tokens, sampling=self.sampling, seed=seed, draft=self.drafting,
-                          num_draft_tokens=self.num_draft_tokens, strict=self.strict)
+                          num_draft_tokens=self.num_draft_tokens, tree_nodes=(self.tree_nodes or 0) if self.drafting else 0,
+                          strict=self.strict)
         turn = self.conversations.turn(request, should_stop=should_stop, on_prefill=self.on_prefill)
         self.turns += 1
         self.last = TurnInfo(prompt_tokens=len(tokens))
@@ -343,7 +344,8 @@ def main_args(args) -> int:
     session = ChatSession(model, tokenizer, proposer=proposer, system_prompt=system,
                           max_tokens=args.max_tokens, max_context=args.max_context, sampling=sampling, seed=args.seed,
                           num_draft_tokens=args.num_draft_tokens, drafting=not args.no_draft, tuner=make_tuner(args),
-                          strict=args.strict, kv=kv, session=saved, on_prefill=PrefillProgress())
+                          strict=args.strict, kv=kv, session=saved, on_prefill=PrefillProgress(),
+                          tree_nodes=args.tree_nodes)
     return ChatUI(session).loop()
 
 

@@ -48,6 +48,18 @@ def num_draft_tokens(value: str):
     return k
 
 
+def tree_nodes(value: str):
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {value!r}") from None
+    if not 0 <= n <= MAX_DRAFT_TOKENS:
+        raise argparse.ArgumentTypeError(f"must be between 0 and {MAX_DRAFT_TOKENS}, got {n}")
+    return n
+
+
 def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> None:
     p.add_argument("--model", required=model_required, help="MLX or Hugging Face model directory, or hub repo id")
     g = p.add_mutually_exclusive_group()
@@ -59,6 +71,10 @@ def add_model_args(p: argparse.ArgumentParser, model_required: bool = True) -> N
     p.add_argument("--num-draft-tokens", type=num_draft_tokens, default=DEFAULT_NUM_DRAFT_TOKENS,
                    metavar="K|auto", help="drafts per round, or 'auto': chosen each round from this machine's "
                    f"measured costs, plain decoding when drafting does not pay (default: {DEFAULT_NUM_DRAFT_TOKENS})")
+    p.add_argument("--tree-nodes", type=tree_nodes, default=0, metavar="N|auto",
+                   help="draft a tree of N nodes per round (branches no deeper than an integer --num-draft-tokens), "
+                   "or 'auto' (with --num-draft-tokens auto): a chain or a tree each round, whichever this machine's "
+                   "measured costs favour; 0 (default): chains (docs/TREES.md)")
     p.add_argument("--no-draft", action="store_true", help="plain decoding (baseline), ignoring any proposer")
     p.add_argument("--strict", action="store_true",
                    help="byte-identical to plain decoding (with --strict) even where the device's kernels change "
@@ -205,7 +221,8 @@ def print_stats(stats: GenerationStats, file=None, drafting: bool = False) -> No
     print(f"Generation: {stats.generation_tokens} tokens, {stats.generation_tps:.1f} tokens-per-sec", file=file)
     plain = f"; {stats.plain_steps} tokens without drafts" if stats.plain_steps else ""
     if stats.rounds:
-        print(f"Speculation: {stats.rounds} rounds, tau {stats.tau:.2f}, accepted {stats.accepted}/{stats.drafted} "
+        rounds = f"{stats.rounds} rounds" + (f" ({stats.tree_rounds} trees)" if stats.tree_rounds else "")
+        print(f"Speculation: {rounds}, tau {stats.tau:.2f}, accepted {stats.accepted}/{stats.drafted} "
               f"({stats.acceptance_rate:.1%}); by position [{format_positions(stats.acceptance_by_position)}]{plain}",
               file=file)
     elif drafting and stats.generation_tokens > 1:

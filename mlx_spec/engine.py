@@ -10,8 +10,7 @@ the base's distribution; then the caches give back exactly the k - n rejected po
 cache.py). One host synchronisation per round: the `.tolist()` of the round result.
 
 Log-probabilities (`logprobs=N`): per emitted token, its log-probability and the top N under the base's
-distribution (log-softmax of the processed logits at temperature 1, as mlx-lm's server reports them),
-computed in the round's graph and read with the round's one `.tolist()` (bit-cast into its int32 result).
+distribution (logprobs.py), computed in the round's graph and read with the round's one `.tolist()`.
 
 Base features: for a proposer that reads decoder-layer outputs (proposers/base.py, FeatureReader), every
 base pass captures them and hands them to the proposer, and every rollback of the base's cache rolls its
@@ -23,18 +22,22 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import mlx.core as mx
-import numpy as np
 
 from .cache import DEFAULT_MAX_ROLLBACK, MAX_DRAFT_TOKENS, rollback_all
-from .draft_policy import DraftPolicy, FixedK
+from .draft_policy import DraftPolicy, FixedK, tree_budget
 from .errors import CacheRollbackError
-from .models.base import as_base
+from .logprobs import logprob_rows, unpack_logprobs
+from .families import TREE_PASS
+from .models.base import as_base, offers
 from .parity.strict import padded_forward
 from .prefill import PREFILL_STEP, prefill_chunks
-from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers
+from .proposers.base import Draft, Proposer, RoundContext, RoundResult, feature_layers, grows_trees
 from .request import DEFAULT_NUM_DRAFT_TOKENS, Request
 from .sampling import Sampler
 from .stats import GenerationStats
+from .trees.grow import MAX_BRANCHING
+from .trees.ranks import RankAcceptance
+from .trees.round import TreeRound, depth_before_switch
 
 __all__ = ["Engine", "TokenEvent", "DEFAULT_NUM_DRAFT_TOKENS", "MAX_DRAFT_TOKENS"]
 
@@ -63,28 +66,6 @@ def _process(logits: mx.array, history: Optional[mx.array], processors: Sequence
 def _pad_rows(rows: mx.array, n: int) -> mx.array:
     """(R, V) -> (n, V) with copies of the last row."""
     return rows if rows.shape[0] >= n else mx.concatenate([rows, mx.repeat(rows[-1:], n - rows.shape[0], axis=0)])
-
-
-def _logprob_rows(rows: mx.array, chosen: mx.array, n: int) -> mx.array:
-    """Per row of processed logits (R, V): log p(chosen token) and the top n (ids, log p; best first) under
-    softmax at temperature 1, packed as int32 (R, 1 + 2n) with the floats bit-cast, so they travel in the
-    round's one host read."""
-    n = min(n, rows.shape[-1])
-    lp = rows.astype(mx.float32)
-    lp = lp - mx.logsumexp(lp, axis=-1, keepdims=True)  # (R, V)
-    token_lp = mx.take_along_axis(lp, chosen.astype(mx.int32)[:, None], axis=-1)  # (R, 1)
-    top = mx.argpartition(-lp, kth=n - 1, axis=-1)[:, :n]  # (R, n), unordered
-    top_lp = mx.take_along_axis(lp, top, axis=-1)
-    order = mx.argsort(-top_lp, axis=-1)
-    top, top_lp = mx.take_along_axis(top, order, axis=-1), mx.take_along_axis(top_lp, order, axis=-1)
-    return mx.concatenate([mx.view(token_lp, mx.int32), top.astype(mx.int32), mx.view(top_lp, mx.int32)], axis=1)
-
-
-def _unpack_logprobs(values: List[int]) -> Tuple[float, List[Tuple[int, float]]]:
-    """One row of `_logprob_rows`, read back: (log p(token), [(id, log p)] * n)."""
-    n = (len(values) - 1) // 2
-    floats = np.array(values, np.int32).view(np.float32).tolist()
-    return floats[0], list(zip(values[1 : 1 + n], floats[1 + n :]))
 
 
 class _Stopped(Exception):
@@ -129,6 +110,10 @@ class Engine:
         self.kv_flags = self.kv.as_dict() if self.kv is not None else {}
         self.cache = cache if cache is not None else self.base.make_cache(DEFAULT_MAX_ROLLBACK, **self.kv_flags)
         self.reads = feature_layers(proposer) if proposer is not None else ()  # base layers the proposer reads
+        # whether a round may verify a tree when the policy asks for one (else it drafts a chain)
+        self.trees = grows_trees(proposer) and offers(self.base, TREE_PASS) and not self.processors \
+            and not strict_rows
+        self.tree_ranks = RankAcceptance()  # how often a node's r-th child is kept, from this request's trees
         self.history = list(request.prompt)
         self.stats = GenerationStats(prompt_tokens=len(self.history))
         self.emitted = 0
@@ -142,7 +127,7 @@ class Engine:
         else:
             token = self.sampler.sample(logits[None], [position])
         if self.logprobs:
-            token = mx.concatenate([token, _logprob_rows(logits[None], token, self.logprobs)[0]])
+            token = mx.concatenate([token, logprob_rows(logits[None], token, self.logprobs)[0]])
         return token
 
     def _decode_forward(self, tokens: mx.array):
@@ -233,13 +218,13 @@ class Engine:
         return None
 
     def _emit(self, token: int, from_draft: bool, logprobs: Optional[List[int]] = None) -> TokenEvent:
-        """`logprobs`: the token's packed row of `_logprob_rows`, when asked for."""
+        """`logprobs`: the token's packed row of `logprob_rows`, when asked for."""
         self.emitted += 1
         self.history.append(token)
         self.stats.generation_tokens = self.emitted
         event = TokenEvent(token, from_draft, self._finish(token))
         if logprobs is not None:
-            event.logprob, event.top_logprobs = _unpack_logprobs(logprobs)
+            event.logprob, event.top_logprobs = unpack_logprobs(logprobs)
         return event
 
     def _emit_sampled(self, values: List[int]) -> TokenEvent:
@@ -359,14 +344,32 @@ class Engine:
         """Build one propose + verify graph and start it on the device; nothing waits for it here."""
         asked = self.draft_budget(k)
         position = len(self.history) - 1
-        ctx = RoundContext(self.history, position, hidden, self.cache, self.sampler)
-        draft = self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
+        draft = self.propose(self.round_context(position, hidden, self.cache), asked)
         mx.async_eval(draft.tokens)  # the device drafts while Python builds the verify graph
+        if draft.parents is not None:
+            return TreeRound(self, draft, position, asked)
         verify_in = mx.concatenate([mx.array(self.history[-1:], mx.int32), draft.tokens.astype(mx.int32)])
         logits, vhidden = self._decode_forward(verify_in[None])  # (1, k+1, V)
         result = self.verify(draft, logits[0], verify_in, position)
         mx.async_eval(result)
         return asked, draft.k, result, vhidden
+
+    def round_context(self, position: int, hidden, caches, tree: bool = False) -> RoundContext:
+        """What the proposer reads this round; for a tree of sampled drafts also this request's measured rank
+        acceptance."""
+        ranks = self.tree_ranks.log_probs(MAX_DRAFT_TOKENS, MAX_BRANCHING) if tree and not self.sampler.greedy \
+            else None
+        return RoundContext(self.history, position, hidden, caches, self.sampler, ranks)
+
+    def propose(self, ctx: RoundContext, asked: int) -> Draft:
+        """This round's drafts: a tree when the policy gives it nodes and this request can verify one (trees/:
+        a Gemma 4 base, a proposer that grows trees, no logits processors or strict padding), else a chain."""
+        nodes = tree_budget(self.policy) if asked > 0 else 0
+        depth = depth_before_switch(self.cache, asked) if nodes else 0
+        if nodes and depth > 0 and self.trees:
+            tree_ctx = self.round_context(ctx.position, ctx.hidden, ctx.base_cache, tree=True)
+            return self.proposer.propose_tree(tree_ctx, nodes, depth)
+        return self.proposer.propose(ctx, asked) if asked > 0 else Draft.empty()
 
     def draft_budget(self, k: int) -> int:
         """At most k drafts, never past max_tokens."""
@@ -380,12 +383,14 @@ class Engine:
         if self.logprobs:  # row i predicts the i-th token emitted: draft i while accepted, then the bonus
             drafts = draft.tokens.astype(mx.int32)
             chosen = mx.where(mx.arange(draft.k + 1) < n, mx.concatenate([drafts, nxt.astype(mx.int32)[None]]), nxt)
-            result = mx.concatenate([result, _logprob_rows(rows, chosen, self.logprobs).reshape(-1)])
+            result = mx.concatenate([result, logprob_rows(rows, chosen, self.logprobs).reshape(-1)])
         return result
 
     def _settle_round(self, pending):
         """Wait for a queued round (the round's one host synchronisation), roll back what the base rejected,
         and emit. Returns (the round's TokenEvents, the hidden state for the next round)."""
+        if isinstance(pending, TreeRound):
+            return pending.settle(self)
         asked, k, result, vhidden = pending
         values = result.tolist()
         n = values[0]
@@ -393,20 +398,21 @@ class Engine:
         events = self.settle(values, asked, k)
         return events, (vhidden[:, n : n + 1] if vhidden is not None else None)
 
-    def settle(self, values: List[int], asked: int, k: int) -> List[TokenEvent]:
+    def settle(self, values: List[int], asked: int, k: int, nodes: int = 0) -> List[TokenEvent]:
         """A round's result read back ([n, next, k drafts, packed log-probability rows]): tell the proposer
         and the policy, count, and emit (the caller rolled the caches back by k - n). Ends at the first
-        finished token, trimming the caches to the history there."""
+        finished token, trimming the caches to the history there. A tree round (`nodes` > 0) gives its kept
+        branch as the k drafts (k its depth bound)."""
         n, nxt, drafts = values[0], values[1], values[2 : 2 + k]
         rows = values[2 + k :]  # (k+1) packed log-probability rows when asked, else empty
         width = len(rows) // (k + 1)
-        outcome = RoundResult(drafted=k, accepted=n)
+        outcome = RoundResult(drafted=nodes or k, accepted=n, tree=bool(nodes))
         if self.proposer is not None:
             self.proposer.observe(outcome)
         if asked:  # the policy learns from what the proposer gave, even 0 drafts
             self.policy.observe(outcome)
         if k:
-            self.stats.record_round(k, n)
+            self.stats.record_round(nodes or k, n, positions=k, tree=bool(nodes))
         events = []
         for i, tok in enumerate(drafts[:n] + [nxt]):
             events.append(self._emit(tok, i < n, rows[i * width : (i + 1) * width] if width else None))

@@ -19,6 +19,7 @@ from .errors import UnsupportedModelError
 # What a family reads of its base; a base declares what it offers (models/base.py, SpeculativeBase.features).
 PRODUCER_KV = "producer K/V"  # the producer layers' K/V and the final-normed hidden state (MTP assistants)
 LAYER_OUTPUTS = "decoder-layer outputs"  # the outputs of chosen decoder layers (block drafters, EAGLE-3)
+TREE_PASS = "tree verify"  # a verify pass over a draft tree: per-node positions and a tree mask (trees/)
 
 DSPARK_ARCHITECTURE = "Gemma4DSparkModel"
 

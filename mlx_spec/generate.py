@@ -1,7 +1,8 @@
 """`mlx_spec.generate`: one prompt in, generated text out on stdout; statistics on stderr.
 
     mlx_spec.generate --model M [--drafter D | --draft-model M2 | --ngram [N]] --prompt P
-                      [--max-tokens N] [--temp T] [--seed S] [--num-draft-tokens K|auto] [--no-draft]
+                      [--max-tokens N] [--temp T] [--seed S] [--num-draft-tokens K|auto] [--tree-nodes N|auto]
+                      [--no-draft]
                       [--max-context N] [--kv-bits 4|8] [--prompt-cache-file F]
 
 The context (the model's max_position_embeddings, or --max-context) bounds prompt + output, as llama.cpp
@@ -81,7 +82,8 @@ def main_args(args) -> int:
                              "--max-context" if args.max_context else "the model's max_position_embeddings")
     last = None
     for r in stream_generate(model, tokenizer, ids, proposer=proposer, max_tokens=max_tokens, sampling=sampling,
-                             seed=args.seed, num_draft_tokens=args.num_draft_tokens, tuner=make_tuner(args),
+                             seed=args.seed, num_draft_tokens=args.num_draft_tokens, tree_nodes=args.tree_nodes,
+                             tuner=make_tuner(args),
                              strict=args.strict, prompt_cache=cache, on_prefill=PrefillProgress(), **kv_flags(kv)):
         sys.stdout.write(r.text)
         sys.stdout.flush()

@@ -34,7 +34,8 @@ class Request:
     num_draft_tokens: drafts per round, or "auto" (chosen from this machine's measured costs). logprobs: N
     log-probabilities per token (0: none). stop: strings that end the text (cut before them). strict: every
     decode pass padded to one row count where the device needs it (api.strict_rows). kv: quantized K/V, or
-    None for full precision. logits_processors: mlx-lm's (tokens, logits) -> logits callables."""
+    None for full precision. logits_processors: mlx-lm's (tokens, logits) -> logits callables. tree_nodes: a
+    draft tree of that many nodes each round (docs/TREES.md), "auto" to choose chain or tree, 0: chains."""
 
     prompt: Tuple[int, ...]
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -47,6 +48,7 @@ class Request:
     strict: bool = False
     kv: Optional[KVQuant] = None
     logits_processors: Tuple[Callable, ...] = field(default=(), compare=False)
+    tree_nodes: Union[int, str] = 0
 
     def __post_init__(self):
         # lists in, tuples kept: a frozen request must not change under its holder
@@ -75,7 +77,19 @@ class Request:
             self.kv.validate()
         if not all(callable(p) for p in self.logits_processors):
             raise RequestSettingError("logits_processors", "must be callables (tokens, logits) -> logits")
+        self._validate_trees()
         return self
+
+    def _validate_trees(self) -> None:
+        if self.tree_nodes == "auto":
+            if self.num_draft_tokens != "auto":
+                raise RequestSettingError("tree_nodes", "'auto' chooses between chains and trees each round: it "
+                                          f"needs num_draft_tokens 'auto', got {self.num_draft_tokens!r}")
+        else:
+            _integer("tree_nodes", self.tree_nodes, 0, MAX_DRAFT_TOKENS, "or 'auto'")
+        if self.tree_nodes and (self.strict or self.logits_processors):
+            raise RequestSettingError("tree_nodes", "trees are verified without strict mode's padding and without "
+                                      "logits processors (they see one history per row); use chains with them")
 
     def replace(self, **changes) -> "Request":
         return replace(self, **changes).validate()

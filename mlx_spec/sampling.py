@@ -39,6 +39,8 @@ SEED_MODULUS = 2**64  # any integer seed is taken modulo this (mx.random.key tak
 
 # noise streams: one per use, so that drafter, base and acceptance draws at a position are independent
 BASE, DRAFT, ACCEPT, RESAMPLE = 0, 1, 2, 3
+SIBLING = 4  # + r - 1: the accept uniform of a tree node's r-th child (r >= 1; the first child uses ACCEPT)
+BRANCH = 64  # + w - 1: the drafter's noise for a tree's w-th frontier node's children (w >= 1; the first: DRAFT)
 
 
 class SamplingError(MlxSpecError):

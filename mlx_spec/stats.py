@@ -13,6 +13,7 @@ class GenerationStats:
     generation_tokens: int = 0
     generation_time: float = 0.0
     rounds: int = 0
+    tree_rounds: int = 0  # ... of which verified a draft tree (trees/)
     drafted: int = 0
     accepted: int = 0
     drafted_by_position: List[int] = field(default_factory=list)
@@ -49,15 +50,19 @@ class GenerationStats:
         """Accepted / drafted at each draft position; None where nothing was drafted (undefined, not 0)."""
         return [a / d if d else None for a, d in zip(self.accepted_by_position, self.drafted_by_position)]
 
-    def record_round(self, draft_k: int, n_accepted: int) -> None:
+    def record_round(self, draft_k: int, n_accepted: int, positions: Optional[int] = None, tree: bool = False) -> None:
+        """A round that verified draft_k drafts and kept n_accepted; a tree's drafts are its nodes, and its
+        `positions` (depth bound) are what `by position` counts."""
+        positions = draft_k if positions is None else positions
         self.rounds += 1
+        self.tree_rounds += int(tree)
         self.drafted += draft_k
         self.accepted += n_accepted
-        grow = draft_k - len(self.drafted_by_position)
+        grow = positions - len(self.drafted_by_position)
         if grow > 0:
             self.drafted_by_position += [0] * grow
             self.accepted_by_position += [0] * grow
-        for i in range(draft_k):
+        for i in range(positions):
             self.drafted_by_position[i] += 1
             self.accepted_by_position[i] += int(i < n_accepted)
 
@@ -69,6 +74,7 @@ class GenerationStats:
         self.generation_time += other.generation_time
         self.peak_memory_bytes = max(self.peak_memory_bytes, other.peak_memory_bytes)
         self.rounds += other.rounds
+        self.tree_rounds += other.tree_rounds
         self.drafted += other.drafted
         self.accepted += other.accepted
         grow = len(other.drafted_by_position) - len(self.drafted_by_position)
@@ -90,7 +96,8 @@ class GenerationStats:
         return {
             "prompt_tokens": self.prompt_tokens, "prompt_tps": self.prompt_tps,
             "generation_tokens": self.generation_tokens, "generation_tps": self.generation_tps,
-            "rounds": self.rounds, "drafted": self.drafted, "accepted": self.accepted, "tau": self.tau,
+            "rounds": self.rounds, "tree_rounds": self.tree_rounds, "drafted": self.drafted,
+            "accepted": self.accepted, "tau": self.tau,
             "acceptance_rate": self.acceptance_rate, "acceptance_by_position": self.acceptance_by_position,
             "plain_steps": self.plain_steps, "peak_memory_bytes": self.peak_memory_bytes,
             "strict": self.strict, "strict_rows": self.strict_rows,

@@ -371,3 +371,22 @@ def test_server_under_mlx_launch_answers_the_openai_client(tmp_path):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def test_trees_are_refused_across_ranks_and_a_clients_tree_becomes_chains():
+    """Tree verification over split layers is not checked: the flag is one error before loading, the Python
+    API refuses it, and a server's client asking for a tree gets chains (the same on every rank)."""
+    from argparse import Namespace
+
+    from mlx_spec.api import agree
+    from mlx_spec.distributed.commands import _refuse_unsupported
+    from mlx_spec.distributed.serving import agreed
+    from mlx_spec.errors import MlxSpecError
+    from mlx_spec.request import Request
+
+    with pytest.raises(MlxSpecError, match="--tree-nodes is not supported across ranks"):
+        _refuse_unsupported(Namespace(tree_nodes="auto"))
+    _refuse_unsupported(Namespace(tree_nodes=0))  # chains: accepted
+    with pytest.raises(MlxSpecError, match="tree_nodes is not supported on a model split over ranks"):
+        agree(None, Request([1, 2, 3], tree_nodes=4), None)
+    assert agreed(Request([1, 2, 3], tree_nodes=4, seed=1)).tree_nodes == 0, "a client's tree becomes chains"

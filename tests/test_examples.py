@@ -68,6 +68,12 @@ def test_openai_client_against_the_server():
         server.wait(timeout=30)
 
 
+def test_trees_measurement_runs():
+    r = run(sys.executable, "examples/measure/trees.py", "--prompts", "1", "--tokens", "12", "--temps", "0",
+            "--sizes", "4", "--drafters", "assistant", "--no-auto")
+    assert "tree 4" in r.stdout and "chain k=4" in r.stdout
+
+
 def test_gpu_measure_shapes_runs_on_the_tiny_shape(tmp_path):
     """The prepared GPU measurement script works (here on the CPU, with the tiny stand-in shape)."""
     import json

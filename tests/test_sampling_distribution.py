@@ -157,3 +157,42 @@ def test_batched_rows_sample_the_plain_distribution(trained_pair, plain):
                          lambda: MTPProposer(drafter, model))
     stat, dof = two_sample_chi2(plain, spec)
     assert stat < chi2_bound(dof), f"batched mtp/rejection: chi2 {stat:.1f} on {dof} dof: the distribution moved"
+
+
+# --- trees: the multi-candidate rule in the engine (siblings at the first depth, then the kept node's row) ---
+# (the rule's own chi-square per way of drawing siblings, with a wrong residual caught: tests/test_trees.py)
+
+def tree_samples(model, prompt, sampling, make_proposer, nodes=4, n=N, max_tokens=3):
+    """As `samples`, with a tree of `nodes` nodes per round: tokens 2-3 are a sibling the base kept (or the
+    token drawn after all were rejected) and the token after it, from the kept node's own row. With
+    max_tokens 4 the tree is two deep (its first depth's siblings compete for the nodes with the second's),
+    and a round that keeps no node is followed by another for token 3."""
+    from mlx_spec.draft_policy import FixedTree
+
+    out = Counter()
+    for seed in range(n):
+        eng = Engine(model, Request(prompt, sampling=sampling, max_tokens=max_tokens, seed=seed + 20_000),
+                     proposer=make_proposer(), policy=FixedTree(nodes))
+        out[tuple(e.token for e in eng.run())[1:3]] += 1
+        assert eng.stats.tree_rounds == eng.stats.rounds >= 1, "the speculative rounds verified trees"
+    return out
+
+
+def _tree_proposer(model, drafter, family):
+    if family == "mtp":
+        shared = MTPProposer(drafter, model)  # no per-request state: one proposer (and its compiled steps)
+        return lambda: shared
+    return _block_proposer(model, family)
+
+
+@pytest.mark.parametrize("family, rule, max_tokens", [
+    ("mtp", "rejection", 3), ("mtp", "rejection", 4), pytest.param("mtp", "coupled", 3, marks=SLOW),
+    ("dflash", "rejection", 3), pytest.param("dflash", "rejection", 4, marks=SLOW),
+    pytest.param("dspark", "rejection", 4, marks=SLOW)])
+def test_tree_samples_have_the_plain_distribution(trained_pair, plain, family, rule, max_tokens):
+    model, tokenizer, drafter = trained_pair
+    spec = tree_samples(model, tokenizer.encode(PROMPT_TEXT), SamplingParams(**SAMPLING, acceptance=rule),
+                        _tree_proposer(model, drafter, family), max_tokens=max_tokens)
+    stat, dof = two_sample_chi2(plain, spec)
+    assert stat < chi2_bound(dof), f"{family} trees/{rule}: chi2 {stat:.1f} on {dof} dof: the distribution moved"
+

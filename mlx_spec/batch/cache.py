@@ -136,6 +136,44 @@ class _RowsCache:
             mask = mask & (q - p < window)
         return mask[:, None]
 
+    def tree_mask(self, depths: mx.array, ancestors: mx.array) -> mx.array:
+        """(B, 1, L, C) bool for a pass whose row b has query i at position offsets[b] + depths[b, i] (a tree
+        verify, trees/views.py): it sees the cached positions inside its window and the pass's slots that
+        hold itself or an ancestor (ancestors[b, i, j]). A chain's depths and ancestors give `make_mask`'s."""
+        B, L = depths.shape
+        capacity, ends = self._layout_after(L)
+        window = self._window()
+        offsets, E = mx.array(self.offsets, mx.int32)[:, None, None], mx.array(ends, mx.int32)[:, None, None]
+        slot = mx.arange(capacity, dtype=mx.int32)[None, None]  # (1, 1, C)
+        q, p = offsets + depths[:, :, None], offsets - E + slot  # (B, L, 1), (B, 1, C)
+        j = mx.clip(slot - E, 0, L - 1)[:, 0]  # (B, C): the pass's row each slot holds
+        cached = slot < E
+        seen = mx.take_along_axis(ancestors, mx.broadcast_to(j[:, None], (B, L, capacity)), axis=2)  # (B, L, C)
+        new = (slot >= E) & (slot < E + L) & seen
+        if window is not None:
+            cached = cached & (q - p < window)
+            new = new & (depths[:, :, None] - mx.take_along_axis(depths, j, axis=1)[:, None] < window)
+        return (cached | new)[:, None]
+
+    def compact(self, keeps: Sequence[Sequence[int]]) -> None:
+        """After a pass (a tree verify in some rows), row b keeps the pass's rows keeps[b] (increasing, from
+        row 0) at consecutive positions, row keeps[b][j] at the pass's j-th, and gives back the rest. Checked
+        like `rollback`."""
+        L = self.last_written
+        if len(keeps) != self.rows:
+            raise ValueError(f"compact got {len(keeps)} rows of kept positions for {self.rows} rows")
+        for b, keep in enumerate(keeps):
+            if not keep or keep[0] != 0 or keep[-1] >= L or any(y <= x for x, y in zip(keep, keep[1:])):
+                raise CacheRollbackError(f"row {b}: cannot keep rows {list(keep)} of a pass of {L}")
+        if any(k[-1] != len(k) - 1 for k in keeps):  # rows to move: one gather and one scatter for all rows
+            M = max(len(k) for k in keeps)
+            src = mx.array([[e - L + (k[j] if j < len(k) else j) for j in range(M)]
+                            for e, k in zip(self.ends, keeps)])
+            dst = mx.array([[e - L + j for j in range(M)] for e in self.ends])
+            self.keys = _scatter(self.keys, _gather(self.keys, src), dst)
+            self.values = _scatter(self.values, _gather(self.values, src), dst)
+        self.rollback([L - len(k) for k in keeps])
+
     def rollback(self, counts: Sequence[int]) -> None:
         """Give back the newest counts[b] positions of row b (each at most the last pass's L)."""
         if len(counts) != self.rows:
@@ -213,6 +251,11 @@ class RowsFullCache(_RowsCache):
         out.keys, out.values, out.offset, out.quantized = _map(self.keys, cut), _map(self.values, cut), n, self.quantized
         return out
 
+    def row_drafter_view(self, b: int):
+        """Row b's (K, V) as a one-row cache's `drafter_view` gives them: (1, n_kv, offset, hd)."""
+        cut = lambda x: x[b : b + 1, :, : self.ends[b]]  # noqa: E731
+        return _for_drafter(self, (_map(self.keys, cut), _map(self.values, cut)))
+
     def drafter_views(self):
         """(K, V) of all rows (B, n_kv, C, hd), and the valid-slot mask (B, C) for a query at each row's
         next position (every earlier position)."""
@@ -280,6 +323,12 @@ class RowsSlidingCache(_RowsCache):
         out.keys, out.values = _map(self.keys, take), _map(self.values, take)
         out._start, out._end, out.offset, out.quantized = 0, n, self.offsets[b], self.quantized
         return out
+
+    def row_drafter_view(self, b: int):
+        """Row b's last window + 1 positions (fewer early on), as SlidingKVCache.drafter_view gives them."""
+        end = self.ends[b]
+        cut = lambda x: x[b : b + 1, :, end - min(self.window + 1, end) : end]  # noqa: E731
+        return _for_drafter(self, (_map(self.keys, cut), _map(self.values, cut)))
 
     def drafter_views(self):
         """(K, V) of all rows and the valid-slot mask (B, C) for a query at each row's next position: the

@@ -14,6 +14,8 @@ One round:
     in one host synchronisation;
     the caches give back each row's own rejected tail and padding (L - 1 - n_b positions), no clamp to
     the batch's shortest acceptance.
+A row may verify a draft tree (trees/): its nodes are its drafts, each at its own position and seeing its
+own ancestors, and its kept branch is compacted into place (chain rows' compaction moves nothing).
 A row's output equals its output alone: its attention reads its own slots in the same order (see
 cache.py), its sampler draws by (seed, position), and padding is never attended by a real position.
 
@@ -31,8 +33,11 @@ from typing import List, Optional, Protocol, Tuple
 import mlx.core as mx
 
 from ..cache import rollback_all
+from ..draft_policy import tree_budget
 from ..engine import Engine, TokenEvent
 from ..proposers.base import Draft, RoundContext, RoundResult
+from ..trees.round import shape_of, unpack, verify_tree
+from ..trees.views import rows_layout, rows_views
 from .cache import join_rows, rollback_rows, select_rows
 
 
@@ -101,32 +106,45 @@ class Batch:
         `remove`d (their caches still hold them)."""
         rows = self.rows
         asked = self._asked()
-        drafts = self._propose(asked)
+        budgets = [(k, self._nodes(row, k)) for row, k in zip(rows, asked)]  # (k, tree nodes) per row
+        drafts = self._propose(budgets)
         # strict rows (a device whose kernels change with the row count) run every pass at their row count
         L = max([1 + max(d.k for d in drafts)] + [row.engine.strict_rows or 0 for row in rows])
         verify = mx.stack([self._verify_row(row, d, L) for row, d in zip(rows, drafts)])  # (B, L)
-        logits, hidden = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
+        logits, hidden, features = self._forward(verify, drafts)  # (B, L, V), (B, L, H) or None
         results = self._verify(logits, verify, drafts)
         sizes = [r.shape[0] for r in results]
         values = mx.concatenate(results).tolist()  # the round's one host synchronisation
-        out, counts, accepted, at = [], [], [], 0
+        out, keeps, results, at = [], [], [], 0
         for b, (row, d, size) in enumerate(zip(rows, drafts, sizes)):
             mine = values[at : at + size]
             at += size
-            n = mine[0]
-            accepted.append(n)
-            counts.append(L - 1 - n)  # rejected drafts and padding
-            if row.engine.reads:  # its context gave back what the base's cache gives back
-                rollback_all(row.engine.proposer.context_cache, d.k - n)
-            events = row.engine.settle(mine, asked[b], d.k)
+            if d.parents is None:
+                n, keep = mine[0], list(range(mine[0] + 1))
+                if row.engine.reads:  # its context gave back what the base's cache gives back
+                    rollback_all(row.engine.proposer.context_cache, d.k - n)
+                events = row.engine.settle(mine, asked[b], d.k)
+                results.append(RoundResult(d.k, n))
+            else:  # a tree: its context takes the kept branch's features again (trees/round.py)
+                n, keep, mine, ranks = unpack(mine, d.depth)
+                row.engine.tree_ranks.observe(*ranks)
+                if row.engine.reads:
+                    rollback_all(row.engine.proposer.context_cache, d.k + 1)
+                    row.engine.proposer.extend(features[b : b + 1, mx.array(keep)])
+                events = row.engine.settle(mine, asked[b], d.depth, nodes=d.k)
+                results.append(RoundResult(d.k, n, tree=True))
+            keeps.append(keep)  # the rest (rejected drafts, other nodes, padding) is given back
             row.engine._time(row.gen_start)
             if hidden is not None:
-                row.hidden = hidden[b, n][None]
+                row.hidden = hidden[b, keep[-1]][None]
             row.finished = bool(events) and events[-1].finish_reason is not None
             out.append((row, events))
-        rollback_rows(self.caches, counts)
+        if any(d.parents is not None for d in drafts):
+            for c in self.caches:
+                c.compact(keeps)
+        else:
+            rollback_rows(self.caches, [L - len(keep) for keep in keeps])
         if self.policy is not None:
-            results = [RoundResult(d.k, n) for d, n in zip(drafts, accepted)]
             self.policy.observe(self, asked, results)
         return out
 
@@ -134,7 +152,7 @@ class Batch:
         """Each row's round result (engine.verify's packing). Greedy rows without processors or
         log-probabilities are verified together (one argmax for all of them); the others by their engine."""
         results: List[Optional[mx.array]] = [None] * len(self.rows)
-        plain = [b for b, row in enumerate(self.rows) if _greedy_only(row.engine)]
+        plain = [b for b, row in enumerate(self.rows) if _greedy_only(row.engine) and drafts[b].parents is None]
         if plain:
             index = mx.array(plain, mx.int32)
             ks = mx.array([drafts[b].k for b in plain], mx.int32)[:, None]
@@ -147,23 +165,33 @@ class Batch:
             for g, b in enumerate(plain):
                 results[b] = packed[g, : 2 + drafts[b].k]
         for b, (row, d) in enumerate(zip(self.rows, drafts)):
-            if results[b] is None:
+            if results[b] is None and d.parents is not None:
+                e = row.engine
+                results[b] = verify_tree(e.sampler, shape_of(d), d, logits[b, : d.k + 1], verify[b, : d.k + 1],
+                                         row.position, e.logprobs)
+            elif results[b] is None:
                 results[b] = row.engine.verify(d, logits[b, : d.k + 1], verify[b, : d.k + 1], row.position)
         return results
 
     def _forward(self, verify: mx.array, drafts: List[Draft]):
-        """The base pass over every row; rows whose proposer reads decoder-layer outputs (block drafters)
-        get their rows of them, so each context grows with its row of the base's cache."""
+        """The base pass over every row: (logits, hidden, features or None). Rows whose proposer reads
+        decoder-layer outputs (block drafters) get their rows of them, so each context grows with its row of
+        the base's cache. When a row verifies a tree, every row's queries sit at their own positions and see
+        their own ancestors (a chain row's: the causal mask; trees/views.py)."""
+        caches = self.caches
+        if any(d.parents is not None for d in drafts):
+            shapes = [shape_of(d) if d.parents is not None else None for d in drafts]
+            caches = rows_views(caches, *rows_layout(shapes, [d.k for d in drafts], verify.shape[1]))
         reads = {row.engine.reads for row in self.rows if row.engine.reads}
         if not reads:
-            return self.base.forward(verify, self.caches)
+            return (*self.base.forward(verify, caches), None)
         if len(reads) > 1:
             raise ValueError(f"rows read different base layers {sorted(reads)}: one proposer family per batch")
-        logits, hidden, features = self.base.forward_layers(verify, self.caches, next(iter(reads)))
+        logits, hidden, features = self.base.forward_layers(verify, caches, next(iter(reads)))
         for b, (row, d) in enumerate(zip(self.rows, drafts)):
             if row.engine.reads:
                 row.engine.proposer.extend(features[b : b + 1, : d.k + 1])
-        return logits, hidden
+        return logits, hidden, features
 
     def _asked(self) -> List[int]:
         if self.policy is not None:
@@ -171,9 +199,14 @@ class Batch:
         return [self.budget(row, row.engine.policy.next_k()) if row.engine.proposer is not None else 0
                 for row in self.rows]
 
+    def _nodes(self, row: Row, k: int) -> int:
+        """The nodes of the row's tree this round (k its depth bound), 0 for a chain: its own policy says, where
+        its engine may verify trees (engine.py)."""
+        return tree_budget(row.engine.policy) if row.engine.trees and k > 0 else 0
+
     def budget(self, row: Row, k: int) -> int:
-        """At most k drafts for the row this round: none without a proposer, never past its max tokens or
-        its K/V switch."""
+        """At most k drafts (or a tree's depth) for the row this round: none without a proposer, never past its
+        max tokens or its K/V switch."""
         engine = row.engine
         if engine.proposer is None:
             return 0
@@ -187,27 +220,30 @@ class Batch:
     def quantized(self) -> bool:
         return bool(self.caches) and self.caches[0].quantized
 
-    def _propose(self, asked: List[int]) -> List[Draft]:
-        """Each row's drafts: one batched call per proposer that drafts rows together, else per row."""
+    def _propose(self, budgets: List[Tuple[int, int]]) -> List[Draft]:
+        """Each row's drafts: one batched call per proposer that drafts rows together, else per row; a tree
+        per row (its proposer reads its row of the base's caches as a one-row cache)."""
         drafts: List[Optional[Draft]] = [None] * len(self.rows)
         groups = {}
-        for b, (row, k) in enumerate(zip(self.rows, asked)):
+        for b, (row, (k, nodes)) in enumerate(zip(self.rows, budgets)):
             p = row.engine.proposer
             if k <= 0:
                 drafts[b] = Draft.empty()
+            elif nodes:
+                ctx = row.engine.round_context(row.position, row.hidden, [_RowView(c, b) for c in self.caches], True)
+                drafts[b] = p.propose_tree(ctx, nodes, k)
             elif hasattr(p, "propose_rows"):
                 groups.setdefault(id(p), (p, []))[1].append(b)
             else:
                 drafts[b] = p.propose(self._context(row), k)
         for p, members in groups.values():
             ctxs = [self._context(self.rows[b]) for b in members]
-            for b, d in zip(members, p.propose_rows(ctxs, [asked[b] for b in members], self.caches, members)):
+            for b, d in zip(members, p.propose_rows(ctxs, [budgets[b][0] for b in members], self.caches, members)):
                 drafts[b] = d
         return drafts
 
     def _context(self, row: Row) -> RoundContext:
-        e = row.engine
-        return RoundContext(e.history, row.position, row.hidden, None, e.sampler)
+        return row.engine.round_context(row.position, row.hidden, None)
 
     @staticmethod
     def _verify_row(row: Row, draft: Draft, L: int) -> mx.array:
@@ -216,6 +252,16 @@ class Batch:
         last = row.engine.history[-1]
         pad = mx.full((L - 1 - draft.k,), last, mx.int32)
         return mx.concatenate([mx.array([last], mx.int32), draft.tokens.astype(mx.int32), pad])
+
+
+class _RowView:
+    """Row b of a rows-cache as a proposer reads a one-row cache (an MTP drafter's tree reads its K/V)."""
+
+    def __init__(self, cache, b: int):
+        self.cache, self.b = cache, b
+
+    def drafter_view(self):
+        return self.cache.row_drafter_view(self.b)
 
 
 def _greedy_only(engine: Engine) -> bool:

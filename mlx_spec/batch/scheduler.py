@@ -23,7 +23,7 @@ the switch, which is what a one-row engine's split pass computes).
 Knows Engines and Batches; nothing of text, HTTP, prompt caches or threads (the caller owns the thread).
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Deque, Dict, List, Optional
 from collections import deque
 

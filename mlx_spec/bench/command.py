@@ -12,7 +12,7 @@ import mlx.core as mx
 from .. import prompts as prompt_sets
 from ..api import STRICT_ROWS, encode_prompt, load, load_drafter, strict_rows
 from ..cli import (ArgumentParser, add_rank_args, add_sampling_args, format_prompt, load_draft_model,
-                   num_draft_tokens, run, sampling_params)
+                   num_draft_tokens, run, sampling_params, tree_nodes)
 from ..distributed.group import launched
 from ..errors import MlxSpecError
 from ..identity import machine_identity, model_identity
@@ -42,6 +42,13 @@ def k_list(value: str) -> List[Union[int, str]]:
             out.append(num_draft_tokens(part.strip()))
     if not out:
         raise argparse.ArgumentTypeError("give at least one k, e.g. 1,2,3,auto")
+    return out
+
+
+def tree_list(value: str) -> List[Union[int, str]]:
+    out = [tree_nodes(part.strip()) for part in value.split(",") if part.strip()]
+    if not out:
+        raise argparse.ArgumentTypeError("give at least one tree budget, e.g. 0,8,auto (0: chains)")
     return out
 
 
@@ -91,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(measures engine efficiency; greedy only)")
     p.add_argument("--num-draft-tokens", type=k_list, default=k_list(DEFAULT_NUM_DRAFT_TOKENS), metavar="K,K,..",
                    help=f"draft lengths to compare, integers and/or 'auto' (default: {DEFAULT_NUM_DRAFT_TOKENS})")
+    p.add_argument("--tree-nodes", type=tree_list, default=[0], metavar="N,N,..",
+                   help="tree budgets to compare with each k: 0 (chains, the default), N nodes, or 'auto' (with k "
+                        "auto); e.g. --num-draft-tokens 4,8 --tree-nodes 0,4,8 (docs/TREES.md)")
     p.add_argument("--max-tokens", "-m", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per prompt")
     p.add_argument("--repeats", type=int, default=DEFAULT_REPEATS, help="measured passes (medians reported)")
     p.add_argument("--prompts", default=DEFAULT_PROMPTS,
@@ -173,8 +183,13 @@ def build_configs(args, model, references: Dict[int, List[int]], vocab: int) -> 
         families.append(("oracle", lambda i, r=rate: OracleProposer(references[i], r, vocab, seed=i), rate, None))
     if not families:
         raise MlxSpecError("nothing to compare with plain decoding: pass --drafter, --draft-model, --ngram or --oracle")
-    return [Config(name, k, make, rate, weights) for name, make, rate, weights in families
-            for k in args.num_draft_tokens]
+    return [Config(name, k, make, rate, weights, tree) for name, make, rate, weights in families
+            for k in args.num_draft_tokens for tree in args.tree_nodes if _pairs(k, tree)]
+
+
+def _pairs(k, tree) -> bool:
+    """Which (k, tree budget) make a configuration: a tree budget of 'auto' goes with k auto only."""
+    return tree != "auto" or k == "auto"
 
 
 def environment(args, model, n_prompts: int) -> dict:

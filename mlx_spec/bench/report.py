@@ -25,8 +25,8 @@ def _ideal_seconds(stats: GenerationStats, costs: Optional[Costs], plain_step_s:
     without drafts, in plain steps from the probe's ratios, times `plain_step_s`, the plain step measured in
     the interleaved plain runs. (The probe's own seconds are not used: this machine's speed drifts between
     the probe and the runs; a ratio measured within one probe and a step measured next to the runs hold.)"""
-    if costs is None or not stats.rounds or not plain_step_s:
-        return None
+    if costs is None or not stats.rounds or not plain_step_s or stats.tree_rounds:
+        return None  # (tree rounds: the chain cost model does not account for them)
     dbp = stats.drafted_by_position + [0]
     if len(dbp) - 1 > costs.k_max:
         return None
@@ -135,7 +135,8 @@ def summarize(config: Config, spec: Dict[int, List[RunResult]], plain: Dict[int,
     plain_peak = max(x.peak_memory_bytes for r in reps for x in plain[r])
     peak = max(x.peak_memory_bytes for r in reps for x in spec[r])
     return {
-        "proposer": config.proposer, "k": config.k, "temp": temp, "oracle_rate": config.oracle_rate,
+        "proposer": config.proposer, "k": config.k, "tree_nodes": config.tree, "temp": temp,
+        "oracle_rate": config.oracle_rate, "tree_rounds": total.tree_rounds,
         "plain_tps": plain_tps, "spec_tps": spec_tps, "speedup": speedup,
         "speedup_by_prompt": per_prompt, "speedup_spread": spread(per_prompt),
         "tau": total.tau, "acceptance_rate": total.acceptance_rate,
@@ -166,7 +167,8 @@ def _fmt(x, spec: str = ".2f", none: str = "-") -> str:
 
 
 def _label(r: dict) -> str:
-    return (r["proposer"] if r["oracle_rate"] is None else f"oracle({r['oracle_rate']:g})") + f" k={r['k']}"
+    tree = f" t={r['tree_nodes']}" if r.get("tree_nodes") else ""
+    return (r["proposer"] if r["oracle_rate"] is None else f"oracle({r['oracle_rate']:g})") + f" k={r['k']}{tree}"
 
 
 def format_table(results: List[dict]) -> str:

@@ -13,6 +13,8 @@ from ..proposers.base import RoundResult, feature_layers
 from ..sampling import SamplingParams
 from ..stats import GenerationStats
 from ..tuning import AutoTuner, Costs, measure_costs
+from ..draft_policy import tree_budget
+from ..tuning.trees import TREE_BUDGETS
 from ..tuning.tuner import draft_policy
 from ..request import Request
 
@@ -21,13 +23,15 @@ WARMUP_TOKENS = 32
 
 @dataclass
 class Config:
-    """One way of decoding: a proposer kind and a k (an int or "auto"); proposer=None is plain."""
+    """One way of decoding: a proposer kind and a k (an int or "auto"), and a tree budget (0: chains, N, or
+    "auto"); proposer=None is plain."""
 
     proposer: Optional[str]
     k: Union[int, str]
     make: Callable[[int], object] = field(repr=False, default=lambda i: None)  # prompt index -> Proposer
     oracle_rate: Optional[float] = None
     weights: object = field(repr=False, default=None)  # the drafter / draft model module, if any
+    tree: Union[int, str] = 0
 
     @property
     def family(self) -> str:
@@ -38,7 +42,9 @@ class Config:
 
     @property
     def label(self) -> str:
-        return "plain" if self.proposer is None else f"{self.family} k={self.k}"
+        if self.proposer is None:
+            return "plain"
+        return f"{self.family} k={self.k}" + (f" tree={self.tree}" if self.tree else "")
 
 
 @dataclass
@@ -62,6 +68,9 @@ class _RoundTimer:
         k = self.policy.next_k()
         self._t = self.clock() if k > 0 else None
         return k
+
+    def next_nodes(self) -> int:
+        return tree_budget(self.policy)
 
     def observe(self, result: RoundResult) -> None:
         if self._t is not None:
@@ -96,9 +105,16 @@ class _TimedProposer:
         self.inner.start(prompt)
 
     def propose(self, ctx, k: int):
+        return self._timed(lambda: self.inner.propose(ctx, k))
+
+    def propose_tree(self, ctx, nodes: int, depth: int):
+        return self._timed(lambda: self.inner.propose_tree(ctx, nodes, depth))
+
+    def _timed(self, make):
         start = self.clock()
-        draft = self.inner.propose(ctx, k)
-        mx.eval(draft.tokens, *([draft.probs] if draft.probs is not None else []))
+        draft = make()
+        mx.eval(draft.tokens, *([draft.probs] if draft.probs is not None else []),
+                *([draft.parents] if draft.parents is not None else []))
         self.draft_time += self.clock() - start
         return draft
 
@@ -111,11 +127,11 @@ class _TimedProposer:
 
 def decode(model, ids: List[int], proposer, k_value, sampling: SamplingParams, max_tokens: int, eos_ids,
            seed: int, tuner: AutoTuner, instrument: bool = False, strict_rows: Optional[int] = None,
-           kv: Optional[KVQuant] = None) -> RunResult:
+           kv: Optional[KVQuant] = None, tree_nodes=0) -> RunResult:
     """One request through the engine, as stream_generate runs it but without detokenizing. `tuner` (the
     bench's own) gives auto its policy and the clock every time is read from."""
     clock = tuner.clock
-    policy = draft_policy(k_value, model, proposer, tuner, kv) if proposer is not None else None
+    policy = draft_policy(k_value, model, proposer, tuner, kv, tree_nodes) if proposer is not None else None
     if policy is None:
         proposer = None
     timer = None
@@ -165,7 +181,7 @@ class Bench:
     def run(self, cfg: Config, i: int, max_tokens: Optional[int] = None, instrument: bool = False) -> RunResult:
         return decode(self.model, self.ids[i], cfg.make(i), cfg.k if cfg.proposer else 0, self.sampling,
                       max_tokens or self.max_tokens, self.eos_ids, self.seed + i, self.tuner, instrument,
-                      self.strict_rows, self.kv)
+                      self.strict_rows, self.kv, cfg.tree)
 
     def references(self) -> Dict[int, List[int]]:
         """prompt + plain continuation per prompt (the oracle's knowledge; also warms up plain decoding)."""
@@ -195,7 +211,9 @@ class Bench:
         self.log("measuring verify and drafting costs on this machine")
         for cfg in configs:
             if cfg.family not in costs:
-                costs[cfg.family] = self.tuner.store.get(self.model, cfg.make(0), refresh=True, kv=self.kv)
+                trees = TREE_BUDGETS if any(c.tree and c.family == cfg.family for c in configs) else ()
+                costs[cfg.family] = self.tuner.store.get(self.model, cfg.make(0), refresh=True, kv=self.kv,
+                                                         tree_budgets=trees)
         return costs
 
     def reprobe(self, configs: List[Config], samples: Dict[str, List[Costs]]) -> None:

@@ -16,7 +16,9 @@ from .loading import load
 T = TypeVar("T")
 # flags whose state cannot be split over ranks (yet): their K/V files hold one process's caches
 UNSUPPORTED = (("prompt_cache_file", "--prompt-cache-file", "its file holds one process's K/V caches"),
-               ("strict", "--strict", "its op check runs the layers one by one"))
+               ("strict", "--strict", "its op check runs the layers one by one"),
+               ("tree_nodes", "--tree-nodes", "a tree's verify pass over split layers is not checked yet; "
+                "drafts stay chains (leave --tree-nodes out)"))
 
 
 class _ErrorsOnly:

@@ -51,7 +51,8 @@ class Lockstep:
 
 def agreed(request: Request) -> Request:
     """The request as every rank will run it: a seed if it has none (rank 0's fresh one, sent to every rank;
-    with no seed of the client's, the sampling stays rejection, as without one), and a fixed k for auto."""
+    with no seed of the client's, the sampling stays rejection, as without one), a fixed k for auto, and chains
+    for a client's "tree_nodes"."""
     changes = {}
     if request.seed is None:
         if request.sampling.acceptance == "auto":
@@ -59,6 +60,8 @@ def agreed(request: Request) -> Request:
         changes["seed"] = random_seed()
     if request.num_draft_tokens == "auto":
         changes["num_draft_tokens"] = DISTRIBUTED_K
+    if request.tree_nodes:  # across ranks drafts stay chains (distributed/commands.py: --tree-nodes is refused)
+        changes["tree_nodes"] = 0
     return request.replace(**changes) if changes else request
 
 

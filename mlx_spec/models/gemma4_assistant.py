@@ -195,6 +195,14 @@ class Model(nn.Module):
         out[ids] = scores
         return out
 
+    def full_logits_rows(self, h: mx.array) -> mx.array:
+        """`full_logits` for B rows: h (B, H) -> (B, V)."""
+        ids, scores = self.candidates_rows(h)
+        if ids is None:
+            return scores
+        out = mx.full((h.shape[0], self.text_args.vocab_size), -mx.inf, dtype=scores.dtype)
+        return mx.put_along_axis(out, ids, scores, axis=-1)
+
     def sanitize(self, weights: dict) -> dict:
         return {k: v for k, v in weights.items() if not k.startswith("lm_head.")}  # tied to model.embed_tokens
 

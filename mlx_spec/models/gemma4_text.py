@@ -26,7 +26,7 @@ from mlx_lm.models import gemma4_text as mlx_gemma4
 from ..cache import (DEFAULT_KV_GROUP_SIZE, DEFAULT_MAX_ROLLBACK, FullKVCache, KVQuant, SharedQuantizedKV,
                      SlidingKVCache, forward_split_at_switch, quantization_split)
 from ..errors import UnsupportedModelError
-from ..families import LAYER_OUTPUTS, PRODUCER_KV
+from ..families import LAYER_OUTPUTS, PRODUCER_KV, TREE_PASS
 from . import fields
 from .base import EMBEDDING_OUTPUT, SpeculativeBase  # noqa: F401  (EMBEDDING_OUTPUT: re-exported)
 
@@ -272,12 +272,32 @@ def quantized_attention(queries: mx.array, q_keys, q_values, scale: float, mask,
     return out.reshape(B, H, L, -1)
 
 
+def node_positions(cache, offset) -> Optional[mx.array]:
+    """(B, L) int32: each query's position in a tree verify pass (trees/views.py), or None for a pass over
+    consecutive positions. A KV-shared layer has no cache: its producer hands it the positions as `offset`."""
+    positions = getattr(cache, "node_positions", None)
+    if positions is None and isinstance(offset, mx.array) and offset.ndim == 2:
+        positions = offset
+    return positions
+
+
+def rope_at(rope, x: mx.array, positions: mx.array) -> mx.array:
+    """x (B, n, L, D) with query i of row b rotated to positions[b, i]: each query becomes a batch row with
+    its own offset, which is the arithmetic of a one-token step (bit for bit on MLX's CPU backend, tested)."""
+    B, n, L, D = x.shape
+    y = rope(x.transpose(0, 2, 1, 3).reshape(B * L, n, 1, D), offset=positions.reshape(-1))
+    return y.reshape(B, L, n, D).transpose(0, 2, 1, 3)
+
+
 class Attention(mlx_gemma4.Attention):
-    """mlx-lm's Gemma 4 attention, unchanged for full-precision K/V; with quantized K/V (the cache's next
-    update stores them quantized) it attends through `quantized_attention`."""
+    """mlx-lm's Gemma 4 attention, unchanged for full-precision K/V at consecutive positions; with quantized
+    K/V (the cache's next update stores them quantized) it attends through `quantized_attention`, and in a
+    tree verify pass it rotates each query to its node's position (`node_positions`)."""
 
     def __call__(self, x, mask=None, cache=None, shared_kv=None, offset=None):
-        if not getattr(cache, "quantized_next", False):
+        positions = node_positions(cache, offset)
+        quantized = getattr(cache, "quantized_next", False)
+        if positions is None and not quantized:
             return super().__call__(x, mask, cache, shared_kv, offset)
         B, L, _ = x.shape  # the rest mirrors mlx-lm's Attention.__call__
         queries = self.q_norm(self.q_proj(x).reshape(B, L, self.n_heads, self.head_dim))
@@ -286,17 +306,27 @@ class Attention(mlx_gemma4.Attention):
         else:
             keys = self.k_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
             values = keys if self.use_k_eq_v else self.v_proj(x).reshape(B, L, self.n_kv_heads, self.head_dim)
-            offset = mx.array(cache.offset)
-            keys = self.rope(self.k_norm(keys).transpose(0, 2, 1, 3), offset=offset)
+            offset = mx.array(cache.offset) if positions is None else positions
+            keys = self._rotate(self.k_norm(keys).transpose(0, 2, 1, 3), offset)
             values = self.v_norm(values).transpose(0, 2, 1, 3)
-        queries = self.rope(queries.transpose(0, 2, 1, 3), offset=offset)
-        keys, values = cache.update_and_fetch(keys, values)
-        output = quantized_attention(queries, keys, values, self.scale, mask, cache.group_size, cache.bits)
+        queries = self._rotate(queries.transpose(0, 2, 1, 3), offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        if quantized:
+            output = quantized_attention(queries, keys, values, self.scale, mask, cache.group_size, cache.bits)
+        else:
+            output = mx.fast.scaled_dot_product_attention(queries, keys, values, scale=self.scale, mask=mask)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1)), (keys, values), offset
+
+    def _rotate(self, x: mx.array, offset) -> mx.array:
+        if isinstance(offset, mx.array) and offset.ndim == 2:  # node positions (B, L)
+            return rope_at(self.rope, x, offset)
+        return self.rope(x, offset=offset)
 
 
 class Model(nn.Module, SpeculativeBase):
-    features = frozenset({PRODUCER_KV, LAYER_OUTPUTS})  # MTP: producer_layers, hidden; blocks: forward_layers
+    # MTP: producer_layers, hidden; blocks: forward_layers; trees: node positions (Attention) and tree masks
+    features = frozenset({PRODUCER_KV, LAYER_OUTPUTS, TREE_PASS})
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -26,10 +26,12 @@ import mlx.core as mx
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one round did: the proposer gave `drafted` drafts and the base kept the first `accepted`."""
+    """What one round did: the proposer gave `drafted` drafts and the base kept the first `accepted`; `tree`:
+    the drafts were a tree's nodes, and `accepted` the depth of the branch the base kept."""
 
     drafted: int
     accepted: int
+    tree: bool = False
 
 
 @dataclass
@@ -44,6 +46,8 @@ class RoundContext:
     base_cache: the base's rewindable caches, already rolled back to `position`.
     sampler: draws each draft from the proposer's logits (`sampler.draft`), so drafts use the request's
         temperature, filters, acceptance mode and position-keyed noise (sampling.py).
+    rank_logp: for a tree of sampled drafts, [d][r]: log P(a depth-d node's r-th child is the one kept), as
+        this request's tree rounds measured it (trees/ranks.py); None where not used.
     """
 
     history: List[int]
@@ -51,15 +55,24 @@ class RoundContext:
     hidden: Optional[mx.array]
     base_cache: list
     sampler: "object"  # sampling.Sampler
+    rank_logp: Optional[List[List[float]]] = None
 
 
 @dataclass
 class Draft:
     """tokens (k,) int32, lazily computed; probs (k, V): the distribution each draft was drawn from, or
-    None when drafts are deterministic (then rejection sampling treats q as one-hot)."""
+    None when drafts are deterministic (then rejection sampling treats q as one-hot).
+
+    A tree (trees/): `parents` (k,) int32, node i's parent node or -1 for the round's bonus token, the nodes
+    in topological order and siblings in the order they were drawn (probs[i] is then what node i was drawn
+    from given its parent and its earlier siblings); `depth` and `branching` bound its deepest node's depth
+    and any node's children. None: a chain, node i after node i - 1."""
 
     tokens: mx.array
     probs: Optional[mx.array] = None
+    parents: Optional[mx.array] = None
+    depth: int = 0
+    branching: int = 0
 
     @property
     def k(self) -> int:
@@ -88,6 +101,18 @@ class Proposer(Protocol):
 
     def fork(self) -> "Proposer":
         """A proposer for another conversation: shares the weights, not the per-conversation state."""
+
+
+class TreeProposer(Proposer, Protocol):
+    """A proposer that can also draft a tree (trees/): MTP, DFlash, DSpark, n-gram."""
+
+    def propose_tree(self, ctx: RoundContext, nodes: int, depth: int) -> Draft:
+        """A tree of at most `nodes` nodes, none deeper than `depth` (a Draft with parents)."""
+
+
+def grows_trees(proposer) -> bool:
+    """Whether a proposer can draft trees (others draft chains only)."""
+    return callable(getattr(proposer, "propose_tree", None))
 
 
 class FeatureReader(Proposer, Protocol):

@@ -28,6 +28,7 @@ from ..drafting import validate_block_pairing
 from ..errors import CacheRollbackError
 from ..identity import weights_fingerprint
 from ..prefill import common_prefix
+from ..trees.grow import Step, grow
 from .base import Draft, RoundContext, RoundResult
 
 
@@ -90,14 +91,32 @@ class BlockProposer:
             self._take_pending()
 
     def propose(self, ctx: RoundContext, k: int) -> Draft:
+        k = self._begin(ctx, k)
+        return self.draft(ctx, k) if k > 0 else Draft.empty()
+
+    def propose_tree(self, ctx: RoundContext, nodes: int, depth: int) -> Draft:
+        """A DDTree (trees/grow.py) over the block's per-position distributions: one drafter pass for a block
+        as deep as the tree may be, then best-first over its rows (no drafter pass per depth, so every
+        frontier node is expanded)."""
+        depth = self._begin(ctx, depth)
+        if depth <= 0:
+            return Draft.empty()
+        return grow(self.tree_step(ctx, depth), sampler=ctx.sampler, root=ctx.history[-1], position=ctx.position,
+                    nodes=nodes, depth=depth, width=nodes, rank_logp=ctx.rank_logp)
+
+    def _begin(self, ctx: RoundContext, k: int) -> int:
+        """Check the context is in step with the base's cache; the drafts this round may have."""
         if self.context_length != ctx.position:
             raise RuntimeError(f"the drafter's context holds {self.context_length} positions but the base's cache "
                                f"{ctx.position}: the engine must hand every base pass's features to extend()")
         self._history = ctx.history  # the engine's list, appended in place
-        k = min(k, self.drafter.max_drafts)
-        return self.draft(ctx, k) if k > 0 else Draft.empty()
+        return min(k, self.drafter.max_drafts)
 
     def draft(self, ctx: RoundContext, k: int) -> Draft:
+        raise NotImplementedError
+
+    def tree_step(self, ctx: RoundContext, depth: int) -> Step:
+        """One block pass for `depth` drafts; the returned step gives depth d's logits for a frontier."""
         raise NotImplementedError
 
     def observe(self, result: RoundResult) -> None:

@@ -5,7 +5,8 @@ k drafts: the block [last token, mask * (k-1)] sits at positions p .. p+k-1 afte
 row j predicts the token at position p + 1 + j. With a Markov head, draft j is drawn from row j's logits
 plus a bias that depends on the token before it (the last token, then draft j-1), one draw after another,
 each through the request's sampler at its own position; its distribution q_j is what rejection sampling
-divides by (DeepSpec's evaluator does the same). Without a Markov head the rows are independent.
+divides by (DeepSpec's evaluator does the same). Without a Markov head the rows are independent. A tree
+grows from the same rows, each node's children from row d plus the bias after the node's own token.
 """
 
 import mlx.core as mx
@@ -17,10 +18,22 @@ from .block import BlockProposer
 class DSparkProposer(BlockProposer):
     name = "dspark"
 
-    def draft(self, ctx: RoundContext, k: int) -> Draft:
+    def tree_step(self, ctx: RoundContext, depth: int):
+        """Depth d's logits for a frontier: row d, plus the Markov bias after each frontier node's token."""
+        logits, d = self._logits(ctx, depth), self.drafter
+        if not d.args.markov_rank:
+            return lambda depth_d, rows, tokens: logits[depth_d - 1 : depth_d]
+        return lambda depth_d, rows, tokens: logits[depth_d - 1][None] + d.markov_bias(tokens)
+
+    def _logits(self, ctx: RoundContext, k: int) -> mx.array:
+        """(k, V): the block's rows, row j for the token at position p + 1 + j (before the Markov bias)."""
         d = self.drafter
         block = mx.array([[ctx.history[-1]] + [d.args.mask_token_id] * (k - 1)], mx.int32)  # (1, k)
-        logits = d.block_logits(d.block_hidden(d.embed(block), self.context_cache)[0])  # (k, V)
+        return d.block_logits(d.block_hidden(d.embed(block), self.context_cache)[0])
+
+    def draft(self, ctx: RoundContext, k: int) -> Draft:
+        d = self.drafter
+        logits = self._logits(ctx, k)  # (k, V)
         if not d.args.markov_rank:
             return self.sample_rows(ctx, logits)
         previous = mx.array([ctx.history[-1]], mx.int32)

@@ -13,7 +13,10 @@ import mlx.core as mx
 from ..cache import QuantizedKV
 from ..drafting import validate_pairing
 from ..identity import weights_fingerprint
+from ..trees.grow import grow
 from .base import Draft, RoundContext, RoundResult
+
+TREE_WIDTH = 4  # frontier nodes a tree's drafter step runs as rows (the drafter's cost grows with them)
 
 
 def _take_rows(buf, index: mx.array):
@@ -96,6 +99,28 @@ class MTPProposer:
             tokens.append(token)
         drafted = mx.stack(tokens, axis=1)  # (B, max k)
         return [Draft(drafted[i, :k], mx.stack(probs[i][:k]) if probs[i] else None) for i, k in enumerate(ks)]
+
+    def propose_tree(self, ctx: RoundContext, nodes: int, depth: int) -> Draft:
+        """A best-first tree (trees/grow.py): each depth is one drafter step over up to TREE_WIDTH frontier
+        nodes as rows. The drafter attends only to the base's cache (no K/V of its own), so a depth's branches
+        need no tree mask: every row reads the same K/V, at the round's query position."""
+        if ctx.hidden is None:
+            raise RuntimeError("the MTP proposer needs the base's hidden state")
+        views = {}
+        for t, i in self.producers.items():
+            k, v = ctx.base_cache[i].drafter_view()
+            length = (k.packed if isinstance(k, QuantizedKV) else k).shape[2]
+            views[t] = ((k, v), mx.ones((1, length), mx.bool_))  # one request: every slot valid, for every row
+        state = self.rows_stepper.begin_round(views, mx.array([ctx.position], mx.int32))
+        hidden = [ctx.hidden.reshape(1, -1)]
+
+        def step(d: int, rows: mx.array, tokens: mx.array) -> mx.array:
+            embedded = self.base.embed_scaled(tokens)  # (W, H_base); each row continues its parent's hidden
+            h, hidden[0] = self.rows_stepper.step(state, embedded, mx.take(hidden[0], rows, axis=0))
+            return self.drafter.full_logits_rows(h)
+
+        return grow(step, sampler=ctx.sampler, root=ctx.history[-1], position=ctx.position, nodes=nodes,
+                    depth=depth, width=min(nodes, TREE_WIDTH), rank_logp=ctx.rank_logp)
 
     @cached_property
     def rows_stepper(self):

@@ -8,6 +8,7 @@ from typing import List
 
 import mlx.core as mx
 
+from ..trees.ngram import lookup_tree
 from .base import Draft, RoundContext, RoundResult
 
 DEFAULT_NGRAM = 3
@@ -42,6 +43,18 @@ class NgramProposer:
 
     def propose(self, ctx: RoundContext, k: int) -> Draft:
         return Draft(mx.array(lookup(ctx.history, self.n, k), mx.int32))
+
+    def propose_tree(self, ctx: RoundContext, nodes: int, depth: int) -> Draft:
+        """Several matches' continuations merged (trees/ngram.py); the chain's lookup is its first branch."""
+        tokens, parents = lookup_tree(ctx.history, self.n, nodes, depth)
+        if not tokens:
+            return Draft.empty()
+        depths = []
+        for p in parents:
+            depths.append(1 if p < 0 else depths[p] + 1)
+        most = max(parents.count(p) for p in set(parents))
+        return Draft(mx.array(tokens, mx.int32), parents=mx.array(parents, mx.int32), depth=max(depths),
+                     branching=most)
 
     def observe(self, result: RoundResult) -> None:
         pass

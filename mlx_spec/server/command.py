@@ -101,7 +101,7 @@ def main_args(args) -> int:
                         strict=args.strict, request_timeout=args.request_timeout,
                         max_connections=args.max_connections, kv=kv, session=saved,
                         decode_concurrency=args.decode_concurrency, prompt_concurrency=args.prompt_concurrency,
-                        lockstep=lockstep)
+                        lockstep=lockstep, tree_nodes=args.tree_nodes)
     except OSError as e:
         raise MlxSpecError(f"cannot listen on {args.host}:{args.port} ({e.strerror or e}); choose another --port "
                            "or --host") from e

@@ -354,16 +354,16 @@ class Server(ConnectionGuard, ThreadingHTTPServer):
                  request_timeout: float = DEFAULT_REQUEST_TIMEOUT, max_connections: int = DEFAULT_MAX_CONNECTIONS,
                  kv: Optional[KVQuant] = None, session: Optional[tuple] = None,
                  decode_concurrency: int = DEFAULT_DECODE_CONCURRENCY,
-                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY, lockstep=None):
+                 prompt_concurrency: int = DEFAULT_PROMPT_CONCURRENCY, lockstep=None, tree_nodes=0):
         """`lockstep`: the model is split over ranks (distributed/serving.py): rank 0's worker tells the other
-        ranks each step what to run."""
+        ranks each step what to run. `tree_nodes`: a request's default (its own "tree_nodes" overrides it)."""
         self.guard_connections(request_timeout, max_connections)
         self.model_name = model_name
         self.max_request_bytes = max_request_bytes
         self.access_log = access_log
         self.created = int(time.time())
         self.defaults = RequestDefaults(sampling.validate(), draft_by_default and proposer is not None,
-                                        num_draft_tokens)
+                                        num_draft_tokens, tree_nodes)
         self.worker = Worker(model, tokenizer, proposer, max_context=max_context or context_length(model),
                              max_tokens=max_tokens, log=log, prompt_cache=prompt_cache,
                              prompt_cache_slots=prompt_cache_slots, tuner=tuner, strict=strict, kv=kv,

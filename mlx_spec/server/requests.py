@@ -45,6 +45,7 @@ class RequestDefaults:
     sampling: SamplingParams = SamplingParams()
     draft: bool = True
     num_draft_tokens: Union[int, str] = 3
+    tree_nodes: Union[int, str] = 0
 
 
 @dataclass
@@ -60,6 +61,7 @@ class GenerationRequest:
     include_usage: bool = False
     draft: bool = True
     num_draft_tokens: Union[int, str] = 3
+    tree_nodes: Union[int, str] = 0  # a tree of N nodes per round, or "auto" (docs/TREES.md); 0: chains
     chat_template_kwargs: dict = field(default_factory=dict)
     logprobs: Optional[int] = None  # None: none; N: each token's log-probability and the top N alternatives
 
@@ -147,7 +149,7 @@ def parse_request(body, kind: str, defaults: RequestDefaults = RequestDefaults()
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     req = GenerationRequest(kind=kind, sampling=defaults.sampling, draft=defaults.draft,
-                            num_draft_tokens=defaults.num_draft_tokens)
+                            num_draft_tokens=defaults.num_draft_tokens, tree_nodes=defaults.tree_nodes)
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
@@ -187,6 +189,12 @@ def parse_request(body, kind: str, defaults: RequestDefaults = RequestDefaults()
     req.num_draft_tokens = _get(body, "num_draft_tokens", (int, str), req.num_draft_tokens,
                                 lambda v: v == "auto" or isinstance(v, int) and 0 <= v <= MAX_DRAFT_TOKENS,
                                 f"an integer from 0 to {MAX_DRAFT_TOKENS} or \"auto\"")
+    req.tree_nodes = _get(body, "tree_nodes", (int, str), req.tree_nodes,
+                          lambda v: v == "auto" or isinstance(v, int) and 0 <= v <= MAX_DRAFT_TOKENS,
+                          f"an integer from 0 to {MAX_DRAFT_TOKENS} or \"auto\"")
+    if req.tree_nodes == "auto" and req.num_draft_tokens != "auto":
+        raise RequestError("'tree_nodes': \"auto\" chooses chains or trees each round; it needs "
+                           "\"num_draft_tokens\": \"auto\"", param="tree_nodes")
     if kind == "chat":
         req.chat_template_kwargs = _template_kwargs(body)
     req.logprobs = _logprobs(body, kind)

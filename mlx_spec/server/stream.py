@@ -20,7 +20,7 @@ from ..batch.scheduler import Done, Ticket
 from ..conversation import Started
 from ..engine import TokenEvent
 from ..stops import StopCut
-from .requests import GenerationRequest, RequestError
+from .requests import GenerationRequest
 
 LOGPROB_FLOOR = -9999.0  # OpenAI's stand-in for log 0 (JSON has no -Infinity)
 
@@ -126,11 +126,12 @@ class JobStream:
             self.on_end(self, None, done.error)
             return
         stats = self.engine.stats
-        spec = {"proposer": self.proposer, "num_draft_tokens": self.engine.request.num_draft_tokens
-                if self.proposer else 0}
+        request = self.engine.request
+        spec = {"proposer": self.proposer, "num_draft_tokens": request.num_draft_tokens if self.proposer else 0,
+                "tree_nodes": request.tree_nodes if self.proposer else 0}
         if stats.generation_tokens:
             d = stats.as_dict()
-            spec.update({k: d[k] for k in ("rounds", "drafted", "accepted", "tau", "acceptance_rate",
+            spec.update({k: d[k] for k in ("rounds", "tree_rounds", "drafted", "accepted", "tau", "acceptance_rate",
                                            "acceptance_by_position", "plain_steps")})
         result = JobResult(finish, len(self.engine.request.prompt), len(self.received), spec, self.started.reused)
         self.on_end(self, result, None)

@@ -15,7 +15,7 @@ it, would not fit the memory left beside the weights (it waits in the queue inst
 import queue
 import threading
 from collections import deque
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 from ..batch.scheduler import DEFAULT_DECODE_CONCURRENCY, DEFAULT_PROMPT_CONCURRENCY, Scheduler
 from ..cache import KVQuant
@@ -160,7 +160,8 @@ class Worker(threading.Thread):
             max_tokens = self.prompts.max_new_tokens(req, len(prompt))
             drafting = req.draft and self.conversations.proposer is not None  # else plain, reported as None
             request = Request(prompt, max_tokens=max_tokens, sampling=req.sampling, seed=req.seed, draft=drafting,
-                              num_draft_tokens=req.num_draft_tokens, strict=self.strict,
+                              num_draft_tokens=req.num_draft_tokens, tree_nodes=req.tree_nodes if drafting else 0,
+                              strict=self.strict,
                               logprobs=0 if req.logprobs is None else max(req.logprobs, 1))
             if self.lockstep is not None:  # every rank runs it alike: a cancel comes through the plan only
                 request = agreed(request)

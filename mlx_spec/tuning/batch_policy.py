@@ -158,7 +158,7 @@ class BatchDraftPolicy:
         now = self.clock()
         for row, a, r in zip(batch.rows, asked, results):
             kind = self._rows.get(row.engine)
-            if kind is None or a == 0:
+            if kind is None or a == 0 or r.tree:  # a tree's kept depth says nothing of a chain's acceptance
                 continue
             if kind.pair is not None:  # the row's own estimate learns in its AutoDraftPolicy.observe
                 kind.pair.estimate.observe(r.drafted, r.accepted)

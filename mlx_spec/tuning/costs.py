@@ -12,7 +12,7 @@ Knows numbers only: nothing of models, clocks or files.
 
 import dataclasses
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -31,14 +31,18 @@ CALIBRATION_MARGIN = 0.25
 class Costs:
     """Measured costs in units of one plain decode step (pipelined, as the engine's plain loop runs it).
 
-    verify[k]: one (k+1)-token base pass with its acceptance and host sync, k = 0..K_MAX.
+    verify[k]: one (k+1)-token base pass with its acceptance and host sync, k = 0..K_MAX (up to the largest
+        tree budget when trees were measured: verify cost by row count).
     draft_fixed + draft_step * k: proposing k drafts (0 for k = 0).
+    tree[n]: a whole round with a tree of n nodes (its drafting, verify pass, acceptance and host sync), for
+        the budgets measured (tuning/trees.py); empty when trees were not measured.
     """
 
     verify: List[float]
     draft_fixed: float = 0.0
     draft_step: float = 0.0
     plain_step_s: float = 0.0  # seconds, for information: the ratios are what transfers between runs
+    tree: Dict[int, float] = dataclasses.field(default_factory=dict)
 
     @property
     def k_max(self) -> int:
@@ -57,7 +61,8 @@ class Costs:
     @classmethod
     def from_json(cls, d: dict) -> "Costs":
         return cls([float(v) for v in d["verify"]], float(d.get("draft_fixed", 0.0)),
-                   float(d.get("draft_step", 0.0)), float(d.get("plain_step_s", 0.0)))
+                   float(d.get("draft_step", 0.0)), float(d.get("plain_step_s", 0.0)),
+                   {int(n): float(v) for n, v in (d.get("tree") or {}).items()})
 
 
 def expected_tokens(alphas: Sequence[float], k: int) -> float:

@@ -111,6 +111,7 @@ class PairState:
     # plain step says whether drafting pays now.
     rounds_since_plain: int = CALIBRATE_EVERY - CALIBRATION_STEPS
     calibrate_every: int = CALIBRATE_EVERY  # the current interval (stretched while drafting pays well)
+    trees: dict = field(default_factory=dict)  # tree budget -> its TreeEstimate (trees.py), when trees are on
 
 
 class AutoDraftPolicy:
@@ -156,12 +157,16 @@ class AutoDraftPolicy:
         if self._asked == 0:
             ratio, attr, rate = (now - since) / step, "plain_overhead", PLAIN_SMOOTHING
         elif self._drafted > 0:
-            ratio, attr = (now - since) / (self.costs.round_cost(self._drafted) * step), "round_overhead"
+            ratio, attr = (now - since) / (self._modelled_round() * step), "round_overhead"
             rate = OVERHEAD_SMOOTHING
         else:
             return
         ratio = min(max(ratio, OVERHEAD_MIN), OVERHEAD_MAX)
         setattr(st, attr, getattr(st, attr) + rate * (ratio - getattr(st, attr)))
+
+    def _modelled_round(self) -> float:
+        """What the cost model says the last round cost, in plain steps (trees.py: a tree round's own)."""
+        return self.costs.round_cost(self._drafted)
 
     def _choose(self, min_k: int = 0) -> Tuple[int, float]:
         st = self.state

@@ -14,6 +14,7 @@ width (`widths`: {proposer: {B: WidthCosts}}, each width measured when a batch f
 without `widths` (written before batches) reads as no width measured yet; its other costs stay valid.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +24,7 @@ import time
 import warnings
 import weakref
 from pathlib import Path
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 from ..cache import KVQuant
 from ..identity import machine_identity, model_identity, short_hash
@@ -78,7 +79,7 @@ def _damage(data) -> Optional[str]:
             except (KeyError, TypeError, ValueError, AttributeError, OverflowError):
                 return "an entry's costs are unreadable"
             rest = [costs.draft_fixed, costs.draft_step, costs.plain_step_s]
-            if not (costs.verify and all(math.isfinite(v) and v > 0 for v in costs.verify)
+            if not (costs.verify and all(math.isfinite(v) and v > 0 for v in [*costs.verify, *costs.tree.values()])
                     and all(math.isfinite(v) and v >= 0 for v in rest)):
                 return "an entry's costs are not finite positive numbers"
     return None
@@ -132,12 +133,25 @@ class CostsStore:
 
     # -- costs
     def get(self, model, proposer=None, *, refresh: bool = False, kv: Optional[KVQuant] = None,
-            **measure_kw) -> Costs:
+            tree_budgets: Sequence[int] = (), **measure_kw) -> Costs:
         """`refresh=True` measures again (and saves). `kv`: costs with quantized K/V (its attention costs
-        differ), measured and filed on their own."""
+        differ), measured and filed on their own. `tree_budgets`: the chain costs (got as without them) with
+        tree rounds of these many nodes and verify passes of their rows added (filed on their own, measured
+        on first use of trees), so auto with trees decides between chains exactly as auto without them."""
+        if tree_budgets:
+            return self._with_trees(model, proposer, refresh, kv, tuple(tree_budgets), measure_kw)
         key, pid = self.key(model), _pid(proposer, kv)
         if kv is not None:
             measure_kw = dict(measure_kw, kv=kv)
+        return self._get(model, proposer, key, pid, refresh, measure_kw)
+
+    def _with_trees(self, model, proposer, refresh: bool, kv, budgets, measure_kw) -> Costs:
+        chain = self.get(model, proposer, refresh=refresh, kv=kv, **measure_kw)
+        pid = f"{_pid(proposer, kv)}|trees{','.join(map(str, budgets))}"
+        trees = self._get(model, proposer, self.key(model), pid, refresh, dict(measure_kw, kv=kv, tree_budgets=budgets))
+        return dataclasses.replace(chain, verify=chain.verify + trees.verify[len(chain.verify):], tree=trees.tree)
+
+    def _get(self, model, proposer, key: str, pid: str, refresh: bool, measure_kw: dict) -> Costs:
         with self._lock:
             if not refresh and (key, pid) in self._costs:
                 return self._costs[key, pid]

@@ -11,10 +11,14 @@ import time
 from typing import Callable, Dict, Optional, Tuple, Union
 
 from ..cache import MAX_DRAFT_TOKENS, KVQuant
-from ..draft_policy import DraftPolicy, FixedK
+from ..draft_policy import DraftPolicy, FixedK, FixedTree
 from ..errors import MlxSpecError
+from ..families import TREE_PASS
+from ..models.base import offers
+from ..proposers.base import grows_trees
 from .policy import FIRST_PROBE_AFTER, AcceptanceEstimate, AutoDraftPolicy, PairState
 from .store import CostsStore
+from .trees import TREE_BUDGETS, AutoTreePolicy
 
 CARRY_WEIGHT = 16.0  # a new request trusts at most this many rounds of an earlier request's evidence
 
@@ -48,12 +52,30 @@ class AutoTuner:
         return AutoDraftPolicy(self.store.get(model, proposer, kv=kv), self.pair_state(model, proposer, kv),
                                clock=self.clock)
 
+    def tree_policy(self, model, proposer, kv: Optional[KVQuant] = None, budgets=TREE_BUDGETS) -> AutoTreePolicy:
+        """`--tree-nodes auto`: chains or trees of `budgets` nodes each round, from costs that include tree
+        rounds (measured on first use of trees with this pair)."""
+        costs = self.store.get(model, proposer, kv=kv, tree_budgets=budgets)
+        return AutoTreePolicy(costs, self.pair_state(model, proposer, kv), budgets=budgets, clock=self.clock)
+
 
 def draft_policy(value: Union[int, str, DraftPolicy], model, proposer, tuner: Optional[AutoTuner] = None,
-                 kv: Optional[KVQuant] = None) -> Optional[DraftPolicy]:
+                 kv: Optional[KVQuant] = None, tree_nodes: Union[int, str, None] = None) -> Optional[DraftPolicy]:
     """The policy for `num_draft_tokens` (--num-draft-tokens): FixedK(k) for an int (None for 0: plain
     decoding), `tuner`'s AutoDraftPolicy for "auto" (a tuner of its own when none is given), or the
-    DraftPolicy passed."""
+    DraftPolicy passed. `tree_nodes` (--tree-nodes; 0 or None: chains): N gives every round a tree of N nodes,
+    no deeper than an int k; "auto" (with num_draft_tokens "auto") chooses chain or tree each round."""
+    nodes = check_tree_nodes(tree_nodes, value)
+    if nodes and value != 0:
+        check_trees_possible(model, proposer)
+    if nodes and value == 0:
+        return None  # no drafts at all: plain decoding
+    if nodes == "auto":
+        return (tuner or AutoTuner()).tree_policy(model, proposer, kv)
+    if nodes:
+        if value == "auto":
+            return (tuner or AutoTuner()).tree_policy(model, proposer, kv, budgets=(nodes,))
+        return FixedTree(nodes, depth=value if isinstance(value, int) and value > 0 else None)
     if isinstance(value, str):
         if value != "auto":
             raise MlxSpecError(f"num_draft_tokens must be an integer or 'auto', got {value!r}")
@@ -63,3 +85,29 @@ def draft_policy(value: Union[int, str, DraftPolicy], model, proposer, tuner: Op
     if not 0 <= value <= MAX_DRAFT_TOKENS:
         raise MlxSpecError(f"num_draft_tokens must be between 0 and {MAX_DRAFT_TOKENS}, got {value}")
     return FixedK(value) if value else None
+
+
+def check_tree_nodes(tree_nodes, num_draft_tokens) -> Union[int, str]:
+    """tree_nodes as the policy takes it: 0 (chains), 1..MAX_DRAFT_TOKENS, or "auto" (which needs
+    num_draft_tokens "auto": it chooses between chains and trees); anything else raises MlxSpecError."""
+    if tree_nodes is None or tree_nodes == 0:
+        return 0
+    if tree_nodes == "auto":
+        if num_draft_tokens != "auto":
+            raise MlxSpecError("tree_nodes 'auto' chooses between chains and trees each round: it needs "
+                               f"num_draft_tokens 'auto', got {num_draft_tokens!r}")
+        return "auto"
+    if isinstance(tree_nodes, bool) or not isinstance(tree_nodes, int) or not 0 < tree_nodes <= MAX_DRAFT_TOKENS:
+        raise MlxSpecError(f"tree_nodes must be an integer between 0 and {MAX_DRAFT_TOKENS} or 'auto', "
+                           f"got {tree_nodes!r}")
+    return tree_nodes
+
+
+def check_trees_possible(model, proposer) -> None:
+    """Trees need a base whose verify pass takes a tree (Gemma 4) and a proposer that grows them."""
+    if not offers(model, TREE_PASS):
+        raise MlxSpecError("--tree-nodes needs a Gemma 4 base (its verify pass places each node at its own "
+                           "position); use chains (--tree-nodes 0) with this model")
+    if not grows_trees(proposer):
+        raise MlxSpecError(f"--tree-nodes: the {getattr(proposer, 'name', 'given')} proposer drafts chains only; "
+                           "trees come from --drafter (MTP, DFlash, DSpark) or --ngram")
