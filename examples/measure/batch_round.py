@@ -79,7 +79,7 @@ class Phases:
     def __enter__(self):
         b = self.batch
         sync_drafts = lambda ds: mx.eval([d.tokens for d in ds])  # noqa: E731
-        b._budget = self._timed("budget", b._budget, lambda out: None)
+        b._asked = self._timed("budget", b._asked, lambda out: None)
         b._propose = self._timed("propose", b._propose, sync_drafts)
         b._verify_row = self._timed("inputs", b._verify_row, mx.eval)
         b._forward = self._timed("forward", b._forward, lambda out: mx.eval([x for x in out if x is not None]))
@@ -93,7 +93,7 @@ class Phases:
     def __exit__(self, *exc):
         for owner, name, fn in self.saved:
             setattr(owner, name, fn)
-        for name in ("_budget", "_propose", "_verify_row", "_forward", "_verify"):
+        for name in ("_asked", "_propose", "_verify_row", "_forward", "_verify"):
             self.batch.__dict__.pop(name, None)
 
 
