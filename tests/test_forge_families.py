@@ -271,3 +271,147 @@ def test_loss_is_the_kl_and_padding_counts_for_nothing(family):
     if family != "eagle3":  # the same blocks: anchors are drawn among the real tokens
         np.testing.assert_array_equal(np.array(t2.anchors), np.array(t.anchors))
     assert abs(module.loss(drafter, t2, settings)[0].item() - total.item()) < 1e-4, "right padding changes nothing"
+
+
+# -- end to end: the command writes each family's published layout, fine-tunes it, resumes it
+
+CODE = [f"def h{i}(u, v):\n    w = u + {i} * v\n    return w * {i % 5 + 2}\n\n" * 3 for i in range(24)]
+TINY = ["--steps", 2, "--batch-size", 2, "--max-seq-length", 48, "--eval-prompts", 1, "--eval-tokens", 6,
+        "--eval-every", 0]
+
+
+@pytest.fixture
+def code_jsonl(tmp_path):
+    import json
+
+    p = tmp_path / "code.jsonl"
+    p.write_text("".join(json.dumps({"text": t}) + "\n" for t in CODE))
+    return p
+
+
+def run_cli(args, capsys):
+    from mlx_spec.forge.__main__ import main
+
+    try:
+        code = main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def published_names(family: str, tmp_path, config: dict) -> set:
+    """The tensor names of a checkpoint in the family's published layout (tests/checkpoints.py and
+    tests/eagle3_checkpoints.py build those as the authors publish them), for the same shapes of drafter."""
+    from checkpoints import make_dflash_checkpoint, make_dspark_checkpoint
+    from conftest import TINY_CODE
+    from eagle3_checkpoints import eagle3_config, eagle3_weights
+
+    base_dir = TINY_CODE / "base"
+    if family == "dflash":
+        path = make_dflash_checkpoint(tmp_path, base_dir, layers=(F,) * config["num_hidden_layers"],
+                                      target_layer_ids=config["dflash_config"]["target_layer_ids"], name="ref")
+    elif family == "dspark":
+        path = make_dspark_checkpoint(tmp_path, base_dir, layers=config["num_hidden_layers"],
+                                      markov_rank=config["markov_rank"], k_eq_v=False, confidence_head=False,
+                                      target_layer_ids=config["target_layer_ids"], name="ref")
+    else:
+        import json
+
+        text = json.loads((base_dir / "config.json").read_text())
+        ref = eagle3_config(text, layers=config["transformer_layer_config"]["num_hidden_layers"],
+                            aux=config["eagle_aux_hidden_state_layer_ids"])
+        return set(eagle3_weights(ref, mx.zeros((text["vocab_size"], text["hidden_size"]))))
+    return set(mx.load(str(path / "model.safetensors")))
+
+
+PUBLISHED = {  # what each family's loaders recognise it by (families.py, mlx-vlm's get_model_type)
+    "dflash": lambda c: c["architectures"] == ["DFlashDraftModel"] and c["model_type"] == "qwen3"
+    and set(c["dflash_config"]) == {"target_layer_ids", "mask_token_id"} and c["block_size"] == 4,
+    "dspark": lambda c: c["architectures"] == ["Gemma4DSparkModel"] and c["model_type"] == "gemma4_text"
+    and c["block_size"] == 3 and c["markov_head_type"] == "vanilla" and "dflash_config" not in c,
+    "eagle3": lambda c: c["speculators_model_type"] == "eagle3" and c["transformer_layer_config"]["model_type"]
+    == "llama" and c["speculators_config"]["proposal_methods"][0]["speculative_tokens"] == 3,
+}
+
+
+@pytest.mark.parametrize("family", ["dflash", "dspark", "eagle3"])
+def test_from_scratch_then_fine_tuned_in_the_published_layout(tmp_path, code_jsonl, capsys, family):
+    """--from-scratch --family F writes F's published layout (config form, tensor names, no tensor of another
+    layout), which load_drafter takes as F; --drafter on it fine-tunes it and keeps its config."""
+    import json
+
+    from conftest import TINY_CODE
+
+    from mlx_spec import load, load_drafter
+    from mlx_spec.families import of_drafter
+
+    first, second = tmp_path / "scratch", tmp_path / "tuned"
+    block = ["--block-size", 4] if family == "dflash" else ["--block-size", 3] if family == "dspark" else []
+    code, stdout, stderr = run_cli(["--model", TINY_CODE / "base", "--from-scratch", "--family", family, *block,
+                                    "--data", code_jsonl, "--out", first, "--num-draft-tokens", 3, *TINY], capsys)
+    assert code == 0, stderr
+    config = json.loads((first / "config.json").read_text())
+    assert PUBLISHED[family](config), f"{family}: the published config form: {config}"
+    names = set(mx.load(str(first / "model.safetensors")))
+    assert names == published_names(family, tmp_path, config), f"{family}: the published tensor names"
+    base, _ = load(str(TINY_CODE / "base"))
+    assert of_drafter(load_drafter(str(first), base)).name == family
+    assert "forged" in stdout and "output = plain decoding on 1/1" in stdout, stdout
+    code, stdout, stderr = run_cli(["--model", TINY_CODE / "base", "--drafter", first, "--data", code_jsonl,
+                                    "--out", second, "--num-draft-tokens", 3, *TINY], capsys)
+    assert code == 0, stderr
+    assert json.loads((second / "config.json").read_text()) == config, "a fine-tuned drafter keeps its config"
+    assert set(mx.load(str(second / "model.safetensors"))) == names
+    assert [line.split()[0] for line in stdout.splitlines()[2:]] == ["start", "forged"], stdout
+
+
+def test_a_shape_flag_the_family_does_not_take_is_refused(tmp_path, code_jsonl, capsys):
+    from conftest import TINY_CODE
+
+    code, _, stderr = run_cli(["--model", TINY_CODE / "base", "--from-scratch", "--family", "dflash", "--markov-rank",
+                               4, "--data", code_jsonl, "--out", tmp_path / "out", *TINY], capsys)
+    assert code == 2 and stderr.strip() == "error: --markov-rank do not shape a dflash drafter", stderr
+
+
+@pytest.mark.parametrize("family", ["dflash", "eagle3"])
+def test_resume_continues_exactly(tmp_path, family):
+    """Blocks are drawn from (seed, step): stopped after step 3 (checkpoint at 2), resumed to step 5 == five
+    steps in one go."""
+    from mlx.utils import tree_flatten
+
+    from mlx_spec.forge import data, trainer
+    from mlx_spec.forge.resume import drafter_from_checkpoint
+
+    base = make_base("e2b")
+    wins = data.windows([(sequence(base, s)[0].tolist(), None) for s in range(8)], 32, None, 8)
+    config = (dflash.scratch_config(base, TOKENIZER, shapes(), "float32") if family == "dflash" else
+              eagle3.scratch_config(base, TOKENIZER, shapes(num_layers=None, target_layers=None), "float32"))
+    fresh = lambda: module_of(family).build(base, config, 0, wins)  # noqa: E731
+    cfg = trainer.TrainConfig(k=3, lr=1e-3, batch_size=2, steps=5, seconds=None, warmup=2, report_every=100,
+                              eval_every=0, save_every=2, seed=7)
+    quiet = trainer.Progress(open("/dev/null", "w"))
+    drafter = fresh()
+    trainer.Trainer(base, drafter, config, data.Batches(wins, 2, 0), [], cfg, tmp_path / "a", {}, progress=quiet).run()
+    straight = dict(tree_flatten(drafter.parameters()))
+    job = trainer.Trainer(base, fresh(), config, data.Batches(wins, 2, 0), [], cfg, tmp_path / "b", {},
+                          progress=quiet)
+    real_step, calls = job.step, []
+
+    def interrupted():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step()
+
+    job.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        job.run()
+    saved = trainer.read_checkpoint(trainer.checkpoints(tmp_path / "b")[-1])
+    assert saved.state.step == 2
+    resumed = drafter_from_checkpoint(saved, base)
+    trainer.Trainer(base, resumed, saved.config, data.Batches(wins, 2, 0), [], cfg, tmp_path / "b", {},
+                    state=saved.state, optimizer_state=saved.optimizer_state, progress=quiet).run()
+    for name, w in tree_flatten(resumed.parameters()):
+        np.testing.assert_allclose(np.array(w), np.array(straight[name]), rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{family} {name}: resumed == uninterrupted")

@@ -66,7 +66,7 @@ def scratch_family(options, base) -> families.Family:
 
 def start_drafter(options, base, tokenizer, windows):
     """(drafter float32, its config.json dict, starting drafter for the report or None, output dtype)."""
-    from ..checkpoint import read_config
+    from ..checkpoint import CONFIG_FILE, read_json
 
     if options.from_scratch:
         family = scratch_family(options, base)
@@ -79,7 +79,7 @@ def start_drafter(options, base, tokenizer, windows):
             raise MlxSpecError(f"cannot build a {family.name} drafter of these shapes: {e}") from e
         return drafter, config, None, dtype
     start, dtype = load_start(options, base)
-    config = read_config(Path(start.source_path))
+    config = read_json(Path(start.source_path) / CONFIG_FILE)  # as published: it is written back so
     return clone(start, config), config, start, dtype
 
 
