@@ -117,12 +117,10 @@ def scratch_config(base, tokenizer, options, dtype: str) -> dict:
 
 
 def build(base, config: dict, seed: int, windows=()):
-    """A new drafter paired with the base: MLX's default initialization, but the final norm's scale the
-    base's own (the base's head reads what it scales: starting at 1, the drafter's logits start far off)."""
+    """A new drafter (MLX's default initialization), paired with the base."""
     mx.random.seed(seed)
     drafter = gemma4_dflash.Model(gemma4_dflash.ModelArgs.from_dict(config))
     validate_block_pairing(drafter, base)
-    drafter.norm.weight = mx.array(base.model.norm.weight).astype(mx.float32)
     mx.eval(drafter.parameters())
     return drafter
 
