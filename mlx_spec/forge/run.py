@@ -127,10 +127,11 @@ class ForgeOptions:
                                "its own family and shapes")
         if not self.from_scratch:
             return
-        family = objective.family_named(self.family or families.MTP.name)
+        family = objective.family_named(self.family_name)
         wrong = [n for n in given if n != "family" and n not in objective.for_family(family).SCRATCH_FLAGS]
         if wrong:
-            raise MlxSpecError(f"{', '.join(flag(n) for n in wrong)} do not shape a {family.name} drafter")
+            verb = "does" if len(wrong) == 1 else "do"
+            raise MlxSpecError(f"{', '.join(flag(n) for n in wrong)} {verb} not shape a {family.name} drafter")
         for name in ("hidden_size", "num_layers", "num_attention_heads", "intermediate_size", "num_centroids",
                      "centroid_top_k", "block_size", "draft_vocab_size"):
             v = getattr(self, name)
