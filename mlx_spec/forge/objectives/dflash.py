@@ -95,6 +95,12 @@ def max_drafts(drafter) -> Optional[int]:
 
 # -- a drafter from scratch
 
+def local_rope_theta(text_args) -> float:
+    """The RoPE base of the base's sliding (local) layers: a block reads mostly its nearest positions."""
+    sliding = (text_args.rope_parameters or {}).get(bc.SLIDING) or {}
+    return float(sliding.get("rope_theta", 10000.0))
+
+
 def scratch_config(base, tokenizer, options, dtype: str) -> dict:
     """z-lab's DFlash config.json for a drafter of `base`."""
     b = base.text_args
@@ -108,7 +114,7 @@ def scratch_config(base, tokenizer, options, dtype: str) -> dict:
             "num_attention_heads": heads, "num_key_value_heads": kv, "head_dim": b.head_dim,
             "vocab_size": b.vocab_size, "rms_norm_eps": b.rms_norm_eps,
             "max_position_embeddings": b.max_position_embeddings,
-            "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "rope_parameters": {"rope_type": "default", "rope_theta": local_rope_theta(b)},
             "block_size": options.block_size or DEFAULT_BLOCK_SIZE, "num_target_layers": b.num_hidden_layers,
             "layer_types": [bc.FULL] * layers, "final_logit_softcapping": b.final_logit_softcapping,
             "tie_word_embeddings": False, "attention_bias": False, "hidden_act": "silu", "dtype": dtype,
