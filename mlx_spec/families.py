@@ -79,19 +79,22 @@ def _is_dflash(config: dict) -> bool:
 
 MTP = Family("mtp", "mlx_spec.proposers.mtp:MTPProposer",
              model_types=("gemma4_assistant", "gemma4_unified_assistant"), model="mlx_spec.models.gemma4_assistant",
-             reads=PRODUCER_KV, pairing="mlx_spec.drafting:validate_pairing", forge="mlx_spec.forge.objective")
+             reads=PRODUCER_KV, pairing="mlx_spec.drafting:validate_pairing", forge="mlx_spec.forge.objectives.mtp")
 # block drafters: named after mlx-vlm's modules, which route them by config as checkpoint_type does
 DFLASH = Family("dflash", "mlx_spec.proposers.dflash:DFlashProposer", model_types=("gemma4_dflash",),
                 recognise=_is_dflash, model="mlx_spec.models.gemma4_dflash", reads=LAYER_OUTPUTS,
-                pairing="mlx_spec.drafting:validate_block_pairing", published_config=True)
+                pairing="mlx_spec.drafting:validate_block_pairing", forge="mlx_spec.forge.objectives.dflash",
+                published_config=True)
 DSPARK = Family("dspark", "mlx_spec.proposers.dspark:DSparkProposer", model_types=("gemma4_dspark",),
                 recognise=_is_dspark, model="mlx_spec.models.gemma4_dspark", reads=LAYER_OUTPUTS,
-                pairing="mlx_spec.drafting:validate_block_pairing", published_config=True)
+                pairing="mlx_spec.drafting:validate_block_pairing", forge="mlx_spec.forge.objectives.dspark",
+                published_config=True)
 # EAGLE-3 in the vllm-project/speculators layout: the config names its family in speculators_model_type
 EAGLE3 = Family("eagle3", "mlx_spec.proposers.eagle3:Eagle3Proposer", model_types=("gemma4_eagle3",),
                 recognise=lambda config: config.get("speculators_model_type") == "eagle3",
                 model="mlx_spec.models.gemma4_eagle3", reads=LAYER_OUTPUTS,
-                pairing="mlx_spec.proposers.eagle3:validate_pairing", published_config=True)
+                pairing="mlx_spec.proposers.eagle3:validate_pairing", forge="mlx_spec.forge.objectives.eagle3",
+                published_config=True)
 # no drafter file: any language model sharing the base's tokenizer; prompt lookup
 DRAFT_MODEL = Family("draft_model", "mlx_spec.proposers.draft_model:DraftModelProposer")
 NGRAM = Family("ngram", "mlx_spec.proposers.ngram:NgramProposer")

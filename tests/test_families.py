@@ -95,7 +95,7 @@ MEDUSA = families.Family("medusa", f"{__name__}:MedusaProposer", model_types=("m
 
 def test_a_new_family_is_one_registration(monkeypatch):
     from convert.pipeline import _default_dtype, output_config
-    from mlx_spec.forge.run import _load_drafter
+    from mlx_spec.forge.start import load_drafter as forge_drafter
 
     monkeypatch.setattr(families, "FAMILIES", families.FAMILIES + (MEDUSA,))
     config = {"model_type": "llama", "speculators_model_type": "medusa", "hidden_size": 64}
@@ -110,7 +110,8 @@ def test_a_new_family_is_one_registration(monkeypatch):
         load_drafter(str(TINY_CODE / "base"), base)  # the drafters load_drafter takes include it
     drafter = Model()
     monkeypatch.setattr("mlx_spec.api.load_drafter", lambda path, base: drafter)
-    with pytest.raises(MlxSpecError, match=r"is a Medusa drafter \(test\); forge trains Gemma 4 MTP assistants"):
-        _load_drafter("--drafter", "medusa-dir", base)  # no forge objective: refused by name
+    refused = r"is a Medusa drafter \(test\); forge trains drafters of the families mtp, dflash, dspark, eagle3"
+    with pytest.raises(MlxSpecError, match=refused):
+        forge_drafter("--drafter", "medusa-dir", base)  # no forge objective: refused by name
     families.of_drafter(drafter).check_pairing(drafter, base)
     assert PAIRED == [drafter], "its pairing is checked by the function it declared"

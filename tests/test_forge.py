@@ -14,7 +14,8 @@ import pytest
 from conftest import FIXTURES, TINY_CODE
 from mlx.utils import tree_flatten
 
-from mlx_spec.forge import build, data, objective, output, trainer
+from mlx_spec.forge import build, data, output, trainer
+from mlx_spec.forge.objectives import mtp
 from mlx_spec.forge.__main__ import main
 
 CODE = [f"def f{i}(x, y):\n    z = x * {i} + y\n    return z - {i * 3}\n\n" * 3 for i in range(24)]
@@ -88,10 +89,10 @@ def test_written_drafter_is_googles_layout_and_loads_back(tmp_path):
 def test_output_config_keeps_an_mtp_model_type():
     """A forged unified assistant stays one (the 12B's drafter); anything else is written as Google's
     gemma4_assistant."""
-    unified = output.output_config({"model_type": "gemma4_unified_assistant", "text_config": {}}, "bfloat16")
+    unified = mtp.output_config({"model_type": "gemma4_unified_assistant", "text_config": {}}, "bfloat16")
     assert unified["model_type"] == "gemma4_unified_assistant"
     assert unified["architectures"] == ["Gemma4UnifiedAssistantForCausalLM"] and unified["dtype"] == "bfloat16"
-    plain = output.output_config({"model_type": "gemma4_text", "text_config": {}}, None)
+    plain = mtp.output_config({"model_type": "gemma4_text", "text_config": {}}, None)
     assert plain["model_type"] == "gemma4_assistant" and plain["architectures"] == ["Gemma4AssistantForCausalLM"]
 
 
@@ -127,27 +128,27 @@ def test_output_is_atomic_and_refuses_to_overwrite(tmp_path, monkeypatch, pair):
 def tiny_setup(pair, n=12, length=32):
     base, tokenizer, drafter = pair
     wins = data.windows([(tokenizer.encode(t), None) for t in CODE[:n]], length, tokenizer.bos_token_id, 8)
-    from mlx_spec.forge.run import _clone
+    from mlx_spec.forge.start import clone
 
     config = json.loads((TINY_CODE / "assistant" / "config.json").read_text())
-    return base, _clone(drafter, config)[0], config, wins
+    return base, clone(drafter, config), config, wins
 
 
 def test_training_lowers_the_loss(pair, tmp_path):
     base, drafter, config, wins = tiny_setup(pair)
     cfg = trainer.TrainConfig(k=2, lr=1e-3, batch_size=2, steps=8, seconds=None, warmup=1, report_every=4,
                               eval_every=0, save_every=0)
-    valid = trainer.held_out_teachers(base, drafter, wins[:2], 2)
-    before = trainer.estimate(drafter, valid, 2, drafter.text_args.sliding_window, 0)
-    t0 = objective.teacher_for(base, drafter, *data.pad([w.tokens for w in wins[:2]]))
-    loss0 = objective.loss(drafter, t0, 2, drafter.text_args.sliding_window)[0].item()
+    valid = trainer.held_out_teachers(base, drafter, wins[:2], 2, 2)
+    before = trainer.estimate(drafter, valid, 2, 0)
+    t0 = mtp.teacher_for(base, drafter, *data.pad([w.tokens for w in wins[:2]]))
+    loss0 = mtp.distill(drafter, t0, 2, drafter.text_args.sliding_window)[0].item()
     lines = []
     progress = trainer.Progress()
     progress.update = progress.line = lines.append
     job = trainer.Trainer(base, drafter, config, data.Batches(wins, 2, 0), valid, cfg, tmp_path / "ck", {},
                           progress=progress)
     state = job.run()
-    loss1 = objective.loss(drafter, t0, 2, drafter.text_args.sliding_window)[0].item()
+    loss1 = mtp.distill(drafter, t0, 2, drafter.text_args.sliding_window)[0].item()
     assert state.step == 8 and loss1 < loss0, f"loss {loss0:.3f} -> {loss1:.3f}"
     assert any(line.startswith("step 8/8 | loss") and "left" in line for line in lines), lines
     assert sum("held-out estimate" in line for line in lines) == 2, "at the start and at the end"
@@ -160,7 +161,7 @@ def test_a_run_that_makes_the_drafter_worse_keeps_the_starting_one(pair, tmp_pat
     trainer hands back the starting weights (the checkpoint keeps both, for --resume)."""
     base, drafter, config, wins = tiny_setup(pair)
     original = {n: np.array(w) for n, w in tree_flatten(drafter.parameters())}
-    valid = trainer.held_out_teachers(base, drafter, wins[:4], 2)
+    valid = trainer.held_out_teachers(base, drafter, wins[:4], 2, 2)
     cfg = trainer.TrainConfig(k=2, lr=3.0, batch_size=2, steps=3, seconds=None, warmup=1, report_every=10,
                               eval_every=0, save_every=0)
     job = trainer.Trainer(base, drafter, config, data.Batches(wins[4:], 2, 0), valid, cfg, tmp_path / "ck", {},
@@ -346,7 +347,7 @@ def test_cli_from_scratch(tmp_path, code_jsonl, capsys):
     ("both starts", "not allowed with argument"),
     ("bad adapter", "holds no mlx-lm adapters"),
     ("scratch flag with drafter", "--hidden-size shape a --from-scratch drafter"),
-    ("block drafter", "--drafter .* is a DFlash block drafter.*; forge trains Gemma 4 MTP assistants"),
+    ("block beyond its size", "--num-draft-tokens 6 exceeds what this drafter drafts in one round \\(5: DFlash"),
 ])
 def test_cli_bad_inputs_are_one_line(tmp_path, code_jsonl, capsys, case, message):
     args = ["--model", TINY_CODE / "base", "--drafter", TINY_CODE / "assistant", "--data", code_jsonl,
@@ -368,10 +369,11 @@ def test_cli_bad_inputs_are_one_line(tmp_path, code_jsonl, capsys, case, message
         args += ["--adapter-path", tmp_path / "adapters"]
     elif case == "scratch flag with drafter":
         args += ["--hidden-size", 32]
-    elif case == "block drafter":  # load_drafter loads it (it fits the base), forge refuses it
+    elif case == "block beyond its size":  # a block of 6 rows drafts at most 5
         from checkpoints import make_dflash_checkpoint
 
         args[3] = make_dflash_checkpoint(tmp_path, TINY_CODE / "base", target_layer_ids=(0, 2))
+        args += ["--num-draft-tokens", 6]
     code, stdout, stderr = run_cli(args, capsys)
     assert code == 2, stderr
     lines = stderr.strip().splitlines()

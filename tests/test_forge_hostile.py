@@ -13,10 +13,10 @@ import shutil
 import mlx.core as mx
 import mlx.optimizers as optim
 import pytest
-from conftest import TINY_CODE
+from conftest import FIXTURES, TINY_CODE
 
 from mlx_spec.errors import MlxSpecError
-from mlx_spec.forge import ForgeOptions, data, evaluate, run, trainer
+from mlx_spec.forge import ForgeOptions, data, evaluate, run, start, trainer
 from mlx_spec.forge.__main__ import main
 
 CODE = [f"def g{i}(a, b):\n    c = a * {i} - b\n    return c + {i * 7}\n\n" * 3 for i in range(24)]
@@ -99,7 +99,7 @@ def test_outputs_never_overlap_an_input(tmp_path, code_jsonl, capsys, case):
 
 @pytest.mark.parametrize("typo, message", [
     (["--data", "missing.jsonl"], "data path .* does not exist"),
-    (["--compare", TINY_CODE / "dflash"], "--compare .* is a DFlash"),
+    (["--compare", FIXTURES / "hf" / "assistant_centroid"], "drafter vocab_size is 512 but the base model's is 2048"),
     (["--max-seq-length", 4096], "--max-seq-length 4096 exceeds the base's context"),
 ])
 def test_force_keeps_earlier_checkpoints_when_the_job_is_refused(tmp_path, code_jsonl, capsys, typo, message):
@@ -140,9 +140,9 @@ def test_a_nan_centroid_weight_is_one_error_line(tmp_path, code_jsonl, capsys):
 @pytest.fixture(scope="module")
 def checkpoint(pair, tmp_path_factory):
     """A real checkpoint of the tiny assistant for the tiny base (no training: the files are what matter)."""
-    base, _, start = pair
+    base, _, stock = pair
     config = json.loads((TINY_CODE / "assistant" / "config.json").read_text())
-    drafter, _ = run._clone(start, config)
+    drafter = start.clone(stock, config)
     adam = optim.Adam(learning_rate=1e-3)
     adam.init(drafter.trainable_parameters())
     identity = run.base_identity(base, TINY_CODE / "base", None)
@@ -188,7 +188,7 @@ def resume_from(pair, directory, identity, tmp_path):
     base, _, _ = pair
     options = ForgeOptions(model=str(TINY_CODE / "base"), drafter=str(TINY_CODE / "assistant"), data="unused",
                            out=str(tmp_path / "out"), resume=True, checkpoint_dir=str(directory))
-    return run._starting_point(options, base, directory, identity)
+    return start.starting_point(options, base, None, directory, identity, [])
 
 
 def test_an_intact_checkpoint_resumes(pair, checkpoint, tmp_path):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from tiny_models import VARIANTS, make_base, make_drafter
 
-from mlx_spec.forge import objective
+from mlx_spec.forge.objectives import mtp as objective
 
 K = 3
 
@@ -114,7 +114,7 @@ def test_loss_reports_kl_and_its_gradient_is_the_cross_entropy():
     tokens = sequence(base, 40)
     mask = mx.ones(tokens.shape, mx.bool_)
     teacher = objective.teacher_for(base, drafter, tokens, mask)
-    total, per_step = objective.loss(drafter, teacher, 2, W, step_decay=1.0)
+    total, per_step = objective.distill(drafter, teacher, 2, W, step_decay=1.0)
     logits, _ = base.forward(tokens, base.make_cache())
     logp = nn.log_softmax(logits.astype(mx.float32), axis=-1)
     outs = objective.rollout(drafter, teacher, 2, W)
@@ -126,7 +126,7 @@ def test_loss_reports_kl_and_its_gradient_is_the_cross_entropy():
     padded = mx.concatenate([tokens, mx.zeros((2, 9), tokens.dtype)], axis=1)
     pmask = mx.concatenate([mask, mx.zeros((2, 9), mx.bool_)], axis=1)
     t2 = objective.teacher_for(base, drafter, padded, pmask)
-    total2, _ = objective.loss(drafter, t2, 2, W, step_decay=1.0)
+    total2, _ = objective.distill(drafter, t2, 2, W, step_decay=1.0)
     assert abs(total.item() - total2.item()) < 1e-4, "right padding changes nothing"
 
 
@@ -138,7 +138,7 @@ def test_acceptance_estimate_counts_like_the_engine():
     W = base.args.sliding_window
     tokens = sequence(base, 30)
     teacher = objective.teacher_for(base, drafter, tokens, mx.ones(tokens.shape, mx.bool_))
-    accepted, counted = objective.acceptance_estimate(drafter, teacher, 2, W)
+    accepted, counted = objective.acceptance(drafter, teacher, 2, W)
     outs = objective.rollout(drafter, teacher, 2, W)
     L = tokens.shape[1]
     d1 = np.array(mx.argmax(outs[0].logits, axis=-1))[:, : L - 2]
@@ -161,7 +161,7 @@ def test_recomputing_the_head_gives_the_same_gradient(kind):
     teacher = objective.teacher_for(base, drafter, tokens, mx.ones(tokens.shape, mx.bool_))
     results = []
     for recompute in (False, True):
-        fn = nn.value_and_grad(drafter, lambda t: objective.loss(drafter, t, K, base.args.sliding_window, kind,
+        fn = nn.value_and_grad(drafter, lambda t: objective.distill(drafter, t, K, base.args.sliding_window, kind,
                                                                  recompute_head=recompute))
         (value, _), grads = fn(teacher)
         results.append((value.item(), dict(tree_flatten(grads))))

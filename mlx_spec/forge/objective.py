@@ -1,247 +1,114 @@
-"""The training objective: the drafter's k draft steps for every position of a sequence at once,
-conditioned exactly as at inference, distilled from the base's own distribution.
+"""What forge asks of a drafter family's objective, and the parts every objective shares.
 
-At inference (proposers/mtp.py) a round starts at the bonus token x_p at position p, which the base has
-not run yet. Draft step 1 reads concat(base.embed_scaled(x_p), the base's final-normed hidden at p-1); its
-query sits at position p (for every step of the round) and attends to the base's producer-layer K/V of
-positions < p, on sliding layers only the last W+1 of them (`SlidingKVCache.drafter_view`). Step j > 1
-reads its own previous post_projection output and the embedding of the previous token.
+Each family that forge trains names its objective module in its registration (families.Family.forge:
+objectives/mtp.py, dflash.py, dspark.py, eagle3.py). The trainer, the job and --resume know only this
+contract; a module provides:
 
-Here one base forward over a sequence (B, L) gives the hidden states, logits and producer K/V of every
-position; then each draft step is one parallel pass over all round starts p. Step j runs the P_j = L-j
-queries p = 1..L-j: query i is position p = i+1 and key m is position m, so "keys of positions < p" is the
-causal mask m <= i and "the last W+1 of them" is i - m <= W. Step j feeds the embedding of the sequence's
-token at p+j-1 (the bonus for j = 1; later the token the base emitted there, exactly so when the data is
-the base's own greedy text) and is scored against the base's distribution at p+j-1, which predicts the
-token at p+j that draft j must guess.
-
-Shapes: B batch, L tokens, P_j = L-j queries of step j, H_b base width, H drafter width, V vocabulary,
-C centroids.
+    teacher(base, drafter, tokens, mask, k, rng=None, light=False) -> a teacher (`.arrays()` to evaluate):
+        one frozen base forward over a batch and what the family reads of it; `rng` draws the training
+        blocks (None: every round start, as the held-out estimate wants); light: no distribution
+    loss(drafter, teacher, settings) -> (scalar, per-draft-position losses): the family's inference
+        conditioning, distilled from the base's distribution, weighted toward early draft positions
+    acceptance_estimate(drafter, teacher, k) -> (accepted (k,), counted (k,)): greedy rounds as the engine
+        counts them (draft j accepted where drafts 1..j all equal the base's argmax)
+    prepare(drafter): freeze what the family never trains (an index table, a frozen embedding)
+    max_drafts(drafter) -> int or None: the most drafts a round can ask of it (a block's rows)
+    scratch_config(base, tokenizer, options, dtype) -> config.json dict in the family's published layout;
+    build(base, config, seed, windows) -> a new drafter (float32) for that config, paired with the base
+    output_config(config, dtype) -> the config.json forge writes (the published layout, dtype updated)
+    activation_bytes(base, drafter, batch, seq_len, k) -> one training step's activations, roughly
+    SCRATCH_FLAGS: the --from-scratch shape flags (ForgeOptions field names) the family takes
 
 Knows nothing of files, optimizers or the engine.
 """
 
+import importlib
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Optional, Tuple
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..cache import SlidingKVCache
+from .. import families
+from ..errors import MlxSpecError
 
-DEFAULT_STEP_DECAY = 0.8  # weight of draft step j: decay**(j-1); a draft counts only after its predecessors
+DEFAULT_STEP_DECAY = 0.8  # weight of draft position j: decay**(j-1); a draft counts only after its predecessors
 DEFAULT_CENTROID_WEIGHT = 1.0
 LOSSES = ("kl", "ce")
-RECOMPUTE_VOCAB = 65536
+RECOMPUTE_VOCAB = 65536  # from this vocabulary size on, head logits are recomputed in the backward pass
 
 
-@dataclass
-class Teacher:
-    """What one frozen base forward gives for a batch (every array is a constant to the drafter's gradient).
+@dataclass(frozen=True)
+class Settings:
+    """What a loss is asked for: k draft positions (a block drafter: the longest block), the loss kind,
+    the decay of the positions' weights and the centroid head's cluster-loss weight (MTP)."""
 
-    The vocabulary-wide work is done here once per batch, not once per draft step: on MLX's CPU backend a
-    transcendental over (B, L, V) is the costliest elementwise op (exp: ~20x numpy's time)."""
-
-    tokens: mx.array  # (B, L) int32
-    mask: mx.array  # (B, L) bool: real tokens (rows are right-padded)
-    embedded: mx.array  # (B, L, H_b) base.embed_scaled(tokens)
-    hidden: mx.array  # (B, L, H_b) final-normed hidden state
-    best: mx.array  # (B, L) the base's argmax (greedy) token
-    kv: Dict[str, Tuple[mx.array, mx.array]]  # layer type -> (K, V) (B, n_kv, L, D) of the producer layer
-    # the distribution, for the loss (None in a light teacher, which only estimates acceptance):
-    probs: Optional[mx.array] = None  # (B, L, V) float32 softmax of the base's logits (for token l+1)
-    entropy: Optional[mx.array] = None  # (B, L) of probs, so the loss can report KL = cross-entropy - entropy
-    mass: Optional[mx.array] = None  # (B, L, C) probs summed per centroid cluster (centroid heads)
-
-    @property
-    def length(self) -> int:
-        return self.tokens.shape[1]
-
-    def arrays(self) -> list:
-        return [a for a in (self.embedded, self.hidden, self.best, self.kv, self.probs, self.entropy, self.mass)
-                if a is not None]
+    k: int
+    kind: str = "kl"
+    step_decay: float = DEFAULT_STEP_DECAY
+    centroid_weight: float = DEFAULT_CENTROID_WEIGHT
 
 
-def teacher_forward(base, tokens: mx.array, mask: mx.array, token_ordering: Optional[mx.array] = None,
-                    num_centroids: int = 0, light: bool = False) -> Teacher:
-    """Run the base once over tokens (B, L): fresh caches keep every position's K/V after one pass.
-    With a centroid head's token_ordering, also the base's probability mass per cluster. light: only the
-    argmax, not the distribution (held-out batches kept for the acceptance estimate: at V = 262144 the
-    distribution of one 256-token window is 270 MB)."""
-    cache = base.make_cache()
-    logits, hidden = base.forward(tokens, cache)  # (B, L, V), (B, L, H_b)
-    kv = {}
-    for layer_type, i in base.producer_layers.items():
-        c = cache[i]  # one pass from empty: a sliding cache still holds every position, in order
-        keys, values = c.state if isinstance(c, SlidingKVCache) else c.drafter_view()
-        if keys.shape[2] != tokens.shape[1]:
-            raise RuntimeError(f"producer cache {i} kept {keys.shape[2]} of {tokens.shape[1]} positions")
-        kv[layer_type] = (mx.stop_gradient(keys), mx.stop_gradient(values))
+def forged() -> Tuple[families.Family, ...]:
+    """The families forge trains (those that name an objective)."""
+    return tuple(f for f in families.FAMILIES if f.forge)
+
+
+def family_named(name: str) -> families.Family:
+    """--family NAME: one of the families forge trains."""
+    found = next((f for f in forged() if f.name == name), None)
+    if found is None:
+        raise MlxSpecError(f"--family must be one of {', '.join(f.name for f in forged())}, got {name!r}")
+    return found
+
+
+def for_family(family: families.Family):
+    """The objective module of a family that forge trains."""
+    return importlib.import_module(family.forge)
+
+
+def of_drafter(drafter):
+    """The objective module of a loaded drafter's family."""
+    return for_family(families.of_drafter(drafter))
+
+
+def per_position(logits: mx.array, target: mx.array, entropy: Optional[mx.array], kind: str) -> mx.array:
+    """(...,) the distillation loss of logits (..., V) against the base: kl: KL(base || drafter) with target
+    the base's probabilities (..., V) and entropy (...,) their entropy (so the value is the KL; the gradient
+    is the cross-entropy's); ce: cross-entropy to target, the base's argmax ids (...,)."""
+    logq = nn.log_softmax(logits.astype(mx.float32), axis=-1)
+    if kind == "kl":
+        return -(target * logq).sum(-1) - entropy
+    return -mx.take_along_axis(logq, mx.stop_gradient(target)[..., None], axis=-1)[..., 0]
+
+
+def head_loss_fn(head: Callable[..., mx.array], kind: str, recompute: bool):
+    """fn(h, target, entropy, *params) -> per-position loss for drafter states h, whose vocabulary-wide logits
+    are `head(h, *params)`; with `recompute`, the logits are recomputed in the backward pass instead of kept
+    (one more head matmul for no (…, V) activation: ~1 GB per 512 rows at Gemma 4's 262k vocabulary). A
+    trained head's weights must come in as params: mx.checkpoint differentiates its arguments only."""
+
+    def fn(h, target, entropy, *params):
+        return per_position(head(h, *params), target, entropy, kind)
+
+    return mx.checkpoint(fn) if recompute else fn
+
+
+def weighted(per_pos: mx.array, valid: mx.array, position: mx.array, k: int, decay: float):
+    """(scalar, per-position means (k,)) of per_pos over the valid entries, an entry of draft position
+    j = 1..k weighted decay**(j-1). per_pos, valid (float), position (int): the same shape."""
+    w = valid * mx.power(decay, (position - 1).astype(mx.float32))
+    total = (per_pos * w).sum() / mx.maximum(w.sum(), 1e-9)
+    per_step = []
+    for j in range(1, k + 1):
+        v = valid * (position == j)
+        per_step.append((per_pos * v).sum() / mx.maximum(v.sum(), 1.0))
+    return total, mx.stack(per_step)
+
+
+def probabilities(logits: mx.array):
+    """(probs, entropy, argmax) of the base's logits (..., V), as float32 constants for the drafter."""
     logits = mx.stop_gradient(logits.astype(mx.float32))
-    embedded, hidden = mx.stop_gradient(base.embed_scaled(tokens)), mx.stop_gradient(hidden)
-    if light:
-        return Teacher(tokens, mask, embedded, hidden, mx.argmax(logits, axis=-1), kv)
     logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
     probs = mx.exp(logp)
-    mass = None
-    if token_ordering is not None:
-        B, L, V = probs.shape
-        mass = mx.take(probs, token_ordering, axis=-1).reshape(B, L, num_centroids, V // num_centroids).sum(-1)
-    return Teacher(tokens, mask, embedded, hidden, mx.argmax(logits, axis=-1), kv, probs, -(probs * logp).sum(-1),
-                   mass)
-
-
-def teacher_for(base, drafter, tokens: mx.array, mask: mx.array, light: bool = False) -> Teacher:
-    """teacher_forward with what this drafter's head needs."""
-    if drafter.args.use_ordered_embeddings and not light:
-        me = drafter.masked_embedding
-        return teacher_forward(base, tokens, mask, me.token_ordering, me.num_centroids)
-    return teacher_forward(base, tokens, mask, light=light)
-
-
-def attention_masks(layer_types: Sequence[str], n: int, window: int) -> Dict[str, object]:
-    """(n, n) masks for n round starts: query i (position i+1) sees keys m <= i; sliding ones i - m <= W."""
-    out = {}
-    for t in set(layer_types):
-        if t == "sliding_attention":
-            i = mx.arange(n)[:, None]
-            m = mx.arange(n)[None]
-            out[t] = (m <= i) & (i - m <= window)
-        else:
-            out[t] = "causal"
-    return out
-
-
-@dataclass
-class StepOutput:
-    h: mx.array  # (B, P_j, H) after the drafter's final norm: what the head scores
-    logits: mx.array  # (B, P_j, V) the tied head over the whole vocabulary (float32)
-    centroid_logits: Optional[mx.array]  # (B, P_j, C) for a centroid head
-
-
-def drafter_pass(drafter, embedded: mx.array, hidden: mx.array, kv: dict, masks: dict):
-    """One draft step for P round starts at once: embedded, hidden (B, P, H_b); kv type -> (K, V) of
-    positions 0..P-1. Query i sits at position i+1. Returns (h (B, P, H), h_next (B, P, H_b))."""
-    x = drafter.pre_projection(mx.concatenate([embedded, hidden], axis=-1).astype(drafter.pre_projection.weight.dtype))
-    for layer in drafter.model.layers:
-        x, _, _ = layer(x, masks[layer.layer_type], None, shared_kv=kv[layer.layer_type], offset=1)
-    h = drafter.model.norm(x)
-    return h, drafter.post_projection(h)
-
-
-def head_logits(drafter, h: mx.array) -> StepOutput:
-    logits = drafter.model.embed_tokens.as_linear(h).astype(mx.float32)
-    centroids = None
-    if drafter.args.use_ordered_embeddings:
-        centroids = drafter.masked_embedding.centroids(h).astype(mx.float32)
-    return StepOutput(h, logits, centroids)
-
-
-def rollout(drafter, teacher: Teacher, k: int, window: int, head: bool = True) -> List[StepOutput]:
-    """The drafter's k chained steps for every round start p = 1..L-j of every row (see module docstring).
-    head=False leaves the vocabulary-wide logits to the caller (StepOutput.logits is None)."""
-    L = teacher.length
-    outs = []
-    hidden = teacher.hidden[:, : L - 1]  # step 1 reads the base's hidden at p-1
-    for j in range(1, k + 1):
-        n = L - j
-        if n < 1:
-            break
-        kv = {t: (K[:, :, :n], V[:, :, :n]) for t, (K, V) in teacher.kv.items()}
-        masks = attention_masks(teacher.kv.keys(), n, window)
-        h, h_next = drafter_pass(drafter, teacher.embedded[:, j : j + n], hidden[:, :n], kv, masks)
-        outs.append(head_logits(drafter, h) if head else StepOutput(h, None, None))
-        hidden = h_next
-    return outs
-
-
-def token_clusters(drafter) -> mx.array:
-    """(V,) int32: the centroid cluster of every token (token_ordering is cluster-major)."""
-    me = drafter.masked_embedding
-    per = me.token_ordering.shape[0] // me.num_centroids
-    clusters = mx.zeros(me.token_ordering.shape, mx.int32)
-    clusters[me.token_ordering] = mx.arange(me.token_ordering.shape[0], dtype=mx.int32) // per
-    return clusters
-
-
-def greedy_drafts(drafter, out: StepOutput, clusters: Optional[mx.array]) -> mx.array:
-    """(B, P) the token the inference head drafts: the argmax over the tokens of the top-k clusters."""
-    if out.centroid_logits is None:
-        return mx.argmax(out.logits, axis=-1)
-    top_k = drafter.masked_embedding.top_k
-    kth = mx.sort(out.centroid_logits, axis=-1)[..., -top_k][..., None]  # (B, P, 1)
-    chosen = out.centroid_logits >= kth  # (B, P, C)
-    allowed = mx.take(chosen, clusters, axis=-1)  # (B, P, V)
-    return mx.argmax(mx.where(allowed, out.logits, -mx.inf), axis=-1)
-
-
-def _valid(teacher: Teacher, j: int, n: int) -> mx.array:
-    """(B, n) float: round starts whose scored position p+j-1 is a real token."""
-    return teacher.mask[:, j : j + n].astype(mx.float32)
-
-
-def loss(drafter, teacher: Teacher, k: int, window: int, kind: str = "kl",
-         step_decay: float = DEFAULT_STEP_DECAY, centroid_weight: float = DEFAULT_CENTROID_WEIGHT,
-         recompute_head: Optional[bool] = None):
-    """(scalar loss, per-step losses (k,)): the step-weighted distillation loss over all round starts.
-
-    kl: KL(base || drafter) over the whole vocabulary (reported as such; the gradient is the
-    cross-entropy's, the base's entropy being a constant); ce: cross-entropy to the base's argmax. A
-    centroid head adds the cross-entropy of its cluster scores to the base's probability mass per
-    cluster, so the clusters it keeps at inference are those that hold the base's likely tokens.
-
-    recompute_head (default: for vocabularies of RECOMPUTE_VOCAB or more) recomputes each step's
-    (B, n, V) logits in the backward pass instead of keeping k of them: one more head matmul a step for
-    k-1 fewer vocabulary-wide activations (at Gemma 4's V = 262144, ~1 GB each at 512 tokens)."""
-    outs = rollout(drafter, teacher, k, window, head=False)
-    embed = drafter.model.embed_tokens.weight  # (V, H) the tied head
-    centroids = drafter.masked_embedding.centroids.weight if drafter.args.use_ordered_embeddings else None
-    if recompute_head is None:
-        recompute_head = embed.shape[0] >= RECOMPUTE_VOCAB
-
-    def head_loss(h, embed, centroids, target, entropy, mass):
-        """(B, n) loss per round start for drafter states h (B, n, H)."""
-        logq = nn.log_softmax((h @ embed.T).astype(mx.float32), axis=-1)  # (B, n, V)
-        if kind == "kl":
-            per_pos = -(target * logq).sum(-1) - entropy
-        else:
-            per_pos = -mx.take_along_axis(logq, mx.stop_gradient(target)[..., None], axis=-1)[..., 0]
-        if centroids is not None:
-            logc = nn.log_softmax((h @ centroids.T).astype(mx.float32), axis=-1)
-            per_pos = per_pos - centroid_weight * (mass * logc).sum(-1)
-        return per_pos
-
-    head_fn = mx.checkpoint(head_loss) if recompute_head else head_loss
-    total, weights, per_step = 0.0, 0.0, []
-    for j, out in enumerate(outs, 1):
-        n = out.h.shape[1]
-        valid = _valid(teacher, j, n)
-        target = teacher.probs[:, j : j + n] if kind == "kl" else teacher.best[:, j : j + n]
-        mass = teacher.mass[:, j : j + n] if centroids is not None else None
-        per_pos = head_fn(out.h, embed, centroids, target, teacher.entropy[:, j : j + n], mass)
-        step = (per_pos * valid).sum() / mx.maximum(valid.sum(), 1.0)
-        w = step_decay ** (j - 1)
-        total = total + w * step
-        weights += w
-        per_step.append(step)
-    return total / weights, mx.stack(per_step)
-
-
-def acceptance_estimate(drafter, teacher: Teacher, k: int, window: int) -> Tuple[mx.array, mx.array]:
-    """(accepted (k,), counted (k,)) as the engine counts greedy rounds: draft j counts as accepted where
-    drafts 1..j all equal the base's argmax. Exact where the sequence is the base's own greedy text; on
-    other text, steps after the first read the text's tokens rather than the drafts."""
-    outs = rollout(drafter, teacher, k, window)
-    clusters = token_clusters(drafter) if drafter.args.use_ordered_embeddings else None
-    L = teacher.length
-    n = L - k  # round starts that have all k scored positions
-    alive = teacher.mask[:, k : k + n]  # (B, n): the last scored position p+k-1 is real
-    accepted, counted = [], []
-    run = alive
-    for j, out in enumerate(outs, 1):
-        drafts = greedy_drafts(drafter, out, clusters)[:, :n]
-        target = teacher.best[:, j : j + n]
-        run = run & (drafts == target)
-        accepted.append(run.sum())
-        counted.append(alive.sum())
-    return mx.stack(accepted), mx.stack(counted)
+    return probs, -(probs * logp).sum(-1), mx.argmax(logits, axis=-1)

@@ -1,10 +1,11 @@
-"""Writing a forged drafter: Google's assistant layout, atomically, or nothing at all.
+"""Writing a forged drafter: its family's published layout, atomically, or nothing at all.
 
-The directory is what `google/gemma-4-*-assistant` ships: config.json (`model_type: gemma4_assistant`,
-or `gemma4_unified_assistant` when the starting drafter was one; transformers' field names, `text_config`
-nested), model.safetensors with transformers' tensor names (`model.layers.N.*`, `pre_projection`,
-`post_projection`, `masked_embedding.*`), `token_ordering` as int32 (never cast), and the base's tokenizer
-files. `load_drafter`, `mlx_spec.generate --drafter`, transformers and mlx-vlm read it unchanged.
+The directory is what the family's authors publish, so their loaders, transformers and mlx-vlm read it
+unchanged: config.json in the family's form (the objective's `output_config`: Google's `gemma4_assistant`
+for MTP, z-lab's DFlash config, DeepSpec's DSpark config, the Speculators EAGLE-3 config) and
+model.safetensors under the published tensor names (the model files keep them), index tables as they are
+stored (`token_ordering` int32, EAGLE-3's `d2t` int64 and `t2d` bool: never cast), and the base's
+tokenizer files. `load_drafter` and `mlx_spec.generate --drafter` read it too.
 
 Everything goes into a temporary directory beside the destination and is renamed into place
 (mlx_spec/atomic.py): a full disk or an interrupt leaves no half-written drafter behind. Before a job
@@ -27,13 +28,12 @@ from mlx.utils import tree_flatten
 from ..atomic import atomic_directory
 from ..errors import MlxSpecError
 from ..loading import DTYPES, INTEGER_TENSORS
-from ..models import gemma4_assistant
 
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
                 "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json")
 MODEL_MARKER = "config.json"
-# the MTP assistants' model_type -> transformers' architecture; a forged drafter keeps its starting one's
-MTP_TYPES = gemma4_assistant.ARCHITECTURES
+DTYPE_KEYS = ("dtype", "torch_dtype")
+NESTED_CONFIGS = ("text_config", "transformer_layer_config")  # MTP's, EAGLE-3's
 
 
 class OutputError(MlxSpecError):
@@ -122,7 +122,8 @@ def write_json(path: Path, body: dict, what: str) -> None:
 
 
 def drafter_weights(drafter, dtype: Optional[str]) -> dict:
-    """Every tensor under its transformers name; floats cast to dtype, token_ordering int32."""
+    """Every tensor under its published name; floats cast to dtype, token_ordering int32, other index tables
+    (EAGLE-3's d2t, t2d) as they are."""
     out = {}
     for name, w in tree_flatten(drafter.parameters()):
         if name.endswith(INTEGER_TENSORS):
@@ -134,17 +135,23 @@ def drafter_weights(drafter, dtype: Optional[str]) -> dict:
     return out
 
 
-def output_config(config: dict, dtype: Optional[str]) -> dict:
-    config = json.loads(json.dumps(config))  # a deep copy
-    if config.get("model_type") not in MTP_TYPES:
-        config["model_type"] = gemma4_assistant.MODEL_TYPE
-    config.setdefault("architectures", [MTP_TYPES[config["model_type"]]])
+def with_dtype(config: dict, dtype: Optional[str]) -> dict:
+    """A deep copy of config with `dtype` (and `torch_dtype` where present) set, at the top and in the nested
+    configs that carry their own."""
+    config = json.loads(json.dumps(config))
     if dtype:
-        for where in (config, config.get("text_config") or {}):
-            for key in ("dtype", "torch_dtype"):
+        for where in [config] + [config[k] for k in NESTED_CONFIGS if isinstance(config.get(k), dict)]:
+            for key in DTYPE_KEYS:
                 if key in where or key == "dtype":
                     where[key] = dtype
     return config
+
+
+def drafter_config(drafter, config: dict, dtype: Optional[str]) -> dict:
+    """The config.json forge writes for a drafter: its family's published form."""
+    from .objective import of_drafter
+
+    return of_drafter(drafter).output_config(config, dtype)
 
 
 def save_drafter_files(directory: Path, drafter, config: dict, dtype: Optional[str], tokenizer_dir: Optional[Path]):
@@ -153,7 +160,7 @@ def save_drafter_files(directory: Path, drafter, config: dict, dtype: Optional[s
     weights = drafter_weights(drafter, dtype)
     save_safetensors(directory / "model.safetensors", weights)
     with open(directory / "config.json", "w") as f:
-        json.dump(output_config(config, dtype), f, indent=2, sort_keys=True)
+        json.dump(drafter_config(drafter, config, dtype), f, indent=2, sort_keys=True)
         f.write("\n")
     if tokenizer_dir is not None:
         for name in COPIED_FILES:

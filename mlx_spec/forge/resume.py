@@ -16,9 +16,9 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
-from ..drafting import validate_pairing
+from .. import families
 from ..errors import MlxSpecError
-from . import trainer
+from . import objective, trainer
 
 # what building a model from a config someone edited raises (a missing key, a string for a number, 0 heads)
 BUILD_ERRORS = (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError)
@@ -42,18 +42,28 @@ def _reason(e: BaseException, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+def model_from_config(config: dict):
+    """An unloaded drafter of the family its config describes (a family forge trains), or ValueError."""
+    family = families.for_type(families.checkpoint_type(config))
+    if family is None or not family.forge:
+        trained = ", ".join(f.name for f in objective.forged())
+        raise ValueError(f"it is no drafter forge trains ({trained})")
+    module = family.model_module()
+    drafter = module.Model(module.ModelArgs.from_dict(config))
+    objective.for_family(family).prepare(drafter)
+    return drafter
+
+
 def drafter_from_checkpoint(saved: trainer.Checkpoint, base=None):
     """The checkpoint's drafter (float32), its config and weights checked (against `base` when given)."""
-    from ..models import gemma4_assistant
-
     path = Path(saved.path)
     try:
-        drafter = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(saved.config))
-    except BUILD_ERRORS as e:
-        raise trainer.damaged(path / "config.json", f"does not describe a Gemma 4 assistant ({_reason(e)})") from e
+        drafter = model_from_config(saved.config)
+    except (MlxSpecError, *BUILD_ERRORS) as e:
+        raise trainer.damaged(path / "config.json", f"does not describe a drafter ({_reason(e)})") from e
     if base is not None:
         try:
-            validate_pairing(drafter, base)
+            families.of_drafter(drafter).check_pairing(drafter, base)
         except MlxSpecError as e:
             raise trainer.damaged(path / "config.json", f"describes a drafter this base cannot use ({e})") from e
     try:

@@ -1,6 +1,7 @@
 """One forge job from options to a drafter directory: load the base (and its LoRA adapters), read the
-data, start from an assistant or from scratch, say what memory it will take, train, write the result
-atomically, and report τ before and after on held-out prompts with the real engine.
+data, start from a drafter of any family forge trains (MTP assistant, DFlash, DSpark, EAGLE-3) or build
+one from scratch, say what memory it will take, train with the family's objective, write the result in
+its published layout atomically, and report τ before and after on held-out prompts with the real engine.
 
     from mlx_spec.forge import ForgeOptions, forge
     report = forge(ForgeOptions(model="my-base-4bit", drafter="my-base-assistant", data="train.jsonl",
@@ -12,7 +13,7 @@ import math
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import mlx.core as mx
 import numpy as np
@@ -23,7 +24,7 @@ from ..errors import MlxSpecError, ModelLoadError
 from ..loading import DTYPES
 from ..memory import weight_bytes
 from ..models.base import context_length
-from . import build, data, evaluate, objective, output, resume, trainer
+from . import build, data, evaluate, objective, output, start, trainer
 
 DEFAULT_MINUTES = 20.0
 DEFAULT_BATCH_SIZE = 4
@@ -75,7 +76,8 @@ class ForgeOptions:
     eval_tokens: int = DEFAULT_EVAL_TOKENS
     compare: Optional[str] = None
     report_json: Optional[str] = None
-    # --from-scratch shapes (None: from the base, see build.py)
+    # --from-scratch: the family, and shapes (None: from the base, see each family's objective)
+    family: Optional[str] = None
     hidden_size: Optional[int] = None
     num_layers: Optional[int] = None
     num_attention_heads: Optional[int] = None
@@ -83,10 +85,14 @@ class ForgeOptions:
     head: str = "auto"
     num_centroids: Optional[int] = None
     centroid_top_k: Optional[int] = None
+    block_size: Optional[int] = None
+    markov_rank: Optional[int] = None
+    target_layers: Optional[Tuple[int, ...]] = None
+    draft_vocab_size: Optional[int] = None
 
     def validate(self) -> None:
         if bool(self.drafter) == bool(self.from_scratch):
-            raise MlxSpecError("pass either --drafter STOCK_ASSISTANT (fine-tune it) or --from-scratch")
+            raise MlxSpecError("pass either --drafter DRAFTER (fine-tune it) or --from-scratch [--family F]")
         positive = {"--batch-size": self.batch_size, "--num-draft-tokens": self.num_draft_tokens,
                     "--max-seq-length": self.max_seq_length, "--prompt-tokens": self.prompt_tokens,
                     "--eval-tokens": self.eval_tokens}
@@ -109,15 +115,32 @@ class ForgeOptions:
             raise MlxSpecError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.head not in build.HEADS:
             raise MlxSpecError(f"--head must be one of {', '.join(build.HEADS)}, got {self.head!r}")
-        scratch_flags = [f for f, v in (("--hidden-size", self.hidden_size), ("--num-layers", self.num_layers),
-                                        ("--num-attention-heads", self.num_attention_heads),
-                                        ("--intermediate-size", self.intermediate_size),
-                                        ("--num-centroids", self.num_centroids),
-                                        ("--centroid-top-k", self.centroid_top_k)) if v is not None]
-        if self.head != "auto":
-            scratch_flags.append("--head")
-        if scratch_flags and not self.from_scratch:
-            raise MlxSpecError(f"{', '.join(scratch_flags)} shape a --from-scratch drafter; a --drafter keeps its own")
+        self._validate_scratch()
+
+    def _validate_scratch(self) -> None:
+        """--family and the shape flags shape a --from-scratch drafter, each only the families it fits."""
+        given = [name for name in SCRATCH_FLAGS if getattr(self, name) not in (None, "auto")]
+        if self.family is not None:
+            given.insert(0, "family")
+        if given and not self.from_scratch:
+            raise MlxSpecError(f"{', '.join(flag(n) for n in given)} shape a --from-scratch drafter; a --drafter keeps "
+                               "its own family and shapes")
+        if not self.from_scratch:
+            return
+        family = objective.family_named(self.family_name)
+        wrong = [n for n in given if n != "family" and n not in objective.for_family(family).SCRATCH_FLAGS]
+        if wrong:
+            verb = "does" if len(wrong) == 1 else "do"
+            raise MlxSpecError(f"{', '.join(flag(n) for n in wrong)} {verb} not shape a {family.name} drafter")
+        for name in ("hidden_size", "num_layers", "num_attention_heads", "intermediate_size", "num_centroids",
+                     "centroid_top_k", "block_size", "draft_vocab_size"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise MlxSpecError(f"{flag(name)} must be >= 1, got {v}")
+        if self.markov_rank is not None and self.markov_rank < 0:
+            raise MlxSpecError(f"--markov-rank must be >= 0, got {self.markov_rank}")
+        if self.target_layers is not None and (not self.target_layers or min(self.target_layers) < 0):
+            raise MlxSpecError(f"--target-layers must name base layers (0-based), got {list(self.target_layers)}")
 
     def _validate_numbers(self) -> None:
         """The budget and the float options: finite (NaN passes every comparison; inf never ends) and in range."""
@@ -138,6 +161,10 @@ class ForgeOptions:
         return None if self.minutes is None else self.minutes * 60
 
     @property
+    def family_name(self) -> str:
+        return self.family or families.MTP.name
+
+    @property
     def learning_rate(self) -> float:
         return self.lr or (DEFAULT_LR_SCRATCH if self.from_scratch else DEFAULT_LR_FINE_TUNE)
 
@@ -146,6 +173,14 @@ class ForgeOptions:
         out = Path(self.out).expanduser().absolute()
         return Path(self.checkpoint_dir).expanduser().absolute() if self.checkpoint_dir else \
             out.parent / f"{out.name}.checkpoints"
+
+
+SCRATCH_FLAGS = ("hidden_size", "num_layers", "num_attention_heads", "intermediate_size", "head", "num_centroids",
+                 "centroid_top_k", "block_size", "markov_rank", "target_layers", "draft_vocab_size")
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -189,9 +224,9 @@ def load_base(path: str, adapter_path: Optional[str] = None):
     from ..models.base import offers
 
     model, tokenizer = load(path)
-    if not offers(model, families.PRODUCER_KV):
+    if not (offers(model, families.PRODUCER_KV) or offers(model, families.LAYER_OUTPUTS)):
         raise ModelLoadError(f"{path} is a {getattr(model, 'model_type', '?')} model; forge trains Gemma 4 "
-                             "assistant drafters, which need a Gemma 4 base")
+                             "drafters, which need a Gemma 4 base")
     if adapter_path:
         apply_adapters(model, adapter_path)
     model.freeze()
@@ -231,22 +266,10 @@ def base_identity(base, model_dir: Path, adapter_path: Optional[str]) -> dict:
 
 def memory_estimate(base, drafter, batch_size: int, seq_len: int, k: int) -> dict:
     """Bytes, roughly: the base's weights, the drafter with gradients and Adam state (float32), and the
-    activations of one step. The vocabulary-wide arrays dominate: the base's distribution (probabilities
-    and logits) and, per draft step, the drafter's logits and log-softmax with their gradients (kept for
-    one step at a time when the head is recomputed, as for Gemma 4's 262k vocabulary)."""
-    V = drafter.text_args.vocab_size
-    H_d = drafter.text_args.hidden_size
+    activations of one step (the family's objective says what they are)."""
     n_params = sum(v.size for _, v in tree_flatten(drafter.trainable_parameters()))
-    tokens = batch_size * seq_len
-    layers = drafter.text_args.num_hidden_layers
-    heads = drafter.text_args.num_attention_heads
-    teacher = tokens * (3 * V + 4 * base.text_args.hidden_size) * 4
-    vocab_step = tokens * 4 * V * 4
-    trunk_step = tokens * layers * (6 * drafter.text_args.intermediate_size + 12 * H_d) * 4 \
-        + batch_size * layers * heads * seq_len * seq_len * 4 * 2
-    kept = 1 if V >= objective.RECOMPUTE_VOCAB else k
-    return {"base": weight_bytes(base), "drafter": n_params * 16,
-            "activations": teacher + k * trunk_step + kept * vocab_step}
+    activations = objective.of_drafter(drafter).activation_bytes(base, drafter, batch_size, seq_len, k)
+    return {"base": weight_bytes(base), "drafter": n_params * 16, "activations": activations}
 
 
 def device_memory() -> int:
@@ -265,71 +288,6 @@ def device_memory() -> int:
 
 
 # -- the job
-
-def _scratch_dtype(options: ForgeOptions, base) -> str:
-    """--dtype, else the base's float dtype (float32 next to a float32 base, else Google's bfloat16)."""
-    return options.dtype or ("float32" if base.layers[0].input_layernorm.weight.dtype == mx.float32 else "bfloat16")
-
-
-def _load_drafter(flag: str, path: str, base):
-    """An MTP assistant (what forge trains and compares), validated against the base; block drafters
-    (DFlash, DSpark), which load_drafter also loads, are refused."""
-    from ..api import load_drafter
-
-    drafter = load_drafter(path, base)
-    if families.of_drafter(drafter).forge is None:
-        trained = ", ".join(t for f in families.FAMILIES if f.forge for t in f.model_types)
-        raise MlxSpecError(f"{flag} {path} is a {drafter.describe()}; forge trains Gemma 4 MTP assistants "
-                           f"({trained})")
-    return drafter
-
-
-def _load_start(options: ForgeOptions, base):
-    """The --drafter to fine-tune, as stored (it is also the report's starting point); (drafter, dtype)."""
-    start = _load_drafter("--drafter", options.drafter, base)
-    if any(type(m).__name__.startswith("Quantized") for _, m in start.named_modules()):
-        raise MlxSpecError(f"{options.drafter} is quantized; forge trains float drafters: convert the assistant "
-                           "without -q (mlx_spec.convert --hf-path ... --mlx-path ...) and pass that")
-    return start, options.dtype or str(start.pre_projection.weight.dtype).split(".")[-1]
-
-
-def _resumed_start(options: ForgeOptions, base, config: dict):
-    """(starting drafter or None, output dtype) when resuming."""
-    if options.from_scratch:
-        return None, options.dtype or config.get("dtype") or _scratch_dtype(options, base)
-    return _load_start(options, base)
-
-
-def _start_drafter(options: ForgeOptions, base):
-    """(drafter float32, its config.json dict, starting drafter for the report or None, output dtype)."""
-    from ..checkpoint import read_config
-
-    if options.from_scratch:
-        dtype = _scratch_dtype(options, base)
-        config = build.scratch_config(base, options.hidden_size, options.num_layers, options.num_attention_heads,
-                                      options.intermediate_size, options.head, options.num_centroids,
-                                      options.centroid_top_k, dtype)
-        try:
-            drafter = build.build_from_scratch(base, config, options.seed)
-        except ValueError as e:
-            raise MlxSpecError(f"cannot build a drafter of these shapes: {e}") from e
-        return drafter, config, None, dtype
-    start, dtype = _load_start(options, base)
-    config = read_config(Path(start.source_path))
-    drafter, _ = _clone(start, config)
-    return drafter, config, start, dtype
-
-
-def _clone(drafter, config: dict):
-    """A float32 copy of a drafter (the original stays as it was, for the before/after report)."""
-    from ..models import gemma4_assistant
-
-    copy = gemma4_assistant.Model(gemma4_assistant.ModelArgs.from_dict(config))
-    copy.update(drafter.parameters())
-    trainer.to_float32(copy)
-    mx.eval(copy.parameters())
-    return copy, config
-
 
 def _check_window(options: ForgeOptions, base) -> None:
     """Training windows (and held-out estimates) within the base's positions."""
@@ -350,20 +308,6 @@ def _fit_eval_tokens(options: ForgeOptions, base, valid) -> ForgeOptions:
     info(f"note: the longest report prompt is {longest} tokens and the context holds {ctx} (the base's "
          f"max_position_embeddings), so the report generates at most {room} of --eval-tokens {options.eval_tokens}")
     return replace(options, eval_tokens=room)
-
-
-def _starting_point(options: ForgeOptions, base, ckpt: Path, identity: dict):
-    """(drafter to train, its config, report's starting drafter or None, output dtype, Checkpoint or None):
-    from the newest checkpoint with --resume, else from --drafter / scratch."""
-    if not options.resume:
-        drafter, config, start, dtype = _start_drafter(options, base)
-        return drafter, config, start, dtype, None
-    path = trainer.checkpoints(ckpt)[-1]
-    drafter, saved = resume.load(path, base, identity)
-    config = saved.config
-    start, dtype = _resumed_start(options, base, config)  # a --drafter is still the report's starting point
-    info(f"resuming from {path} (step {saved.state.step}, {trainer.format_seconds(saved.state.seconds)} trained)")
-    return drafter, config, start, dtype, saved
 
 
 def _batches(options: ForgeOptions, base, tokenizer, dataset: data.Dataset) -> data.Batches:
@@ -423,10 +367,12 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
     identity = base_identity(base, base_dir, options.adapter_path)
     dataset = data.load_dataset(options.data, tokenizer, options.max_seq_length, options.prompt_tokens,
                                 options.valid_data)
-    drafter, config, start, dtype, saved = _starting_point(options, base, ckpt, identity)
+    drafter, config, begun, dtype, saved = start.starting_point(options, base, tokenizer, ckpt, identity,
+                                                                dataset.train)
+    start.check_k(options, drafter)
     compare = None
     if options.compare:
-        compare = _load_drafter("--compare", options.compare, base)
+        compare = start.load_drafter("--compare", options.compare, base)
 
     dataset.valid = data.held_out(dataset.valid, options.eval_prompts)
     options = _fit_eval_tokens(options, base, dataset.valid)
@@ -439,8 +385,9 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
 
     cfg = trainer.TrainConfig(options.num_draft_tokens, options.learning_rate, options.batch_size, options.steps,
                               options.seconds, options.loss, options.step_decay, options.centroid_weight,
-                              options.warmup, options.report_every, options.eval_every, options.save_every)
-    valid = trainer.held_out_teachers(base, drafter, dataset.valid, options.batch_size)
+                              options.warmup, options.report_every, options.eval_every, options.save_every,
+                              options.seed)
+    valid = trainer.held_out_teachers(base, drafter, dataset.valid, options.batch_size, options.num_draft_tokens)
     job = trainer.Trainer(base, drafter, config, batches, valid, cfg, ckpt, identity,
                           saved.state if saved else None, saved.optimizer_state if saved else None, progress,
                           best_weights=saved.best_weights if saved else None)
@@ -457,7 +404,7 @@ def forge(options: ForgeOptions, progress: Optional[trainer.Progress] = None) ->
          f"{mx.get_peak_memory() / 1e9:.2f} GB); checkpoints stay in {ckpt}")
     report = Report(out, options.num_draft_tokens, 0, state=state)
     _final_report(options, base, tokenizer, report, dataset.valid,
-                  (("start", start), ("compare", compare), ("forged", _reload(out, base))))
+                  (("start", begun), ("compare", compare), ("forged", _reload(out, base))))
     if options.report_json:
         output.write_json(Path(options.report_json), report.as_dict(),
                           f"--report-json {options.report_json} (the drafter is written: {out})")

@@ -21,6 +21,7 @@ from typing import Callable, List, Optional, Sequence
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from ..atomic import atomic_directory
@@ -55,6 +56,11 @@ class TrainConfig:
     report_every: int = 10
     eval_every: int = 100
     save_every: int = 100
+    seed: int = 0  # with the step, draws a block drafter's training blocks (a resumed run draws the same)
+
+    @property
+    def settings(self) -> objective.Settings:
+        return objective.Settings(self.k, self.loss, self.step_decay, self.centroid_weight)
 
 
 @dataclass
@@ -101,21 +107,23 @@ def to_float32(drafter) -> None:
                             drafter.parameters()))
 
 
-def estimate(drafter, teachers: Sequence[objective.Teacher], k: int, window: int, step: int) -> Estimate:
+def estimate(drafter, teachers: Sequence, k: int, step: int) -> Estimate:
+    family = objective.of_drafter(drafter)
     accepted, counted = mx.zeros((k,)), mx.zeros((k,))
     for t in teachers:
-        a, c = objective.acceptance_estimate(drafter, t, k, window)
+        a, c = family.acceptance_estimate(drafter, t, k)
         accepted, counted = accepted + a.astype(mx.float32), counted + c.astype(mx.float32)
     acc = (accepted / mx.maximum(counted, 1.0)).tolist()
     return Estimate(step, acc)
 
 
-def held_out_teachers(base, drafter, windows, batch_size: int) -> List[objective.Teacher]:
+def held_out_teachers(base, drafter, windows, batch_size: int, k: int) -> list:
     """The held-out windows' base forwards, computed once (the base is frozen)."""
+    family = objective.of_drafter(drafter)
     out = []
     for s in range(0, len(windows), batch_size):
         tokens, mask = pad([w.tokens for w in windows[s:s + batch_size]])
-        t = objective.teacher_for(base, drafter, tokens, mask, light=True)
+        t = family.teacher(base, drafter, tokens, mask, k, light=True)
         mx.eval(t.arrays())
         out.append(t)
     return out
@@ -301,7 +309,7 @@ class Trainer:
     included), so forge never writes a drafter it measured worse than what it started from; the
     checkpoints keep the last step's for --resume."""
 
-    def __init__(self, base, drafter, config: dict, batches: Batches, valid: Sequence[objective.Teacher],
+    def __init__(self, base, drafter, config: dict, batches: Batches, valid: Sequence,
                  cfg: TrainConfig, checkpoint_dir: Path, identity: dict, state: Optional[TrainState] = None,
                  optimizer_state: Optional[dict] = None, progress: Optional[Progress] = None,
                  clock: Callable[[], float] = time.perf_counter, best_weights: Optional[dict] = None):
@@ -310,7 +318,7 @@ class Trainer:
         self.state = state or TrainState()
         self.progress = progress or Progress()
         self.clock = clock
-        self.window = drafter.text_args.sliding_window
+        self.objective = objective.of_drafter(drafter)
         self.optimizer = optim.Adam(learning_rate=cfg.lr)
         if optimizer_state is not None:
             restore_optimizer(self.optimizer, drafter, optimizer_state)
@@ -320,8 +328,7 @@ class Trainer:
         self._best = best_weights  # flat weights of the best estimate, or None while the current ones are
 
     def _loss(self, teacher):
-        c = self.cfg
-        return objective.loss(self.drafter, teacher, c.k, self.window, c.loss, c.step_decay, c.centroid_weight)
+        return self.objective.loss(self.drafter, teacher, self.cfg.settings)
 
     def _done(self) -> bool:
         c, s = self.cfg, self.state
@@ -338,7 +345,7 @@ class Trainer:
 
     def estimate(self) -> Estimate:
         s = self.state
-        e = estimate(self.drafter, self.valid, self.cfg.k, self.window, s.step)
+        e = estimate(self.drafter, self.valid, self.cfg.k, s.step)
         s.estimates.append({"step": e.step, "acceptance_by_position": e.acceptance_by_position})
         if not s.best or e.tau > s.best["tau"]:
             s.best = {"step": e.step, "tau": e.tau}
@@ -368,7 +375,8 @@ class Trainer:
     def step(self):
         self._keep_current_as_best()
         tokens, mask = next(self.batches)
-        teacher = objective.teacher_for(self.base, self.drafter, tokens, mask)
+        rng = np.random.default_rng((self.cfg.seed, self.state.step))
+        teacher = self.objective.teacher(self.base, self.drafter, tokens, mask, self.cfg.k, rng)
         mx.eval(teacher.arrays())  # the base's pass apart: the drafter's graph stays small
         (loss, per_step), grads = self._loss_and_grad(teacher)
         grads, _ = optim.clip_grad_norm(grads, GRAD_CLIP)

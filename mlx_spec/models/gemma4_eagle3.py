@@ -338,7 +338,13 @@ class Model(nn.Module):
         j + 1 + s; default: tokens shifted left by s, zero-padded: teacher forcing). Returns logits
         (steps, S, Vd): [s, j] predicts the token at j + 2 + s. Step s of row j sees the context rows <= j
         and its own steps 1..s, at RoPE positions j + 1 + s."""
-        S = tokens.shape[1]
+        return mx.stack([self.logits(h)[0] for h in self.unroll_states(features, tokens, steps, step_tokens)])
+
+    def unroll_states(self, features: mx.array, tokens: mx.array, steps: int,
+                      step_tokens: Optional[List[mx.array]] = None) -> List[mx.array]:
+        """`unroll` for B rows at once (features (B, S, n_aux*W), tokens (B, S), step_tokens (B, S) each),
+        before the head: the layers' output (B, S, H) of each step (forge scores them)."""
+        B, S = tokens.shape
         rows = mx.arange(S)
         causal = rows[None] <= rows[:, None]
         diagonal = rows[None] == rows[:, None]
@@ -348,7 +354,7 @@ class Model(nn.Module):
             if s:
                 h = self.feedback(h)
                 inputs = step_tokens[s - 1] if step_tokens is not None else mx.concatenate(
-                    [tokens[:, s:], mx.zeros((1, s), tokens.dtype)], axis=1)
+                    [tokens[:, s:], mx.zeros((B, s), tokens.dtype)], axis=1)
             embeds, mask = self.embed_tokens(inputs), mx.concatenate([causal] + [diagonal] * s, axis=1)
             for i, layer in enumerate(self.layers):
                 x, residual = layer.attention_input(h, embeds)
@@ -357,8 +363,8 @@ class Model(nn.Module):
                 values[i].append(v)
                 k, v = mx.concatenate(keys[i], axis=2), mx.concatenate(values[i], axis=2)
                 h = layer.finish(residual, layer.self_attn.attend(q, k, v, mask))
-            out.append(self.logits(h)[0])
-        return mx.stack(out)
+            out.append(h)
+        return out
 
     # -- loading
     def sanitize(self, weights: dict) -> dict:
