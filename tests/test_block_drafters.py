@@ -357,3 +357,21 @@ def test_quantized_kv_with_a_switch_mid_prompt_stays_exact(family):
         assert eng.stats.rounds > 0 and all(c.quantized for c in eng.cache)
         want = fresh_context(base, drafter, eng.history, kv)
         assert_same_context(proposer.context_cache, want, f"{family} k={k}")
+
+
+def test_auto_never_weighs_more_drafts_than_the_block_has(tmp_path):
+    """A block of B rows gives at most B - 1 drafts a round: the tuner's policy (chains and trees) weighs k up
+    to that, so with verification about free and every draft right it asks the block's drafts, never more
+    (asking more would count rounds at a k that was never drafted)."""
+    from mlx_spec.tuning import AutoTuner
+    from mlx_spec.tuning.costs import Costs
+    from mlx_spec.tuning.store import CostsStore
+
+    base, drafter = pair("e2b", "dflash")
+    proposer = make_proposer(base, drafter=drafter)
+    cheap = Costs(verify=[1.0 + 0.01 * k for k in range(17)], draft_fixed=0.05, draft_step=0.01, plain_step_s=1e-3)
+    store = CostsStore(tmp_path / "tuning.json", measure=lambda *a, **kw: cheap)
+    policy = AutoTuner(store).policy(base, proposer)
+    assert drafter.max_drafts < 16 and policy.k_max == drafter.max_drafts, "auto's k stops at the block's drafts"
+    for _ in range(20):
+        assert policy.next_k() <= drafter.max_drafts, "auto asked more drafts than a block can give"

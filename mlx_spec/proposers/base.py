@@ -110,6 +110,13 @@ class TreeProposer(Proposer, Protocol):
         """A tree of at most `nodes` nodes, none deeper than `depth` (a Draft with parents)."""
 
 
+def most_drafts(proposer, default: int) -> int:
+    """The most drafts a round can get from `proposer` (a block drafter's rows after the bonus; an optional
+    `max_drafts` attribute), else `default`: what `auto` should weigh k up to."""
+    cap = getattr(proposer, "max_drafts", None)
+    return min(default, cap) if isinstance(cap, int) and cap > 0 else default
+
+
 def grows_trees(proposer) -> bool:
     """Whether a proposer can draft trees (others draft chains only)."""
     return callable(getattr(proposer, "propose_tree", None))

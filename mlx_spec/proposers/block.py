@@ -52,6 +52,11 @@ class BlockProposer:
         return f"{self.name}:{weights_fingerprint(self.drafter)}"
 
     @property
+    def max_drafts(self) -> int:
+        """A round's drafts are the block's rows after the bonus: never more than this."""
+        return self.drafter.max_drafts
+
+    @property
     def context_cache(self) -> list:
         """The drafter's context caches, with every feature handed over so far taken in."""
         self._take_pending()
@@ -110,7 +115,7 @@ class BlockProposer:
             raise RuntimeError(f"the drafter's context holds {self.context_length} positions but the base's cache "
                                f"{ctx.position}: the engine must hand every base pass's features to extend()")
         self._history = ctx.history  # the engine's list, appended in place
-        return min(k, self.drafter.max_drafts)
+        return min(k, self.max_drafts)
 
     def draft(self, ctx: RoundContext, k: int) -> Draft:
         raise NotImplementedError

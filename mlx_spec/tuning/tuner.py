@@ -15,8 +15,8 @@ from ..draft_policy import DraftPolicy, FixedK, FixedTree
 from ..errors import MlxSpecError
 from ..families import TREE_PASS
 from ..models.base import offers
-from ..proposers.base import grows_trees
-from .policy import FIRST_PROBE_AFTER, AcceptanceEstimate, AutoDraftPolicy, PairState
+from ..proposers.base import grows_trees, most_drafts
+from .policy import FIRST_PROBE_AFTER, K_MAX, AcceptanceEstimate, AutoDraftPolicy, PairState
 from .store import CostsStore
 from .trees import TREE_BUDGETS, AutoTreePolicy
 
@@ -50,13 +50,14 @@ class AutoTuner:
     def policy(self, model, proposer, kv: Optional[KVQuant] = None) -> AutoDraftPolicy:
         """A policy for one request: measured (first use) or stored costs, and the pair's learnt state."""
         return AutoDraftPolicy(self.store.get(model, proposer, kv=kv), self.pair_state(model, proposer, kv),
-                               clock=self.clock)
+                               clock=self.clock, k_max=most_drafts(proposer, K_MAX))
 
     def tree_policy(self, model, proposer, kv: Optional[KVQuant] = None, budgets=TREE_BUDGETS) -> AutoTreePolicy:
         """`--tree-nodes auto`: chains or trees of `budgets` nodes each round, from costs that include tree
         rounds (measured on first use of trees with this pair)."""
         costs = self.store.get(model, proposer, kv=kv, tree_budgets=budgets)
-        return AutoTreePolicy(costs, self.pair_state(model, proposer, kv), budgets=budgets, clock=self.clock)
+        return AutoTreePolicy(costs, self.pair_state(model, proposer, kv), budgets=budgets, clock=self.clock,
+                              k_max=most_drafts(proposer, K_MAX))
 
 
 def draft_policy(value: Union[int, str, DraftPolicy], model, proposer, tuner: Optional[AutoTuner] = None,
