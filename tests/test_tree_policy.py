@@ -179,3 +179,13 @@ def test_the_command_refuses_a_tree_it_cannot_grow(capsys):
                "--tree-nodes", "8", "--num-draft-tokens", "4", "--max-tokens", "4"])
     err = capsys.readouterr().err
     assert rc == 2 and "error: --tree-nodes" in err and "Traceback" not in err, "one error line, exit 2"
+
+
+def test_a_batch_policys_k_is_a_chain():
+    """In a batch, the batch policy assigns the auto rows' k (tuning/batch_policy.py weighs chains only): a
+    tree policy whose own last choice was a tree must then draft a chain of that k, not the old tree."""
+    policy = AutoTreePolicy(MAC)
+    simulate(policy, rounds=50)
+    assert policy.next_k() and tree_budget(policy) > 0, "on cheap rows the policy's own choice is a tree"
+    policy.assign(3)
+    assert tree_budget(policy) == 0, "a k the batch policy assigned drafts a chain"
