@@ -124,3 +124,25 @@ def test_follow_ups_reuse_their_own_slot_while_others_run(served):
     with ThreadPoolExecutor(3) as pool:
         cached = list(pool.map(conversation, range(3)))
     assert sum(1 for c in cached if c > 0) >= 2, f"follow-ups reused their slots (cached tokens {cached})"
+
+
+def test_clients_asking_for_trees_get_what_they_would_alone(served):
+    """Per-request "tree_nodes": rows verifying trees beside chain rows in the same batch, greedy and seeded,
+    each with the text it would get alone, and its trees counted in its "speculative" report."""
+    client, srv, model, tokenizer = served
+
+    def ask_tree(i: int):
+        temp, seed = (0.0, None) if i % 2 == 0 else (0.8, 300 + i)
+        r = client.completions.create(model="tiny", prompt=PROMPTS[i], max_tokens=MAX_TOKENS, temperature=temp,
+                                      seed=seed, extra_body={"tree_nodes": 4 if i < 4 else 0})
+        return r.choices[0].text, temp, seed, r.model_extra.get("speculative") or {}
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask_tree, range(6)))
+    for i, (text, temp, seed, spec) in enumerate(answers):
+        want = generate(model, tokenizer, PROMPTS[i], max_tokens=MAX_TOKENS, temp=temp, seed=seed)
+        assert text == want, f"request {i} (tree_nodes {spec.get('tree_nodes')}) differs from its answer alone"
+        if i < 4:
+            assert spec.get("tree_nodes") == 4 and spec.get("tree_rounds", 0) > 0, f"request {i} verified trees: {spec}"
+        else:
+            assert spec.get("tree_rounds", 0) == 0, f"request {i} drafted chains: {spec}"
