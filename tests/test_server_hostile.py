@@ -323,7 +323,13 @@ def test_the_model_id_is_never_a_local_path(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("argv, message", [(["--request-timeout", "0"], "--request-timeout"),
                                            (["--request-timeout", "nan"], "--request-timeout"),
-                                           (["--max-connections", "0"], "--max-connections")])
+                                           (["--max-connections", "0"], "--max-connections"),
+                                           (["--decode-concurrency", "0"], "--decode-concurrency"),
+                                           (["--prompt-concurrency", "0"], "--prompt-concurrency"),
+                                           (["--strict", "--tree-nodes", "4"], "--tree-nodes"),
+                                           (["--tree-nodes", "auto", "--num-draft-tokens", "3"], "tree_nodes"),
+                                           (["--draft-model", str(TINY_CODE / "base"), "--tree-nodes", "4"],
+                                            "--tree-nodes")])
 def test_limit_flags_are_checked(argv, message, capsys):
     from mlx_spec.server import command
 
@@ -333,6 +339,30 @@ def test_limit_flags_are_checked(argv, message, capsys):
 
 
 # --- 8. logprobs ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("setup", ["strict", "draft model"])
+def test_a_tree_the_server_cannot_verify_is_a_400(setup):
+    """A request's "tree_nodes" on a strict server (trees are verified without strict padding) or with a
+    draft model (it drafts chains only) is a bad request naming why, never a 500."""
+    from mlx_spec import load, load_drafter
+    from mlx_spec.proposers import make_proposer
+    from mlx_spec.server.requests import GenerationRequest
+    from mlx_spec.server.stream import Job
+    from mlx_spec.server.worker import Worker
+
+    model, tokenizer = load(str(TINY_CODE / "base"))
+    if setup == "strict":
+        proposer = make_proposer(model, drafter=load_drafter(str(TINY_CODE / "assistant"), model))
+    else:
+        proposer = make_proposer(model, draft_model=model)
+    worker = Worker(model, tokenizer, proposer, strict=setup == "strict", max_context=256, max_tokens=3)
+    job = Job(GenerationRequest(kind="text", prompt=[1, 2, 3], max_tokens=3, tree_nodes=4))
+    worker._start(job)
+    kind, error = job.events.get_nowait()
+    assert kind == "error" and error.status == 400 and "tree" in str(error), (kind, error)
+    if setup == "strict":
+        assert error.param == "tree_nodes", error.param
+
 
 def reference_logprobs(pair, prompt, n):
     model, tokenizer, _ = pair

@@ -14,6 +14,7 @@ from ..errors import MlxSpecError
 from ..models.base import as_base, context_length
 from ..long_context import add_kv_args, check_memory, kv_settings, load_session, model_dir_context
 from ..loading import is_hub_id
+from ..tuning.tuner import check_tree_nodes, check_trees_possible
 from .connections import DEFAULT_MAX_CONNECTIONS, DEFAULT_REQUEST_TIMEOUT
 from .http import DEFAULT_HOST, DEFAULT_MAX_REQUEST_BYTES, DEFAULT_PORT, Server
 from .worker import Worker
@@ -76,10 +77,17 @@ def main_args(args) -> int:
     for flag in ("decode_concurrency", "prompt_concurrency"):
         if getattr(args, flag) < 1:
             raise MlxSpecError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.tree_nodes:  # the requests' default: refused here, not in every request
+        check_tree_nodes(args.tree_nodes, args.num_draft_tokens)
+        if args.strict:
+            raise MlxSpecError("--tree-nodes and --strict do not go together (trees are verified without strict "
+                               "mode's padding): leave one of them out")
     kv = kv_settings(args)
     slots = 1 if args.no_prompt_cache else args.prompt_cache_slots  # each holds up to a context's worth of K/V
     check_memory(args.model, args.drafter, args.max_context or model_dir_context(args.model), kv, slots=slots)
     model, tokenizer, proposer = load_models(args, with_proposer=True)  # requests can turn drafting on
+    if args.tree_nodes and proposer is not None:
+        check_trees_possible(model, proposer)
     ranks = as_base(model).ranks
     lockstep = Lockstep(ranks) if ranks is not None else None
     if ranks is not None and not ranks.is_root:  # under mlx.launch rank 0 alone listens; this rank follows it

@@ -24,7 +24,8 @@ from ..distributed.serving import Lockstep, Plan, agreed, decode_start, encode_s
 from ..loading import materialize
 from ..memory import resident
 from ..proposers.base import Proposer
-from ..request import Request
+from ..errors import MlxSpecError
+from ..request import Request, RequestSettingError
 from ..tuning.batch_policy import BatchDraftPolicy
 from ..tuning.tuner import AutoTuner
 from .budget import memory_budget
@@ -168,6 +169,12 @@ class Worker(threading.Thread):
             started = self.conversations.start(request, should_stop=None if self.lockstep else job.cancelled.is_set)
         except RequestError as e:
             job.events.put(("error", e))
+            return
+        except RequestSettingError as e:  # a combination only the whole Request refuses (trees with --strict)
+            job.events.put(("error", RequestError(str(e), param=e.field)))
+            return
+        except MlxSpecError as e:  # what this request asks of the loaded models (a tree from a draft model)
+            job.events.put(("error", RequestError(str(e))))
             return
         except Exception as e:  # noqa: BLE001 - a bug: this client gets a 500, the others keep being served
             self._failed(job, e)
