@@ -247,6 +247,33 @@ def test_strict_rows_pad_the_batch_width_and_stay_exact():
     assert_alone(model, prop, got, done)
 
 
+def test_a_strict_row_keeps_its_width_beside_wider_rows(monkeypatch):
+    """A strict row runs every pass at its row count alone; beside rows asking more drafts (k=8) or a tree,
+    the batch caps them so no pass is wider, and every row still gives its output alone."""
+    from mlx_spec.batch.engine import Batch
+    from mlx_spec.draft_policy import FixedTree
+
+    model = base("e2b")
+    prop = proposer(model, "mtp")
+    widths, forward = [], Batch._forward
+
+    def recording(self, verify, drafts):
+        if any(r.engine.strict_rows for r in self.rows):  # once the strict row has left, the others widen
+            widths.append(verify.shape[1])
+        return forward(self, verify, drafts)
+
+    monkeypatch.setattr(Batch, "_forward", recording)
+    sched, got = Scheduler(model, decode_concurrency=4), {}
+    rows = [dict(policy=FixedK(3), strict_rows=4), dict(policy=FixedK(8)), dict(policy=FixedTree(8))]
+    for i, kw in enumerate(rows):
+        sched.submit(engine(model, PROMPTS[i], proposer=prop.fork(), max_tokens=MAX_TOKENS[i], **kw),
+                     lambda events, done, i=i: got.setdefault(i, []).extend(e.token for e in events))
+    sched.drain()
+    assert widths and set(widths) == {4}, f"every pass at the strict row's width 4, got {sorted(set(widths))}"
+    for i in range(len(rows)):
+        assert got[i] == alone(model, PROMPTS[i], MAX_TOKENS[i]), f"row {i} differs from its output alone"
+
+
 def test_prompt_concurrency_prefills_that_many_at_once():
     """Two long prompts with --prompt-concurrency 2 both prefill from the first step, a chunk each per step
     (a request mid-prefill must not read as one that waits for memory and hold back the next)."""

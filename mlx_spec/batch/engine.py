@@ -201,12 +201,19 @@ class Batch:
 
     def _nodes(self, row: Row, k: int) -> int:
         """The nodes of the row's tree this round (k its depth bound), 0 for a chain: its own policy says, where
-        its engine may verify trees (engine.py)."""
-        return tree_budget(row.engine.policy) if row.engine.trees and k > 0 else 0
+        its engine may verify trees (engine.py); never wider than a strict row's pass."""
+        nodes = tree_budget(row.engine.policy) if row.engine.trees and k > 0 else 0
+        width = self._strict_width()
+        return min(nodes, width - 1) if width else nodes
+
+    def _strict_width(self) -> Optional[int]:
+        """The row count every pass runs at while a strict row decodes here (its narrowest), else None: no row
+        may verify more than fits it, or the strict row's pass would be wider than alone."""
+        return min((r.engine.strict_rows for r in self.rows if r.engine.strict_rows), default=None)
 
     def budget(self, row: Row, k: int) -> int:
         """At most k drafts (or a tree's depth) for the row this round: none without a proposer, never past its
-        max tokens or its K/V switch."""
+        max tokens, its K/V switch or a strict row's width."""
         engine = row.engine
         if engine.proposer is None:
             return 0
@@ -214,6 +221,9 @@ class Batch:
         kv = engine.kv
         if kv is not None and not self.quantized and row.position < kv.start:
             k = min(k, kv.start - row.position - 1)  # the round ends at the switch (scheduler.py)
+        width = self._strict_width()
+        if width:
+            k = min(k, width - 1)
         return max(0, k)
 
     @property
