@@ -75,6 +75,10 @@ def batch_generate(model, tokenizer, prompts: Sequence[Union[Prompt, Request]], 
     `settings` are stream_generate's keywords (sampling, seed, num_draft_tokens, stop, logprobs, kv_bits, ...)
     for every prompt given as text or ids. `num_draft_tokens="auto"` chooses each round's k for the whole
     batch from this machine's costs at the batch's width (tuning/batch_policy.py), with one `tuner`."""
+    if isinstance(prompts, (str, Request)) or (isinstance(prompts, list) and prompts and
+                                                isinstance(prompts[0], int)):
+        raise TypeError("batch_generate takes a list of prompts (texts, token-id lists or Requests); for one "
+                        "prompt, pass [prompt] or use generate")
     proposer = make_proposer(model, proposer=proposer, drafter=drafter, draft_model=draft_model, ngram=ngram)
     limits = [max_tokens] * len(prompts) if isinstance(max_tokens, int) else list(max_tokens)
     if len(limits) != len(prompts):

@@ -41,6 +41,14 @@ def test_bad_lengths_are_refused(trained_pair):
         batch_generate(model, tok, PROMPTS[:3], max_tokens=[4, 4])
 
 
+@pytest.mark.parametrize("one", ["def f(x):", [5, 6, 7]])
+def test_one_prompt_is_not_a_list_of_prompts(trained_pair, one):
+    """A text is a sequence of characters and token ids a sequence of ints: neither is read as prompts."""
+    model, tok, _ = trained_pair
+    with pytest.raises(TypeError, match="a list of prompts"):
+        batch_generate(model, tok, one, max_tokens=2)
+
+
 def test_auto_draft_lengths_stay_exact(trained_pair):
     """num_draft_tokens="auto": the batch policy picks each round's k from this machine's costs at the
     batch's width (measured on first need); only speed may change."""

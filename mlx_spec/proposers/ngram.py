@@ -8,23 +8,17 @@ from typing import List
 
 import mlx.core as mx
 
-from ..trees.ngram import lookup_tree
+from ..trees.ngram import continuations, lookup_tree
 from .base import Draft, RoundContext, RoundResult
 
 DEFAULT_NGRAM = 3
 
 
 def lookup(history: List[int], n: int, k: int, min_n: int = 1) -> List[int]:
-    """Up to k tokens that followed the most recent earlier match of the longest suffix (n down to min_n)."""
-    for size in range(min(n, len(history) - 1), min_n - 1, -1):
-        suffix = history[-size:]
-        # scan right to left: the most recent match best predicts local repetition
-        for start in range(len(history) - size - 1, -1, -1):
-            if history[start : start + size] == suffix:
-                follow = history[start + size : start + size + k]
-                if follow:
-                    return follow
-    return []
+    """Up to k tokens that followed the most recent earlier match of the longest suffix (n down to min_n):
+    the first of the continuations a tree merges (trees/ngram.py), so a tree's first branch is this chain.
+    The most recent match best predicts local repetition."""
+    return next(continuations(history, n, k, min_n), [])
 
 
 class NgramProposer:
