@@ -81,8 +81,6 @@ class Turn:
 
     def __init__(self, owner: Conversations, request: Request, hooks: dict):
         self.owner, self.request, self.hooks = owner, request, hooks
-        self.ids = list(request.prompt)
-        self.drafting = request.draft and owner.proposer is not None
         self.reused = 0
         self.received: List[int] = []
         self.stats: Optional[GenerationStats] = None

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional, Tuple
 from ..stats import GenerationStats
 from .clients import Load, median, percentile
 from .concurrency import LoadConfig
+from .report import k_usage
 
 PEER_NOTE = ("mlx-lm: its BatchGenerator (what its batch_generate and server run), plain: mlx-lm 0.32's server "
              "batches only without a draft model (is_batchable = draft_model is None), so with drafts it serves "
@@ -154,10 +155,7 @@ def format_load_table(results: List[dict]) -> str:
     if autos:
         lines.append("")
         for r in autos:
-            total = sum(r["k_counts"].values())
-            counts = sorted(r["k_counts"].items(), key=lambda kv: int(kv[0]))
-            used = ", ".join(f"k={k}: {n / total:.0%}" for k, n in counts)
-            lines.append(f"{r['concurrency']} clients, {r['config']} chose {used}")
+            lines.append(f"{r['concurrency']} clients, {r['config']} chose {k_usage(r['k_counts'])}")
     if any(r["backend"] == "mlx-lm" for r in results):
         lines += ["", PEER_NOTE]
     http = [r for r in results if r["backend"] == "http"]

@@ -210,10 +210,7 @@ def format_table(results: List[dict]) -> str:
     if autos:
         lines.append("")
         for r in autos:
-            total = sum(r["k_counts"].values())
-            counts = sorted(r["k_counts"].items(), key=lambda kv: int(kv[0]))
-            used = ", ".join(f"k={k}: {c / total:.0%}" for k, c in counts)
-            lines.append(f"{r['proposer']} k=auto chose {used}")
+            lines.append(f"{r['proposer']} k=auto chose {k_usage(r['k_counts'])}")
     by_prompt = [r for r in results if len(r.get("speedup_by_prompt") or []) > 1]
     if by_prompt:
         lines += ["", "speedup over the prompts (each against its own plain runs): median (interquartile range)"]
@@ -262,3 +259,9 @@ def plot(results: List[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def k_usage(k_counts: dict) -> str:
+    """"k=0: 75%, k=3: 25%": how often auto chose each k (k_counts: {k: rounds})."""
+    total = sum(k_counts.values())
+    return ", ".join(f"k={k}: {c / total:.0%}" for k, c in sorted(k_counts.items(), key=lambda kv: int(kv[0])))
