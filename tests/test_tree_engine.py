@@ -284,7 +284,7 @@ def _left_exact(model, engines):
                     f"row {i}, layer {layer}: K/V differ from a run that never saw the other nodes"
 
 
-@pytest.mark.parametrize("family", ["ngram", "mtp", "dflash"])
+@pytest.mark.parametrize("family", ["ngram", "mtp", "dflash", "dspark"])
 def test_tree_rows_equal_alone(family):
     model = base("e2b")
     prop = _tree_proposer(model, family)
