@@ -269,3 +269,11 @@ def test_a_rollback_past_the_sliding_window_starts_the_draft_cache_over():
     for a, b in zip(proposer.cache, fresh.cache):
         for x, y in zip(a.drafter_view(), b.drafter_view()):
             assert x.shape == y.shape and mx.allclose(x, y).item()
+
+
+def test_a_path_given_as_draft_model_is_one_clear_error():
+    """draft_model= takes a loaded model: a path says how to load it, not an AttributeError from inside."""
+    from mlx_spec.proposers import make_proposer
+
+    with pytest.raises(ValueError, match=r"draft_model= takes a loaded model.*mlx_spec.load"):
+        make_proposer(object(), draft_model="some/dir")

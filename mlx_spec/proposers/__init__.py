@@ -39,6 +39,9 @@ def make_proposer(model, *, proposer: Optional[Proposer] = None, drafter=None, d
     if ngram is not None:
         return families.NGRAM.make_proposer(ngram)
     if draft_model is not None:
+        if isinstance(draft_model, (str, bytes)) or hasattr(draft_model, "__fspath__"):
+            raise ValueError(f"draft_model= takes a loaded model, got the path {draft_model!r}: pass "
+                             "mlx_spec.load(path)[0]")
         return families.DRAFT_MODEL.make_proposer(draft_model, model)
     if drafter is not None:
         return drafter_proposer(drafter, model)
