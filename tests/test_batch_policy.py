@@ -310,6 +310,19 @@ def test_a_new_request_starts_from_its_pairs_verdict(model):
     assert second.state.backoff == first.policy.state.backoff, "the next request starts from it"
 
 
+def test_a_joining_row_keeps_its_pairs_drafting_streak(model):
+    """The pair's verdict goes to a row and comes back from it whole: a row joining mid-streak (rounds drafted
+    in a row, which reset the probe backoff) must not write the streak back as zero."""
+    store = CostsStore(measure=lambda *a, **k: SINGLE_COSTS, measure_width=fake_width(HALF))
+    tuner = AutoTuner(store)
+    policy = BatchDraftPolicy(model, tuner, clock=FakeClock())
+    prop = SimpleNamespace(identity="mtp")
+    tuner.policy(model, prop).state.rounds_on = 7  # earlier requests of the pair drafted 7 rounds in a row
+    row = FakeEngine(tuner.policy(model, prop), "mtp")
+    policy.plan(FakeBatch([row]))
+    assert row.policy.state.rounds_on >= 7, "the row continues the pair's streak (a drafted round adds one)"
+
+
 def test_rows_that_are_off_probe_in_the_same_rounds(model):
     """Rows that stopped drafting at different rounds take the first probe due together: a probe round
     costs the whole batch a drafted pass, so B rows must not probe B times as often."""

@@ -187,7 +187,8 @@ class BatchDraftPolicy:
             if isinstance(policy, AutoDraftPolicy) and engine.proposer is not None:
                 pair = policy.state  # the row learns on a copy of its own; the pair learns from every row
                 policy.state = own = PairState(copy.deepcopy(pair.estimate), plain_left=pair.plain_left,
-                                               probe_due=pair.probe_due, backoff=pair.backoff)
+                                               probe_due=pair.probe_due, backoff=pair.backoff,
+                                               rounds_on=pair.rounds_on)  # the fields written back below
                 kind = _Row(own, pair)
             else:
                 kind = _Row(None, None, AcceptanceEstimate(self.k_max))
